@@ -1,0 +1,140 @@
+"""`ModelSpec`: every difference between model families, as data.
+
+The forward pass in `modelql.runtime` reads only this record; it never asks "is this Gemma?".
+Adding a family means writing one `_family_*` function in `families.py` that fills a spec from
+a HF config dict, not editing the forward pass.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+NormKind = Literal["rms", "layer"]
+Activation = Literal["silu", "gelu_tanh", "gelu", "relu"]
+
+
+@dataclass(frozen=True)
+class RopeSpec:
+    """Rotary embedding parameters for one kind of layer (global or sliding)."""
+
+    theta: float = 10000.0
+    kind: str = "default"  # default | linear | llama3 | longrope | yarn
+    factor: float = 1.0
+    low_freq_factor: float = 1.0
+    high_freq_factor: float = 4.0
+    original_max_position: int | None = None
+    short_factor: tuple[float, ...] | None = None
+    long_factor: tuple[float, ...] | None = None
+    attention_factor: float | None = None
+    beta_fast: float = 32.0
+    beta_slow: float = 1.0
+    partial_rotary_factor: float = 1.0
+
+
+@dataclass(frozen=True)
+class TensorMap:
+    """Where one canonical tensor lives in the HF checkpoint and how to reshape it.
+
+    `transform` is "id" (same layout), "t" (transpose: GPT-2 Conv1D stores [in, out]), or
+    "split:i/n" / "split:i@a+b+c" (slice i of a tensor fused along dim 0, in n equal parts or
+    parts of the given sizes: Phi-3's qkv_proj and gate_up_proj). An optional map may be absent.
+    """
+
+    hf_name: str
+    transform: str = "id"
+    optional: bool = False
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """A model's architecture: topology, per-family numerics, and the weight name map."""
+
+    family: str
+    model_type: str
+    num_layers: int
+    hidden_size: int
+    intermediate_size: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    vocab_size: int
+    max_position: int
+
+    norm: NormKind = "rms"
+    norm_eps: float = 1e-6
+    norm_weight_offset: float = 0.0
+    norm_in_float32: bool = True
+    embed_scale: float = 1.0
+    learned_positions: bool = False
+
+    qk_norm: bool = False
+    post_attn_norm: bool = False
+    post_ffn_norm: bool = False
+    attn_bias: bool = False
+    out_bias: bool = False
+    mlp_bias: bool = False
+
+    activation: Activation = "silu"
+    gated_ffn: bool = True
+
+    query_scale: float = 1.0
+    attn_softcap: float | None = None
+    final_softcap: float | None = None
+    logits_scale: float = 1.0
+
+    rope: RopeSpec | None = field(default_factory=RopeSpec)
+    rope_local: RopeSpec | None = None
+    sliding_window: int | None = None
+    layer_sliding: tuple[bool, ...] = ()
+
+    tie_embeddings: bool = False
+    bos_token_id: int | None = None
+    eos_token_ids: tuple[int, ...] = ()
+    pad_token_id: int | None = None
+
+    global_map: dict[str, TensorMap] = field(default_factory=dict)
+    layer_map: dict[str, TensorMap] = field(default_factory=dict)
+    torch_dtype: str | None = None
+    config: dict = field(default_factory=dict, compare=False, repr=False)
+
+    def is_sliding(self, layer: int) -> bool:
+        return bool(self.layer_sliding) and self.layer_sliding[layer]
+
+    def window(self, layer: int) -> int | None:
+        """Attention window of a layer in tokens (a query sees itself and window-1 earlier keys)."""
+        return self.sliding_window if self.is_sliding(layer) else None
+
+    def rope_for(self, layer: int) -> RopeSpec | None:
+        if self.is_sliding(layer) and self.rope_local is not None:
+            return self.rope_local
+        return self.rope
+
+    @property
+    def q_size(self) -> int:
+        return self.num_heads * self.head_dim
+
+    @property
+    def kv_size(self) -> int:
+        return self.num_kv_heads * self.head_dim
+
+    def hf_names(self) -> list[tuple[str, TensorMap]]:
+        """Every (canonical name, map) pair for this model, layers expanded."""
+        out = list(self.global_map.items())
+        for i in range(self.num_layers):
+            for name, tm in self.layer_map.items():
+                out.append(
+                    (f"layers.{i}.{name}", TensorMap(tm.hf_name.format(i=i), tm.transform, tm.optional))
+                )
+        return out
+
+    def num_parameters(self) -> int:
+        """Parameter count from the topology (tied embeddings counted once)."""
+        h, f, v = self.hidden_size, self.intermediate_size, self.vocab_size
+        attn = h * self.q_size + 2 * h * self.kv_size + self.q_size * h
+        ffn = (3 if self.gated_ffn else 2) * h * f
+        norms = (2 + 2 * int(self.post_attn_norm)) * h
+        per_layer = attn + ffn + norms
+        emb = v * h * (1 if self.tie_embeddings else 2)
+        pos = self.max_position * h if self.learned_positions else 0
+        return per_layer * self.num_layers + emb + pos + h

@@ -1,0 +1,270 @@
+"""The forward pass: embed → blocks (attention with KV cache, FFN through a backend) → logits.
+
+One function per step, driven only by `ModelSpec` fields, so the whole pass reads in one
+sitting. Hook points use TransformerLens names and cost one dict lookup when unused:
+
+    hook_embed, hook_pos_embed, blocks.{i}.hook_resid_pre, blocks.{i}.ln1.hook_normalized,
+    blocks.{i}.attn.hook_q / hook_k / hook_v (after RoPE) / hook_z (per-head output),
+    blocks.{i}.hook_attn_out, blocks.{i}.hook_resid_mid, blocks.{i}.ln2.hook_normalized (the FFN
+    input x_L), blocks.{i}.mlp.hook_pre / hook_pre_linear / hook_post, blocks.{i}.hook_mlp_out,
+    blocks.{i}.hook_resid_post, ln_final.hook_normalized
+
+A hook is `fn(tensor, name) -> tensor | None`; returning a tensor replaces the activation.
+`hook_attn_out` and `hook_mlp_out` are exactly what is added to the residual stream (after a
+family's post-norms), so the residual is always their running sum.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from ..errors import ContextLengthError
+from ..ffn.base import FfnBackend, Hooks, run_hook
+from ..ffn.dense import DenseFfn
+from ..models.spec import ModelSpec, RopeSpec
+from .rope import apply_rotary, inverse_frequencies
+
+DTYPES = {"float32": torch.float32, "f32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
+
+
+@dataclass
+class KVCache:
+    """One sequence's keys and values per layer, [kv_heads, capacity, head_dim], grown by doubling."""
+
+    k: list[torch.Tensor] = field(default_factory=list)
+    v: list[torch.Tensor] = field(default_factory=list)
+    length: int = 0
+
+    def reserve(self, spec: ModelSpec, dtype: torch.dtype, needed: int) -> None:
+        capacity = self.k[0].shape[1] if self.k else 0
+        if needed <= capacity:
+            return
+        new_cap = max(needed, 2 * capacity, 64)
+        shape = (spec.num_kv_heads, new_cap, spec.head_dim)
+        for store in (self.k, self.v):
+            for i in range(spec.num_layers):
+                grown = torch.zeros(shape, dtype=dtype)
+                if i < len(store):
+                    grown[:, : self.length] = store[i][:, : self.length]
+                    store[i] = grown
+                else:
+                    store.append(grown)
+
+    def truncate(self, length: int) -> None:
+        """Forget positions ≥ length (the stored tensors are reused)."""
+        self.length = min(self.length, length)
+
+    def copy(self) -> KVCache:
+        return KVCache([t.clone() for t in self.k], [t.clone() for t in self.v], self.length)
+
+
+class Model:
+    """A loaded model: spec, canonical weights in the compute dtype, FFN backend, tokenizer."""
+
+    def __init__(self, spec: ModelSpec, weights: dict[str, torch.Tensor], dtype: torch.dtype,
+                 tokenizer=None, path: Path | None = None, ffn: FfnBackend | None = None):
+        self.spec = spec
+        self.dtype = dtype
+        self.tokenizer = tokenizer
+        self.path = path
+        self.weights = weights
+        self._fuse_qkv()
+        self.dense_ffn = DenseFfn(spec, weights)
+        self.ffn: FfnBackend = ffn or self.dense_ffn
+        self.embed = weights["embed.weight"]
+        self.lm_head = weights.get("lm_head.weight", self.embed)
+        self._inv_freq: dict[tuple[RopeSpec, bool], tuple[torch.Tensor, float]] = {}
+
+    def _fuse_qkv(self) -> None:
+        """One [q+2kv, H] matrix per layer; the canonical q/k/v weights become views of it."""
+        self.qkv_w, self.qkv_b = [], []
+        for i in range(self.spec.num_layers):
+            p = f"layers.{i}."
+            parts = [self.weights[p + n + ".weight"] for n in "qkv"]
+            fused = torch.cat(parts)
+            sizes = [t.shape[0] for t in parts]
+            views = fused.split(sizes)
+            for n, view in zip("qkv", views):
+                self.weights[p + n + ".weight"] = view
+            self.qkv_w.append(fused)
+            if self.spec.attn_bias:
+                b = torch.cat([self.weights[p + n + ".bias"] for n in "qkv"])
+                for n, view in zip("qkv", b.split(sizes)):
+                    self.weights[p + n + ".bias"] = view
+                self.qkv_b.append(b)
+            else:
+                self.qkv_b.append(None)
+
+    # -- construction ---------------------------------------------------------------------
+
+    @classmethod
+    def load(cls, path: str | Path | None = None, dtype: str | torch.dtype = "float32") -> Model:
+        """Load a HF model directory, a vindex with weights, or a GGUF file (None: the default model)."""
+        from .loading import load_model
+
+        return load_model(path, dtype)
+
+    def new_cache(self) -> KVCache:
+        return KVCache()
+
+    # -- numerics ---------------------------------------------------------------------------
+
+    def norm(self, x: torch.Tensor, name: str) -> torch.Tensor:
+        w = self.weights[name + ".weight"]
+        spec = self.spec
+        if spec.norm == "layer":
+            return F.layer_norm(x, (x.shape[-1],), w, self.weights.get(name + ".bias"), spec.norm_eps)
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + spec.norm_eps)
+        if spec.norm_weight_offset:
+            return (xf * (spec.norm_weight_offset + w.float())).to(x.dtype)
+        return w * xf.to(x.dtype)
+
+    def _rope(self, layer: int, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+        rope = self.spec.rope_for(layer)
+        if rope is None:
+            return None
+        long = rope.kind == "longrope" and int(positions.max()) + 1 > (rope.original_max_position or 0)
+        key = (rope, long)
+        if key not in self._inv_freq:
+            seq = (rope.original_max_position or 0) + 1 if long else 1
+            self._inv_freq[key] = inverse_frequencies(rope, self.spec.head_dim, self.spec.max_position, seq)
+        inv, scale = self._inv_freq[key]
+        freqs = positions.float()[..., None] * inv
+        emb = torch.cat((freqs, freqs), dim=-1)
+        return (emb.cos() * scale).to(self.dtype), (emb.sin() * scale).to(self.dtype)
+
+    def _attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start: int) -> torch.Tensor:
+        """Causal (optionally windowed, optionally soft-capped) attention of q [nh, T, hd]
+        at absolute positions start.. over keys k, v [nkv, S, hd] at positions 0..S-1."""
+        spec = self.spec
+        t, s = q.shape[1], k.shape[1]
+        window = spec.window(layer)
+        first = 0
+        if window is not None and t == 1:
+            first = max(0, s - window)
+            k, v = k[:, first:], v[:, first:]
+        mask = None
+        if t > 1 or (window is not None and first == 0 and s > window):
+            qpos = torch.arange(start, start + t)[:, None]
+            kpos = torch.arange(first, s)[None, :]
+            mask = kpos <= qpos
+            if window is not None:
+                mask = mask & (kpos > qpos - window)
+        if spec.attn_softcap is None:
+            return F.scaled_dot_product_attention(
+                q, k, v, attn_mask=mask, scale=spec.query_scale, enable_gqa=spec.num_kv_heads != spec.num_heads
+            )
+        rep = spec.num_heads // spec.num_kv_heads
+        k, v = k.repeat_interleave(rep, 0), v.repeat_interleave(rep, 0)
+        scores = (q @ k.transpose(-1, -2)) * spec.query_scale
+        scores = torch.tanh(scores / spec.attn_softcap) * spec.attn_softcap
+        if mask is not None:
+            scores = scores.masked_fill(~mask, float("-inf"))
+        return torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype) @ v
+
+    def attention(self, layer: int, x: torch.Tensor, caches: list[KVCache], hooks: Hooks | None) -> torch.Tensor:
+        """Self-attention of x [B, T, H]; appends this step's keys/values to each sequence's cache."""
+        spec = self.spec
+        b, t, _ = x.shape
+        p = f"layers.{layer}."
+        qkv = F.linear(x, self.qkv_w[layer], self.qkv_b[layer])
+        q, k, v = qkv.split([spec.q_size, spec.kv_size, spec.kv_size], dim=-1)
+        q = q.view(b, t, spec.num_heads, spec.head_dim).transpose(1, 2)
+        k = k.view(b, t, spec.num_kv_heads, spec.head_dim).transpose(1, 2)
+        v = v.view(b, t, spec.num_kv_heads, spec.head_dim).transpose(1, 2)
+        if spec.qk_norm:
+            q, k = self.norm(q, p + "q_norm"), self.norm(k, p + "k_norm")
+        starts = [c.length for c in caches]
+        positions = torch.tensor(starts)[:, None] + torch.arange(t)[None, :]
+        rot = self._rope(layer, positions)
+        if rot is not None:
+            cos, sin = rot[0][:, None], rot[1][:, None]
+            q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        a = f"blocks.{layer}.attn."
+        if hooks:
+            q, k, v = run_hook(hooks, a + "hook_q", q), run_hook(hooks, a + "hook_k", k), run_hook(hooks, a + "hook_v", v)
+        outs = []
+        for i, cache in enumerate(caches):
+            end = starts[i] + t
+            cache.k[layer][:, starts[i] : end] = k[i]
+            cache.v[layer][:, starts[i] : end] = v[i]
+            outs.append(self._attend(layer, q[i], cache.k[layer][:, :end], cache.v[layer][:, :end], starts[i]))
+        z = torch.stack(outs)
+        if hooks:
+            z = run_hook(hooks, a + "hook_z", z)
+        z = z.transpose(1, 2).reshape(b, t, spec.q_size)
+        return F.linear(z, self.weights[p + "o.weight"], self.weights.get(p + "o.bias"))
+
+    def block(self, layer: int, h: torch.Tensor, caches: list[KVCache], hooks: Hooks | None) -> torch.Tensor:
+        spec, p, n = self.spec, f"layers.{layer}.", f"blocks.{layer}."
+        h = run_hook(hooks, n + "hook_resid_pre", h)
+        x = run_hook(hooks, n + "ln1.hook_normalized", self.norm(h, p + "attn_norm"))
+        a = self.attention(layer, x, caches, hooks)
+        if spec.post_attn_norm:
+            a = self.norm(a, p + "post_attn_norm")
+        h = h + run_hook(hooks, n + "hook_attn_out", a)
+        h = run_hook(hooks, n + "hook_resid_mid", h)
+        x = run_hook(hooks, n + "ln2.hook_normalized", self.norm(h, p + "ffn_norm"))
+        m = self.ffn.forward(layer, x, hooks)
+        if spec.post_ffn_norm:
+            m = self.norm(m, p + "post_ffn_norm")
+        h = h + run_hook(hooks, n + "hook_mlp_out", m)
+        return run_hook(hooks, n + "hook_resid_post", h)
+
+    def embed_tokens(self, ids: torch.Tensor, starts: list[int], hooks: Hooks | None = None) -> torch.Tensor:
+        h = F.embedding(ids, self.embed)
+        if self.spec.embed_scale != 1.0:
+            h = h * torch.tensor(self.spec.embed_scale, dtype=self.dtype)
+        h = run_hook(hooks, "hook_embed", h)
+        if self.spec.learned_positions:
+            pos = torch.tensor(starts)[:, None] + torch.arange(ids.shape[1])[None, :]
+            h = h + run_hook(hooks, "hook_pos_embed", F.embedding(pos, self.weights["pos_embed.weight"]))
+        return h
+
+    def unembed(self, h: torch.Tensor, hooks: Hooks | None = None) -> torch.Tensor:
+        """Final norm → logits (float32), with the family's scaling and soft-cap."""
+        x = run_hook(hooks, "ln_final.hook_normalized", self.norm(h, "final_norm"))
+        logits = F.linear(x, self.lm_head).float()
+        if self.spec.logits_scale != 1.0:
+            logits = logits / self.spec.logits_scale
+        if self.spec.final_softcap is not None:
+            logits = torch.tanh(logits / self.spec.final_softcap) * self.spec.final_softcap
+        return logits
+
+    @torch.inference_mode()
+    def forward(self, ids: torch.Tensor | list[int], caches: list[KVCache] | KVCache | None = None,
+                hooks: Hooks | None = None, logits: str = "all") -> torch.Tensor:
+        """Run new tokens ids [B, T] (or [T]) after what each cache holds.
+
+        Returns float32 logits [B, T, V] (`logits="all"`), [B, V] for the last position
+        (`"last"`), or the final residual [B, T, H] (`"none"`). Caches advance by T.
+        """
+        ids = torch.as_tensor(ids, dtype=torch.long)
+        if ids.dim() == 1:
+            ids = ids[None]
+        if caches is None:
+            caches = [KVCache() for _ in range(ids.shape[0])]
+        elif isinstance(caches, KVCache):
+            caches = [caches]
+        t = ids.shape[1]
+        for c in caches:
+            if c.length + t > self.spec.max_position:
+                raise ContextLengthError(
+                    f"{c.length + t} tokens exceed the context window of {self.spec.max_position}"
+                )
+            c.reserve(self.spec, self.dtype, c.length + t)
+        h = self.embed_tokens(ids, [c.length for c in caches], hooks)
+        for layer in range(self.spec.num_layers):
+            h = self.block(layer, h, caches, hooks)
+        for c in caches:
+            c.length += t
+        if logits == "none":
+            return h
+        if logits == "last":
+            return self.unembed(h[:, -1], hooks)
+        return self.unembed(h, hooks)

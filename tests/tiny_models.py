@@ -1,0 +1,55 @@
+"""Tiny random-weight HF models of every supported family, built at test time (no downloads)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+COMMON = dict(hidden_size=64, intermediate_size=96, num_hidden_layers=3, num_attention_heads=4,
+              num_key_value_heads=2, vocab_size=211, max_position_embeddings=256)
+
+
+def _configs():
+    import transformers as T
+
+    return {
+        "llama": lambda: T.LlamaConfig(**COMMON),
+        "llama3": lambda: T.LlamaConfig(**COMMON, rope_scaling={
+            "rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 32}, rope_theta=500000.0, tie_word_embeddings=True),
+        "mistral": lambda: T.MistralConfig(**COMMON, sliding_window=5),
+        "qwen2": lambda: T.Qwen2Config(**COMMON),
+        "qwen3": lambda: T.Qwen3Config(**COMMON, head_dim=16),
+        "gemma": lambda: T.GemmaConfig(**COMMON, head_dim=16),
+        "gemma2": lambda: T.Gemma2Config(**COMMON, head_dim=16, sliding_window=5,
+                                         attn_logit_softcapping=50.0, final_logit_softcapping=30.0,
+                                         query_pre_attn_scalar=24),
+        "gemma3": lambda: T.Gemma3TextConfig(**{**COMMON, "num_hidden_layers": 4}, head_dim=16,
+                                             sliding_window=5, sliding_window_pattern=2,
+                                             layer_types=["sliding_attention", "full_attention"] * 2,
+                                             query_pre_attn_scalar=24,
+                                             rope_parameters={
+                                                 "full_attention": {"rope_type": "linear", "factor": 2.0, "rope_theta": 1000000.0},
+                                                 "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0}}),
+        "phi3": lambda: T.Phi3Config(**COMMON, pad_token_id=0),
+        "gpt2": lambda: T.GPT2Config(n_embd=64, n_layer=3, n_head=4, vocab_size=211, n_positions=256),
+    }
+
+
+FAMILIES = ["llama", "llama3", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3", "phi3", "gpt2"]
+
+
+def make_tiny(name: str, directory: Path, seed: int = 0, dtype: str = "float32"):
+    """Save a random-weight model of family `name` into `directory`; returns the HF model (eval mode)."""
+    import torch
+    import transformers as T
+
+    torch.manual_seed(seed)
+    config = _configs()[name]()
+    model = T.AutoModelForCausalLM.from_config(config, attn_implementation="eager").eval()
+    with torch.no_grad():
+        for p in model.parameters():  # HF init leaves norms at 1/0 and biases at 0: randomise all
+            p.normal_(0, 0.08 if p.dim() > 1 else 0.3)
+            if p.dim() == 1 and "norm" in "".join(n for n, q in model.named_parameters() if q is p):
+                p.add_(1.0 if "gemma" not in name else 0.0)
+    model.save_pretrained(directory, safe_serialization=True)
+    return model
