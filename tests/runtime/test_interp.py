@@ -1,0 +1,87 @@
+"""Hook-based interpretability: captures equal transformers' hidden states; interventions do what they say."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from modelql.runtime import load_model
+from modelql.runtime import interp
+from tests.tiny_models import FAMILIES, make_tiny
+
+
+@pytest.fixture(scope="module", params=FAMILIES)
+def pair(request, tmp_path_factory):
+    d = tmp_path_factory.mktemp(request.param)
+    hf = make_tiny(request.param, d)
+    return hf, load_model(d)
+
+
+IDS = torch.randint(0, 211, (1, 12), generator=torch.Generator().manual_seed(7))
+
+
+def test_residual_captures_match_transformers_hidden_states(pair):
+    hf, model = pair
+    with torch.no_grad():
+        ref = hf(IDS, output_hidden_states=True).hidden_states
+    n = model.spec.num_layers
+    names = [f"blocks.{i}.hook_resid_pre" for i in range(n)] + ["ln_final.hook_normalized"]
+    _, cache = interp.run_with_cache(model, IDS, names)
+    for i in range(n):
+        assert (cache[names[i]] - ref[i][0]).abs().max() < 1e-4, i
+    assert (cache["ln_final.hook_normalized"] - ref[n][0]).abs().max() < 1e-4
+
+
+def test_residual_is_the_sum_of_its_contributions(pair):
+    _, model = pair
+    _, cache = interp.run_with_cache(model, IDS)
+    h = cache["blocks.0.hook_resid_pre"]
+    for i in range(model.spec.num_layers):
+        h = h + cache[f"blocks.{i}.hook_attn_out"] + cache[f"blocks.{i}.hook_mlp_out"]
+        assert torch.allclose(h, cache[f"blocks.{i}.hook_resid_post"], atol=1e-5)
+
+
+def test_ablating_every_feature_equals_zero_ablating_the_mlp(pair):
+    _, model = pair
+    layer = 1
+    a = interp.run_with_hooks(model, IDS, interp.zero_ablate(layer, "mlp"))
+    feats = range(model.spec.intermediate_size)
+    if model.spec.gated_ffn:
+        b = interp.run_with_hooks(model, IDS, interp.ablate_features(layer, feats))
+        assert torch.allclose(a, b, atol=1e-5)
+    base = model.forward(IDS)[0]
+    assert (a - base).abs().max() > 1e-3
+
+
+def test_zero_steering_is_identity_and_real_steering_moves_logits(pair):
+    _, model = pair
+    base = model.forward(IDS)[0]
+    zero = torch.zeros(model.spec.hidden_size)
+    assert torch.equal(interp.run_with_hooks(model, IDS, interp.steer(1, zero, 3.0)), base)
+    v = torch.randn(model.spec.hidden_size, generator=torch.Generator().manual_seed(0))
+    assert (interp.run_with_hooks(model, IDS, interp.steer(1, v, 3.0)) - base).abs().max() > 1e-3
+
+
+def test_patching_the_whole_residual_transplants_the_donor(pair):
+    _, model = pair
+    donor = torch.randint(0, 211, (1, 12), generator=torch.Generator().manual_seed(8))
+    patched = interp.activation_patch(model, donor, IDS, ["blocks.0.hook_resid_pre"], positions=range(12))
+    assert torch.allclose(patched, model.forward(donor)[0], atol=1e-5)
+
+
+def test_logit_lens_last_layer_is_the_model_prediction(pair):
+    _, model = pair
+    rows = interp.logit_lens(model, IDS, k=3)
+    assert len(rows) == model.spec.num_layers
+    probs = torch.softmax(model.forward(IDS)[0, -1].double(), -1)
+    top = torch.topk(probs, 3)
+    assert [r.token_id for r in rows[-1]] == top.indices.tolist()
+    assert rows[-1][0].prob == pytest.approx(float(top.values[0]), abs=1e-6)
+
+
+def test_unknown_hook_point_is_a_clear_error(pair):
+    _, model = pair
+    from modelql.errors import ModelqlError
+
+    with pytest.raises(ModelqlError, match="unknown hook point"):
+        interp.run_with_cache(model, IDS, ["blocks.0.nope"])
