@@ -1,6 +1,8 @@
 """The FFN seam: every layer's feed-forward block is computed by an `FfnBackend`."""
 
-from .base import FfnBackend, activation
+from .base import FfnBackend, RoutedFfn, activation
 from .dense import DenseFfn
 
-__all__ = ["FfnBackend", "DenseFfn", "activation"]
+from .walk import FeatureRows, WalkFfn
+
+__all__ = ["FfnBackend", "DenseFfn", "RoutedFfn", "WalkFfn", "FeatureRows", "activation"]

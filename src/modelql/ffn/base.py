@@ -44,3 +44,13 @@ def run_hook(hooks: Hooks | None, name: str, t: torch.Tensor) -> torch.Tensor:
         return t
     out = fn(t, name)
     return t if out is None else out
+
+
+class RoutedFfn:
+    """Per-layer choice of backend: e.g. dense below a boundary and walk above, or one shard per range."""
+
+    def __init__(self, backends: list[FfnBackend]):
+        self.backends = backends
+
+    def forward(self, layer: int, x: torch.Tensor, hooks: Hooks | None = None) -> torch.Tensor:
+        return self.backends[layer].forward(layer, x, hooks)
