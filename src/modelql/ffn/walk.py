@@ -99,7 +99,7 @@ class WalkFfn:
         idx = g.abs().topk(k, dim=-1).indices  # [N, K]
         g_sel = g.gather(-1, idx)
         if r.up is not None:
-            up_sel = torch.einsum("nh,nkh->nk", flat, r.up[idx])
+            up_sel = torch.bmm(r.up[idx], flat[:, :, None])[..., 0]
             a = self.act(g_sel) * up_sel
         else:
             a = self.act(g_sel)
@@ -107,5 +107,6 @@ class WalkFfn:
         if hooks is not None and name in hooks:
             dense = torch.zeros_like(g).scatter(-1, idx, a)
             a = run_hook(hooks, name, dense).gather(-1, idx)
-        out = torch.einsum("nk,nkh->nh", a, r.down_t[idx])
+        # a weighted sum of down rows, read in place (no [N, K, H] gather)
+        out = F.embedding_bag(idx, r.down_t, per_sample_weights=a.to(r.down_t.dtype), mode="sum")
         return out.reshape(shape)
