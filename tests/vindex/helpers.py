@@ -62,3 +62,14 @@ def reference_knn(G: np.ndarray, q: np.ndarray, k: int) -> list[tuple[int, float
     scores = G.astype(np.float64) @ q.astype(np.float64)
     order = sorted(range(len(scores)), key=lambda i: (-abs(float(scores[i])), i))[:k]
     return [(i, float(scores[i])) for i in order]
+
+
+def assert_topk_matches(got: list[tuple[int, float]], ref: list[tuple[int, float]], full: np.ndarray,
+                        tol: float = 1e-6) -> None:
+    """Ranked (id, value) lists agree: same length and values; ids equal except where two candidates
+    tie within float rounding (`full` = every candidate's value, computed independently)."""
+    assert len(got) == len(ref), (got, ref)
+    for (gi, gv), (ri, rv) in zip(got, ref):
+        assert abs(gv - rv) <= tol + 1e-5 * abs(rv), (got, ref)
+        if gi != ri:
+            assert abs(float(full[gi]) - rv) <= tol, f"id {gi} vs {ri}: not a float tie ({full[gi]} vs {rv})"

@@ -18,7 +18,7 @@ from typing import Iterable, Sequence
 import numpy as np
 import torch
 
-from ..errors import CapabilityError, VindexError
+from ..errors import CapabilityError, ModelqlError, VindexError
 from . import format as fmt
 from .bands import Bands, resolve_bands
 from .checksums import VerifyReport, verify_checksums
@@ -128,17 +128,29 @@ class _HfTokenizer:
 
 
 def load_tokenizer(directory: Path):
-    """The tokenizer of a vindex / model directory (`tokenizer.json`)."""
+    """The tokenizer of a vindex / model directory: `modelql.tokenizer.Tokenizer` (private fallback
+    adapter over `tokenizers` if that module is unavailable). Needs `encode`/`decode`."""
     path = Path(directory) / "tokenizer.json"
     if not path.exists():
         raise VindexError(f"{directory} has no tokenizer.json")
-    return _HfTokenizer(path)
+    try:
+        from ..tokenizer import Tokenizer
+    except ModuleNotFoundError as exc:
+        if exc.name != "modelql.tokenizer":
+            raise
+        return _HfTokenizer(path)
+    try:
+        return Tokenizer.load(directory)
+    except ModelqlError as exc:
+        raise VindexError(str(exc)) from None
 
 
 def decode_vocab(tokenizer, vocab_size: int) -> list[str]:
     """`dec(id) = decode([id], skip_special_tokens=True).strip()` for every id < vocab_size."""
     seqs = [[i] for i in range(vocab_size)]
     batch = getattr(tokenizer, "decode_batch", None)
+    if batch is None and hasattr(tokenizer, "backend"):
+        batch = tokenizer.backend.decode_batch
     texts = (batch(seqs, skip_special_tokens=True) if batch is not None
              else [tokenizer.decode(s, skip_special_tokens=True) for s in seqs])
     return [t.strip() for t in texts]
