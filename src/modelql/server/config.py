@@ -1,0 +1,112 @@
+"""`ServerConfig`: every `modelql serve` flag as one record, validated once at startup."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+from ..errors import ModelqlError
+
+
+class ServerConfigError(ModelqlError):
+    """A `modelql serve` flag has an invalid value or conflicts with another flag."""
+
+
+_PERIODS = {"s": 1.0, "sec": 1.0, "second": 1.0, "m": 60.0, "min": 60.0, "minute": 60.0,
+            "h": 3600.0, "hour": 3600.0}
+
+
+def parse_rate_limit(text: str) -> tuple[float, float]:
+    """`N/sec|N/min|N/hour` → (capacity N, seconds per N tokens)."""
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*/\s*([a-z]+)\s*", text.lower())
+    if not m or m.group(2) not in _PERIODS or float(m.group(1)) <= 0:
+        raise ServerConfigError(f"invalid --rate-limit {text!r}: expected N/sec, N/min or N/hour")
+    return float(m.group(1)), _PERIODS[m.group(2)]
+
+
+def parse_layers(text: str) -> tuple[int, int]:
+    """`a-b` (inclusive) → (a, b)."""
+    m = re.fullmatch(r"\s*(\d+)\s*-\s*(\d+)\s*", text)
+    if not m:
+        raise ServerConfigError(f"invalid --layers {text!r}: expected a-b, e.g. 0-15")
+    a, b = int(m.group(1)), int(m.group(2))
+    if b < a:
+        raise ServerConfigError(f"invalid --layers {text!r}: end ({b}) must be >= start ({a})")
+    return a, b
+
+
+@dataclass
+class ServerConfig:
+    host: str = "127.0.0.1"
+    port: int = 8080
+    model_id: str | None = None
+    api_key: str | None = None
+    rate_limit: str | None = None
+    trust_forwarded_for: bool = False
+    max_body_bytes: int = 64 * 1024 * 1024
+    cors: bool = False
+    no_infer: bool = False
+    embed_only: bool = False
+    ffn_only: bool = False
+    layers: str | None = None
+    max_batch: int = 16          # sequences advanced together in one decode step
+    max_queue: int = 64          # sequences waiting for a batch slot; beyond → queue_full_status
+    queue_full_status: int = 503  # 503 service_unavailable (default) or 429 rate_limit_exceeded
+    max_n: int = 1
+    strict_model_name: bool = False
+    keepalive_seconds: float = 15.0
+    graceful_timeout: float = 10.0  # seconds in-flight requests get on shutdown
+    log_level: str = "warning"
+
+    def __post_init__(self) -> None:
+        modes = [f for f, on in (("--no-infer", self.no_infer), ("--embed-only", self.embed_only),
+                                 ("--ffn-only", self.ffn_only)) if on]
+        if len(modes) > 1:
+            raise ServerConfigError(f"{' and '.join(modes)} cannot be combined")
+        if self.rate_limit:
+            parse_rate_limit(self.rate_limit)
+        if self.layers:
+            parse_layers(self.layers)
+        if self.max_body_bytes < 1:
+            raise ServerConfigError("--max-body must be at least 1 byte")
+        if self.max_batch < 1 or self.max_queue < 0:
+            raise ServerConfigError("--max-batch must be >= 1 and --max-queue >= 0")
+        if self.queue_full_status not in (429, 503):
+            raise ServerConfigError("--queue-full-status must be 429 or 503")
+        if not 0 <= self.port <= 65535:
+            raise ServerConfigError(f"invalid --port {self.port}")
+
+    @property
+    def mode(self) -> str:
+        """`/v1/stats` mode: full, ffn-service or embed-service (--no-infer is full without inference)."""
+        if self.ffn_only:
+            return "ffn-service"
+        if self.embed_only:
+            return "embed-service"
+        return "full"
+
+    @property
+    def inference(self) -> bool:
+        """Whether generation routes (chat/completions, completions, infer) are served."""
+        return not (self.no_infer or self.embed_only or self.ffn_only)
+
+    @property
+    def rate(self) -> tuple[float, float] | None:
+        return parse_rate_limit(self.rate_limit) if self.rate_limit else None
+
+    @property
+    def owned_layers(self) -> tuple[int, int] | None:
+        return parse_layers(self.layers) if self.layers else None
+
+    def unavailable_reason(self, route: str, group: str) -> str | None:
+        """Why `route` (of group `generate` | `embed` | `browse` | `walk_ffn`) is not served, or None."""
+        if group == "generate":
+            if self.no_infer:
+                return "inference disabled (--no-infer)"
+            if not self.inference:
+                return f"{route} is not served in {self.mode} mode"
+        if group == "embed" and self.ffn_only:
+            return f"{route} is not served in {self.mode} mode"
+        if group in ("browse", "walk_ffn") and self.embed_only:
+            return f"{route} is not served in {self.mode} mode"
+        return None

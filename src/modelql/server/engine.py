@@ -1,0 +1,335 @@
+"""The continuous-batching scheduler: one worker thread owns the model.
+
+Requests are split into *sequences* (`modelql.runtime.generate.Sequence`, one per prompt × choice:
+the same decode state `modelql generate` uses). The worker loop:
+
+1. runs queued one-off jobs (embeddings, knowledge calls that need the model);
+2. admits waiting sequences while the batch has room: prefill (the prompt, in chunks when others
+   are decoding, so a long prompt does not stall their streams);
+3. advances **all** active sequences with `generate.step(model, sequences)`: sampling from each
+   sequence's pending logits, then one batched `Model.forward(ids[B,1], caches)` for the next step.
+
+Each request owns an `asyncio.Queue`; the worker hands it events through
+`loop.call_soon_threadsafe`, so the event loop never blocks on the model. Cancelling a request
+(client disconnect) drops its sequences before the next decode step. Beyond `max_queue` waiting
+sequences, `submit` refuses with 503 (or 429), the OpenAI error envelope at the edge.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import concurrent.futures
+import logging
+import threading
+import time
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import torch
+
+from ..errors import ModelqlError
+from ..runtime.generate import Delta, Sequence, step
+from .errors import HttpError
+
+log = logging.getLogger("modelql.server.engine")
+
+
+@dataclass
+class Token:
+    """One decode step of choice `index`: the runtime's `generate.Delta` (text may be empty while
+    held back; `finish_reason` set on the last)."""
+
+    index: int
+    delta: Delta
+
+
+@dataclass
+class Finished:
+    index: int
+    finish_reason: str
+    prompt_tokens: int
+    completion_tokens: int
+
+
+@dataclass
+class Failed:
+    index: int
+    error: BaseException
+
+
+@dataclass
+class _Seq:
+    request: "RequestHandle"
+    index: int
+    seq: Sequence
+    prefilled: int = 0
+    first_token_at: float | None = None
+    last_token_at: float | None = None
+
+
+class RequestHandle:
+    """One HTTP request's sequences and its event queue (read on the event loop)."""
+
+    def __init__(self, engine: "Engine", loop: asyncio.AbstractEventLoop):
+        self.engine = engine
+        self.loop = loop
+        self.queue: asyncio.Queue = asyncio.Queue()
+        self.cancelled = False
+        self.submitted_at = time.perf_counter()
+        self.remaining = 0
+
+    def publish(self, event: Any) -> None:
+        """Called from the worker thread."""
+        try:
+            self.loop.call_soon_threadsafe(self.queue.put_nowait, event)
+        except RuntimeError:  # event loop closed: nobody is listening any more
+            self.cancelled = True
+
+    def cancel(self) -> None:
+        if not self.cancelled:
+            self.cancelled = True
+            self.engine._wake()
+
+    async def events(self):
+        """Yield events until every sequence of the request has finished or failed."""
+        left = self.remaining
+        try:
+            while left:
+                event = await self.queue.get()
+                if isinstance(event, (Finished, Failed)):
+                    left -= 1
+                yield event
+        finally:
+            if left:
+                self.cancel()
+
+
+class Engine:
+    def __init__(self, model, *, max_batch: int = 16, max_queue: int = 64, queue_full_status: int = 503,
+                 metrics=None, prefill_chunk: int = 256):
+        self.model = model
+        self.max_batch = max_batch
+        self.max_queue = max_queue
+        self.queue_full_status = queue_full_status
+        self.metrics = metrics
+        self.prefill_chunk = prefill_chunk
+        self._cv = threading.Condition()
+        self._pending: collections.deque[_Seq] = collections.deque()
+        self._jobs: collections.deque[tuple[Callable, concurrent.futures.Future]] = collections.deque()
+        self._active: list[_Seq] = []
+        self._stopping = False
+        self._thread: threading.Thread | None = None
+        self.steps = 0  # decode steps run (for tests and the benchmark)
+        self.max_batch_seen = 0
+
+    # -- lifecycle ---------------------------------------------------------------------------
+
+    def start(self) -> "Engine":
+        if self._thread is None:
+            self._stopping = False
+            self._thread = threading.Thread(target=self._run, name="modelql-engine", daemon=True)
+            self._thread.start()
+        return self
+
+    def stop(self, timeout: float = 10.0) -> None:
+        with self._cv:
+            self._stopping = True
+            self._cv.notify_all()
+        if self._thread is not None:
+            self._thread.join(timeout)
+            self._thread = None
+
+    @property
+    def running(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    @property
+    def queue_depth(self) -> int:
+        return len(self._pending)
+
+    @property
+    def active(self) -> int:
+        return len(self._active)
+
+    def _wake(self) -> None:
+        with self._cv:
+            self._cv.notify_all()
+
+    # -- submission (event loop side) ----------------------------------------------------------
+
+    def submit(self, sequences: list[Sequence], loop: asyncio.AbstractEventLoop | None = None) -> RequestHandle:
+        """Queue one request's sequences (choice i = sequences[i]); raises HttpError (503/429) when the
+        queue is full."""
+        handle = RequestHandle(self, loop or asyncio.get_running_loop())
+        with self._cv:
+            if self._stopping or not self.running:
+                raise HttpError(503, "server is shutting down", code="service_unavailable")
+            free_slots = max(0, self.max_batch - len(self._active))
+            waiting_after = len(self._pending) + len(sequences) - free_slots
+            if waiting_after > self.max_queue and (self._pending or self._active):
+                if self.metrics:
+                    self.metrics.rejected.inc()
+                status = self.queue_full_status
+                raise HttpError(status, f"server busy: {len(self._pending)} sequences queued "
+                                        f"(limit {self.max_queue}); retry later",
+                                code="rate_limit_exceeded" if status == 429 else "service_unavailable",
+                                headers={"Retry-After": "1"})
+            for i, seq in enumerate(sequences):
+                self._pending.append(_Seq(handle, i, seq))
+            handle.remaining = len(sequences)
+            self._gauges()
+            self._cv.notify_all()
+        return handle
+
+    async def run(self, fn: Callable[[Any], Any]) -> Any:
+        """Run `fn(model)` on the worker thread between decode steps; await its result."""
+        fut: concurrent.futures.Future = concurrent.futures.Future()
+        with self._cv:
+            if self._stopping or not self.running:
+                raise HttpError(503, "server is shutting down", code="service_unavailable")
+            self._jobs.append((fn, fut))
+            self._cv.notify_all()
+        return await asyncio.wrap_future(fut)
+
+    # -- worker ----------------------------------------------------------------------------
+
+    def _gauges(self) -> None:
+        if self.metrics:
+            self.metrics.queue_depth.set(len(self._pending))
+            self.metrics.active_sequences.set(len(self._active))
+
+    def _run(self) -> None:
+        torch.set_grad_enabled(False)
+        while True:
+            with self._cv:
+                while not (self._stopping or self._pending or self._jobs or self._active):
+                    self._cv.wait()
+                if self._stopping:
+                    break
+                jobs = list(self._jobs)
+                self._jobs.clear()
+            for fn, fut in jobs:
+                if fut.set_running_or_notify_cancel():
+                    try:
+                        fut.set_result(fn(self.model))
+                    except BaseException as exc:  # noqa: BLE001 - handed to the awaiting request
+                        fut.set_exception(exc)
+            try:
+                self._admit()
+                self._decode()
+            except Exception as exc:  # a bug in a decode step: fail the batch, keep serving
+                log.exception("decode step failed")
+                for seq in self._active:
+                    self._fail(seq, exc)
+                self._active = []
+            with self._cv:
+                self._gauges()
+        self._shutdown()
+
+    def _shutdown(self) -> None:
+        err = HttpError(503, "server is shutting down", code="service_unavailable")
+        with self._cv:
+            seqs = self._active + list(self._pending)
+            self._active, self._pending = [], collections.deque()
+            jobs = list(self._jobs)
+            self._jobs.clear()
+        for seq in seqs:
+            self._fail(seq, err)
+        for _, fut in jobs:
+            if fut.set_running_or_notify_cancel():
+                fut.set_exception(err)
+
+    def _fail(self, seq: _Seq, exc: BaseException) -> None:
+        seq.seq.cache = None
+        seq.request.publish(Failed(seq.index, exc))
+
+    def _publish(self, seq: _Seq, delta: Delta) -> bool:
+        """Publish one step's delta (+ Finished on the last); → whether the sequence finished."""
+        now = time.perf_counter()
+        m = self.metrics
+        if seq.first_token_at is None:
+            seq.first_token_at = now
+            if m:
+                m.ttft.labels(m.model).observe(now - seq.request.submitted_at)
+        elif m:
+            m.tpot.labels(m.model).observe(now - seq.last_token_at)
+        seq.last_token_at = now
+        if m:
+            m.generation_tokens.labels(m.model).inc()
+        seq.request.publish(Token(seq.index, delta))
+        if delta.finish_reason is None:
+            return False
+        s = seq.seq
+        seq.request.publish(Finished(seq.index, delta.finish_reason, len(s.prompt_ids), s.generated))
+        s.cache = None
+        return True
+
+    def _admit(self) -> None:
+        """Prefill waiting sequences while the batch has room. With others decoding, at most
+        `prefill_chunk` prompt tokens per loop turn, so running streams keep flowing."""
+        budget = self.prefill_chunk
+        while len(self._active) < self.max_batch:
+            with self._cv:
+                if not self._pending:
+                    return
+                seq = self._pending[0]
+                if seq.request.cancelled:
+                    self._pending.popleft()
+                    self._fail(seq, asyncio.CancelledError())
+                    continue
+            if self._active and budget <= 0:
+                return
+            try:
+                done, used = self._prefill(seq, budget if self._active else None)
+            except Exception as exc:
+                with self._cv:
+                    self._pending.popleft()
+                if not isinstance(exc, ModelqlError):
+                    log.exception("prefill failed")
+                self._fail(seq, exc)
+                continue
+            budget -= used
+            if not done:
+                return
+            with self._cv:
+                self._pending.popleft()
+                self._active.append(seq)
+
+    def _prefill(self, seq: _Seq, budget: int | None) -> tuple[bool, int]:
+        """Feed (part of) the prompt. → (whole prompt in, tokens used). The last chunk leaves the
+        first token's logits pending, as `Sequence.prefill` does."""
+        s = seq.seq
+        ids = s.prompt_ids
+        if seq.prefilled == 0 and self.metrics:
+            self.metrics.prompt_tokens.labels(self.metrics.model).inc(len(ids))
+        if budget is None or len(ids) - seq.prefilled <= budget:
+            if seq.prefilled == 0:
+                s.prefill(self.model)
+            else:
+                rest = ids[seq.prefilled:]
+                s.logits = self.model.forward(torch.tensor([rest]), s.cache, logits="last")[0]
+            used = len(ids) - seq.prefilled
+            seq.prefilled = len(ids)
+            return True, used
+        chunk = ids[seq.prefilled: seq.prefilled + max(1, budget)]
+        self.model.forward(torch.tensor([chunk]), s.cache, logits="none")
+        seq.prefilled += len(chunk)
+        return False, len(chunk)
+
+    def _decode(self) -> None:
+        live = []
+        for seq in self._active:
+            if seq.request.cancelled:
+                self._fail(seq, asyncio.CancelledError())
+            else:
+                live.append(seq)
+        self._active = live
+        if not live:
+            return
+        deltas = step(self.model, [seq.seq for seq in live])
+        self.steps += 1
+        self.max_batch_seen = max(self.max_batch_seen, len(live))
+        if self.metrics:
+            self.metrics.batch_size.observe(len(live))
+        self._active = [seq for seq, delta in zip(live, deltas) if not self._publish(seq, delta)]

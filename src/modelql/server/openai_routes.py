@@ -1,0 +1,618 @@
+"""The OpenAI-compatible group: /v1/chat/completions, /v1/completions, /v1/embeddings, /v1/models.
+
+Pydantic request models exist only here, at the HTTP edge: a validated request becomes token ids
+plus one `runtime.generate.Sequence` per choice (the decode state the CLI uses), handed to the engine. Responses are
+assembled from the engine's events, as one JSON body or as SSE chunks (spec §3.2.3).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import secrets
+import time
+from typing import Any, AsyncIterator
+
+from fastapi import APIRouter, Request
+from starlette.responses import JSONResponse, StreamingResponse
+
+from .. import __version__
+from ..errors import ModelqlError
+from ..runtime.generate import Sequence, encode_prompt, generation_config
+from ..runtime.sampling import SamplingParams
+from .app import ServerState
+from .engine import Failed, Finished, Token
+from .errors import HttpError, InvalidValue, ServiceUnavailable, modelql_error_parts, openai_error_body
+from .schemas import (OPENAI_ERRORS, ChatCompletion, ChatCompletionRequest, Completion, CompletionRequest,
+                      EmbeddingList, EmbeddingRequest, ModelCard, ModelList)
+
+router = APIRouter(tags=["openai"])
+
+FINGERPRINT = f"fp_modelql_{__version__}"
+SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+SSE_MEDIA = "text/event-stream; charset=utf-8"
+MAX_STOPS = 4
+MAX_PROMPTS = 2048
+
+
+# -- shared helpers -------------------------------------------------------------------------------
+
+def _state(request: Request) -> ServerState:
+    return request.app.state.modelql
+
+
+def _require(st: ServerState, route: str, group: str = "generate"):
+    reason = st.config.unavailable_reason(route, group)
+    if reason:
+        raise ServiceUnavailable(reason)
+    model = st.require_model()
+    if model.tokenizer is None:
+        raise ServiceUnavailable("the served model has no tokenizer")
+    return model
+
+
+def _check_model_name(st: ServerState, name: str | None) -> None:
+    if st.config.strict_model_name and name is not None and name != st.model_id:
+        raise HttpError(404, f"The model '{name}' does not exist", code="model_not_found", param="model")
+
+
+def _check_text(value: str, param: str) -> str:
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise InvalidValue(param, f"'{param}' is not valid unicode (lone surrogate)") from None
+    return value
+
+
+def _stops(stop: str | list[str] | None) -> list[str]:
+    if stop is None:
+        return []
+    stops = [stop] if isinstance(stop, str) else list(stop)
+    if len(stops) > MAX_STOPS:
+        raise InvalidValue("stop", f"at most {MAX_STOPS} stop sequences are supported, got {len(stops)}")
+    return [_check_text(s, "stop") for s in stops if s]
+
+
+def _logit_bias(bias: dict[str, float] | None, vocab: int) -> dict[int, float]:
+    out: dict[int, float] = {}
+    for key, value in (bias or {}).items():
+        try:
+            token = int(key)
+        except ValueError:
+            raise InvalidValue("logit_bias", f"logit_bias keys must be token ids, got {key!r}") from None
+        if not 0 <= token < vocab:
+            raise InvalidValue("logit_bias", f"logit_bias token id {token} out of range (vocab={vocab})")
+        if not -100 <= value <= 100:
+            raise InvalidValue("logit_bias", f"logit_bias values must be in [-100, 100], got {value}")
+        out[token] = float(value)
+    return out
+
+
+def _n(st: ServerState, n: int | None) -> int:
+    n = 1 if n is None else n
+    if n > st.config.max_n:
+        raise InvalidValue("n", f"n = {n} is not supported: this server generates at most {st.config.max_n} "
+                                f"choice{'s' if st.config.max_n > 1 else ''} per request")
+    return n
+
+
+def _params(model, req, *, choice: int, max_tokens: int | None, stops: list[str], logprobs: bool,
+            top_logprobs: int) -> SamplingParams:
+    """The runtime's SamplingParams for choice `choice`: generation_config.json defaults, then the
+    request's fields (choice i of a seeded request uses seed + i)."""
+    seed = None if req.seed is None else req.seed + choice
+    return SamplingParams.from_generation_config(
+        generation_config(model), max_tokens=max_tokens, temperature=req.temperature, top_p=req.top_p,
+        top_k=req.top_k, frequency_penalty=req.frequency_penalty, presence_penalty=req.presence_penalty,
+        logit_bias=_logit_bias(req.logit_bias, model.spec.vocab_size), seed=seed, stop=stops,
+        logprobs=logprobs, top_logprobs=top_logprobs)
+
+
+def _check_context(model, ids: list[int], param: str) -> None:
+    ctx = model.spec.max_position
+    if len(ids) >= ctx:
+        raise HttpError(400, f"This model's maximum context length is {ctx} tokens, but the prompt has {len(ids)} "
+                             f"tokens: no room for a completion", code="context_length_exceeded", param=param)
+
+
+def _usage(prompt: int, completion: int) -> dict:
+    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+
+
+def _raise_failed(ev: Failed) -> None:
+    if isinstance(ev.error, asyncio.CancelledError):
+        raise HttpError(503, "generation was cancelled", code="service_unavailable")
+    raise ev.error
+
+
+def _sse(obj: Any) -> bytes:
+    return b"data: " + json.dumps(obj, ensure_ascii=False, separators=(",", ":")).encode() + b"\n\n"
+
+
+SSE_DONE = b"data: [DONE]\n\n"
+SSE_KEEPALIVE = b": keep-alive\n\n"
+
+
+async def _events_with_keepalive(handle, keepalive: float) -> AsyncIterator[Any]:
+    """The request's engine events, with None yielded after `keepalive` seconds of silence."""
+    left = handle.remaining
+    try:
+        while left:
+            try:
+                event = await asyncio.wait_for(handle.queue.get(), keepalive)
+            except asyncio.TimeoutError:
+                yield None
+                continue
+            if isinstance(event, (Finished, Failed)):
+                left -= 1
+            yield event
+    finally:
+        if left:
+            handle.cancel()
+
+
+async def _collect(request: Request, handle) -> AsyncIterator[Any]:
+    """Events of a non-streaming request; the generation is cancelled if the client goes away."""
+    left = handle.remaining
+    try:
+        while left:
+            try:
+                event = await asyncio.wait_for(handle.queue.get(), 0.5)
+            except asyncio.TimeoutError:
+                if await request.is_disconnected():
+                    return
+                continue
+            if isinstance(event, (Finished, Failed)):
+                left -= 1
+            yield event
+    finally:
+        if left:
+            handle.cancel()
+
+
+def _stream_error_chunk(exc: BaseException) -> bytes:
+    status, message, code, param = modelql_error_parts(exc)
+    return _sse(openai_error_body(status, message, code, param))
+
+
+# -- logprobs rendering -------------------------------------------------------------------------------
+
+def _token_str(tok, token_id: int) -> str:
+    return tok.decode([token_id])
+
+
+def _entry(tok, token_id: int, logprob: float | None, top: list[tuple[int, float]] | None) -> dict:
+    return {"token": _token_str(tok, token_id), "logprob": logprob, "bytes": list(tok.token_bytes(token_id)),
+            "top_logprobs": [{"token": _token_str(tok, i), "logprob": lp, "bytes": list(tok.token_bytes(i))}
+                             for i, lp in (top or [])]}
+
+
+class _Choice:
+    """Accumulates one choice's deltas; logprobs of tokens whose text is held back wait for it."""
+
+    def __init__(self) -> None:
+        self.text = ""
+        self.held: list[tuple[int, float | None, list | None]] = []
+        self.logprobs: list[tuple[int, float | None, list | None]] = []
+        self.finish_reason = "stop"
+
+    def add(self, delta) -> tuple[str, list]:
+        """→ (text released by this delta, the logprob entries that go with it)."""
+        if delta.token_id is not None and delta.logprob is not None:
+            self.held.append((delta.token_id, delta.logprob, delta.top_logprobs))
+        if not delta.text:
+            return "", []
+        released, self.held = self.held, []
+        self.text += delta.text
+        self.logprobs += released
+        return delta.text, released
+
+
+# -- /v1/models ---------------------------------------------------------------------------------------
+
+def _card(st: ServerState) -> dict:
+    model = st.model
+    features = model.spec.num_layers * model.spec.intermediate_size if model is not None else 0
+    return {"id": st.model_id, "object": "model", "created": int(st.started), "owned_by": "modelql",
+            "path": "/v1", "features": features, "loaded": model is not None}
+
+
+@router.get("/v1/models", response_model=ModelList, responses=OPENAI_ERRORS)
+async def list_models(request: Request):
+    return {"object": "list", "data": [_card(_state(request))]}
+
+
+@router.get("/v1/models/{model_id:path}", response_model=ModelCard, responses=OPENAI_ERRORS)
+async def get_model(model_id: str, request: Request):
+    st = _state(request)
+    if model_id != st.model_id:
+        raise HttpError(404, f"The model '{model_id}' does not exist", code="model_not_found", param="model")
+    return _card(st)
+
+
+# -- /v1/chat/completions -------------------------------------------------------------------------
+
+def _chat_messages(req: ChatCompletionRequest) -> list[dict]:
+    out = []
+    for i, m in enumerate(req.messages):
+        role = "system" if m.role == "developer" else m.role
+        content = m.content
+        if isinstance(content, list):
+            parts = []
+            for part in content:
+                if part.type != "text":
+                    raise InvalidValue(f"messages[{i}].content", f"unsupported content part type: {part.type}")
+                parts.append(part.text or "")
+            content = "\n".join(parts)
+        if content is None:
+            if role != "assistant":
+                raise InvalidValue(f"messages[{i}].content", f"messages[{i}] (role {role}) has no content")
+            content = ""
+        msg: dict[str, Any] = {"role": role, "content": _check_text(content, f"messages[{i}].content")}
+        if m.name is not None:
+            msg["name"] = _check_text(m.name, f"messages[{i}].name")
+        if m.tool_calls is not None:
+            msg["tool_calls"] = m.tool_calls
+        if m.tool_call_id is not None:
+            msg["tool_call_id"] = m.tool_call_id
+        out.append(msg)
+    return out
+
+
+def _chat_prompt(model, req: ChatCompletionRequest) -> list[int]:
+    messages = _chat_messages(req)
+    tools = req.tools if req.tools and req.tool_choice != "none" else None
+    try:
+        return model.tokenizer.encode_chat(messages, add_generation_prompt=True, tools=tools)
+    except ModelqlError as exc:
+        raise InvalidValue("messages", str(exc)) from None
+    except Exception as exc:  # a template that breaks on unusual input is the request's problem
+        raise InvalidValue("messages", f"could not render the chat template: {exc}") from None
+
+
+def _sse_response(gen: AsyncIterator[bytes]) -> StreamingResponse:
+    return StreamingResponse(gen, media_type=SSE_MEDIA, headers=SSE_HEADERS)
+
+
+@router.post("/v1/chat/completions", response_model=ChatCompletion, responses={
+    **OPENAI_ERRORS, 200: {"content": {"application/json": {}, "text/event-stream": {}},
+                           "description": "a chat.completion, or SSE chat.completion.chunk events"}})
+async def chat_completions(body: ChatCompletionRequest, request: Request):
+    st = _state(request)
+    model = _require(st, "/v1/chat/completions")
+    _check_model_name(st, body.model)
+    n = _n(st, body.n)
+    if body.top_logprobs and not body.logprobs:
+        raise InvalidValue("top_logprobs", "top_logprobs requires logprobs: true")
+    if body.response_format is not None and body.response_format.type != "text":
+        raise InvalidValue("response_format", f"response_format type '{body.response_format.type}' is not "
+                                              "supported yet")
+    stops = _stops(body.stop)
+    prompt = _chat_prompt(model, body)
+    _check_context(model, prompt, "messages")
+    max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
+    want_lp = bool(body.logprobs)
+    seqs = [Sequence(model, prompt, _params(model, body, choice=i, max_tokens=max_tokens, stops=stops,
+                                            logprobs=want_lp, top_logprobs=body.top_logprobs or 0))
+            for i in range(n)]
+    handle = st.engine.submit(seqs)
+    rid, created = "chatcmpl-" + secrets.token_hex(12), int(time.time())
+    base = {"id": rid, "object": "chat.completion.chunk", "created": created, "model": st.model_id,
+            "system_fingerprint": FINGERPRINT}
+    tok = model.tokenizer
+    choices = [_Choice() for _ in range(n)]
+
+    if body.stream:
+        include_usage = bool(body.stream_options and body.stream_options.include_usage)
+        extra = {"usage": None} if include_usage else {}
+
+        def chunk(index: int, delta: dict, finish: str | None = None, logprobs: Any = None) -> bytes:
+            return _sse({**base, "choices": [{"index": index, "delta": delta, "logprobs": logprobs,
+                                              "finish_reason": finish}], **extra})
+
+        async def stream() -> AsyncIterator[bytes]:
+            completion = 0
+            for i in range(n):
+                yield chunk(i, {"role": "assistant", "content": ""})
+            try:
+                async for ev in _events_with_keepalive(handle, st.config.keepalive_seconds):
+                    if ev is None:
+                        yield SSE_KEEPALIVE
+                    elif isinstance(ev, Token):
+                        text, entries = choices[ev.index].add(ev.delta)
+                        if text:
+                            lp = None
+                            if want_lp:
+                                lp = {"content": [_entry(tok, *e) for e in entries], "refusal": None}
+                            yield chunk(ev.index, {"content": text}, None, lp)
+                    elif isinstance(ev, Finished):
+                        completion += ev.completion_tokens
+                        yield chunk(ev.index, {}, ev.finish_reason)
+                    elif isinstance(ev, Failed):
+                        if isinstance(ev.error, asyncio.CancelledError):
+                            return
+                        yield _stream_error_chunk(ev.error)
+                        yield SSE_DONE
+                        return
+            except Exception as exc:  # never leave a stream without its terminator
+                yield _stream_error_chunk(exc)
+                yield SSE_DONE
+                return
+            if include_usage:
+                yield _sse({**base, "choices": [], "usage": _usage(len(prompt), completion)})
+            yield SSE_DONE
+
+        return _sse_response(stream())
+
+    completion = 0
+    async for ev in _collect(request, handle):
+        if isinstance(ev, Token):
+            choices[ev.index].add(ev.delta)
+        elif isinstance(ev, Finished):
+            choices[ev.index].finish_reason = ev.finish_reason
+            completion += ev.completion_tokens
+        elif isinstance(ev, Failed):
+            _raise_failed(ev)
+    out = [{"index": i, "message": {"role": "assistant", "content": c.text, "tool_calls": None},
+            "logprobs": {"content": [_entry(tok, *e) for e in c.logprobs], "refusal": None} if want_lp else None,
+            "finish_reason": c.finish_reason} for i, c in enumerate(choices)]
+    return JSONResponse({"id": rid, "object": "chat.completion", "created": created, "model": st.model_id,
+                         "system_fingerprint": FINGERPRINT, "choices": out,
+                         "usage": _usage(len(prompt), completion)})
+
+
+# -- /v1/completions ----------------------------------------------------------------------------------
+
+def _completion_prompts(model, prompt) -> list[tuple[list[int], str]]:
+    """[(token ids, prompt text)] of a completions `prompt` (string, strings, ids, or lists of ids)."""
+    tok, vocab = model.tokenizer, model.spec.vocab_size
+    if isinstance(prompt, str):
+        items: list = [prompt]
+    elif not prompt:
+        raise InvalidValue("prompt", "prompt must not be empty")
+    elif all(isinstance(p, int) for p in prompt):
+        items = [list(prompt)]
+    else:
+        items = list(prompt)
+    if len(items) > MAX_PROMPTS:
+        raise InvalidValue("prompt", f"at most {MAX_PROMPTS} prompts per request")
+    out = []
+    for i, item in enumerate(items):
+        if isinstance(item, str):
+            ids = encode_prompt(model, _check_text(item, "prompt"))
+            out.append((ids, item))
+        else:
+            if not item:
+                raise InvalidValue("prompt", f"prompt[{i}] is an empty token list")
+            bad = next((t for t in item if not 0 <= t < vocab), None)
+            if bad is not None:
+                raise InvalidValue("prompt", f"token id {bad} out of range (vocab={vocab})")
+            out.append((list(item), tok.decode(item)))
+    return out
+
+
+def _prompt_logprobs(model, ids: list[int], k: int) -> list[tuple[int, float | None, list | None]]:
+    """(token, logprob, top-k) of every prompt token under the model (the first has no logprob)."""
+    import torch
+
+    logits = model.forward(torch.tensor([ids]), logits="all")[0]
+    logp = torch.log_softmax(logits.float(), dim=-1)
+    out: list[tuple[int, float | None, list | None]] = [(ids[0], None, None)]
+    for pos in range(1, len(ids)):
+        row = logp[pos - 1]
+        top = None
+        if k:
+            values, top_ids = torch.topk(row, min(k, row.shape[-1]))
+            top = list(zip(top_ids.tolist(), values.tolist()))
+        out.append((ids[pos], float(row[ids[pos]]), top))
+    return out
+
+
+def _completion_logprobs(tok, entries: list, offset: int) -> dict:
+    tokens, token_lps, tops, offsets = [], [], [], []
+    for token_id, logprob, top in entries:
+        s = _token_str(tok, token_id)
+        tokens.append(s)
+        token_lps.append(logprob)
+        tops.append(None if logprob is None else {_token_str(tok, i): lp for i, lp in (top or [])})
+        offsets.append(offset)
+        offset += len(s)
+    return {"tokens": tokens, "token_logprobs": token_lps, "top_logprobs": tops, "text_offset": offsets}
+
+
+@router.post("/v1/completions", response_model=Completion, responses={
+    **OPENAI_ERRORS, 200: {"content": {"application/json": {}, "text/event-stream": {}},
+                           "description": "a text_completion, or SSE text_completion chunks"}})
+async def completions(body: CompletionRequest, request: Request):
+    st = _state(request)
+    model = _require(st, "/v1/completions")
+    _check_model_name(st, body.model)
+    n = _n(st, body.n)
+    if body.suffix is not None:
+        raise InvalidValue("suffix", "suffix is not supported")
+    if body.best_of is not None and body.best_of != n:
+        raise InvalidValue("best_of", f"best_of must equal n ({n}) when given")
+    stops = _stops(body.stop)
+    prompts = _completion_prompts(model, body.prompt)
+    for ids, _ in prompts:
+        _check_context(model, ids, "prompt")
+    echo, k = bool(body.echo), body.logprobs
+    max_tokens = body.max_tokens
+    count = len(prompts) * n
+    seqs = []
+    if max_tokens != 0:
+        for ids, _ in prompts:
+            for j in range(n):
+                seqs.append(Sequence(model, ids, _params(model, body, choice=j, max_tokens=max_tokens, stops=stops,
+                                                         logprobs=k is not None, top_logprobs=k or 0)))
+    echo_lps: list[list] = []
+    if echo and k is not None:
+        echo_lps = await st.engine.run(lambda m: [_prompt_logprobs(m, ids, k) for ids, _ in prompts])
+    handle = st.engine.submit(seqs) if seqs else None
+    rid, created = "cmpl-" + secrets.token_hex(12), int(time.time())
+    base = {"id": rid, "object": "text_completion", "created": created, "model": st.model_id,
+            "system_fingerprint": FINGERPRINT}
+    tok = model.tokenizer
+    prompt_tokens = sum(len(ids) for ids, _ in prompts)
+    choices = [_Choice() for _ in range(count)]
+    if handle is None:
+        for c in choices:
+            c.finish_reason = "length"
+
+    def prompt_text(i: int) -> str:
+        return prompts[i // n][1]
+
+    def head_logprobs(i: int) -> dict:
+        return _completion_logprobs(tok, echo_lps[i // n], 0)
+
+    if body.stream:
+        include_usage = bool(body.stream_options and body.stream_options.include_usage)
+        extra = {"usage": None} if include_usage else {}
+        offsets = [0 if echo else len(prompt_text(i)) for i in range(count)]
+
+        def chunk(index: int, text: str, finish: str | None = None, logprobs: Any = None) -> bytes:
+            return _sse({**base, "choices": [{"text": text, "index": index, "logprobs": logprobs,
+                                              "finish_reason": finish}], **extra})
+
+        async def stream() -> AsyncIterator[bytes]:
+            completion = 0
+            if echo:
+                for i in range(count):
+                    yield chunk(i, prompt_text(i), None, head_logprobs(i) if k is not None else None)
+                    offsets[i] = len(prompt_text(i))
+            try:
+                if handle is None:
+                    for i in range(count):
+                        yield chunk(i, "", "length")
+                else:
+                    async for ev in _events_with_keepalive(handle, st.config.keepalive_seconds):
+                        if ev is None:
+                            yield SSE_KEEPALIVE
+                        elif isinstance(ev, Token):
+                            text, entries = choices[ev.index].add(ev.delta)
+                            if text:
+                                lp = None
+                                if k is not None:
+                                    lp = _completion_logprobs(tok, entries, offsets[ev.index])
+                                offsets[ev.index] += len(text)
+                                yield chunk(ev.index, text, None, lp)
+                        elif isinstance(ev, Finished):
+                            completion += ev.completion_tokens
+                            yield chunk(ev.index, "", ev.finish_reason)
+                        elif isinstance(ev, Failed):
+                            if isinstance(ev.error, asyncio.CancelledError):
+                                return
+                            yield _stream_error_chunk(ev.error)
+                            yield SSE_DONE
+                            return
+            except Exception as exc:
+                yield _stream_error_chunk(exc)
+                yield SSE_DONE
+                return
+            if include_usage:
+                yield _sse({**base, "choices": [], "usage": _usage(prompt_tokens, completion)})
+            yield SSE_DONE
+
+        return _sse_response(stream())
+
+    completion = 0
+    if handle is not None:
+        async for ev in _collect(request, handle):
+            if isinstance(ev, Token):
+                choices[ev.index].add(ev.delta)
+            elif isinstance(ev, Finished):
+                choices[ev.index].finish_reason = ev.finish_reason
+                completion += ev.completion_tokens
+            elif isinstance(ev, Failed):
+                _raise_failed(ev)
+    out = []
+    for i, c in enumerate(choices):
+        ptext = prompt_text(i)
+        logprobs_obj = None
+        if k is not None:
+            logprobs_obj = _completion_logprobs(tok, c.logprobs, len(ptext))
+            if echo:
+                head = head_logprobs(i)
+                logprobs_obj = {key: head[key] + logprobs_obj[key] for key in logprobs_obj}
+        out.append({"text": (ptext if echo else "") + c.text, "index": i, "logprobs": logprobs_obj,
+                    "finish_reason": c.finish_reason})
+    return JSONResponse({**base, "choices": out, "usage": _usage(prompt_tokens, completion)})
+
+# -- /v1/embeddings ------------------------------------------------------------------------------------
+
+def _embedding_inputs(model, value) -> list[list[int]]:
+    tok, vocab = model.tokenizer, model.spec.vocab_size
+    if isinstance(value, str):
+        items: list = [value]
+    elif not value:
+        raise InvalidValue("input", "input must not be empty")
+    elif all(isinstance(v, int) for v in value):
+        items = [list(value)]
+    else:
+        items = list(value)
+    if len(items) > MAX_PROMPTS:
+        raise InvalidValue("input", f"at most {MAX_PROMPTS} inputs per request")
+    out = []
+    for i, item in enumerate(items):
+        if isinstance(item, str):
+            ids = tok.encode(_check_text(item, "input"), add_special_tokens=False)
+        else:
+            bad = next((t for t in item if not 0 <= t < vocab), None)
+            if bad is not None:
+                raise InvalidValue("input", f"token id {bad} out of range (vocab={vocab})")
+            ids = list(item)
+        if not ids:
+            raise InvalidValue("input", f"input[{i}] is empty")
+        if len(ids) > model.spec.max_position:
+            raise HttpError(400, f"input[{i}] has {len(ids)} tokens; the maximum is {model.spec.max_position}",
+                            code="context_length_exceeded", param="input")
+        out.append(ids)
+    return out
+
+
+def embed_batch(model, inputs: list[list[int]], pooling: str):
+    """L2-normalised embeddings [N, H] (float32): static, mean or last pooling (spec §3.4)."""
+    import torch
+
+    rows = []
+    with torch.inference_mode():
+        for ids in inputs:
+            if pooling == "static":
+                h = model.embed_tokens(torch.tensor([ids]), [0])[0]
+                v = h.float().mean(0)
+            else:
+                h = model.forward([ids], logits="none")
+                x = model.norm(h, "final_norm")[0].float()
+                v = x.mean(0) if pooling == "mean" else x[-1]
+            rows.append(torch.nn.functional.normalize(v, dim=0))
+    return torch.stack(rows)
+
+
+@router.post("/v1/embeddings", response_model=EmbeddingList, responses=OPENAI_ERRORS)
+async def embeddings(body: EmbeddingRequest, request: Request):
+    st = _state(request)
+    model = _require(st, "/v1/embeddings", "embed")
+    _check_model_name(st, body.model)
+    fmt = body.encoding_format or "float"
+    if fmt not in ("float", "base64"):
+        raise InvalidValue("encoding_format", f"the encoding_format '{fmt}' is not supported")
+    hidden = model.spec.hidden_size
+    if body.dimensions is not None and body.dimensions != hidden:
+        raise InvalidValue("dimensions", f"dimensions must equal the model's hidden size {hidden}")
+    pooling = body.x_pooling or ("mean" if st.config.inference else "static")
+    if pooling != "static" and not st.config.inference:
+        raise InvalidValue("x_pooling", f"x_pooling '{pooling}' needs inference, which this server does not "
+                                        f"serve ({st.config.mode} mode{', --no-infer' if st.config.no_infer else ''})")
+    inputs = _embedding_inputs(model, body.input)
+    vectors = await st.engine.run(lambda m: embed_batch(m, inputs, pooling))
+    data = []
+    for i, v in enumerate(vectors):
+        if fmt == "base64":
+            emb: Any = base64.b64encode(v.numpy().astype("<f4").tobytes()).decode()
+        else:
+            emb = v.tolist()
+        data.append({"object": "embedding", "index": i, "embedding": emb})
+    total = sum(len(ids) for ids in inputs)
+    return JSONResponse({"object": "list", "data": data, "model": st.model_id,
+                         "usage": {"prompt_tokens": total, "total_tokens": total}})

@@ -1,0 +1,107 @@
+"""Run the app under uvicorn: `serve(model, config)` (the `modelql serve` command) and
+`BackgroundServer` (a server on a thread, for tests and benchmarks; always stopped by its owner).
+
+Graceful shutdown: on SIGINT/SIGTERM uvicorn stops accepting connections and gives in-flight
+requests (streams included) `config.graceful_timeout` seconds; then the lifespan stops the engine,
+which fails any sequence still running with 503 "server is shutting down".
+"""
+
+from __future__ import annotations
+
+import shlex
+import sys
+import threading
+import time
+from pathlib import Path
+
+from .config import ServerConfig
+
+
+def _uvicorn_config(app, config: ServerConfig):
+    import uvicorn
+
+    return uvicorn.Config(app, host=config.host, port=config.port, log_level=config.log_level,
+                          timeout_graceful_shutdown=config.graceful_timeout, access_log=False,
+                          lifespan="on", http="h11", ws="websockets-sansio")
+
+
+def build(model_ref: str | Path | None, config: ServerConfig, dtype: str = "float32", model=None):
+    """Load the model (None: the embedded default) and build the app and its engine."""
+    from .app import create_app
+    from .engine import Engine
+
+    if model is None:
+        from ..runtime.loading import load_model
+
+        model = load_model(model_ref, dtype)
+    engine = Engine(model, max_batch=config.max_batch, max_queue=config.max_queue,
+                    queue_full_status=config.queue_full_status)
+    return create_app(config, engine), engine
+
+
+def first_request(url: str, model_id: str, api_key: str | None, inference: bool) -> str:
+    auth = f" -H {shlex.quote('Authorization: Bearer ' + api_key)}" if api_key else ""
+    if not inference:
+        return f"curl {url}/v1/models{auth}"
+    body = ('{"model": "%s", "messages": [{"role": "user", "content": "What is the capital of France?"}], '
+            '"max_tokens": 32}' % model_id)
+    return (f"curl {url}/v1/chat/completions{auth} -H 'Content-Type: application/json' \\\n"
+            f"  -d {shlex.quote(body)}")
+
+
+def serve(model_ref: str | Path | None, config: ServerConfig, dtype: str = "float32", out=None) -> None:
+    """Load, print the URL and a first request to try, serve until interrupted."""
+    import uvicorn
+
+    out = out or sys.stdout
+    print(f"loading {model_ref or 'the embedded default model'} ...", file=out, flush=True)
+    app, engine = build(model_ref, config, dtype)
+    st = app.state.modelql
+
+    class _Server(uvicorn.Server):
+        async def startup(self, sockets=None):
+            await super().startup(sockets)
+            if self.started:
+                port = self.servers[0].sockets[0].getsockname()[1] if self.servers else config.port
+                host = config.host if ":" not in config.host else f"[{config.host}]"
+                url = f"http://{host}:{port}"
+                print(f"modelql serving {st.model_id} at {url}  (OpenAPI: {url}/docs)\n"
+                      f"try:\n  {first_request(url, st.model_id, config.api_key, config.inference)}",
+                      file=out, flush=True)
+
+    _Server(_uvicorn_config(app, config)).run()
+
+
+class BackgroundServer:
+    """A uvicorn server on a daemon thread (port 0 = a free port). Use as a context manager."""
+
+    def __init__(self, app, config: ServerConfig | None = None):
+        import uvicorn
+
+        config = config or ServerConfig(port=0)
+        self.app = app
+        self.server = uvicorn.Server(_uvicorn_config(app, config))
+        self.server.install_signal_handlers = lambda: None  # not the main thread
+        self.thread = threading.Thread(target=self.server.run, name="modelql-uvicorn", daemon=True)
+        self.url = ""
+
+    def start(self, timeout: float = 30.0) -> "BackgroundServer":
+        self.thread.start()
+        deadline = time.monotonic() + timeout
+        while not self.server.started:
+            if not self.thread.is_alive() or time.monotonic() > deadline:
+                raise RuntimeError("server did not start")
+            time.sleep(0.01)
+        host, port = self.server.servers[0].sockets[0].getsockname()[:2]
+        self.url = f"http://{host}:{port}"
+        return self
+
+    def stop(self, timeout: float = 15.0) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout)
+
+    def __enter__(self) -> "BackgroundServer":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
