@@ -19,13 +19,14 @@ def extract_command(
 ) -> None:
     """Decompile a model's FFN into a vindex (streaming, one layer at a time)."""
     from rich.console import Console
+    from rich.markup import escape
 
     from .extract import extract
 
     result = extract(model, output, level=level, dtype=dtype, down_top_k=down_top_k, progress=not quiet,
                      clusters=not no_clusters, force=force)
-    Console(stderr=True).print(
-        f"wrote {result.path} ({result.level}, {result.dtype}): {result.num_layers} layers, "
+    Console(stderr=True, soft_wrap=True, highlight=False).print(
+        f"wrote {escape(str(result.path))} ({result.level}, {result.dtype}): {result.num_layers} layers, "
         f"{result.bytes_written / 1e6:.1f} MB in {result.seconds:.1f}s "
         f"({result.gb_per_s:.2f} GB/s of weights read)"
     )
@@ -36,22 +37,23 @@ def verify_command(
 ) -> None:
     """Check a vindex's structure and re-hash every file listed in its checksums."""
     from rich.console import Console
+    from rich.markup import escape
 
     from .vindex import verify
 
-    console = Console()
+    console = Console(soft_wrap=True, highlight=False)
     report = verify(path)
     for name in report.checked:
         if name not in report.failures:
-            console.print(f"[green]ok[/green]      {name}")
+            console.print(f"[green]ok[/green]      {escape(name)}")
     for name, reason in report.failures.items():
-        console.print(f"[red]FAILED[/red]  {name}: {reason}")
+        console.print(f"[red]FAILED[/red]  {escape(name)}: {escape(reason)}")
     for problem in report.problems:
-        console.print(f"[red]problem[/red] {problem}")
+        console.print(f"[red]problem[/red] {escape(problem)}")
     if report.ok:
-        console.print(f"{path}: {len(report.checked)} files verified")
+        console.print(f"{escape(str(path))}: {len(report.checked)} files verified")
     else:
-        console.print(f"{path}: verification failed")
+        console.print(f"{escape(str(path))}: verification failed")
         raise typer.Exit(1)
 
 
