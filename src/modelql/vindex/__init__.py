@@ -4,16 +4,39 @@
     extract("path/to/hf-model", "model.vindex", level="browse", dtype="f16")
     vx = Vindex.load("model.vindex")
     hits = vx.walk(vx.embedding(token_id), k=10)
+
+Names are imported lazily so `import modelql.vindex.cli_commands` (the CLI) stays cheap.
 """
 
-from .bands import Bands, resolve_bands
-from .checksums import VerifyReport
-from .extract import ExtractResult, extract
-from .format import IndexJson, KnnEntry, LayerInfo, read_knn_store, write_knn_store
-from .vindex import FeatureMeta, GateHit, Vindex, WalkHit, topk_abs, verify
+from __future__ import annotations
 
-__all__ = [
-    "Vindex", "FeatureMeta", "GateHit", "WalkHit", "IndexJson", "LayerInfo", "KnnEntry", "Bands",
-    "VerifyReport", "ExtractResult", "extract", "verify", "resolve_bands", "topk_abs",
-    "read_knn_store", "write_knn_store",
-]
+import importlib
+from typing import TYPE_CHECKING, Any
+
+_EXPORTS = {
+    "Vindex": "vindex", "FeatureMeta": "vindex", "GateHit": "vindex", "WalkHit": "vindex",
+    "topk_abs": "vindex", "verify": "vindex",
+    "IndexJson": "format", "LayerInfo": "format", "KnnEntry": "format", "read_knn_store": "format",
+    "write_knn_store": "format",
+    "Bands": "bands", "resolve_bands": "bands",
+    "VerifyReport": "checksums",
+    "ExtractResult": "extract", "extract": "extract",
+}
+
+__all__ = sorted(_EXPORTS)
+
+if TYPE_CHECKING:
+    from .bands import Bands, resolve_bands
+    from .checksums import VerifyReport
+    from .extract import ExtractResult, extract
+    from .format import IndexJson, KnnEntry, LayerInfo, read_knn_store, write_knn_store
+    from .vindex import FeatureMeta, GateHit, Vindex, WalkHit, topk_abs, verify
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"{__name__}.{module}"), name)
+    globals()[name] = value
+    return value

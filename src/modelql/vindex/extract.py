@@ -21,7 +21,9 @@ import os
 import re
 import shutil
 import struct
+import sys
 import time
+import types
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -624,3 +626,14 @@ def _relation_clusters(directory: Path) -> bool:
 
     _clusters.build_relation_clusters(Vindex.load(directory), directory)
     return True
+
+
+class _CallableModule(types.ModuleType):
+    """`modelql.vindex.extract` names both this module and its main function. Importing the
+    submodule rebinds the package attribute to the module, so make the module callable too."""
+
+    def __call__(self, *args, **kwargs):
+        return extract(*args, **kwargs)
+
+
+sys.modules[__name__].__class__ = _CallableModule
