@@ -325,6 +325,15 @@ def info_cmd(
         print(f"{key:<{width}}  {value}")
 
 
+# -- vindex: extract, verify (bodies in modelql.vindex.cli_commands) ------------------------------
+
+from .vindex.cli_commands import extract_command, verify_command  # noqa: E402
+
+command("extract", help="Decompile a model's FFN into a vindex directory (streaming, one layer at a time).")(
+    extract_command)
+command("verify", help="Check a vindex's structure and re-hash every file listed in its checksums.")(verify_command)
+
+
 def main(argv: list[str] | None = None) -> None:
     """Console-script entry point."""
     app(args=argv, prog_name="modelql")
