@@ -182,15 +182,19 @@ class Engine:
             self._cv.notify_all()
         return handle
 
-    async def run(self, fn: Callable[[Any], Any]) -> Any:
-        """Run `fn(model)` on the worker thread between decode steps; await its result."""
+    def call(self, fn: Callable[[Any], Any]) -> concurrent.futures.Future:
+        """Queue `fn(model)` to run on the worker thread between decode steps (from any thread)."""
         fut: concurrent.futures.Future = concurrent.futures.Future()
         with self._cv:
             if self._stopping or not self.running:
                 raise HttpError(503, "server is shutting down", code="service_unavailable")
             self._jobs.append((fn, fut))
             self._cv.notify_all()
-        return await asyncio.wrap_future(fut)
+        return fut
+
+    async def run(self, fn: Callable[[Any], Any]) -> Any:
+        """`call` for the event loop: await `fn(model)` run on the worker thread."""
+        return await asyncio.wrap_future(self.call(fn))
 
     # -- worker ----------------------------------------------------------------------------
 

@@ -9,6 +9,7 @@ which fails any sequence still running with 503 "server is shutting down".
 from __future__ import annotations
 
 import shlex
+import signal
 import sys
 import threading
 import time
@@ -25,15 +26,15 @@ def _uvicorn_config(app, config: ServerConfig):
                           lifespan="on", http="h11", ws="websockets-sansio")
 
 
-def build(model_ref: str | Path | None, config: ServerConfig, dtype: str = "float32", model=None):
+def build(model_ref: str | Path | None, config: ServerConfig, dtype: str = "float32", model=None, loader=None):
     """Load the model (None: the embedded default) and build the app and its engine."""
     from .app import create_app
     from .engine import Engine
 
     if model is None:
-        from ..runtime.loading import load_model
-
-        model = load_model(model_ref, dtype)
+        if loader is None:
+            from ..runtime.loading import load_model as loader
+        model = loader(model_ref, dtype)
     engine = Engine(model, max_batch=config.max_batch, max_queue=config.max_queue,
                     queue_full_status=config.queue_full_status)
     return create_app(config, engine), engine
@@ -49,13 +50,14 @@ def first_request(url: str, model_id: str, api_key: str | None, inference: bool)
             f"  -d {shlex.quote(body)}")
 
 
-def serve(model_ref: str | Path | None, config: ServerConfig, dtype: str = "float32", out=None) -> None:
+def serve(model_ref: str | Path | None, config: ServerConfig, dtype: str = "float32", out=None,
+          loader=None) -> None:
     """Load, print the URL and a first request to try, serve until interrupted."""
     import uvicorn
 
     out = out or sys.stdout
     print(f"loading {model_ref or 'the embedded default model'} ...", file=out, flush=True)
-    app, engine = build(model_ref, config, dtype)
+    app, engine = build(model_ref, config, dtype, loader=loader)
     st = app.state.modelql
 
     class _Server(uvicorn.Server):
@@ -69,7 +71,17 @@ def serve(model_ref: str | Path | None, config: ServerConfig, dtype: str = "floa
                       f"try:\n  {first_request(url, st.model_id, config.api_key, config.inference)}",
                       file=out, flush=True)
 
+        def handle_exit(self, sig, frame):
+            # a requested stop is a clean exit (uvicorn would re-raise the signal after shutdown)
+            if self.should_exit and sig == signal.SIGINT:
+                self.force_exit = True
+                return
+            self.should_exit = True
+            print(f"shutting down: finishing in-flight requests (up to {config.graceful_timeout:g} s) ...",
+                  file=out, flush=True)
+
     _Server(_uvicorn_config(app, config)).run()
+    print("modelql server stopped", file=out, flush=True)
 
 
 class BackgroundServer:

@@ -1,0 +1,60 @@
+"""`modelql serve`: the command body (registered in `modelql.cli`). Imports only typer at module
+level; the server stack loads when the command runs."""
+
+from __future__ import annotations
+
+from typing import Annotated, Optional
+
+import typer
+
+
+def serve_command(
+    model: Annotated[Optional[str], typer.Argument(
+        metavar="MODEL_OR_VINDEX", show_default=False,
+        help="HF model directory, vindex with weights, or GGUF file (default: the embedded model)")] = None,
+    host: Annotated[str, typer.Option("--host", help="bind address")] = "127.0.0.1",
+    port: Annotated[int, typer.Option("--port", "-p", min=0, max=65535, help="port (0 = any free port)")] = 8080,
+    model_id: Annotated[Optional[str], typer.Option("--model-id", help="id reported by /v1/models")] = None,
+    api_key: Annotated[Optional[str], typer.Option(
+        "--api-key", envvar="MODELQL_API_KEY", help="require 'Authorization: Bearer KEY' (not on /health)")] = None,
+    rate_limit: Annotated[Optional[str], typer.Option(
+        "--rate-limit", help="per-client token bucket: N/sec, N/min or N/hour")] = None,
+    trust_forwarded_for: Annotated[bool, typer.Option(
+        "--trust-forwarded-for", help="rate-limit by the first X-Forwarded-For address")] = False,
+    max_body: Annotated[int, typer.Option(
+        "--max-body", "--max-body-bytes", min=1, help="request body limit in bytes (413 beyond)")] = 64 * 1024 * 1024,
+    cors: Annotated[bool, typer.Option("--cors", help="permissive CORS headers; preflights need no key")] = False,
+    no_infer: Annotated[bool, typer.Option("--no-infer", help="serve no generation (503 on those routes)")] = False,
+    embed_only: Annotated[bool, typer.Option("--embed-only", help="embedding service mode")] = False,
+    ffn_only: Annotated[bool, typer.Option("--ffn-only", help="FFN service mode (walk-ffn)")] = False,
+    layers: Annotated[Optional[str], typer.Option("--layers", help="own only layers a-b (walk-ffn shards)")] = None,
+    max_batch: Annotated[int, typer.Option(
+        "--max-batch", min=1, help="sequences decoded together in one batched step")] = 16,
+    max_queue: Annotated[int, typer.Option(
+        "--max-queue", min=0, help="sequences waiting for a batch slot before requests are refused")] = 64,
+    queue_full_status: Annotated[int, typer.Option(
+        "--queue-full-status", help="status when the queue is full: 503 or 429")] = 503,
+    strict_model_name: Annotated[bool, typer.Option(
+        "--strict-model-name", help="404 for a request naming another model")] = False,
+    graceful_timeout: Annotated[float, typer.Option(
+        "--graceful-timeout", min=0.0, help="seconds in-flight requests get at shutdown")] = 10.0,
+    threads: Annotated[Optional[int], typer.Option(
+        "--threads", min=1, help="torch intra-op threads (default: torch's choice)")] = None,
+    dtype: Annotated[str, typer.Option("--dtype", help="compute dtype: float32 or bfloat16")] = "float32",
+    log_level: Annotated[str, typer.Option("--log-level", help="uvicorn log level")] = "warning",
+) -> None:
+    from ..cli import load
+    from .config import ServerConfig
+    from .serve import serve
+
+    config = ServerConfig(
+        host=host, port=port, model_id=model_id, api_key=api_key, rate_limit=rate_limit,
+        trust_forwarded_for=trust_forwarded_for, max_body_bytes=max_body, cors=cors, no_infer=no_infer,
+        embed_only=embed_only, ffn_only=ffn_only, layers=layers, max_batch=max_batch, max_queue=max_queue,
+        queue_full_status=queue_full_status, strict_model_name=strict_model_name,
+        graceful_timeout=graceful_timeout, log_level=log_level)
+    if threads:
+        import torch
+
+        torch.set_num_threads(threads)
+    serve(model, config, dtype=dtype, loader=load)
