@@ -334,6 +334,13 @@ command("extract", help="Decompile a model's FFN into a vindex directory (stream
 command("verify", help="Check a vindex's structure and re-hash every file listed in its checksums.")(verify_command)
 
 
+# -- server: serve (body in modelql.server.cli_command) ------------------------------------------
+
+from .server.cli_command import serve_command  # noqa: E402
+
+command("serve", help="Serve the OpenAI-compatible API and the knowledge API over HTTP "
+                      "(prints the URL and a first request to try).")(serve_command)
+
 def main(argv: list[str] | None = None) -> None:
     """Console-script entry point."""
     app(args=argv, prog_name="modelql")
