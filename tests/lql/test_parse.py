@@ -12,7 +12,7 @@ import re
 import pytest
 
 from modelql.errors import LqlParseError
-from modelql.lql import CONTEXTUAL_WORDS, KEYWORDS, STATEMENT_KEYWORDS, parse, to_lql
+from modelql.lql import CONTEXTUAL_WORDS, KEYWORDS, STATEMENT_KEYWORDS, next_tokens, parse, to_lql
 from modelql.lql.ast import (
     CURRENT, STATEMENT_TYPES, ApplyPatch, Assignment, Band, BeginPatch, CompactMajor,
     CompactMinor, Compile, CompileConflict, CompileTarget, Component, Condition, Delete,
@@ -371,3 +371,37 @@ def test_floats_print_in_plain_decimal(value, text):
     printed = to_lql(stmt)
     assert printed.endswith(f"x = {text}")
     assert parse(printed) == stmt
+
+
+def test_statements_know_their_keyword_and_print_as_lql():
+    for text, stmt in CASES:
+        assert type(stmt).keyword, type(stmt)
+        assert str(stmt) == to_lql(stmt)
+    assert parse('USE REMOTE "http://h"').keyword == "USE REMOTE"
+    assert parse("SHOW PATCHES").keyword == "SHOW PATCHES"
+    assert parse(INS).keyword == "INSERT"
+    assert all(cls.keyword for cls in STATEMENT_TYPES)
+
+
+def test_import_is_light():
+    import subprocess
+    import sys
+
+    code = ("import sys, modelql.lql; heavy = {'torch', 'numpy', 'transformers', 'rich', 'prompt_toolkit'}; "
+            "print(sorted(heavy & set(sys.modules)))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
+
+
+def test_next_tokens_for_completion():
+    assert next_tokens("") == STATEMENT_KEYWORDS
+    assert next_tokens("  -- comment\n") == STATEMENT_KEYWORDS
+    assert next_tokens("DESCRIBE ") == {"STRING"}
+    assert {"VERBOSE", "BRIEF", "RAW", "AT", "RELATIONS", "ALL", "SYNTAX", "KNOWLEDGE", "OUTPUT",
+            "SEMI", "PIPE", "$END"} == next_tokens('describe "France" verbose')
+    assert next_tokens('TRACE "p" POSITIONS') >= {"ALL", "LAST", "SAVE", "$END"}
+    assert next_tokens("COMPACT") == {"MINOR", "MAJOR"}
+    assert next_tokens("SELECT * FROM EDGES WHERE") >= KEYWORDS | {"IDENT"}
+    assert next_tokens("WALK 'p' |>") == STATEMENT_KEYWORDS
+    assert next_tokens("DESCRIB") == frozenset()  # not a valid prefix
+    assert next_tokens('DESCRIBE "unterminated') == frozenset()

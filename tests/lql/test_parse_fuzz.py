@@ -121,6 +121,8 @@ def mutated_statement(draw):
         cut = draw(st.integers(1, len(tokens)))
         tokens = tokens[:cut] + draw(st.lists(fragment, max_size=4))
     for _ in range(draw(st.integers(0, 3))):
+        if not tokens:
+            break
         op = draw(st.sampled_from(["delete", "duplicate", "swap", "insert", "replace"]))
         i = draw(st.integers(1, len(tokens))) - 1 if draw(st.booleans()) else len(tokens) - 1
         if op == "delete" and tokens:

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass
-from typing import Union
+from typing import ClassVar, Union
 
 __all__ = [
     # value types
@@ -236,7 +236,19 @@ class OrderBy:
 
 @dataclass(frozen=True, slots=True)
 class Statement:
-    """Base class of every statement (and of ``Pipe``)."""
+    """Base class of every statement (and of ``Pipe``).
+
+    ``keyword`` (a class attribute) names the statement form as a user writes it
+    (``"DESCRIBE"``, ``"USE REMOTE"``, ``"SHOW PATCHES"``), e.g. for "not available yet"
+    messages; ``str(stmt)`` is its canonical LQL text (``printer.to_lql``).
+    """
+
+    keyword: ClassVar[str] = ""
+
+    def __str__(self) -> str:
+        from modelql.lql.printer import to_lql
+
+        return to_lql(self)
 
 
 # ── Lifecycle ────────────────────────────────────────────────────────────────────────────
@@ -551,6 +563,23 @@ class Pipe(Statement):
 
     left: Statement
     right: Statement
+
+
+_KEYWORDS: dict[type[Statement], str] = {
+    UseVindex: "USE", UseModel: "USE MODEL", UseRemote: "USE REMOTE", Extract: "EXTRACT",
+    Compile: "COMPILE", Diff: "DIFF", Stats: "STATS", Walk: "WALK", Infer: "INFER",
+    Select: "SELECT", Describe: "DESCRIBE", ExplainWalk: "EXPLAIN WALK",
+    ExplainInfer: "EXPLAIN INFER", Trace: "TRACE", Insert: "INSERT", Delete: "DELETE",
+    Update: "UPDATE", Merge: "MERGE", Rebalance: "REBALANCE", CompactMinor: "COMPACT MINOR",
+    CompactMajor: "COMPACT MAJOR", ShowRelations: "SHOW RELATIONS", ShowLayers: "SHOW LAYERS",
+    ShowFeatures: "SHOW FEATURES", ShowEntities: "SHOW ENTITIES", ShowModels: "SHOW MODELS",
+    ShowPatches: "SHOW PATCHES", ShowCompactStatus: "SHOW COMPACT STATUS",
+    BeginPatch: "BEGIN PATCH", SavePatch: "SAVE PATCH", ApplyPatch: "APPLY PATCH",
+    RemovePatch: "REMOVE PATCH", Pipe: "|>",
+}
+for _cls, _word in _KEYWORDS.items():
+    _cls.keyword = _word
+del _cls, _word
 
 
 # ──────────────────────────────────────────────────────────────────────────────────────────

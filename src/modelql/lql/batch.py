@@ -34,51 +34,60 @@ class Piece:
 
 # Lexical units that matter for splitting. Strings and comments are matched whole so that
 # quotes, `;` and `--` inside them are inert. An unterminated string runs to the end.
+_STRING = r"""
+    "(?:[^"\\]|\\[\s\S])*(?:"|\\?\Z)
+  | '(?:[^'\\]|\\[\s\S])*(?:'|\\?\Z)
+"""
+# What the splitter must look at: strings, comments and semicolons (everything else is inert).
+_SPECIAL = re.compile(rf"{_STRING} | --[^\n]* | ;", re.VERBOSE)
+_NON_BLANK = re.compile(r"[^ \t\n\r\f\v]")
+# Every unit, for the REPL's completeness check.
 _UNIT = re.compile(
-    r"""
-      (?P<str> "(?:[^"\\]|\\[\s\S])*(?:"|\\?\Z)
-             | '(?:[^'\\]|\\[\s\S])*(?:'|\\?\Z) )
+    rf"""
+      (?P<str> {_STRING} )
     | (?P<comment> --[^\n]* )
     | (?P<semi> ; )
     | (?P<ws> [ \t\n\r\f\v]+ )
-    | (?P<other> [^"';\s-]+ | - )
+    | (?P<other> [^"';\s-]+ | [\s\S] )
     """,
     re.VERBOSE,
 )
 
 
-def _units(script: str):
-    pos, n = 0, len(script)
-    while pos < n:
-        m = _UNIT.match(script, pos)
-        if m is None:  # only for characters \s matches beyond ASCII whitespace
-            yield "other", pos, pos + 1
-            pos += 1
-            continue
-        yield m.lastgroup, pos, m.end()
-        pos = m.end()
-
-
 def split_statements(script: str) -> list[Piece]:
     """Split ``script`` into statement pieces (see the module docstring)."""
     pieces: list[Piece] = []
-    first = -1  # offset of the current piece's first significant unit, -1 if none yet
-    line = 1  # line number at `pos`
-    line_start = 0
-    first_line = first_col = 0
-    for kind, start, end in _units(script):
-        if kind == "semi":
+    first = -1  # offset of the current piece's first significant character, -1 if none yet
+    pos = 0  # end of the last special unit
+    line, counted = 1, 0  # line number at offset `counted`
+
+    def add(start: int, end: int) -> None:
+        nonlocal line, counted
+        line += script.count("\n", counted, start)
+        counted = start
+        column = start - (script.rfind("\n", 0, start) + 1) + 1
+        text = script[start:end]
+        pieces.append(Piece(text if end < len(script) else text.rstrip(), start, line, column))
+
+    for m in _SPECIAL.finditer(script):
+        start = m.start()
+        if first < 0 and start > pos:
+            blank = _NON_BLANK.search(script, pos, start)
+            if blank:
+                first = blank.start()
+        char = script[start]
+        if char == ";":
             if first >= 0:
-                pieces.append(Piece(script[first:end], first, first_line, first_col))
+                add(first, m.end())
             first = -1
-        elif kind in ("str", "other") and first < 0:
+        elif char != "-" and first < 0:  # a string starts the statement
             first = start
-            first_line, first_col = line, start - line_start + 1
-        if kind in ("ws", "str") and "\n" in script[start:end]:
-            line += script.count("\n", start, end)
-            line_start = script.rfind("\n", start, end) + 1
+        pos = m.end()
+    if first < 0:
+        blank = _NON_BLANK.search(script, pos)
+        first = blank.start() if blank else -1
     if first >= 0:
-        pieces.append(Piece(script[first:].rstrip(), first, first_line, first_col))
+        add(first, len(script))
     return pieces
 
 
@@ -92,7 +101,9 @@ def statement_complete(buffer: str) -> bool:
     outside any string, or is exactly ``STATS`` or ``SHOW MODELS`` (which may omit the ``;``).
     """
     significant = [
-        (kind, start, end) for kind, start, end in _units(buffer) if kind not in ("ws", "comment")
+        (m.lastgroup, m.start(), m.end())
+        for m in _UNIT.finditer(buffer)
+        if m.lastgroup not in ("ws", "comment")
     ]
     if not significant:
         return False

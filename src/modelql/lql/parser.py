@@ -27,7 +27,7 @@ from typing import Any, Iterable
 
 import lark
 from lark import Token
-from lark.exceptions import UnexpectedCharacters, UnexpectedToken
+from lark.exceptions import UnexpectedCharacters, UnexpectedInput, UnexpectedToken
 
 from modelql.errors import LqlParseError
 from modelql.lql import ast
@@ -38,6 +38,7 @@ __all__ = [
     "parse",
     "parse_script",
     "parse_pieces",
+    "next_tokens",
     "KEYWORDS",
     "CONTEXTUAL_WORDS",
     "STATEMENT_KEYWORDS",
@@ -59,15 +60,19 @@ class LqlSyntaxError(LqlParseError):
     source line (indented by two spaces), and a caret under the column.
     """
 
-    def __init__(self, reason: str, source: str, position: int) -> None:
+    def __init__(
+        self, reason: str, source: str, position: int, *, anchor: tuple[int, int] = (0, 1)
+    ) -> None:
+        """``anchor``: an offset <= ``position`` and its line number, to count lines from."""
         position = max(0, min(position, len(source)))
+        anchor_offset, anchor_line = anchor if anchor[0] <= position else (0, 1)
         line_start = source.rfind("\n", 0, position) + 1
         line_end = source.find("\n", position)
         if line_end < 0:
             line_end = len(source)
         self.reason = reason
         self.position = position
-        self.line = source.count("\n", 0, position) + 1
+        self.line = anchor_line + source.count("\n", anchor_offset, position)
         self.column = position - line_start + 1
         self.source_line = source[line_start:line_end]
         self.message = f"Parse error at line {self.line}, column {self.column}: {reason}"
@@ -412,7 +417,7 @@ class _ToAst(lark.Transformer):
     infer = _statement(ast.Infer)
 
     def select(self, c):
-        values, clauses, tokens = _split(c)
+        _, clauses, tokens = _split(c)
         source = next(
             ast.SelectSource[t.type] for t in tokens if t.type in ("EDGES", "FEATURES", "ENTITIES")
         )
@@ -425,9 +430,9 @@ class _ToAst(lark.Transformer):
         values, _, _ = _split(c)
         return _clause("nearest", ast.Nearest(values[0], values[1]))
 
-    def order_by(self, c):
-        return _clause("order_by", ast.OrderBy(c[2], descending=c[-1].type == "DESC"
-                                               if isinstance(c[-1], Token) else False))
+    def order_by(self, c):  # ORDER BY field [ASC | DESC]
+        descending = isinstance(c[-1], Token) and c[-1].type == "DESC"
+        return _clause("order_by", ast.OrderBy(c[2], descending=descending))
 
     describe = _statement(ast.Describe)
     explain_walk = _statement(ast.ExplainWalk)
@@ -562,7 +567,7 @@ def parse_pieces(script: str) -> list[tuple[Piece, ast.Statement | LqlSyntaxErro
     out: list[tuple[Piece, ast.Statement | LqlSyntaxError]] = []
     for piece in split_statements(script):
         try:
-            out.append((piece, _parse(piece.text, script, piece.start)))
+            out.append((piece, _parse(piece.text, script, piece.start, piece.line)))
         except LqlSyntaxError as err:
             out.append((piece, err))
     return out
@@ -578,16 +583,35 @@ def parse_script(script: str) -> list[ast.Statement]:
     return statements
 
 
-def _parse(text: str, source: str, offset: int) -> ast.Statement:
+def next_tokens(prefix: str) -> frozenset[str]:
+    """The terminals the grammar accepts after ``prefix`` (for REPL completion).
+
+    Names are keywords and contextual words in upper case (``"VERBOSE"``, ``"LAST"``), and
+    ``"STRING"``, ``"INT"``, ``"FLOAT"``, ``"IDENT"``, ``"$END"`` and punctuation names
+    (``"SEMI"``, ``"PIPE"``, ``"LPAR"``, ...). Pass the text *before* the word being typed.
+    Empty if ``prefix`` is not the beginning of a valid statement.
+    """
+    try:
+        interactive = _get_parser().parse_interactive(prefix)
+        interactive.exhaust_lexer()
+        return frozenset(interactive.accepts())
+    except (UnexpectedInput, _Semantic):
+        return frozenset()
+
+
+def _parse(text: str, source: str, offset: int, line: int = 1) -> ast.Statement:
+    """Parse ``text``, which sits at ``offset`` (on line ``line``) of ``source``."""
     try:
         return _get_parser().parse(text)
     except UnexpectedCharacters as err:
-        raise LqlSyntaxError(_lexical_reason(err.char), source, offset + err.pos_in_stream) from None
+        reason, position = _lexical_reason(err.char), err.pos_in_stream
     except UnexpectedToken as err:
         reason, position = _syntax_reason(err)
-        raise LqlSyntaxError(reason, source, offset + position) from None
     except _Semantic as err:
-        raise LqlSyntaxError(err.reason, source, offset + err.position) from None
+        reason, position = err.reason, err.position
+    except UnexpectedInput as err:  # pragma: no cover - other lark errors (none expected with LALR)
+        reason, position = "unexpected input", getattr(err, "pos_in_stream", None) or len(text)
+    raise LqlSyntaxError(reason, source, offset + position, anchor=(offset, line))
 
 
 # ──────────────────────────────────────────────────────────────────────────────────────────
