@@ -47,7 +47,7 @@ _UNIT = re.compile(
       (?P<str> {_STRING} )
     | (?P<comment> --[^\n]* )
     | (?P<semi> ; )
-    | (?P<ws> [ \t\n\r\f\v]+ )
+    | (?P<ws> [ \t\n\r\f]+ )
     | (?P<other> [^"';\s-]+ | [\s\S] )
     """,
     re.VERBOSE,
@@ -91,7 +91,7 @@ def split_statements(script: str) -> list[Piece]:
     return pieces
 
 
-_BARE_STATEMENT = re.compile(r"(?:stats|show[ \t\n\r\f\v]+models)", re.IGNORECASE)
+_BARE_STATEMENT = re.compile(r"(?:stats|show[ \t\n\r\f]+models)", re.IGNORECASE)
 
 
 def statement_complete(buffer: str) -> bool:
