@@ -40,7 +40,7 @@ _STRING = r"""
 """
 # What the splitter must look at: strings, comments and semicolons (everything else is inert).
 _SPECIAL = re.compile(rf"{_STRING} | --[^\n]* | ;", re.VERBOSE)
-_NON_BLANK = re.compile(r"[^ \t\n\r\f\v]")
+_NON_BLANK = re.compile(r"[^ \t\n\r\f]")
 # Every unit, for the REPL's completeness check.
 _UNIT = re.compile(
     rf"""
