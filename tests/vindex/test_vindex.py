@@ -259,3 +259,31 @@ def test_cli_extract_and_verify(tiny, tmp_path):
     g.write_bytes(bytes(raw))
     r = runner.invoke(app, ["verify", str(out)])
     assert r.exit_code == 1 and "FAILED" in r.output and "gate_vectors.bin" in r.output
+
+
+def test_fused_f16_scores_equal_decoded(extracted):
+    from modelql.vindex import vindex as vmod
+
+    vx = Vindex.load(extracted("llama", dtype="f16"), cache_bytes=0)
+    q = torch.randn(vx.hidden_size)
+    Q = torch.randn(5, vx.hidden_size)
+    old = vmod._CHUNK_ROWS
+    try:
+        vmod._CHUNK_ROWS = 7  # several chunks and a ragged tail
+        for layer in vx.layers():
+            G = vx.gate(layer)
+            torch.testing.assert_close(vx.gate_scores(layer, q), G @ q, rtol=1e-6, atol=1e-6)
+            torch.testing.assert_close(vx.gate_scores(layer, Q), Q @ G.t(), rtol=1e-6, atol=1e-6)
+    finally:
+        vmod._CHUNK_ROWS = old
+    assert vx.cached_layers() == []
+    small = Vindex.load(vx.path, cache_bytes=96 * 64 * 4 * 2)  # 2 of 3 layers: score by fused decode
+    for layer in (0, 1, 2):
+        small.gate_knn(layer, q, 3)
+    assert small.cached_layers() == []
+    big = Vindex.load(vx.path)  # everything fits: decode once into the cache on first use
+    big.gate_knn(1, q, 3)
+    assert big.cached_layers() == [1]
+    warm = Vindex.load(vx.path)
+    assert warm.warm() == [0, 1, 2] and warm.cached_layers() == [0, 1, 2]
+    assert [h.feature for h in warm.gate_knn(2, q, 8)] == [h.feature for h in vx.gate_knn(2, q, 8)]

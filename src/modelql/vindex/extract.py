@@ -81,6 +81,7 @@ class ExtractResult:
     bytes_read: int  # weight bytes read from the source
     bytes_written: int
     seconds: float
+    seconds_down_meta: float = 0.0  # of which: the E·W_down logits and their top-K
 
     @property
     def gb_per_s(self) -> float:
@@ -497,6 +498,7 @@ def _extract_into(tmp: Path, source: WeightSource, spec: ModelSpec, src_dir: Pat
     gate_name = "gate.weight" if spec.gated_ffn else "up.weight"
     layer_infos: list[fmt.LayerInfo] = []
     offset = 0
+    dm_seconds = 0.0
     bar = _progress(progress)
     task = None
     if bar is not None:
@@ -521,8 +523,10 @@ def _extract_into(tmp: Path, source: WeightSource, spec: ModelSpec, src_dir: Pat
                 del g, gate
                 dm.begin_layer(i, F)
                 d32 = down.to(torch.float32).contiguous()
+                t_dm = time.perf_counter()
                 for rec in down_meta_records(embed, d32, top_k, empty):
                     dm.write_records(rec)
+                dm_seconds += time.perf_counter() - t_dm
                 del d32, down
                 for comp in ("attn", "ffn"):
                     if comp in shard:
@@ -609,7 +613,7 @@ def _extract_into(tmp: Path, source: WeightSource, spec: ModelSpec, src_dir: Pat
     idx.write(tmp)
     written = sum(p.stat().st_size for p in tmp.iterdir() if p.is_file())
     return ExtractResult(path=tmp, level=level, dtype=dtype, num_layers=n, bytes_read=reader.bytes_read,
-                         bytes_written=written, seconds=0.0)
+                         bytes_written=written, seconds=0.0, seconds_down_meta=dm_seconds)
 
 
 def _relation_clusters(directory: Path) -> bool:

@@ -1,9 +1,12 @@
 """`Vindex`: a memory-mapped vindex directory — gate KNN, walk, feature metadata.
 
-Gate matrices are read through a copy-on-write mmap of `gate_vectors.bin`. f32 layers are used
-in place (zero copy); f16 layers are widened to f32 on first use and kept in a small LRU cache
-bounded in bytes (`cache_bytes`, default 4 GiB or `$MODELQL_GATE_CACHE_MB`). Scoring is one
-torch matmul per layer plus a top-K on |score|, with ties broken by the lower feature index.
+Gate matrices are read through a copy-on-write mmap of `gate_vectors.bin` (never modified).
+Scoring is exact f32, one matmul per layer plus a top-K on |score| (ties → lower feature index;
+scores returned signed). f32 layers are scored zero-copy on the mapping. f16 layers are widened
+to f32 once and kept in an LRU cache bounded in bytes (`cache_bytes`, default 4 GiB or
+`$MODELQL_GATE_CACHE_MB`) when all loaded layers fit in it; when they do not (an LRU over a
+sequential walk would only thrash), uncached layers are scored by a fused decoder that widens
+2048 rows at a time into a reused scratch buffer — no large allocation, half the bytes read.
 """
 
 from __future__ import annotations
@@ -160,6 +163,50 @@ def decode_vocab(tokenizer, vocab_size: int) -> list[str]:
 # the decoded-gate cache
 # ---------------------------------------------------------------------------------------------
 
+_CHUNK_ROWS = 2048  # rows decoded per step by the fused f16 scorer (20 MiB of f32 at H = 2560)
+_scratch = threading.local()
+
+
+def _scratch_f32(rows: int, cols: int) -> torch.Tensor:
+    """A per-thread reusable f32 buffer of at least rows × cols (no fresh memory per query)."""
+    buf = getattr(_scratch, "buf", None)
+    if buf is None or buf.numel() < rows * cols:
+        buf = torch.empty(rows * cols, dtype=torch.float32)
+        _scratch.buf = buf
+    return buf[: rows * cols].view(rows, cols)
+
+
+def fused_f16_scores(g16: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+    """`g16.float() @ q` for an f16 [F, H] matrix without materialising it in f32.
+
+    Decodes `_CHUNK_ROWS` rows at a time into a reused scratch buffer and scores them: the same
+    f32 products as the decoded matrix (bit-identical per row), reading half the bytes.
+    q: [H] → [F], or [N, H] → [N, F].
+    """
+    F, H = g16.shape
+    rows = min(_CHUNK_ROWS, max(F, 1))
+    scratch = _scratch_f32(rows, H)
+    if q.dim() == 1:
+        out = torch.empty(F, dtype=torch.float32)
+        for i in range(0, F, rows):
+            m = min(rows, F - i)
+            c = scratch[:m]
+            c.copy_(g16[i : i + m])
+            torch.mv(c, q, out=out[i : i + m])
+        return out
+    out = torch.empty(q.shape[0], F, dtype=torch.float32)
+    for i in range(0, F, rows):
+        m = min(rows, F - i)
+        c = scratch[:m]
+        c.copy_(g16[i : i + m])
+        out[:, i : i + m] = torch.mm(q, c.t())
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# LRU of decoded layers
+# ---------------------------------------------------------------------------------------------
+
 
 class _LayerCache:
     """LRU of decoded f32 gate matrices, bounded in bytes (a matrix larger than the bound is not kept)."""
@@ -243,6 +290,10 @@ class Vindex:
         self._token_cache: dict[int, str] = {}
         self._vocab_texts: list[str] | None = None
         self.bands: Bands = resolve_bands(index.family, index.num_layers, index.layer_bands)
+        # Decode-and-cache f16 layers on first use only if every layer fits the budget; otherwise
+        # an LRU walking all layers would evict each layer before its reuse, so score by fused decode.
+        f32_total = sum(4 * i.num_features * index.hidden_size for i in index.layers)
+        self._cache_fits_all = f32_total <= self._cache.max_bytes
 
     # -- opening ---------------------------------------------------------------------------------
 
@@ -370,9 +421,9 @@ class Vindex:
         t = torch.from_numpy(arr)
         if self.dtype == "f32":
             return t
-        t = t.float()
-        self._cache.put(layer, t)
-        return t
+        out = t.float()
+        self._cache.put(layer, out)
+        return out
 
     def gate_row(self, layer: int, feature: int) -> torch.Tensor:
         """One gate row `g_f` as a fresh float32 [H] tensor (no layer decode)."""
@@ -396,12 +447,28 @@ class Vindex:
         return t.contiguous()
 
     def gate_scores(self, layer: int, q) -> torch.Tensor:
-        """All signed scores `G_L · q` ([F]); `q` may also be [N, H] → [N, F]."""
+        """All signed scores `G_L · q` in f32 ([F]); `q` may also be [N, H] → [N, F].
+
+        A decoded (cached) or f32 layer is one matmul; an f16 layer not in the cache is scored
+        by the fused decoder (no f32 copy of the layer is made or cached).
+        """
         t = q if isinstance(q, torch.Tensor) else torch.as_tensor(np.asarray(q))
-        g = self.gate(layer)
-        if t.dim() == 1:
-            return torch.mv(g, self._query(t, False))
-        return torch.mm(self._query(t, True), g.t())
+        t = self._query(t, t.dim() == 2)
+        g = self._cache.get(layer)
+        if g is None and self.dtype == "f16" and not self._cache_fits_all:
+            return fused_f16_scores(torch.from_numpy(self.gate_array(layer)), t)
+        if g is None:
+            g = self.gate(layer)  # f32: the mapping itself; f16: decoded once into the cache
+        return torch.mv(g, t) if t.dim() == 1 else torch.mm(t, g.t())
+
+    def warm(self, layers: Iterable[int] | None = None) -> list[int]:
+        """Decode f16 layers into the cache ahead of use (as many as the budget holds); returns them."""
+        done = []
+        for layer in (self.layers() if layers is None else layers):
+            self.gate(layer)
+            if self.dtype == "f32" or layer in self._cache:
+                done.append(layer)
+        return done
 
     def gate_knn(self, layer: int, q, k: int = 10) -> list[GateHit]:
         """Exact top-`k` features of `layer` by |g_f · q|; ties → lower index; scores signed."""
@@ -447,7 +514,7 @@ class Vindex:
                     self.vocab_size, self.hidden_size
                 )
                 t = torch.from_numpy(arr)
-                self._embed = t if self._embed_dtype == "f32" else t.float()
+                self._embed = t.float() if self._embed_dtype == "f16" else t
         return self._embed
 
     def embedding(self, token_id: int, scaled: bool = True) -> torch.Tensor:
