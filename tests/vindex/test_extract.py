@@ -261,3 +261,40 @@ def test_down_top_k_and_blank_tokens(tiny, tmp_path):
     rec = dm.get(0, 0)
     assert len(rec.top_k) == 211 - 5
     assert (out / "down_meta.bin").stat().st_size == 16 + 4 * 3 + 3 * 96 * (8 + 8 * 211)
+
+
+def test_multimodal_source_is_flattened(tiny, extracted, tmp_path):
+    """A Gemma-3-style multimodal checkpoint: text weights under model.language_model., a vision
+    tower to drop, config with text_config → a CausalLM vindex identical to the text-only one."""
+    import transformers as T
+    from safetensors.torch import load_file, save_file
+
+    src_dir, model = tiny["gemma3"]
+    mm = tmp_path / "mm"
+    mm.mkdir()
+    sd = load_file(src_dir / "model.safetensors")
+    renamed = {k.replace("model.", "model.language_model.", 1): v for k, v in sd.items()}
+    renamed["model.vision_tower.patch.weight"] = torch.ones(4, 4)
+    save_file(renamed, mm / "model.safetensors", metadata={"format": "pt"})
+    text_cfg = json.loads((src_dir / "config.json").read_text())
+    text_cfg.pop("architectures", None)
+    (mm / "config.json").write_text(json.dumps({
+        "model_type": "gemma3", "architectures": ["Gemma3ForConditionalGeneration"],
+        "text_config": text_cfg, "vision_config": {"hidden_size": 4}, "_name_or_path": "google/gemma-3-tiny",
+    }))
+    for f in ("tokenizer.json", "tokenizer_config.json"):
+        (mm / f).write_bytes((src_dir / f).read_bytes())
+    out = extract(mm, tmp_path / "mm.vindex", level="inference", dtype="f32", clusters=False).path
+    vx = Vindex.load(out)
+    ref = extracted("gemma3", level="inference")
+    assert vx.model == "google/gemma-3-tiny" and vx.family == "gemma3"
+    for f in ("gate_vectors.bin", "embeddings.bin", "down_meta.bin"):
+        assert (out / f).read_bytes() == (ref / f).read_bytes(), f
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["architectures"] == ["Gemma3ForCausalLM"] and cfg["model_type"] == "gemma3_text"
+    wmap = json.loads((out / "model.safetensors.index.json").read_text())["weight_map"]
+    assert set(wmap) == set(sd) and not any("vision" in k for k in wmap)
+    loaded = T.AutoModelForCausalLM.from_pretrained(out, attn_implementation="eager").eval()
+    ids = torch.tensor([[1, 9, 40, 7, 100]])
+    with torch.no_grad():
+        assert torch.equal(loaded(ids).logits, model(ids).logits)

@@ -414,11 +414,6 @@ def extract(
     t0 = time.perf_counter()
     source = _open_source(model)
     spec = spec_from_config(source.config)
-    src_dir = Path(source.path) if Path(source.path).is_dir() else Path(source.path).parent
-    if not (src_dir / "tokenizer.json").exists():
-        raise VindexError(f"{src_dir} has no tokenizer.json (needed for down_meta and the vindex)")
-    tokenizer = load_tokenizer(src_dir)
-
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.parent / f".{out.name}.tmp.{os.getpid()}"
     if tmp.exists():
@@ -426,8 +421,14 @@ def extract(
     tmp.mkdir()
     shards: list[ShardSet] = []
     try:
+        src_dir = _metadata_dir(source, tmp)
+        if not (src_dir / "tokenizer.json").exists():
+            raise VindexError(f"{src_dir} has no tokenizer.json (needed for down_meta and the vindex)")
+        tokenizer = load_tokenizer(src_dir)
         result = _extract_into(tmp, source, spec, src_dir, tokenizer, level, dtype, down_top_k, progress,
                                clusters, shard_bytes, model_id, on_layer, shards, t0)
+        if src_dir.parent == tmp:
+            shutil.rmtree(src_dir)
         if out.exists():
             old = out.parent / f".{out.name}.old.{os.getpid()}"
             os.replace(out, old)
@@ -447,6 +448,22 @@ def extract(
     result.path = out
     result.seconds = time.perf_counter() - t0
     return result
+
+
+def _metadata_dir(source: WeightSource, tmp: Path) -> Path:
+    """Where the source's HF metadata files live: its directory, or — for a single-file source such
+    as GGUF that can synthesise them (`hf_files()`) — a scratch directory inside the staging dir."""
+    path = Path(source.path)
+    if path.is_dir():
+        return path
+    make = getattr(source, "hf_files", None)
+    if not callable(make):
+        return path.parent
+    meta = tmp / ".source-metadata"
+    meta.mkdir()
+    for name, text in make().items():
+        (meta / name).write_text(text, encoding="utf-8")
+    return meta
 
 
 def _extract_into(tmp: Path, source: WeightSource, spec: ModelSpec, src_dir: Path, tokenizer, level: str,
