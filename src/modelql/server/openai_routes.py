@@ -438,7 +438,7 @@ async def completions(body: CompletionRequest, request: Request):
     for ids, _ in prompts:
         _check_context(model, ids, "prompt")
     echo, k = bool(body.echo), body.logprobs
-    max_tokens = body.max_tokens
+    max_tokens = 16 if body.max_tokens is None else body.max_tokens  # OpenAI's default, also for null
     count = len(prompts) * n
     seqs = []
     if max_tokens != 0:
