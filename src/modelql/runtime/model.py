@@ -167,8 +167,11 @@ class Model:
             scores = scores.masked_fill(~mask, float("-inf"))
         return torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype) @ v
 
-    def attention(self, layer: int, x: torch.Tensor, caches: list[KVCache], hooks: Hooks | None) -> torch.Tensor:
-        """Self-attention of x [B, T, H]; appends this step's keys/values to each sequence's cache."""
+    def attention(self, layer: int, x: torch.Tensor, caches: list[KVCache], hooks: Hooks | None,
+                  rotations: dict | None = None) -> torch.Tensor:
+        """Self-attention of x [B, T, H]; appends this step's keys/values to each sequence's cache.
+
+        `rotations` (one dict per forward call) shares each RoPE kind's cos/sin across layers."""
         spec = self.spec
         b, t, _ = x.shape
         p = f"layers.{layer}."
@@ -180,8 +183,14 @@ class Model:
         if spec.qk_norm:
             q, k = self.norm(q, p + "q_norm"), self.norm(k, p + "k_norm")
         starts = [c.length for c in caches]
-        positions = torch.tensor(starts)[:, None] + torch.arange(t)[None, :]
-        rot = self._rope(layer, positions)
+        kind = spec.rope_for(layer)
+        if rotations is not None and kind in rotations:
+            rot = rotations[kind]
+        else:
+            positions = torch.tensor(starts)[:, None] + torch.arange(t)[None, :]
+            rot = self._rope(layer, positions)
+            if rotations is not None:
+                rotations[kind] = rot
         if rot is not None:
             cos, sin = rot[0][:, None], rot[1][:, None]
             q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
@@ -194,17 +203,18 @@ class Model:
             cache.k[layer][:, starts[i] : end] = k[i]
             cache.v[layer][:, starts[i] : end] = v[i]
             outs.append(self._attend(layer, q[i], cache.k[layer][:, :end], cache.v[layer][:, :end], starts[i]))
-        z = torch.stack(outs)
+        z = outs[0][None] if b == 1 else torch.stack(outs)
         if hooks:
             z = run_hook(hooks, a + "hook_z", z)
         z = z.transpose(1, 2).reshape(b, t, spec.q_size)
         return F.linear(z, self.weights[p + "o.weight"], self.weights.get(p + "o.bias"))
 
-    def block(self, layer: int, h: torch.Tensor, caches: list[KVCache], hooks: Hooks | None) -> torch.Tensor:
+    def block(self, layer: int, h: torch.Tensor, caches: list[KVCache], hooks: Hooks | None,
+              rotations: dict | None = None) -> torch.Tensor:
         spec, p, n = self.spec, f"layers.{layer}.", f"blocks.{layer}."
         h = run_hook(hooks, n + "hook_resid_pre", h)
         x = run_hook(hooks, n + "ln1.hook_normalized", self.norm(h, p + "attn_norm"))
-        a = self.attention(layer, x, caches, hooks)
+        a = self.attention(layer, x, caches, hooks, rotations)
         if spec.post_attn_norm:
             a = self.norm(a, p + "post_attn_norm")
         h = h + run_hook(hooks, n + "hook_attn_out", a)
@@ -259,8 +269,9 @@ class Model:
                 )
             c.reserve(self.spec, self.dtype, c.length + t)
         h = self.embed_tokens(ids, [c.length for c in caches], hooks)
+        rotations: dict = {}  # cos/sin per RoPE kind, computed once per call
         for layer in range(self.spec.num_layers):
-            h = self.block(layer, h, caches, hooks)
+            h = self.block(layer, h, caches, hooks, rotations)
         for c in caches:
             c.length += t
         if logits == "none":
