@@ -9,9 +9,10 @@ opened with `Vindex.load`. Per layer:
     floor of any exact scorer computing in f32; `G.sum()` reported alongside);
   * KNN warm: `gate_knn(layer, q, 10)` with the decoded layer in the cache;
   * batched: `gate_knn_batch` with 32 queries, per query;
-  * KNN cold: the first `gate_knn` on a freshly opened vindex (f16 → f32 decode into the cache);
+  * on a freshly opened vindex: the 1st query of a layer (fused f16 decoder, no allocation) and
+    the 2nd (the layer is widened into the cache: first touch of fresh memory);
   * KNN with a cache budget too small for the model: fused f16 decode on every query.
-Then `walk(q, 34 layers, k=10)`: cold (fresh vindex), warm, and without a cache.
+Then `walk(q, 34 layers, k=10)`: 1st and 2nd call on a fresh vindex, warm, and without a cache.
 Times are median and min: on a shared machine the min is the uncontended figure.
 
 Part 2 (extraction). A random Llama from bench/models.py (f32 safetensors, given a 32k-word
@@ -117,13 +118,15 @@ def bench_knn(layers: int, sample_layers: int, reps: int) -> None:
     Q = torch.randn(32, HIDDEN, generator=gen)
     picks = sorted(set(np.linspace(0, layers - 1, sample_layers).round().astype(int).tolist()))
 
-    # first query per layer on a freshly opened vindex: decodes the f16 layer into the cache
+    # a freshly opened vindex: the 1st query of a layer is scored by the fused f16 decoder,
+    # the 2nd widens the layer into the cache (first touch of fresh memory), later ones are warm
     vx = Vindex.load(path, cache_bytes=8 << 30)
-    first = []
+    first, second = [], []
     for layer in picks:
-        t = time.perf_counter()
-        vx.gate_knn(layer, q, 10)
-        first.append((time.perf_counter() - t) * 1e3)
+        for store in (first, second):
+            t = time.perf_counter()
+            vx.gate_knn(layer, q, 10)
+            store.append((time.perf_counter() - t) * 1e3)
     nocache = Vindex.load(path, cache_bytes=0)  # budget too small: fused f16 decode per query
     fused, stream, sums, warm, batched = [], [], [], [], []
     for layer in picks:
@@ -146,7 +149,9 @@ def bench_knn(layers: int, sample_layers: int, reps: int) -> None:
         row("streaming the f32 layer once: G.sum()", _mean(sums)),
         row("gate_knn k=10, warm (decoded layer in the cache)", _mean(warm), "target ≤ 1.5×"),
         row("gate_knn_batch 32 queries, per query (warm)", _mean(batched)),
-        row("gate_knn k=10, cold: first use decodes f16 → cache", (statistics.mean(first), min(first)),
+        row("gate_knn k=10, 1st query of a layer (fused f16)", (statistics.mean(first), min(first)),
+            "mean / min over layers"),
+        row("gate_knn k=10, 2nd query: widen f16 → cache", (statistics.mean(second), min(second)),
             "once per layer"),
         row("gate_knn k=10, cache budget too small: fused f16", _mean(fused), "every query"),
     ]
@@ -156,17 +161,21 @@ def bench_knn(layers: int, sample_layers: int, reps: int) -> None:
 
     # walk over all layers
     fresh = Vindex.load(path, cache_bytes=8 << 30)
-    t = time.perf_counter()
-    hits = fresh.walk(q, range(layers), k=10)
-    walk_first = (time.perf_counter() - t) * 1e3
+    calls = []
+    for _ in range(2):
+        t = time.perf_counter()
+        hits = fresh.walk(q, range(layers), k=10)
+        calls.append((time.perf_counter() - t) * 1e3)
     w_med, w_min = timed_ms(lambda: fresh.walk(q, range(layers), k=10), max(3, reps // 5))
     small = Vindex.load(path, cache_bytes=0)
     f_med, f_min = timed_ms(lambda: small.walk(q, range(layers), k=10), 2)
     rows = [
-        [f"walk {layers} layers k=10, cold (first call: decodes every layer)", f"{walk_first:.0f}", "",
-         f"{walk_first / layers:.1f}"],
+        [f"walk {layers} layers k=10, 1st call on a fresh Vindex (fused f16)", f"{calls[0]:.0f}", "",
+         f"{calls[0] / layers:.1f}"],
+        [f"walk {layers} layers k=10, 2nd call (widens every layer into the cache)", f"{calls[1]:.0f}", "",
+         f"{calls[1] / layers:.1f}"],
         [f"walk {layers} layers k=10, warm", f"{w_med:.0f}", f"{w_min:.0f}", f"{w_med / layers:.1f}"],
-        [f"walk {layers} layers k=10, no cache (fused f16 every layer)", f"{f_med:.0f}", f"{f_min:.0f}",
+        [f"walk {layers} layers k=10, cache budget 0 (fused f16 every call)", f"{f_med:.0f}", f"{f_min:.0f}",
          f"{f_med / layers:.1f}"],
         [f"  {layers} × streaming one f32 layer", f"{s_med * layers:.0f}", f"{s_min * layers:.0f}", f"{s_med:.1f}"],
     ]

@@ -281,8 +281,10 @@ def test_fused_f16_scores_equal_decoded(extracted):
     for layer in (0, 1, 2):
         small.gate_knn(layer, q, 3)
     assert small.cached_layers() == []
-    big = Vindex.load(vx.path)  # everything fits: decode once into the cache on first use
+    big = Vindex.load(vx.path)  # everything fits: fused on first use, decoded into the cache on the second
     big.gate_knn(1, q, 3)
+    assert big.cached_layers() == []
+    big.gate_knn_batch(1, Q, 3)
     assert big.cached_layers() == [1]
     warm = Vindex.load(vx.path)
     assert warm.warm() == [0, 1, 2] and warm.cached_layers() == [0, 1, 2]

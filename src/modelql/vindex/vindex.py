@@ -2,11 +2,13 @@
 
 Gate matrices are read through a copy-on-write mmap of `gate_vectors.bin` (never modified).
 Scoring is exact f32, one matmul per layer plus a top-K on |score| (ties → lower feature index;
-scores returned signed). f32 layers are scored zero-copy on the mapping. f16 layers are widened
-to f32 once and kept in an LRU cache bounded in bytes (`cache_bytes`, default 4 GiB or
-`$MODELQL_GATE_CACHE_MB`) when all loaded layers fit in it; when they do not (an LRU over a
-sequential walk would only thrash), uncached layers are scored by a fused decoder that widens
-2048 rows at a time into a reused scratch buffer — no large allocation, half the bytes read.
+scores returned signed). f32 layers are scored zero-copy on the mapping. An f16 layer is scored
+by a fused decoder (~32 MiB of rows at a time widened into a reused scratch buffer, then a matvec: no
+large allocation, half the bytes read) until it is used a second time; then it is widened once
+into an LRU cache bounded in bytes (`cache_bytes`, default 4 GiB or `$MODELQL_GATE_CACHE_MB`)
+and scored by a single matmul. Layers are admitted only if every loaded layer fits the budget
+(an LRU over sequential walks would only thrash). `warm()` decodes ahead of use (servers);
+`gate(layer)` always returns (and caches) the whole f32 matrix.
 """
 
 from __future__ import annotations
@@ -163,7 +165,11 @@ def decode_vocab(tokenizer, vocab_size: int) -> list[str]:
 # the decoded-gate cache
 # ---------------------------------------------------------------------------------------------
 
-_CHUNK_ROWS = 2048  # rows decoded per step by the fused f16 scorer (20 MiB of f32 at H = 2560)
+# Rows widened per step by the fused f16 scorer: ~32 MiB of f32 (3276 rows at H = 2560). Smaller
+# chunks stay in cache on an idle machine, but each chunk costs two thread-pool barriers, which
+# dominate when the cores are shared; a few large chunks are the robust middle.
+_CHUNK_BYTES = 32 << 20
+_CHUNK_ROWS: int | None = None  # override (tests)
 _scratch = threading.local()
 
 
@@ -184,7 +190,8 @@ def fused_f16_scores(g16: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
     q: [H] → [F], or [N, H] → [N, F].
     """
     F, H = g16.shape
-    rows = min(_CHUNK_ROWS, max(F, 1))
+    rows = _CHUNK_ROWS or max(1, _CHUNK_BYTES // (4 * max(H, 1)))
+    rows = min(rows, max(F, 1))
     scratch = _scratch_f32(rows, H)
     if q.dim() == 1:
         out = torch.empty(F, dtype=torch.float32)
@@ -294,6 +301,7 @@ class Vindex:
         # an LRU walking all layers would evict each layer before its reuse, so score by fused decode.
         f32_total = sum(4 * i.num_features * index.hidden_size for i in index.layers)
         self._cache_fits_all = f32_total <= self._cache.max_bytes
+        self._uses: dict[int, int] = {}  # scoring calls per uncached f16 layer (admission on the 2nd)
 
     # -- opening ---------------------------------------------------------------------------------
 
@@ -455,10 +463,13 @@ class Vindex:
         t = q if isinstance(q, torch.Tensor) else torch.as_tensor(np.asarray(q))
         t = self._query(t, t.dim() == 2)
         g = self._cache.get(layer)
-        if g is None and self.dtype == "f16" and not self._cache_fits_all:
-            return fused_f16_scores(torch.from_numpy(self.gate_array(layer)), t)
+        if g is None and self.dtype == "f16":
+            uses = self._uses.get(layer, 0) + 1
+            self._uses[layer] = uses
+            if uses < 2 or not self._cache_fits_all:
+                return fused_f16_scores(torch.from_numpy(self.gate_array(layer)), t)
         if g is None:
-            g = self.gate(layer)  # f32: the mapping itself; f16: decoded once into the cache
+            g = self.gate(layer)  # f32: the mapping itself; f16: decoded into the cache
         return torch.mv(g, t) if t.dim() == 1 else torch.mm(t, g.t())
 
     def warm(self, layers: Iterable[int] | None = None) -> list[int]:
