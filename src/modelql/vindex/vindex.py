@@ -83,20 +83,22 @@ def topk_exact(values: torch.Tensor, k: int) -> torch.Tensor:
     k = max(0, min(int(k), n))
     if k == 0:
         return torch.zeros((*a.shape[:-1], 0), dtype=torch.long)
-    vals, idx = torch.topk(a, k, dim=-1, sorted=True)
     squeeze = a.dim() == 1
     if squeeze:
-        a, vals, idx = a.unsqueeze(0), vals.unsqueeze(0), idx.unsqueeze(0)
+        a = a.unsqueeze(0)
+    # one extra place reveals a tie straddling the cut: the (k+1)-th value equals the k-th
+    vals, idx = torch.topk(a, min(k + 1, n), dim=-1, sorted=True)
+    straddle = vals[:, k] == vals[:, k - 1] if k < n else None
+    vals, idx = vals[:, :k], idx[:, :k]
     # order equal values by index: sort by index, then stable sort by value (descending)
     idx_sorted, perm = idx.sort(dim=-1)
     v_sorted = vals.gather(-1, perm)
     order = v_sorted.sort(dim=-1, descending=True, stable=True).indices
     out = idx_sorted.gather(-1, order)
-    if k < n:
-        thr = vals[:, -1:]
-        counts = (a >= thr).sum(dim=-1)
-        for row in torch.nonzero(counts > k).flatten().tolist():  # a tie straddles the cut
-            cand = torch.nonzero(a[row] >= thr[row]).flatten()  # ascending indices
+    if straddle is not None:
+        for row in torch.nonzero(straddle).flatten().tolist():
+            thr = vals[row, k - 1]
+            cand = torch.nonzero(a[row] >= thr).flatten()  # ascending indices
             o = a[row, cand].sort(descending=True, stable=True).indices[:k]
             out[row] = cand[o]
     return out[0] if squeeze else out
