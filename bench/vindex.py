@@ -195,11 +195,17 @@ def sample():
             if line.startswith('RssAnon:'):
                 peak[0] = max(peak[0], int(line.split()[1]) * 1024)
         time.sleep(0.02)
+def anon():
+    for line in open('/proc/self/status'):
+        if line.startswith('RssAnon:'):
+            return int(line.split()[1]) * 1024
+import torch, numpy, tokenizers, safetensors, modelql.vindex.vindex, modelql.runtime  # baseline imports
+base = anon()
 th = threading.Thread(target=sample, daemon=True); th.start()
 r = extract(sys.argv[1], sys.argv[2], level=sys.argv[3], dtype='f16', clusters=False)
 stop = True; th.join()
 print(json.dumps({'read': r.bytes_read, 'written': r.bytes_written, 'seconds': r.seconds,
-                  'down_meta': r.seconds_down_meta, 'peak_anon': peak[0]}))
+                  'down_meta': r.seconds_down_meta, 'peak_anon': peak[0], 'base_anon': base}))
 """
 
 
@@ -226,14 +232,16 @@ def bench_extract(size: str) -> None:
         finally:
             shutil.rmtree(out.parent, ignore_errors=True)
         rest = r["seconds"] - r["down_meta"]
-        rows.append([level, f"{r['read'] / 1e9:.2f}", f"{r['seconds']:.1f}", f"{r['read'] / 1e9 / r['seconds']:.2f}",
-                     f"{r['down_meta']:.1f}", f"{r['read'] / 1e9 / max(rest, 1e-9):.2f}",
-                     f"{r['written'] / 1e9:.2f}", f"{r['peak_anon'] / 1e9:.2f}"])
+        flop = 2 * 32000 * cfg["hidden_size"] * cfg["intermediate_size"] * cfg["num_hidden_layers"]
+        rows.append([level, f"{r['read'] / 1e9:.2f}", f"{r['seconds']:.1f}", f"{r['read'] / 1e9 / r['seconds']:.3f}",
+                     f"{r['down_meta']:.1f} ({flop / 1e9 / r['down_meta']:.0f} GFLOP/s)",
+                     f"{r['read'] / 1e9 / max(rest, 1e-9):.2f}", f"{r['written'] / 1e9:.2f}",
+                     f"{(r['peak_anon'] - r['base_anon']) / 1e9:.2f} (+{r['base_anon'] / 1e9:.2f} imports)"])
     table(f"Extraction of a random Llama-{size} (f32 safetensors {weights / 1e9:.2f} GB, "
           f"{cfg['num_hidden_layers']} layers; f32 embeddings {embed / 1e9:.2f} GB, one layer's FFN "
           f"{layer / 1e9:.2f} GB), f16 browse files",
-          ["level", "GB read", "s", "GB/s", "s down_meta", "GB/s excl. down_meta", "GB written",
-           "peak anon RSS GB"], rows)
+          ["level", "GB read", "s total", "GB/s", "s down_meta (E·W_down f32)", "GB/s excl. down_meta",
+           "GB written", "peak anon RSS GB"], rows)
 
 
 def main() -> None:
@@ -241,9 +249,11 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="fewer layers and repetitions")
     ap.add_argument("--model", default="100m", choices=sorted(SIZES), help="extraction source size")
     ap.add_argument("--skip-extract", action="store_true")
+    ap.add_argument("--skip-knn", action="store_true")
     args = ap.parse_args()
     layers = 8 if args.quick else LAYERS
-    bench_knn(layers, sample_layers=3 if args.quick else 6, reps=10 if args.quick else 30)
+    if not args.skip_knn:
+        bench_knn(layers, sample_layers=3 if args.quick else 6, reps=10 if args.quick else 30)
     if not args.skip_extract:
         bench_extract(args.model)
 
