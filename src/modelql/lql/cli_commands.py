@@ -1,0 +1,107 @@
+"""`modelql lql` (batch) and `modelql repl`: command bodies registered in `modelql.cli`.
+
+    modelql lql 'STATS; DESCRIBE "France";'     statements from the argument
+    modelql lql -f script.lql                   ... from a file ('-' = stdin)
+    modelql repl                                interactive
+
+Batch mode runs every statement in one session, prints each statement's output (a blank line
+between statements), prints `Error: <message>` for a failing statement and carries on, and
+exits 1 if any statement failed. With no USE (and no --vindex) statements run against the
+embedded default model's vindex, extracted into the cache on first use (progress on stderr).
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+VindexOpt = Annotated[
+    Optional[str],
+    typer.Option("--vindex", help="start with USE \"PATH\" (default: the embedded model's vindex)",
+                 show_default=False),
+]
+
+
+def _session(vindex: str | None):
+    from modelql.lql.session import Session
+
+    session = Session()
+    if vindex is not None:
+        session.use_vindex(vindex)
+    return session
+
+
+def lql_command(
+    script: Annotated[Optional[str], typer.Argument(help="LQL statements separated by ';'",
+                                                    show_default=False)] = None,
+    file: Annotated[Optional[Path], typer.Option("-f", "--file", help="read the statements from FILE ('-' = stdin)",
+                                                 show_default=False)] = None,
+    vindex: VindexOpt = None,
+) -> None:
+    """Run LQL statements in batch mode."""
+    from modelql.errors import ModelqlError
+    from modelql.lql import render
+    from modelql.lql.executor import run_batch
+
+    if script is not None and file is not None:
+        raise ModelqlError("give statements or -f FILE, not both")
+    if file is not None:
+        text = sys.stdin.read() if str(file) == "-" else file.read_text(encoding="utf-8")
+    elif script is not None:
+        text = script
+    elif not sys.stdin.isatty():
+        text = sys.stdin.read()
+    else:
+        raise ModelqlError("no statements: give them as an argument, with -f FILE, or on stdin")
+    session = _session(vindex)
+    out = sys.stdout
+    state = {"printed": False}
+
+    def separate() -> None:
+        if state["printed"]:
+            out.write("\n")
+        state["printed"] = True
+
+    def on_result(executed) -> None:
+        lines = render.lines(executed)
+        if lines:
+            separate()
+            out.write("\n".join(lines) + "\n")
+            out.flush()
+
+    failed = 0
+
+    def on_outcome(outcome) -> None:
+        nonlocal failed
+        if outcome.error is not None:
+            failed += 1
+            if not outcome.results:
+                separate()
+            out.write("\n".join(render.error_lines(outcome.error)) + "\n")
+            out.flush()
+
+    run_batch(text, session, on_result=on_result, on_outcome=on_outcome)
+    if failed:
+        raise typer.Exit(1)
+
+
+def repl_command(
+    vindex: VindexOpt = None,
+    history: Annotated[Optional[Path], typer.Option("--history", help="history file (default: "
+                                                    "$MODELQL_HISTORY or <cache>/lql_history)",
+                                                    show_default=False)] = None,
+) -> None:
+    """Query the model interactively in LQL."""
+    from modelql.lql.repl import run
+
+    code = run(_session(vindex), history=history)
+    if code:
+        raise typer.Exit(code)
+
+
+def register(app: typer.Typer) -> None:
+    app.command("lql")(lql_command)
+    app.command("repl")(repl_command)
