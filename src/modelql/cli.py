@@ -334,12 +334,29 @@ command("extract", help="Decompile a model's FFN into a vindex directory (stream
 command("verify", help="Check a vindex's structure and re-hash every file listed in its checksums.")(verify_command)
 
 
+# -- knowledge: label (body in modelql.knowledge.cli_commands) -----------------------------------
+
+from .knowledge.cli_commands import label_command  # noqa: E402
+
+command("label", help="Label a vindex's features with relations by probing it with known facts "
+                      "(writes feature_labels.json).")(label_command)
+
+
 # -- server: serve (body in modelql.server.cli_command) ------------------------------------------
 
 from .server.cli_command import serve_command  # noqa: E402
 
 command("serve", help="Serve the OpenAI-compatible API and the knowledge API over HTTP "
                       "(prints the URL and a first request to try).")(serve_command)
+
+
+# -- LQL: lql, repl (bodies in modelql.lql.cli_commands) ------------------------------------------
+
+from .lql.cli_commands import lql_command, repl_command  # noqa: E402
+
+command("lql", help="Run LQL statements: modelql lql 'STMT; STMT' or -f FILE (continues after an error; "
+                    "exits 1 if any failed).")(lql_command)
+command("repl", help="Query the model interactively in LQL (history, multi-line, Tab completion).")(repl_command)
 
 def main(argv: list[str] | None = None) -> None:
     """Console-script entry point."""
