@@ -269,3 +269,15 @@ def test_graceful_shutdown_ends_streams(make_server, no_eos):
         assert not t.is_alive() and not srv.thread.is_alive()
         assert time.monotonic() - t0 < 8
         assert got["raw"].endswith(b"data: [DONE]\n\n")
+
+
+def test_n_choices_when_enabled(make_server, no_eos):
+    with make_server(max_n=3) as srv:
+        body = chat(5, no_eos, n=3, temperature=1.0, seed=7)
+        r = httpx.post(srv.url + "/v1/chat/completions", json=body, timeout=30).json()
+        assert [c["index"] for c in r["choices"]] == [0, 1, 2]
+        assert r["usage"]["completion_tokens"] == 15
+        again = httpx.post(srv.url + "/v1/chat/completions", json=body, timeout=30).json()
+        assert [c["message"]["content"] for c in again["choices"]] == [c["message"]["content"] for c in r["choices"]]
+        r = httpx.post(srv.url + "/v1/chat/completions", json=chat(2, no_eos, n=4), timeout=30)
+        assert r.status_code == 400 and r.json()["error"]["param"] == "n"

@@ -34,6 +34,8 @@ def serve_command(
         "--max-queue", min=0, help="sequences waiting for a batch slot before requests are refused")] = 64,
     queue_full_status: Annotated[int, typer.Option(
         "--queue-full-status", help="status when the queue is full: 503 or 429")] = 503,
+    max_n: Annotated[int, typer.Option(
+        "--max-n", min=1, help="largest OpenAI `n` (choices per request); 1 = n > 1 is a 400")] = 1,
     strict_model_name: Annotated[bool, typer.Option(
         "--strict-model-name", help="404 for a request naming another model")] = False,
     graceful_timeout: Annotated[float, typer.Option(
@@ -51,7 +53,7 @@ def serve_command(
         host=host, port=port, model_id=model_id, api_key=api_key, rate_limit=rate_limit,
         trust_forwarded_for=trust_forwarded_for, max_body_bytes=max_body, cors=cors, no_infer=no_infer,
         embed_only=embed_only, ffn_only=ffn_only, layers=layers, max_batch=max_batch, max_queue=max_queue,
-        queue_full_status=queue_full_status, strict_model_name=strict_model_name,
+        queue_full_status=queue_full_status, max_n=max_n, strict_model_name=strict_model_name,
         graceful_timeout=graceful_timeout, log_level=log_level)
     if threads:
         import torch

@@ -91,12 +91,18 @@ class RequestHandle:
             self.cancelled = True
             self.engine._wake()
 
-    async def events(self):
-        """Yield events until every sequence of the request has finished or failed."""
+    async def events(self, timeout: float | None = None):
+        """Yield events until every sequence of the request has finished or failed; with `timeout`,
+        yield None after that many seconds without one (keep-alives, disconnect polling). Leaving
+        early cancels the request."""
         left = self.remaining
         try:
             while left:
-                event = await self.queue.get()
+                try:
+                    event = await asyncio.wait_for(self.queue.get(), timeout)
+                except asyncio.TimeoutError:
+                    yield None
+                    continue
                 if isinstance(event, (Finished, Failed)):
                     left -= 1
                 yield event

@@ -1,8 +1,9 @@
 """The OpenAI-compatible group: /v1/chat/completions, /v1/completions, /v1/embeddings, /v1/models.
 
 Pydantic request models exist only here, at the HTTP edge: a validated request becomes token ids
-plus one `runtime.generate.Sequence` per choice (the decode state the CLI uses), handed to the engine. Responses are
-assembled from the engine's events, as one JSON body or as SSE chunks (spec §3.2.3).
+plus one `runtime.generate.Sequence` per choice (the decode state the CLI uses), handed to the
+engine. Responses are assembled from the engine's events, as one JSON body or as SSE chunks
+(spec §3.2.3).
 """
 
 from __future__ import annotations
@@ -134,41 +135,15 @@ SSE_DONE = b"data: [DONE]\n\n"
 SSE_KEEPALIVE = b": keep-alive\n\n"
 
 
-async def _events_with_keepalive(handle, keepalive: float) -> AsyncIterator[Any]:
-    """The request's engine events, with None yielded after `keepalive` seconds of silence."""
-    left = handle.remaining
-    try:
-        while left:
-            try:
-                event = await asyncio.wait_for(handle.queue.get(), keepalive)
-            except asyncio.TimeoutError:
-                yield None
-                continue
-            if isinstance(event, (Finished, Failed)):
-                left -= 1
-            yield event
-    finally:
-        if left:
-            handle.cancel()
-
-
 async def _collect(request: Request, handle) -> AsyncIterator[Any]:
     """Events of a non-streaming request; the generation is cancelled if the client goes away."""
-    left = handle.remaining
-    try:
-        while left:
-            try:
-                event = await asyncio.wait_for(handle.queue.get(), 0.5)
-            except asyncio.TimeoutError:
-                if await request.is_disconnected():
-                    return
-                continue
-            if isinstance(event, (Finished, Failed)):
-                left -= 1
-            yield event
-    finally:
-        if left:
-            handle.cancel()
+    async for event in handle.events(timeout=0.5):
+        if event is None:
+            if await request.is_disconnected():
+                handle.cancel()
+                return
+            continue
+        yield event
 
 
 def _stream_error_chunk(exc: BaseException) -> bytes:
@@ -316,7 +291,7 @@ async def chat_completions(body: ChatCompletionRequest, request: Request):
             for i in range(n):
                 yield chunk(i, {"role": "assistant", "content": ""})
             try:
-                async for ev in _events_with_keepalive(handle, st.config.keepalive_seconds):
+                async for ev in handle.events(st.config.keepalive_seconds):
                     if ev is None:
                         yield SSE_KEEPALIVE
                     elif isinstance(ev, Token):
@@ -486,7 +461,7 @@ async def completions(body: CompletionRequest, request: Request):
                     for i in range(count):
                         yield chunk(i, "", "length")
                 else:
-                    async for ev in _events_with_keepalive(handle, st.config.keepalive_seconds):
+                    async for ev in handle.events(st.config.keepalive_seconds):
                         if ev is None:
                             yield SSE_KEEPALIVE
                         elif isinstance(ev, Token):
