@@ -358,6 +358,14 @@ command("lql", help="Run LQL statements: modelql lql 'STMT; STMT' or -f FILE (co
                     "exits 1 if any failed).")(lql_command)
 command("repl", help="Query the model interactively in LQL (history, multi-line, Tab completion).")(repl_command)
 
+# -- GGUF: convert (body in modelql.models.gguf_convert) -------------------------------------------
+
+from .models.gguf_convert import convert_command  # noqa: E402
+
+command("convert", help="Write a HF model directory as a GGUF file llama.cpp can load: "
+                        "modelql convert MODEL_DIR -o model.gguf [--type f32|f16|q8_0].")(convert_command)
+
+
 def main(argv: list[str] | None = None) -> None:
     """Console-script entry point."""
     app(args=argv, prog_name="modelql")
