@@ -422,3 +422,66 @@ def test_parse_then_execute_is_the_batch_path(tiny_vindex):
     stmt = parse("SHOW LAYERS 0-0;")
     (r,) = Executor(session).execute(stmt)
     assert r.statement == stmt
+
+
+# -- INFER / EXPLAIN INFER -------------------------------------------------------------------------
+
+PRED_ROW = re.compile(r"^ ?\d+\. .+ \(\d+\.\d\d%\)$")
+
+
+def test_infer_matches_transformers(tiny_vindex, tiny_model_dir):
+    import torch
+    import transformers as T
+
+    from modelql.runtime import interp
+
+    session = session_on(tiny_vindex)
+    (r,) = run(session, 'INFER "The capital of France is" TOP 3')
+    preds = r.value.predictions
+    assert len(preds) == 3
+    # independent reference: transformers on the original checkpoint, same token ids
+    ids = interp.to_ids(session.model("INFER"), "The capital of France is")
+    hf = T.AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
+    with torch.no_grad():
+        probs = torch.softmax(hf(ids).logits[0, -1].double(), -1)
+    top = torch.topk(probs, 3)
+    assert [p.token_id for p in preds] == top.indices.tolist()
+    assert [round(p.prob, 5) for p in preds] == [round(float(v), 5) for v in top.values]
+    lines = render.lines(r)
+    assert lines[0] == "Predictions (walk FFN):"
+    assert all(PRED_ROW.match(line) for line in lines[1:4])
+    assert re.fullmatch(r"\d+\.\dms", lines[4])
+    assert lines[6] == "Inference trace (features that fired with attention):"
+    assert all(re.match(r"^  L[01]: (\[[^\]]+\] )?F\d+ gate=[+-]\d+\.\d → .* \[.*\]$", line) for line in lines[7:])
+    (c,) = run(session, 'INFER "The capital of France is" TOP 2 COMPARE')
+    text = render.lines(c)
+    assert "Predictions (dense):" in text
+    assert [p.token_id for p in c.value.dense] == [p.token_id for p in c.value.predictions]
+
+
+def test_infer_on_model_backend(tiny_model_dir):
+    session = Session(default_vindex=False)
+    run(session, f'USE MODEL "{tiny_model_dir}"')
+    lines = out(session, 'INFER "Hello world"')
+    assert lines[0] == "Predictions (dense — no vindex):"
+    assert sum(1 for line in lines if PRED_ROW.match(line)) == 5
+    assert lines[-1].startswith("Tip: ")
+    assert error_of(session, 'EXPLAIN INFER "Hello"').startswith("Error: this operation requires a vindex.")
+
+
+def test_explain_infer(tiny_vindex):
+    session = session_on(tiny_vindex)
+    lines = out(session, 'EXPLAIN INFER "The capital of France is" LAYERS 1-1 TOP 2')
+    assert lines[0] == 'Inference trace for "The capital of France is":'
+    assert re.fullmatch(r"Prediction: .+ \(\d+\.\d\d%\) in [\d.]+ms", lines[1])
+    assert lines[2] == ""
+    assert 1 <= len(lines[3:]) <= 2 and all(line.startswith("  L1: ") for line in lines[3:])
+    att = out(session, 'EXPLAIN INFER "The capital of France is" WITH ATTENTION')
+    assert [line.split()[0] for line in att[3:]] == ["L0", "L1"]
+    assert all(re.search(r"\(\d+%\) → .* \(\d+\.\d%\)$", line) for line in att[3:])
+
+
+def test_infer_needs_weights(tiny_browse_vindex):
+    session = session_on(tiny_browse_vindex)
+    for stmt, keyword in (('INFER "x"', "INFER"), ('EXPLAIN INFER "x"', "EXPLAIN INFER")):
+        assert error_of(session, stmt).startswith(f"Error: {keyword} requires model weights.")

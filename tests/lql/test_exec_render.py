@@ -221,3 +221,39 @@ def test_rich_renderables_carry_the_same_content():
 
 def test_unknown_values_render_as_text():
     assert render.lines(Executed(parse("STATS"), "hello")) == ["hello"]
+
+
+def infer_result(**kw):
+    from modelql.knowledge.infer import FiredFeature, InferResult, Prediction
+
+    preds = (Prediction(" Paris", 5, 0.8723), Prediction(" Lyon", 6, 0.05), Prediction("\n", 7, 0.01))
+    fired = (FiredFeature(2, 17, 11.04, "Paris", ("Paris", "Lyon", "Nice", "Metz"), relation="capital"),
+             FiredFeature(3, 4, -2.5, "the", ("the", "a", "an")))
+    base = dict(prompt="The capital of France is", mode="walk", predictions=preds, override=None, trace=fired,
+                elapsed_ms=12.34)
+    base.update(kw)
+    return InferResult(**base)
+
+
+def test_infer_lines():
+    got = lines('INFER "The capital of France is"', infer_result())
+    assert got[:4] == ["Predictions (walk FFN):", " 1.  Paris (87.23%)", " 2.  Lyon (5.00%)", " 3. '\\n' (1.00%)"]
+    assert got[4] == "12.3ms" and got[5] == ""
+    assert got[6] == "Inference trace (features that fired with attention):"
+    assert got[7] == "  L2: [capital] F17 gate=+11.0 → Paris [Paris, Lyon, Nice]"
+    assert got[8] == "  L3: F4 gate=-2.5 → the [the, a, an]"
+
+
+def test_infer_override_and_dense_lines():
+    from modelql.knowledge.infer import Override, Prediction
+
+    top1 = Prediction(" Paris", 5, 0.8723)
+    r = infer_result(override=Override("Poseidonia", 9, 0.91, 3, "Atlantis", "capital", top1),
+                     predictions=(Prediction("Poseidonia", 9, 1.0), top1))
+    got = lines('INFER "The capital of Atlantis is"', r)
+    assert got[1] == (" 1. Poseidonia (100.00%, source=knn_override/post_logits, cos=0.91, L3, "
+                      "model_top1= Paris (87.23%))")
+    assert got[3].startswith("  note: the KNN override is a post-logits sidecar")
+    dense = infer_result(mode="dense", trace=())
+    got = lines('INFER "x"', dense)
+    assert got[0] == "Predictions (dense — no vindex):" and got[-1].startswith("Tip: ")

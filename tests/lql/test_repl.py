@@ -155,3 +155,17 @@ def test_run_plain_in_process(tiny_vindex):
     run(s, stdin=io.StringIO("SHOW LAYERS 0-0;\nUSE \"nope\";\n"), stdout=out)
     text = out.getvalue()
     assert "WithMeta" in text and re.search(r"^Error: vindex not found: nope$", text, re.M)
+
+
+def test_path_completion(tiny_vindex, tmp_path):
+    (tmp_path / "models").mkdir()
+    (tmp_path / "notes.txt").write_text("x")
+    import shutil
+
+    shutil.copytree(tiny_vindex, tmp_path / "mine.vindex")
+    c = LqlCompleter(Session(default_vindex=False, cwd=tmp_path))
+    assert completions(c, 'USE "mi') == ['mine.vindex"']  # a vindex is a leaf, not a folder
+    assert completions(c, 'USE MODEL "mod') == ["models/"]
+    assert completions(c, f'STATS "{tmp_path}/no') == [f'{tmp_path}/notes.txt"']
+    assert completions(c, "EXTRACT MODEL 'm' INTO 'mo") == ["models/"]
+    assert 'mine.vindex"' not in completions(c, 'DESCRIBE "mi')  # entity strings are not paths

@@ -311,22 +311,38 @@ def _show_models(ex: Executor, stmt: ast.ShowModels):
 # ---------------------------------------------------------------------------------------------
 
 
+def _infer_module(keyword: str):
+    try:
+        return importlib.import_module("modelql.knowledge.infer")
+    except ModuleNotFoundError as exc:
+        if exc.name == "modelql.knowledge.infer":
+            raise not_available(keyword) from None
+        raise
+
+
 @handles(ast.Infer)
 def _infer(ex: Executor, stmt: ast.Infer):
-    fn = knowledge("infer", "INFER")
-    model = ex.session.model("INFER")
-    return fn(model, stmt.prompt, top=stmt.top or 5, compare=stmt.compare, vindex=ex.session.vindex)
+    infer = _infer_module("INFER").infer
+    session = ex.session
+    model = session.model("INFER")
+    if session.backend == "model":  # dense only: no vindex, no overlay (spec §4.4)
+        return infer(model, stmt.prompt, top=stmt.top or 5, mode="dense")
+    return infer(model, stmt.prompt, top=stmt.top or 5, mode="walk", compare=stmt.compare, vindex=session.vindex,
+                 knn=session.knn_entries())
 
 
 @handles(ast.ExplainInfer)
 def _explain_infer(ex: Executor, stmt: ast.ExplainInfer):
-    fn = knowledge("explain_infer", "EXPLAIN INFER")
-    model = ex.session.model("EXPLAIN INFER")
+    explain_infer = _infer_module("EXPLAIN INFER").explain_infer
+    session = ex.session
+    vx = session.require_vindex("EXPLAIN INFER")
+    model = session.model("EXPLAIN INFER")
     band = None
     if stmt.band is not None:
         band = "all" if stmt.band is ast.Band.ALL else stmt.band.value.lower()
-    return fn(model, stmt.prompt, vindex=ex.session.vindex, layers=_layers(stmt.layers), band=band,
-              top=stmt.top or 3, relations_only=stmt.relations_only, with_attention=stmt.with_attention)
+    return explain_infer(model, stmt.prompt, vindex=vx, layers=_layers(stmt.layers), band=band,
+                         top=stmt.top or (5 if stmt.verbose else 3), relations_only=stmt.relations_only,
+                         with_attention=stmt.with_attention, knn=session.knn_entries())
 
 
 @handles(ast.Trace)

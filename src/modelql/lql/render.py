@@ -249,7 +249,7 @@ def _model_note(model: str) -> str:
 def _r_used_model(stmt, u: R.UsedModel) -> list:
     return [
         f"Using model: {u.model} ({u.num_layers} layers, hidden={u.hidden_size}, "
-        f"{u.weight_bytes / (1 << 30):.1f} GB, live weights)",
+        f"{format_bytes(u.weight_bytes)}, live weights)",
         _model_note(u.model),
     ]
 
@@ -554,10 +554,97 @@ def _register_knowledge() -> None:
     RENDERERS.setdefault(rows.Stats, lambda stmt, s: _stats_blocks(s))
 
 
+def _pred_token(tok: str) -> str:
+    """A prediction token keeps its leading space (spec §4.8); whitespace-only ones are quoted."""
+    return tok if tok.strip() else repr(tok)
+
+
+def _prediction_rows(preds, override=None) -> list[str]:
+    out = []
+    for i, p in enumerate(preds, 1):
+        if i == 1 and override is not None:
+            m = override.model_top1
+            out.append(f"{i:2d}. {_pred_token(p.token)} (100.00%, source=knn_override/post_logits, "
+                       f"cos={override.cosine:.2f}, L{override.layer}, model_top1={_pred_token(m.token)} "
+                       f"({m.prob * 100:.2f}%))")
+        else:
+            out.append(f"{i:2d}. {_pred_token(p.token)} ({_pct(p.prob)})")
+    return out
+
+
+_OVERRIDE_NOTE = ("  note: the KNN override is a post-logits sidecar ({entity} —[{relation}]→ {target}); "
+                  "the residual stream is unchanged")
+
+
+def _fired_line(f, ndown: int = 3) -> str:
+    label = f"[{f.relation}] " if f.relation else ""
+    return (f"  L{f.layer}: {label}F{f.feature} gate={_gate(f.gate)} → {f.top_token} "
+            f"{_list(f.top_tokens, ndown)}")
+
+
+def _infer_blocks(stmt, r) -> list:
+    if isinstance(stmt, ast.ExplainInfer):
+        return _explain_infer_blocks(stmt, r)
+    out: list = []
+    if r.mode == "dense" and not r.trace and r.dense is None:
+        out.append("Predictions (dense — no vindex):")
+        out += _prediction_rows(r.predictions)
+        out.append(_ms(r.elapsed_ms))
+        out.append("Tip: USE a vindex (or USE MODEL \"...\" AUTO_EXTRACT) to see which features fired.")
+        return out
+    out.append("Predictions (walk FFN):")
+    out += _prediction_rows(r.predictions, r.override)
+    if r.override is not None:
+        o = r.override
+        out.append(_OVERRIDE_NOTE.format(entity=o.entity, relation=o.relation, target=o.target))
+    out.append(_ms(r.elapsed_ms))
+    if r.dense is not None:
+        out.append("Predictions (dense):")
+        out += _prediction_rows(r.dense)
+        out.append(_ms(r.dense_ms or 0.0))
+    if r.trace:
+        out.append("")
+        out.append("Inference trace (features that fired with attention):")
+        out += [_fired_line(f) for f in r.trace]
+    return out
+
+
+def _explain_infer_blocks(stmt, r) -> list:
+    band = ""
+    if stmt.band is not None:
+        band = " (" + ("all layers" if stmt.band is ast.Band.ALL else stmt.band.value.lower()) + ")"
+    out: list = [f'Inference trace for "{r.prompt}"{band}:']
+    if r.predictions:
+        p = r.predictions[0]
+        if r.override is not None:
+            o = r.override
+            out.append(f"Prediction: {_pred_token(o.target)} (100.00%, source=knn_override/post_logits, "
+                       f"cos={o.cosine:.2f}, L{o.layer}) in {_ms(r.elapsed_ms)}")
+            out.append(f"  the override is not part of the trace below (model top-1: {_pred_token(p.token)} "
+                       f"({_pct(p.prob)}))")
+        else:
+            out.append(f"Prediction: {_pred_token(p.token)} ({_pct(p.prob)}) in {_ms(r.elapsed_ms)}")
+    out.append("")
+    if stmt.with_attention:
+        for a in r.attention:
+            f = a.feature
+            what = (f.relation or f.top_token) if f is not None else "-"
+            gate = _gate(f.gate) if f is not None else ""
+            out.append(f"  L{a.layer} {what} {gate} {_pred_token(a.attended_token).strip() or repr(a.attended_token)}"
+                       f"({a.attention_weight * 100:.0f}%) → {_pred_token(a.lens_token)} ({a.lens_prob * 100:.1f}%)")
+        return out
+    ndown = 5 if stmt.verbose else 3
+    out += [_fired_line(f, ndown) for f in r.trace]
+    if not r.trace:
+        out.append("  (no features fired in the selected layers)")
+    return out
+
+
 #: renderers of result types whose modules import torch: matched by qualified name, so
 #: importing this module stays light.
 _BY_NAME: dict[str, Renderer] = {
     "modelql.knowledge.trace.Trace": _trace_blocks,
+    "modelql.knowledge.infer.InferResult": _infer_blocks,
 }
 
 

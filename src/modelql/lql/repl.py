@@ -161,8 +161,11 @@ class LqlCompleter(Completer):
             typed = text[quote + 1:]
             if "\n" in typed or "\\" in typed:
                 return
-            low = typed.lower()
             closing = text[quote]
+            if _PATH_CONTEXT.search(text[start:quote]):
+                yield from _path_completions(typed, closing, self.session)
+                return
+            low = typed.lower()
             count = 0
             for name in self.entity_names():
                 if name.lower().startswith(low) and name != typed:
@@ -188,6 +191,31 @@ class LqlCompleter(Completer):
         for kw in accepted:
             if kw.startswith(upper) and kw != upper:
                 yield Completion(kw.lower() if lower else kw, start_position=-len(word))
+
+
+#: string positions that name files or directories (USE "…", STATS "…", … INTO "…", SAVE "…").
+_PATH_CONTEXT = re.compile(
+    r"\b(USE|MODEL|STATS|INTO|SAVE|PATCH|MERGE|DIFF|CURRENT)\s*(\"[^\"]*\"\s*|'[^']*'\s*)?$",
+    re.IGNORECASE)
+
+
+def _path_completions(typed: str, closing: str, session: Session) -> Iterator[Completion]:
+    """Entries of the directory ``typed`` points into; directories end with "/", files close the string."""
+    head, sep, tail = typed.rpartition("/")
+    base = Path(head + sep or ".").expanduser()
+    if not base.is_absolute() and session.cwd is not None:
+        base = session.cwd / base
+    try:
+        entries = sorted(os.scandir(base), key=lambda e: e.name)
+    except OSError:
+        return
+    prefix = typed[: len(typed) - len(tail)]
+    for e in entries:
+        if not e.name.startswith(tail) or (e.name.startswith(".") and not tail.startswith(".")):
+            continue
+        is_dir = e.is_dir() and not (Path(e.path) / "index.json").is_file()  # a vindex is a leaf
+        text = prefix + e.name + ("/" if is_dir else closing)
+        yield Completion(text, start_position=-len(typed), display=e.name + ("/" if is_dir else ""))
 
 
 def _fact_names() -> list[str]:

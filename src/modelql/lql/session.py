@@ -204,6 +204,11 @@ class Session:
             return model_for(vx)
         raise CapabilityError(f"{keyword} on a remote backend is not available yet")
 
+    def knn_entries(self):
+        """The KNN-store entries INFER consults (the editing issue fills the store); None = none."""
+        store = self.caches.get("knn_entries")
+        return store if store else None
+
     def summary(self) -> str:
         """One line naming the backend (the REPL banner)."""
         if self.backend == "vindex":
