@@ -156,9 +156,12 @@ class Model:
             if window is not None:
                 mask = mask & (kpos > qpos - window)
         if spec.attn_softcap is None:
+            # 4-D inputs select the fused CPU flash kernel; 3-D ones fall back to the unfused math path,
+            # whose small parallel bmm/softmax calls are slow (and very slow on a busy machine)
             return F.scaled_dot_product_attention(
-                q, k, v, attn_mask=mask, scale=spec.query_scale, enable_gqa=spec.num_kv_heads != spec.num_heads
-            )
+                q[None], k[None], v[None], attn_mask=mask, scale=spec.query_scale,
+                enable_gqa=spec.num_kv_heads != spec.num_heads,
+            )[0]
         rep = spec.num_heads // spec.num_kv_heads
         k, v = k.repeat_interleave(rep, 0), v.repeat_interleave(rep, 0)
         scores = (q @ k.transpose(-1, -2)) * spec.query_scale
@@ -246,14 +249,20 @@ class Model:
             logits = torch.tanh(logits / self.spec.final_softcap) * self.spec.final_softcap
         return logits
 
-    @torch.inference_mode()
     def forward(self, ids: torch.Tensor | list[int], caches: list[KVCache] | KVCache | None = None,
-                hooks: Hooks | None = None, logits: str = "all") -> torch.Tensor:
+                hooks: Hooks | None = None, logits: str = "all", grad: bool = False) -> torch.Tensor:
         """Run new tokens ids [B, T] (or [T]) after what each cache holds.
+
+        `grad=True` keeps autograd on (for optimising edit vectors through hooks); otherwise the
+        pass runs in inference mode.
 
         Returns float32 logits [B, T, V] (`logits="all"`), [B, V] for the last position
         (`"last"`), or the final residual [B, T, H] (`"none"`). Caches advance by T.
         """
+        with torch.inference_mode(not grad):
+            return self._forward(ids, caches, hooks, logits)
+
+    def _forward(self, ids, caches, hooks, logits) -> torch.Tensor:
         ids = torch.as_tensor(ids, dtype=torch.long)
         if ids.dim() == 1:
             ids = ids[None]
