@@ -281,3 +281,29 @@ def test_n_choices_when_enabled(make_server, no_eos):
         assert [c["message"]["content"] for c in again["choices"]] == [c["message"]["content"] for c in r["choices"]]
         r = httpx.post(srv.url + "/v1/chat/completions", json=chat(2, no_eos, n=4), timeout=30)
         assert r.status_code == 400 and r.json()["error"]["param"] == "n"
+
+
+def test_knowledge_router_slot_gets_the_knowledge_envelope(tiny_model):
+    from fastapi import APIRouter
+
+    from modelql.errors import VindexError
+    from modelql.server.app import create_app
+    from modelql.server.config import ServerConfig
+    from modelql.server.engine import Engine
+    from modelql.server.serve import BackgroundServer
+
+    router = APIRouter()
+
+    @router.get("/v1/describe")
+    async def describe(entity: str):
+        raise VindexError(f"no vindex loaded for {entity}")
+
+    cfg = ServerConfig(port=0)
+    engine = Engine(tiny_model)
+    with BackgroundServer(create_app(cfg, engine, knowledge=[router]), cfg) as srv:
+        r = httpx.get(srv.url + "/v1/describe", params={"entity": "France"})
+        assert r.status_code == 400 and r.json() == {"error": "no vindex loaded for France"}
+        r = httpx.get(srv.url + "/v1/describe")  # missing query parameter
+        assert r.status_code == 400 and r.json() == {"error": "missing required parameter: 'entity'"}
+        assert httpx.get(srv.url + "/metrics").text.count('route="/v1/describe"') >= 2
+    engine.stop()

@@ -119,3 +119,21 @@ def test_error_before_stream_is_a_plain_json_error(server):
                    json={"messages": [{"role": "user", "content": "x"}], "stream": True, "temperature": 5})
     assert r.status_code == 400 and r.headers["content-type"] == "application/json"
     assert r.json()["error"]["param"] == "temperature"
+
+
+def test_keepalive_comment_while_no_output(make_server, no_eos):
+    import threading
+
+    with make_server(keepalive_seconds=0.05) as srv:
+        engine = srv.app.state.modelql.engine
+        gate = threading.Event()
+        blocker = engine.call(lambda m: gate.wait(20))  # nothing is generated until released
+        threading.Timer(0.4, gate.set).start()
+        _, raw = raw_stream(srv.url, "/v1/chat/completions",
+                            {"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 3, "temperature": 0,
+                             "logit_bias": no_eos, "stream": True})
+        blocker.result(10)
+    assert b": keep-alive\n\n" in raw
+    data = b"".join(p + b"\n\n" for p in raw.split(b"\n\n") if p.startswith(b"data: "))
+    chunks = [json.loads(e) for e in events(data)[:-1]]
+    assert chunks[-1]["choices"][0]["finish_reason"] == "length"

@@ -80,11 +80,9 @@ class RequestHandle:
         self.remaining = 0
 
     def publish(self, event: Any) -> None:
-        """Called from the worker thread."""
-        try:
-            self.loop.call_soon_threadsafe(self.queue.put_nowait, event)
-        except RuntimeError:  # event loop closed: nobody is listening any more
-            self.cancelled = True
+        """Called from the worker thread: queued in the engine's outbox, delivered at the end of the
+        loop turn (one event-loop wake-up per decode step, not one per token)."""
+        self.engine._outbox.append((self, event))
 
     def cancel(self) -> None:
         if not self.cancelled:
@@ -92,23 +90,29 @@ class RequestHandle:
             self.engine._wake()
 
     async def events(self, timeout: float | None = None):
-        """Yield events until every sequence of the request has finished or failed; with `timeout`,
-        yield None after that many seconds without one (keep-alives, disconnect polling). Leaving
-        early cancels the request."""
+        """Yield lists of events (everything that arrived together: a slow reader gets several
+        tokens at once) until every sequence has finished or failed; with `timeout`, yield None after
+        that many seconds without one (keep-alives, disconnect polling). Leaving early cancels."""
         left = self.remaining
         try:
             while left:
                 try:
-                    event = await asyncio.wait_for(self.queue.get(), timeout)
+                    batch = [await asyncio.wait_for(self.queue.get(), timeout)]
                 except asyncio.TimeoutError:
                     yield None
                     continue
-                if isinstance(event, (Finished, Failed)):
-                    left -= 1
-                yield event
+                while not self.queue.empty():
+                    batch.append(self.queue.get_nowait())
+                left -= sum(isinstance(e, (Finished, Failed)) for e in batch)
+                yield batch
         finally:
             if left:
                 self.cancel()
+
+
+def _dispatch(items: list) -> None:
+    for handle, event in items:
+        handle.queue.put_nowait(event)
 
 
 class Engine:
@@ -126,6 +130,7 @@ class Engine:
         self._active: list[_Seq] = []
         self._stopping = False
         self._thread: threading.Thread | None = None
+        self._outbox: list[tuple[RequestHandle, Any]] = []  # worker thread only
         self.steps = 0  # decode steps run (for tests and the benchmark)
         self.max_batch_seen = 0
 
@@ -233,9 +238,26 @@ class Engine:
                 for seq in self._active:
                     self._fail(seq, exc)
                 self._active = []
+            self._deliver()
             with self._cv:
                 self._gauges()
         self._shutdown()
+        self._deliver()
+
+    def _deliver(self) -> None:
+        """Hand the outbox to the event loop(s): one thread-safe call per loop."""
+        if not self._outbox:
+            return
+        by_loop: dict[asyncio.AbstractEventLoop, list] = {}
+        for handle, event in self._outbox:
+            by_loop.setdefault(handle.loop, []).append((handle, event))
+        self._outbox = []
+        for loop, items in by_loop.items():
+            try:
+                loop.call_soon_threadsafe(_dispatch, items)
+            except RuntimeError:  # event loop closed: nobody is listening any more
+                for handle, _ in items:
+                    handle.cancelled = True
 
     def _shutdown(self) -> None:
         err = HttpError(503, "server is shutting down", code="service_unavailable")

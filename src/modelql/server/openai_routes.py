@@ -137,13 +137,44 @@ SSE_KEEPALIVE = b": keep-alive\n\n"
 
 async def _collect(request: Request, handle) -> AsyncIterator[Any]:
     """Events of a non-streaming request; the generation is cancelled if the client goes away."""
-    async for event in handle.events(timeout=0.5):
-        if event is None:
+    async for batch in handle.events(timeout=0.5):
+        if batch is None:
             if await request.is_disconnected():
                 handle.cancel()
                 return
             continue
-        yield event
+        for event in batch:
+            yield event
+
+
+async def _stream_items(handle, choices: list, keepalive: float) -> AsyncIterator[tuple]:
+    """A streaming request's events as chunk-sized items. Tokens that arrived together are merged
+    into one text item per choice (a reader that falls behind gets fewer, larger chunks):
+    ("keepalive",), ("text", index, text, logprob entries), ("finish", index, reason, tokens),
+    ("failed", error)."""
+    async for batch in handle.events(keepalive):
+        if batch is None:
+            yield ("keepalive",)
+            continue
+        pending: dict[int, list] = {}
+        for ev in batch:
+            if isinstance(ev, Token):
+                text, entries = choices[ev.index].add(ev.delta)
+                if text:
+                    acc = pending.setdefault(ev.index, ["", []])
+                    acc[0] += text
+                    acc[1] += entries
+            elif isinstance(ev, Finished):
+                if ev.index in pending:
+                    text, entries = pending.pop(ev.index)
+                    yield ("text", ev.index, text, entries)
+                yield ("finish", ev.index, ev.finish_reason, ev.completion_tokens)
+            elif isinstance(ev, Failed):
+                handle.cancel()  # the request's other choices stop too
+                yield ("failed", ev.error)
+                return
+        for index, (text, entries) in pending.items():
+            yield ("text", index, text, entries)
 
 
 def _stream_error_chunk(exc: BaseException) -> bytes:
@@ -291,23 +322,23 @@ async def chat_completions(body: ChatCompletionRequest, request: Request):
             for i in range(n):
                 yield chunk(i, {"role": "assistant", "content": ""})
             try:
-                async for ev in handle.events(st.config.keepalive_seconds):
-                    if ev is None:
+                async for item in _stream_items(handle, choices, st.config.keepalive_seconds):
+                    kind = item[0]
+                    if kind == "keepalive":
                         yield SSE_KEEPALIVE
-                    elif isinstance(ev, Token):
-                        text, entries = choices[ev.index].add(ev.delta)
-                        if text:
-                            lp = None
-                            if want_lp:
-                                lp = {"content": [_entry(tok, *e) for e in entries], "refusal": None}
-                            yield chunk(ev.index, {"content": text}, None, lp)
-                    elif isinstance(ev, Finished):
-                        completion += ev.completion_tokens
-                        yield chunk(ev.index, {}, ev.finish_reason)
-                    elif isinstance(ev, Failed):
-                        if isinstance(ev.error, asyncio.CancelledError):
+                    elif kind == "text":
+                        _, index, text, entries = item
+                        lp = None
+                        if want_lp:
+                            lp = {"content": [_entry(tok, *e) for e in entries], "refusal": None}
+                        yield chunk(index, {"content": text}, None, lp)
+                    elif kind == "finish":
+                        completion += item[3]
+                        yield chunk(item[1], {}, item[2])
+                    else:
+                        if isinstance(item[1], asyncio.CancelledError):
                             return
-                        yield _stream_error_chunk(ev.error)
+                        yield _stream_error_chunk(item[1])
                         yield SSE_DONE
                         return
             except Exception as exc:  # never leave a stream without its terminator
@@ -461,24 +492,22 @@ async def completions(body: CompletionRequest, request: Request):
                     for i in range(count):
                         yield chunk(i, "", "length")
                 else:
-                    async for ev in handle.events(st.config.keepalive_seconds):
-                        if ev is None:
+                    async for item in _stream_items(handle, choices, st.config.keepalive_seconds):
+                        kind = item[0]
+                        if kind == "keepalive":
                             yield SSE_KEEPALIVE
-                        elif isinstance(ev, Token):
-                            text, entries = choices[ev.index].add(ev.delta)
-                            if text:
-                                lp = None
-                                if k is not None:
-                                    lp = _completion_logprobs(tok, entries, offsets[ev.index])
-                                offsets[ev.index] += len(text)
-                                yield chunk(ev.index, text, None, lp)
-                        elif isinstance(ev, Finished):
-                            completion += ev.completion_tokens
-                            yield chunk(ev.index, "", ev.finish_reason)
-                        elif isinstance(ev, Failed):
-                            if isinstance(ev.error, asyncio.CancelledError):
+                        elif kind == "text":
+                            _, index, text, entries = item
+                            lp = _completion_logprobs(tok, entries, offsets[index]) if k is not None else None
+                            offsets[index] += len(text)
+                            yield chunk(index, text, None, lp)
+                        elif kind == "finish":
+                            completion += item[3]
+                            yield chunk(item[1], "", item[2])
+                        else:
+                            if isinstance(item[1], asyncio.CancelledError):
                                 return
-                            yield _stream_error_chunk(ev.error)
+                            yield _stream_error_chunk(item[1])
                             yield SSE_DONE
                             return
             except Exception as exc:
