@@ -1,0 +1,137 @@
+#!/usr/bin/env python
+"""DESCRIBE benchmark: precision / recall of labelled edges against the facts table, and latency.
+
+    python bench/describe.py                 # embedded default model, every country, all modes
+    python bench/describe.py --sample 40     # a deterministic sample of countries
+    python bench/describe.py --vindex X.vindex --triples facts.tsv
+    python bench/describe.py --sweep         # precision/recall per adaptive threshold (z)
+
+Steps: extract the model into a temp vindex (level inference), probe-label it with the facts
+(`modelql label`), then DESCRIBE every entity in three configurations and score the edges:
+
+* ``embedding/ref``   — LARQL's pipeline: entity embedding, absolute threshold 5.0;
+* ``embedding/z``     — the entity embedding with modelql's adaptive (z-score) threshold;
+* ``residual/z``      — modelql's default with weights: per-layer FFN inputs of the entity.
+
+A claim is an edge whose label is a relation of the table; precision = correct claims / claims,
+recall = facts matched by a claim of their relation / facts (see `modelql.knowledge.accuracy`).
+Latency is per DESCRIBE call, warm (model loaded, labels cached), on this machine's CPU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import random
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+
+def _fmt(x: float | None) -> str:
+    return "   —  " if x is None else f"{100 * x:5.1f}%"
+
+
+def table(scores, relations) -> str:
+    """An aligned text table: one row per relation, precision/recall column pairs per config."""
+    head1 = f"{'relation':<11}{'facts':>6} " + "".join(f"| {s.label:^23} " for s in scores)
+    head2 = f"{'':<11}{'':>6} " + "".join(f"| {'prec':>7} {'recall':>7} {'claims':>6} " for _ in scores)
+    lines = [head1, head2, "-" * len(head2)]
+    for r in list(relations) + ["all"]:
+        facts = scores[0].total.facts if r == "all" else scores[0].relations[r].facts
+        row = f"{r:<11}{facts:>6} "
+        for s in scores:
+            rs = s.total if r == "all" else s.relations[r]
+            row += f"| {_fmt(rs.precision):>7} {_fmt(rs.recall):>7} {rs.claims:>6} "
+        lines.append(row)
+    lines.append("-" * len(head2))
+    lines.append(f"{'edges/entity':<18}" + "".join(f"| {s.edges / max(1, s.entities):>23.1f} " for s in scores))
+    lines.append(f"{'unlabelled/entity':<18}" + "".join(f"| {s.unlabelled / max(1, s.entities):>23.1f} "
+                                                       for s in scores))
+    lines.append(f"{'latency p50/p90 ms':<18}" + "".join(f"| {f'{s.median_ms:.1f} / {s.p90_ms:.1f}':>23} "
+                                                        for s in scores))
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default=None, help="HF model directory (default: the embedded model)")
+    ap.add_argument("--vindex", type=Path, default=None, help="use this labelled vindex instead of extracting")
+    ap.add_argument("--triples", type=Path, default=None, help="facts TSV/JSON (default: the embedded facts)")
+    ap.add_argument("--sample", type=int, default=None, help="score a deterministic sample of N entities")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--dtype", default="f16", help="vindex storage dtype (f16 | f32)")
+    ap.add_argument("--sweep", action="store_true", help="also sweep the adaptive threshold")
+    ap.add_argument("--modes", default="embedding/ref,embedding/z,residual/z")
+    args = ap.parse_args(argv)
+
+    import torch
+
+    from modelql import defaults as D
+    from modelql.knowledge import describe
+    from modelql.knowledge.accuracy import facts_by_entity, score_describe
+    from modelql.knowledge.labels import label_vindex, load_triples
+    from modelql.vindex import Vindex, extract
+
+    torch.set_num_threads(args.threads)
+    tmp = None
+    if args.vindex is None:
+        tmp = tempfile.TemporaryDirectory(prefix="modelql-bench-describe-")
+        path = Path(tmp.name) / "default.vindex"
+        t0 = time.perf_counter()
+        extract(args.model or D.DEFAULT_MODEL_DIR, path, level="inference", dtype=args.dtype)
+        t1 = time.perf_counter()
+        rep = label_vindex(path, args.triples)
+        t2 = time.perf_counter()
+        print(f"extracted in {t1 - t0:.1f}s; probe-labelled {rep.new_labels} features from {rep.probes} probes "
+              f"in {t2 - t1:.1f}s ({', '.join(f'{r} {n}' for r, n in sorted(rep.per_relation.items()))})")
+    else:
+        path = args.vindex
+    vx = Vindex.load(path)
+
+    if args.triples is not None:
+        tri = load_triples(args.triples)
+        triples = [(s, r, o) for r, body in tri.items() for s, o in body["pairs"]]
+        relations = list(tri)
+    else:
+        triples = D.facts()
+        relations = list(D.RELATIONS)
+    truth = facts_by_entity(triples)
+    ents = sorted(truth)
+    if args.sample:
+        ents = sorted(random.Random(0).sample(ents, min(args.sample, len(ents))))
+
+    configs = {
+        "embedding/ref": dict(mode="embedding", threshold=5.0),
+        "embedding/z": dict(mode="embedding"),
+        "residual/z": dict(mode="residual"),
+    }
+    wanted = [m.strip() for m in args.modes.split(",") if m.strip()]
+    scores = []
+    for name in wanted:
+        kw = configs[name]
+        if kw["mode"] == "residual" and not vx.has_weights:
+            print(f"skipping {name}: the vindex has no weights")
+            continue
+        describe(vx, ents[0], **kw)  # warm: model load, label cache, gate decode
+        scores.append(score_describe(lambda e, kw=kw: describe(vx, e, **kw), ents, truth, relations, label=name))
+    print(f"\nDESCRIBE precision / recall of labelled edges, {len(ents)} entities, model {vx.model}\n")
+    print(table(scores, relations))
+
+    if args.sweep:
+        from modelql.knowledge.describe import DEFAULT_MIN_Z
+
+        print(f"\nadaptive threshold sweep (residual mode; default z ≥ {DEFAULT_MIN_Z}):")
+        sweep = []
+        for z in (2.0, 3.0, 4.0, 5.0, 6.0, 8.0):
+            s = score_describe(lambda e, z=z: describe(vx, e, mode="residual", min_z=z), ents, truth, relations,
+                               label=f"z>={z:g}")
+            sweep.append(s)
+        print(table(sweep, relations))
+    if tmp is not None:
+        tmp.cleanup()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,296 @@
+"""DESCRIBE: what the model knows about an entity, as labelled edges (algorithms §5).
+
+Two query modes:
+
+* ``"embedding"`` — the reference's: the entity's mean scaled token embedding is compared with
+  the gates of every scanned layer. With ``threshold=5.0`` (``REFERENCE_THRESHOLD``) and the
+  default token filters this is LARQL's pipeline, for parity checks.
+* ``"residual"`` — modelql's, the default when the vindex has weights: the entity is run
+  through short neutral contexts (`queries.DEFAULT_CONTEXTS`) and each layer is queried with
+  its *own* FFN input `x_L` at the entity's last token (§15.2). A feature's strength is its
+  FFN activation `act(g·x)·(u·x)` there — what the feature actually writes, with the sign the
+  up projection gives it — so a gate that fires "backwards" is not reported as promoting its
+  top token (§15.3).
+
+Thresholds (``threshold=None``, the default) are scale-free (§15.1): each candidate is scored by
+its z-score within its own layer, `z = (s_f − mean(s)) / std(s)` over *all* F features of the
+layer for this query (s = gate scores in embedding mode, activations in residual mode). A
+feature must reach `z ≥ DEFAULT_MIN_Z`. z-scores do not depend on embedding scale or gate
+norms, so a model whose raw scores never reach 5.0 (small embedding norms: Llama/Mistral, or
+the embedded default model, where |g·q| < 1) still shows its edges. The value was chosen by
+measurement on the embedded model (``python bench/describe.py --sweep``): see the docstring of
+`DEFAULT_MIN_Z`. A numeric ``threshold`` switches to the reference's absolute signed gate score.
+
+Edges are aggregated by target token (lowercase), labelled (probe label, else cluster label),
+sorted by gate (descending) and bucketed into the band sections of the best layer.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Iterable, Sequence
+
+import torch
+
+from ..errors import ModelqlError
+from .labels import FeatureLabels, labels_for
+from .queries import entity_vector, residual_query
+from .rows import DescribeResult, Edge
+from .tokens import content, readable, same_token
+
+#: LARQL's absolute gate threshold (signed `g·q`), kept for parity (``threshold=5.0``).
+REFERENCE_THRESHOLD = 5.0
+#: Hits per layer (the reference's walk K).
+DEFAULT_K = 20
+#: The adaptive threshold, in per-layer z-score units. Measured on the embedded model over all
+#: countries (bench/describe.py --sweep): see the module docstring; chosen so the capital
+#: relation keeps both precision and recall ≥ 80 % in residual mode.
+DEFAULT_MIN_Z = 4.0
+#: Coherence floor of the reference (a hit with no content co-outputs but readable ones needs
+#: gate ≥ 20); in z units modelql uses `COHERENCE_FLOOR_Z`.
+COHERENCE_FLOOR = 20.0
+COHERENCE_FLOOR_Z = 8.0
+#: signal banner bands: (clean, moderate) minimum max-gate, per unit
+SIGNAL_BANDS = {"score": (20.0, 10.0), "z": (12.0, 8.0)}
+KNN_GATE_PER_CONFIDENCE = 10.0
+
+MODES = ("auto", "embedding", "residual")
+BANDS = ("syntax", "knowledge", "output", "all")
+
+
+class DescribeError(ModelqlError):
+    """A DESCRIBE argument is invalid (unknown mode or band, layer not loaded)."""
+
+
+def resolve_mode(vindex, mode: str | None) -> str:
+    """`auto` (or None) → residual when the vindex has weights, else embedding."""
+    m = (mode or "auto").lower()
+    if m not in MODES:
+        raise DescribeError(f"unknown DESCRIBE mode {mode!r} (use auto, embedding or residual)")
+    if m == "auto":
+        return "residual" if getattr(vindex, "has_weights", False) else "embedding"
+    return m
+
+
+def scan_layers(vindex, band: str | None = None, layer: int | None = None,
+                layers: Iterable[int] | None = None) -> list[int]:
+    """The layers a query scans: `layer` ⇒ {layer}; `layers` ⇒ those loaded; a band ⇒ the loaded
+    layers of that band (`all` ⇒ every loaded layer); nothing ⇒ every loaded layer."""
+    loaded = vindex.layers()
+    if layer is not None:
+        if layer not in loaded:
+            raise DescribeError(f"layer {layer} is not loaded (loaded: {_range_text(loaded)})")
+        return [layer]
+    if layers is not None:
+        want = set(layers)
+        return [l for l in loaded if l in want]
+    if band is None or band.lower() == "all":
+        return loaded
+    b = band.lower()
+    if b not in BANDS:
+        raise DescribeError(f"unknown band {band!r} (use syntax, knowledge, output or all)")
+    lo, hi = vindex.bands.get(b)
+    return [l for l in loaded if lo <= l <= hi]
+
+
+def _range_text(ls: Sequence[int]) -> str:
+    if not ls:
+        return "none"
+    return f"{ls[0]}-{ls[-1]}" if list(ls) == list(range(ls[0], ls[-1] + 1)) else ", ".join(map(str, ls))
+
+
+def section_of(vindex, layer: int) -> str:
+    """The DESCRIBE section of a layer: knowledge if the knowledge band holds it (so models whose
+    bands all cover every layer show one Edges section), else syntax, else output, else knowledge."""
+    b = vindex.bands
+    for name in ("knowledge", "syntax", "output"):
+        lo, hi = b.get(name)
+        if lo <= layer <= hi:
+            return name
+    return "knowledge"
+
+
+def signal_label(max_gate: float, unit: str) -> str:
+    clean, moderate = SIGNAL_BANDS[unit]
+    if max_gate >= clean:
+        return "clean"
+    if max_gate >= moderate:
+        return "moderate"
+    return "diffuse"
+
+
+@dataclass
+class _Hit:
+    layer: int
+    feature: int
+    score: float  # raw signed gate score g·q (residual mode: g·x_L)
+    z: float
+    gate: float  # in the result's unit
+
+
+def _layer_hits(scores: torch.Tensor, ranking: torch.Tensor, layer: int, k: int, unit: str,
+                raw: torch.Tensor) -> list[_Hit]:
+    """Top-k of `ranking` by |value| (ties → lower index), with z-scores of `ranking`."""
+    from ..vindex.vindex import topk_abs
+
+    mu = ranking.mean()
+    sd = ranking.std().clamp_min(1e-12)
+    idx = topk_abs(ranking, k).tolist()
+    out = []
+    for f in idx:
+        z = float((ranking[f] - mu) / sd)
+        s = float(raw[f])
+        out.append(_Hit(layer, f, s, z, z if unit == "z" else s))
+    return out
+
+
+def describe(
+    vindex,
+    entity: str,
+    *,
+    mode: str | None = "auto",
+    band: str | None = None,
+    layer: int | None = None,
+    layers: Iterable[int] | None = None,
+    relations_only: bool = False,
+    threshold: float | None = None,
+    min_z: float = DEFAULT_MIN_Z,
+    k: int = DEFAULT_K,
+    token_filter: str = "content",
+    probe_only: bool = False,
+    model=None,
+    contexts: Sequence[str] | None = None,
+    knn_entries: Iterable | None = None,
+    labels: FeatureLabels | None = None,
+) -> DescribeResult:
+    """DESCRIBE `entity` on `vindex`; returns every edge (uncapped; see `DescribeResult.sections`).
+
+    mode: "auto" (residual with weights, else embedding), "embedding", "residual".
+    band / layer / layers: which layers to scan (default all loaded layers).
+    threshold: None = adaptive (`z ≥ min_z` in the hit's layer); a number = the reference's
+      absolute signed gate score (5.0 = LARQL).
+    token_filter: "content" (LQL: content tokens, coherence filter) or "light" (the server
+      variant: any token of ≥ 2 chars).
+    probe_only: only probe labels count (the server variant); else cluster labels are the fallback.
+    knn_entries: KNN-store facts (objects with entity, relation, target_token / target_id,
+      confidence, layer) appended as edges when their entity matches.
+    """
+    t0 = time.perf_counter()
+    if k < 1:
+        raise DescribeError("k must be at least 1")
+    if token_filter not in ("content", "light"):
+        raise DescribeError(f"unknown token filter {token_filter!r}")
+    m = resolve_mode(vindex, mode)
+    scanned = scan_layers(vindex, band, layer, layers)
+    unit = "score" if threshold is not None else "z"
+    thr = float(threshold) if threshold is not None else float(min_z)
+    bands = {name: tuple(vindex.bands.get(name)) for name in ("syntax", "knowledge", "output")}
+    base = dict(entity=entity, model=vindex.model, mode=m, layers=tuple(scanned), bands=bands, unit=unit,
+                threshold=thr, relations_only=relations_only)
+
+    hits: list[_Hit] = []
+    used_contexts: tuple[str, ...] = ()
+    if m == "embedding":
+        q = entity_vector(vindex, entity) if entity.strip() else None
+        if q is None:
+            return DescribeResult(found=False, edges=(), max_gate=0.0, signal="diffuse",
+                                  latency_ms=(time.perf_counter() - t0) * 1e3, **base)
+        for L in scanned:
+            s = vindex.gate_scores(L, q)
+            hits += _layer_hits(s, s, L, k, unit, s)
+    else:
+        rq = residual_query(vindex, entity, model=model, contexts=contexts, layers=scanned)
+        if rq is None:
+            return DescribeResult(found=False, edges=(), max_gate=0.0, signal="diffuse",
+                                  latency_ms=(time.perf_counter() - t0) * 1e3, **base)
+        used_contexts = rq.contexts
+        for L in scanned:
+            s = vindex.gate_scores(L, rq.x[L])
+            a = rq.act[L]
+            ranking = a if a.numel() == s.numel() else s
+            hits += _layer_hits(s, ranking, L, k, unit, s)
+
+    labs = labels if labels is not None else labels_for(vindex)
+    edges = _aggregate(vindex, entity, hits, thr, unit, token_filter, labs, probe_only)
+    edges += _knn_edges(vindex, entity, knn_entries, labs)
+    if relations_only:
+        edges = [e for e in edges if e.relation]
+    edges.sort(key=lambda e: (-e.gate, e.layer, e.feature))
+    max_gate = max([0.0] + [e.gate for e in edges])
+    return DescribeResult(found=True, edges=tuple(edges), max_gate=max_gate, signal=signal_label(max_gate, unit),
+                          contexts=used_contexts, latency_ms=(time.perf_counter() - t0) * 1e3, **base)
+
+
+def _aggregate(vindex, entity: str, hits: list[_Hit], thr: float, unit: str, token_filter: str,
+               labs: FeatureLabels, probe_only: bool) -> list[Edge]:
+    ent = entity.strip().lower()
+    floor = COHERENCE_FLOOR if unit == "score" else COHERENCE_FLOOR_Z
+    groups: dict[str, dict] = {}
+    order: list[str] = []
+    for h in hits:  # layer ascending, then KNN order
+        if h.gate < thr:
+            continue
+        meta = vindex.feature_meta(h.layer, h.feature)
+        if meta is None:
+            continue
+        top = meta.top_token.strip()
+        if token_filter == "content":
+            if not content(top) or top.lower() == ent:
+                continue
+            also_readable = [t.strip() for t, _i, v in meta.top_k
+                             if v > 0 and not same_token(t, top) and t.strip().lower() != ent and readable(t)][:5]
+            also = [t for t in also_readable if content(t)][:3]
+            if not also and also_readable and h.gate < floor:
+                continue
+        else:
+            if len(top) < 2 or top.lower() == ent:
+                continue
+            also_readable = []
+            also = [t.strip() for t, _i, v in meta.top_k
+                    if v > 0 and len(t.strip()) >= 2 and not same_token(t, top) and t.strip().lower() != ent][:3]
+        key = top.lower()
+        g = groups.get(key)
+        if g is None:
+            groups[key] = g = dict(target=top, target_id=meta.top_token_id, best=h, c_score=meta.c_score,
+                                   also=tuple(also), also_readable=tuple(also_readable), layers=set(), count=0)
+            order.append(key)
+        g["layers"].add(h.layer)
+        g["count"] += 1
+        if h.gate > g["best"].gate:
+            g["best"] = h
+            g["c_score"] = meta.c_score
+    out = []
+    for key in order:
+        g = groups[key]
+        b: _Hit = g["best"]
+        got = labs.get(b.layer, b.feature)
+        if got is not None and probe_only and got[1] != "probe":
+            got = None
+        out.append(Edge(
+            target=g["target"], target_id=g["target_id"], gate=b.gate, score=b.score, z=b.z, layer=b.layer,
+            feature=b.feature, layers=tuple(sorted(g["layers"])), count=g["count"], c_score=g["c_score"],
+            also=g["also"], also_readable=g["also_readable"], relation=got[0] if got else None,
+            source=got[1] if got else None, band=section_of(vindex, b.layer),
+        ))
+    return out
+
+
+def _knn_edges(vindex, entity: str, entries: Iterable | None, labs: FeatureLabels) -> list[Edge]:
+    if not entries:
+        return []
+    out = []
+    for e in entries:
+        if not same_token(str(getattr(e, "entity", "")), entity):
+            continue
+        conf = float(getattr(e, "confidence", 1.0))
+        target = str(getattr(e, "target_token", None) or getattr(e, "target", ""))
+        layer = int(getattr(e, "layer", 0))
+        rel = str(getattr(e, "relation", "") or "")
+        gate = conf * KNN_GATE_PER_CONFIDENCE
+        out.append(Edge(
+            target=target.strip(), target_id=int(getattr(e, "target_id", 0)), gate=gate, score=gate, z=gate,
+            layer=layer, feature=-1, layers=(layer,), count=1, c_score=conf, also=(f"[knn:{rel}]",),
+            relation=rel or None, source="knn", band=section_of(vindex, layer),
+        ))
+    return out

@@ -1,0 +1,539 @@
+"""Relation labels of features (algorithms §6): probe labels, cluster labels, and their lookup.
+
+* **Probe labels** (`feature_labels.json`, "probe-confirmed"): every (subject, object) pair of a
+  triples file is run through its relation's template; a feature that fires on the template's
+  FFN input and whose output tokens contain the object scores a hit for that relation; a feature
+  whose hits agree (≥ 2, majority) gets the relation as label. `probe_label()`.
+* **Cluster labels** (`relation_clusters.json` + `feature_clusters.jsonl`, §6.2): the fallback,
+  computed at extraction by `modelql.vindex.clusters`; `relabel_clusters()` re-labels them from a
+  triples file.
+* `FeatureLabels` / `labels_for(vindex)`: label of a feature = probe label, else its cluster
+  label, else none — cached per vindex and reloaded when the files change.
+
+modelql's differences from the reference (§15.1, §15.7): the probe captures the FFN input `x_L`
+(not the block output), and "fires" is decided per layer by a scale-free z-score of the
+feature's FFN *activation* `act(g·x)·(u·x)` among all features of the layer (instead of
+`|g·x| ≥ 5.0`), so labelling works on models with any embedding/gate scale, and features that a
+negative gate switches off are not credited (§15.3). See `DEFAULT_MIN_Z`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import threading
+import time
+import weakref
+from collections import Counter, defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Mapping, Sequence
+
+import torch
+
+from ..errors import ModelqlError, VindexError
+from ..vindex.clusters import CLUSTERS_FILE, FEATURE_CLUSTERS_FILE, forms, read_clusters
+
+LABELS_FILE = "feature_labels.json"
+PROBE_META_FILE = "probe_meta.json"
+
+#: The reference's 13 default templates (algorithms §6.1).
+REFERENCE_TEMPLATES: dict[str, str] = {
+    "capital": "The capital of {X} is",
+    "language": "The official language of {X} is",
+    "continent": "{X} is a country in",
+    "borders": "{X} shares a border with",
+    "occupation": "{X} was a",
+    "birthplace": "{X} was born in",
+    "currency": "The currency of {X} is",
+    "located_in": "{X} is located in",
+    "author": "{X} was written by",
+    "director": "{X} was directed by",
+    "genre": "The genre of {X} is",
+    "founder": "{X} was founded by",
+    "nationality": "{X} has the nationality of",
+}
+
+TOP_K_PER_LAYER = 50
+#: A probed feature "fires" when its activation's z-score within its layer reaches this.
+#: Measured on the embedded model (bench/describe.py --sweep): 3.0 keeps label precision high
+#: while labelling most fact features; the reference's |g·x| ≥ 5.0 labels nothing there.
+DEFAULT_MIN_Z = 3.0
+MIN_HITS = 2
+PRED_TOP = 20
+PRED_SCAN = 10
+PRED_MIN_PROB = 0.01
+PRED_LAST_LAYERS = 4
+
+_KEY_RE = None
+
+
+class LabelError(ModelqlError):
+    """A triples or templates file is missing or malformed."""
+
+
+# ---------------------------------------------------------------------------------------------
+# atomic writes
+# ---------------------------------------------------------------------------------------------
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """Write `text` to `path` via a temp file in the same directory and a rename."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            fh.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+# ---------------------------------------------------------------------------------------------
+# reading labels
+# ---------------------------------------------------------------------------------------------
+
+
+def _parse_key(key: str) -> tuple[int, int] | None:
+    global _KEY_RE
+    if _KEY_RE is None:
+        import re
+
+        _KEY_RE = re.compile(r"^L(\d+)_F(\d+)$")
+    m = _KEY_RE.match(key)
+    return (int(m.group(1)), int(m.group(2))) if m else None
+
+
+def read_probe_labels(directory: str | Path) -> dict[tuple[int, int], str]:
+    """`feature_labels.json` as {(layer, feature): relation}; bad keys and non-string values ignored."""
+    p = Path(directory) / LABELS_FILE
+    try:
+        data = json.loads(p.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return {}
+    except (OSError, ValueError) as exc:
+        raise VindexError(f"{p} is not valid JSON ({exc})") from None
+    if not isinstance(data, dict):
+        return {}
+    out = {}
+    for k, v in data.items():
+        key = _parse_key(str(k))
+        if key is not None and isinstance(v, str) and v:
+            out[key] = v
+    return out
+
+
+@dataclass
+class FeatureLabels:
+    """All labels of a vindex: probe labels first, then cluster labels."""
+
+    probe: dict[tuple[int, int], str] = field(default_factory=dict)
+    cluster_of: dict[tuple[int, int], int] = field(default_factory=dict)
+    cluster_labels: list[str] = field(default_factory=list)
+    cluster_counts: list[int] = field(default_factory=list)
+    cluster_top_tokens: list[list[str]] = field(default_factory=list)
+    stamp: tuple = ()
+
+    def get(self, layer: int, feature: int) -> tuple[str, str] | None:
+        """(relation, source) with source "probe" or "cluster", or None."""
+        rel = self.probe.get((layer, feature))
+        if rel:
+            return rel, "probe"
+        c = self.cluster_of.get((layer, feature))
+        if c is not None and 0 <= c < len(self.cluster_labels):
+            lab = self.cluster_labels[c]
+            if lab:
+                return lab, "cluster"
+        return None
+
+    def label(self, layer: int, feature: int) -> str | None:
+        got = self.get(layer, feature)
+        return got[0] if got else None
+
+    @property
+    def has_probe(self) -> bool:
+        return bool(self.probe)
+
+    def probe_relations(self) -> Counter:
+        return Counter(self.probe.values())
+
+
+def _stamp(directory: Path) -> tuple:
+    out = []
+    for name in (LABELS_FILE, CLUSTERS_FILE, FEATURE_CLUSTERS_FILE):
+        try:
+            st = (directory / name).stat()
+            out.append((name, st.st_mtime_ns, st.st_size))
+        except OSError:
+            out.append((name, None, None))
+    return tuple(out)
+
+
+def read_labels(directory: str | Path) -> FeatureLabels:
+    d = Path(directory)
+    stamp = _stamp(d)
+    probe = read_probe_labels(d)
+    cl = read_clusters(d)
+    if cl is None:
+        return FeatureLabels(probe=probe, stamp=stamp)
+    return FeatureLabels(
+        probe=probe, cluster_of={(l, f): c for l, f, c in cl.assignments}, cluster_labels=cl.labels,
+        cluster_counts=cl.counts, cluster_top_tokens=cl.top_tokens, stamp=stamp,
+    )
+
+
+_cache: "weakref.WeakKeyDictionary[object, FeatureLabels]" = weakref.WeakKeyDictionary()
+_cache_lock = threading.Lock()
+
+
+def labels_for(vindex) -> FeatureLabels:
+    """The labels of an opened vindex (cached; reread when a label file changes)."""
+    d = Path(vindex.path)
+    stamp = _stamp(d)
+    with _cache_lock:
+        got = _cache.get(vindex)
+        if got is not None and got.stamp == stamp:
+            return got
+    labels = read_labels(d)
+    with _cache_lock:
+        _cache[vindex] = labels
+    return labels
+
+
+# ---------------------------------------------------------------------------------------------
+# triples and templates
+# ---------------------------------------------------------------------------------------------
+
+
+def load_triples(path: str | Path) -> dict[str, dict[str, list[list[str]]]]:
+    """Read a triples file: JSON `{relation: {"pairs": [[s, o], ...]}}` (or `{relation: [[s, o]]}`),
+    or a TSV with columns entity/relation/target (header optional)."""
+    p = Path(path)
+    try:
+        text = p.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise LabelError(f"triples file {p} does not exist") from None
+    except OSError as exc:
+        raise LabelError(f"cannot read {p}: {exc.strerror or exc}") from None
+    is_json = p.suffix.lower() == ".json" or text.lstrip()[:1] in ("{", "[")
+    if not is_json:
+        sep = "," if p.suffix.lower() == ".csv" else "\t"
+        out: dict[str, dict[str, list[list[str]]]] = {}
+        for n, line in enumerate(text.splitlines(), 1):
+            if not line.strip():
+                continue
+            parts = [x.strip() for x in line.split(sep)]
+            if len(parts) != 3:
+                raise LabelError(f"{p}:{n}: expected 3 columns (entity, relation, target)")
+            if n == 1 and [x.lower() for x in parts] in (["entity", "relation", "target"],
+                                                          ["subject", "relation", "object"]):
+                continue
+            e, r, t = parts
+            out.setdefault(r, {"pairs": []})["pairs"].append([e, t])
+        return out
+    try:
+        data = json.loads(text)
+    except ValueError as exc:
+        raise LabelError(f"{p} is not valid JSON ({exc})") from None
+    return normalise_triples(data, where=str(p))
+
+
+def normalise_triples(data: Any, where: str = "triples") -> dict[str, dict[str, list[list[str]]]]:
+    if not isinstance(data, dict):
+        raise LabelError(f"{where}: expected an object {{relation: {{\"pairs\": [[subject, object], ...]}}}}")
+    out = {}
+    for rel, body in data.items():
+        pairs = body.get("pairs") if isinstance(body, dict) else body
+        if not isinstance(pairs, list):
+            raise LabelError(f"{where}: relation {rel!r} has no pairs list")
+        clean = []
+        for pair in pairs:
+            if not isinstance(pair, (list, tuple)) or len(pair) < 2:
+                raise LabelError(f"{where}: relation {rel!r}: each pair must be [subject, object]")
+            clean.append([str(pair[0]), str(pair[1])])
+        out[str(rel)] = {"pairs": clean}
+    return out
+
+
+def default_triples() -> dict[str, dict[str, list[list[str]]]]:
+    """The embedded default model's facts (the default probe set)."""
+    from .. import defaults
+
+    return defaults.triples_json()
+
+
+def default_templates(relations: Iterable[str]) -> dict[str, list[str]]:
+    """One template per relation: the reference's default, else the embedded model's canonical
+    training template, else the canonical INSERT phrasing "The <relation> of {X} is"."""
+    from .. import defaults
+
+    out = {}
+    for r in relations:
+        if r in REFERENCE_TEMPLATES:
+            out[r] = [REFERENCE_TEMPLATES[r]]
+        elif r in defaults.TRAIN_TEMPLATES:
+            out[r] = [defaults.TRAIN_TEMPLATES[r][0]]
+        else:
+            out[r] = ["The " + r.replace("-", " ").replace("_", " ") + " of {X} is"]
+    return out
+
+
+def load_templates(path: str | Path) -> dict[str, list[str]]:
+    """A templates JSON file: `{relation: "template"}` or `{relation: ["t1", "t2"]}`, `{X}` = subject."""
+    p = Path(path)
+    try:
+        data = json.loads(p.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise LabelError(f"templates file {p} does not exist") from None
+    except (OSError, ValueError) as exc:
+        raise LabelError(f"cannot read templates {p}: {exc}") from None
+    if not isinstance(data, dict):
+        raise LabelError(f"{p}: expected an object {{relation: template}}")
+    out = {}
+    for r, t in data.items():
+        ts = [t] if isinstance(t, str) else list(t) if isinstance(t, list) else []
+        ts = [str(x) for x in ts if isinstance(x, str) and "{X}" in x]
+        if not ts:
+            raise LabelError(f"{p}: relation {r!r} needs a template containing {{X}}")
+        out[str(r)] = ts
+    return out
+
+
+def match_index(triples: Mapping[str, Any]) -> dict[tuple[str, str], str]:
+    """Key `(lower(subject), form)` → relation, first relation wins (§6.1 step 1)."""
+    idx: dict[tuple[str, str], str] = {}
+    for rel, body in triples.items():
+        for s, o in body["pairs"]:
+            sl = s.strip().lower()
+            for f in forms(o):
+                idx.setdefault((sl, f), rel)
+    return idx
+
+
+# ---------------------------------------------------------------------------------------------
+# probe labelling
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ProbeResult:
+    labels: dict[tuple[int, int], str]  # new labels of this run
+    hits: dict[tuple[int, int], dict[str, int]]
+    prompts: int
+    layers: tuple[int, ...]
+    seconds: float
+    written: Path | None = None
+    per_relation: dict[str, int] = field(default_factory=dict)
+
+
+def _subjects(pairs: Sequence[Sequence[str]]) -> list[str]:
+    subs = sorted({s for s, _o in pairs if 2 <= len(s) <= 30}, key=lambda s: (len(s.split()), len(s), s))
+    return subs
+
+
+def probe_features(vindex, triples: Mapping[str, Any], templates: Mapping[str, Sequence[str]] | None = None,
+                   model=None, layers: Sequence[int] | None = None, min_z: float = DEFAULT_MIN_Z,
+                   top_k: int = TOP_K_PER_LAYER, max_subjects: int | None = None,
+                   batch_size: int = 64) -> ProbeResult:
+    """Probe labelling (§6.1) of `vindex` with `triples`; returns the new labels (writes nothing).
+
+    Per (subject, template) prompt: forward pass capturing, per scanned layer, the FFN input
+    and activations at the last position; the layer's top-`top_k` features by |activation| whose
+    activation z-score is ≥ `min_z` and whose down top-k tokens contain a form of the subject's
+    object for that relation score one hit; a correct prediction in the model's top 10 adds a
+    hit to the strongest feature of each of the last 4 scanned layers. Labels need ≥ 2 hits and
+    a majority.
+    """
+    from .queries import model_for
+
+    t0 = time.perf_counter()
+    triples = normalise_triples(triples)
+    tmpl = dict(templates) if templates else default_templates(triples.keys())
+    index = match_index(triples)
+    m = model_for(vindex, model)
+    tok = m.tokenizer if m.tokenizer is not None else vindex.tokenizer
+    n_layers = m.spec.num_layers
+    if layers is None:
+        lo, hi = vindex.bands.knowledge
+        layers = [l for l in vindex.layers() if lo <= l <= hi]
+    layers = sorted(set(l for l in layers if 0 <= l < n_layers))
+    if not layers:
+        raise LabelError("no layers to probe")
+    # feature token forms, per layer: [(lowercased tokens of length ≥ 2)]
+    feat_tokens: dict[int, list[tuple[str, ...]]] = {}
+    for L in layers:
+        toks = []
+        for f in range(vindex.num_features(L)):
+            meta = vindex.feature_meta(L, f)
+            toks.append(tuple(t.strip().lower() for t, _i, _v in meta.top_k if len(t.strip()) >= 2) if meta else ())
+        feat_tokens[L] = toks
+    prompts: list[tuple[str, str, list[int]]] = []  # (relation, subject, ids)
+    for rel, body in triples.items():
+        subs = _subjects(body["pairs"])
+        if max_subjects is not None:
+            subs = subs[:max_subjects]
+        for t in tmpl.get(rel, []):
+            for s in subs:
+                ids = tok.encode(t.replace("{X}", s), add_special_tokens=True)
+                if ids:
+                    prompts.append((rel, s, ids))
+    hits: dict[tuple[int, int], Counter] = defaultdict(Counter)
+    names = [f"blocks.{L}.mlp.hook_post" for L in layers]
+    vocab_cache: dict[int, str] = {}
+
+    def tok_text(i: int) -> str:
+        s = vocab_cache.get(i)
+        if s is None:
+            s = tok.decode([i], skip_special_tokens=True).strip().lower()
+            vocab_cache[i] = s
+        return s
+
+    # batch prompts of equal length (the runtime has no padding)
+    by_len: dict[int, list[int]] = defaultdict(list)
+    for i, (_r, _s, ids) in enumerate(prompts):
+        by_len[len(ids)].append(i)
+    for _n, idxs in sorted(by_len.items()):
+        for b in range(0, len(idxs), batch_size):
+            chunk = idxs[b:b + batch_size]
+            ids = torch.tensor([prompts[i][2] for i in chunk])
+            cache: dict[str, torch.Tensor] = {}
+
+            def grab(t: torch.Tensor, n: str, _c=cache) -> None:
+                _c[n] = t[:, -1].detach().float().clone()
+
+            logits = m.forward(ids, hooks={n: grab for n in names}, logits="last")
+            for row, i in enumerate(chunk):
+                rel, subj, _ids = prompts[i]
+                sl = subj.strip().lower()
+                strongest = {}
+                for L in layers:
+                    a = cache[f"blocks.{L}.mlp.hook_post"][row]
+                    mu, sd = a.mean(), a.std()
+                    z = (a - mu) / sd.clamp_min(1e-12)
+                    k = min(top_k, a.numel())
+                    top = torch.topk(a.abs(), k).indices.tolist()
+                    strongest[L] = int(torch.argmax(a.abs()))
+                    for f in top:
+                        if float(z[f]) < min_z:
+                            continue
+                        for t in feat_tokens[L][f]:
+                            if index.get((sl, t)) == rel:
+                                hits[(L, f)][rel] += 1
+                                break
+                # prediction matching
+                lg = logits[row].double()
+                vals, pidx = torch.topk(lg, min(PRED_TOP, lg.numel()))
+                probs = torch.softmax(vals, dim=0)
+                for p, tid in zip(probs.tolist()[:PRED_SCAN], pidx.tolist()[:PRED_SCAN]):
+                    t = tok_text(tid)
+                    if p < PRED_MIN_PROB or len(t) < 2:
+                        continue
+                    if index.get((sl, t)) == rel:
+                        for L in layers[-PRED_LAST_LAYERS:]:
+                            hits[(L, strongest[L])][rel] += 1
+                        break
+    labels = {}
+    for key, c in hits.items():
+        rel, n = sorted(c.items(), key=lambda x: (-x[1], x[0]))[0]
+        if n >= MIN_HITS and n / sum(c.values()) > 0.5:
+            labels[key] = rel
+    return ProbeResult(labels=labels, hits={k: dict(v) for k, v in hits.items()}, prompts=len(prompts),
+                       layers=tuple(layers), seconds=time.perf_counter() - t0,
+                       per_relation=dict(Counter(labels.values())))
+
+
+def write_probe_labels(directory: str | Path, result: ProbeResult, templates: Mapping[str, Sequence[str]],
+                       model_id: str, min_z: float = DEFAULT_MIN_Z, replace: bool = False) -> Path:
+    """Merge `result.labels` into `feature_labels.json` (new keys overwrite; `replace` drops the
+    old ones) and write `probe_meta.json`; both atomically."""
+    d = Path(directory)
+    existing = {} if replace else read_probe_labels(d)
+    existing.update(result.labels)
+    ordered = {f"L{l}_F{f}": r for (l, f), r in sorted(existing.items())}
+    atomic_write_text(d / LABELS_FILE, json.dumps(ordered, indent=2) + "\n")
+    meta = {
+        "model": model_id,
+        "capture": "ffn_input",
+        "score": "activation_z",
+        "probes": result.prompts,
+        "labels": len(result.labels),
+        "total_labels": len(ordered),
+        "per_relation": dict(sorted(result.per_relation.items())),
+        "layers": list(result.layers),
+        "templates": {r: list(t) for r, t in templates.items()},
+        "top_k_per_layer": TOP_K_PER_LAYER,
+        "min_gate_score": None,
+        "min_z": min_z,
+        "seconds": round(result.seconds, 2),
+    }
+    atomic_write_text(d / PROBE_META_FILE, json.dumps(meta, indent=2) + "\n")
+    return d / LABELS_FILE
+
+
+def relabel_clusters(vindex, triples: Mapping[str, Any]) -> int:
+    """Re-label the vindex's existing clusters with triples matching (§6.2 step 5a) and rewrite
+    `relation_clusters.json`; returns how many clusters got a relation (0 if there are none)."""
+    from ..vindex.clusters import label_clusters, write_clusters
+
+    cl = read_clusters(vindex.path)
+    if cl is None or cl.k == 0 or not cl.assignments:
+        return 0
+    import numpy as np
+
+    keys = [(l, f) for l, f, _c in cl.assignments]
+    assign = np.asarray([c for _l, _f, c in cl.assignments], dtype=np.int64)
+    members = []
+    for l, f in keys:
+        meta = vindex.feature_meta(l, f)
+        members.append((meta.top_token, [t for t, _i, _v in meta.top_k]) if meta else ("", []))
+    labels, top_tokens, sources = label_clusters(vindex, assign, cl.k, members, triples=triples)
+    cl.labels, cl.top_tokens, cl.sources = labels, top_tokens, sources
+    write_clusters(vindex.path, cl)
+    return sum(1 for s in sources if s == "triples")
+
+
+@dataclass(frozen=True)
+class LabelReport:
+    path: Path
+    probes: int
+    new_labels: int
+    total_labels: int
+    per_relation: dict[str, int]
+    clusters_relabelled: int
+    seconds: float
+
+
+def label_vindex(path: str | Path, triples: str | Path | Mapping[str, Any] | None = None,
+                 templates: str | Path | Mapping[str, Sequence[str]] | None = None, *,
+                 min_z: float = DEFAULT_MIN_Z, replace: bool = False, clusters: bool = True,
+                 layers: Sequence[int] | None = None) -> LabelReport:
+    """`modelql label VINDEX --triples FILE`: probe-label a vindex with weights and write
+    `feature_labels.json` + `probe_meta.json`; also re-label its clusters from the triples."""
+    from ..vindex import Vindex
+
+    t0 = time.perf_counter()
+    vx = Vindex.load(path)
+    if triples is None:
+        tri = default_triples()
+    elif isinstance(triples, Mapping):
+        tri = normalise_triples(triples)
+    else:
+        tri = load_triples(triples)
+    if not tri:
+        raise LabelError("the triples file holds no relations")
+    if templates is None:
+        tmpl = default_templates(tri.keys())
+    elif isinstance(templates, Mapping):
+        tmpl = {r: [t] if isinstance(t, str) else list(t) for r, t in templates.items()}
+    else:
+        tmpl = load_templates(templates)
+        for r, ts in default_templates(tri.keys()).items():
+            tmpl.setdefault(r, ts)
+    result = probe_features(vx, tri, tmpl, min_z=min_z, layers=layers)
+    written = write_probe_labels(vx.path, result, tmpl, vx.model, min_z=min_z, replace=replace)
+    n_cl = relabel_clusters(vx, tri) if clusters else 0
+    total = len(read_probe_labels(vx.path))
+    return LabelReport(path=written, probes=result.prompts, new_labels=len(result.labels), total_labels=total,
+                       per_relation=result.per_relation, clusters_relabelled=n_cl,
+                       seconds=time.perf_counter() - t0)

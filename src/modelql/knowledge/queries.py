@@ -1,0 +1,152 @@
+"""Query vectors (algorithms §4) and modelql's residual query mode.
+
+* **entity vector** `q = mean_{id ∈ enc(e, False), id < V} s·E[id]` — the reference's DESCRIBE /
+  SELECT query: one embedding compared against every layer's gates.
+* **walk vector** `q = s·E[last id of enc(prompt, True)]` — WALK, one token, no attention.
+* **residual query** (modelql): the entity is run through a few short neutral contexts and the
+  FFN input `x_L` (`blocks.{L}.ln2.hook_normalized`) is captured at the entity's last token for
+  every layer, so layer L's gates are queried with what layer L actually reads (§15.2). Each
+  layer gets the mean of its contexts' `x_L`; the FFN activations `act(G x) ⊙ U x`
+  (`blocks.{L}.mlp.hook_post`) are captured alongside.
+
+The model is loaded once per `Vindex` (from the vindex's own weights) and kept while the vindex
+lives; pass `model=` to use one already loaded.
+"""
+
+from __future__ import annotations
+
+import threading
+import weakref
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+
+from ..errors import CapabilityError, ModelqlError
+
+#: Neutral contexts of the residual mode. Causality makes everything after the entity
+#: irrelevant at the entity's position, so only the prefixes differ: "{X}" (sentence start,
+#: after BOS) and "about {X}" (mid-sentence, with the tokenizer's leading-space form).
+#: Chosen by measurement on the embedded model (bench/describe.py): see `describe` docs.
+DEFAULT_CONTEXTS: tuple[str, ...] = ("{X}", "about {X}")
+
+_models: "weakref.WeakKeyDictionary[object, object]" = weakref.WeakKeyDictionary()
+_models_lock = threading.Lock()
+
+
+class EmptyPromptError(ModelqlError):
+    """A WALK prompt that tokenises to nothing."""
+
+
+def entity_ids(vindex, entity: str) -> list[int]:
+    """`enc(entity, add_special_tokens=False)` restricted to ids < V."""
+    V = vindex.vocab_size
+    return [i for i in vindex.tokenizer.encode(entity, add_special_tokens=False) if 0 <= i < V]
+
+
+def entity_vector(vindex, entity: str) -> torch.Tensor | None:
+    """The reference's entity vector (mean of the scaled embeddings of its ids); None when the
+    entity tokenises to nothing ("(not found)")."""
+    ids = entity_ids(vindex, entity)
+    if not ids:
+        return None
+    E = vindex.embeddings()
+    return E[torch.tensor(ids)].mean(dim=0) * vindex.embed_scale
+
+
+def walk_vector(vindex, prompt: str) -> tuple[torch.Tensor, int]:
+    """(`s·E[last id]`, last id) of `enc(prompt, True)`; raises `EmptyPromptError("empty prompt")`."""
+    V = vindex.vocab_size
+    ids = [i for i in vindex.tokenizer.encode(prompt, add_special_tokens=True) if 0 <= i < V]
+    if not prompt.strip() or not ids:
+        raise EmptyPromptError("empty prompt")
+    tid = ids[-1]
+    return vindex.embedding(tid, scaled=True), tid
+
+
+def model_for(vindex, model=None):
+    """The runtime model of `vindex` (loaded from its weights once, then cached), or `model`.
+
+    Raises `CapabilityError` when the vindex has no weights and none was given.
+    """
+    if model is not None:
+        return model
+    with _models_lock:
+        m = _models.get(vindex)
+        if m is None:
+            if not getattr(vindex, "has_weights", False):
+                raise CapabilityError(
+                    f"residual mode needs model weights: {vindex.path.name} is a "
+                    f"{vindex.extract_level}-level vindex (re-extract with --level inference, or use mode embedding)"
+                )
+            m = vindex.load_model()
+            _models[vindex] = m
+    return m
+
+
+@dataclass(frozen=True)
+class ResidualQuery:
+    """Per-layer FFN inputs of an entity, averaged over its contexts."""
+
+    entity: str
+    contexts: tuple[str, ...]
+    x: dict[int, torch.Tensor]  # layer → mean x_L [H]
+    act: dict[int, torch.Tensor]  # layer → mean FFN activation [F]
+    per_context: dict[int, torch.Tensor]  # layer → [C, H]
+
+
+def _entity_position(tokenizer, text: str, end: int) -> int:
+    """Index of the last token of `text[:end]` in `enc(text, True)` (the entity's last token)."""
+    return len(tokenizer.encode(text[:end], add_special_tokens=True)) - 1
+
+
+def residual_query(vindex, entity: str, model=None, contexts: Sequence[str] | None = None,
+                   layers: Sequence[int] | None = None) -> ResidualQuery | None:
+    """Run `entity` through `contexts` and capture `x_L` and the FFN activations at its last token.
+
+    Returns None when the entity tokenises to nothing. Everything after the entity in a context
+    is dropped before the forward pass (causal attention: it cannot change the entity's position).
+    """
+    if not entity.strip() or not entity_ids(vindex, entity):
+        return None
+    m = model_for(vindex, model)
+    tok = m.tokenizer if m.tokenizer is not None else vindex.tokenizer
+    ctxs = tuple(contexts) if contexts else DEFAULT_CONTEXTS
+    n_layers = m.spec.num_layers
+    wanted = sorted(set(range(n_layers) if layers is None else (l for l in layers if 0 <= l < n_layers)))
+    names = set()
+    for L in wanted:
+        names.add(f"blocks.{L}.ln2.hook_normalized")
+        names.add(f"blocks.{L}.mlp.hook_post")
+    xs: dict[int, list[torch.Tensor]] = {L: [] for L in wanted}
+    acts: dict[int, list[torch.Tensor]] = {L: [] for L in wanted}
+    used: list[str] = []
+    for ctx in ctxs:
+        if "{X}" not in ctx:
+            raise ModelqlError(f"context {ctx!r} has no {{X}} placeholder")
+        text = ctx.replace("{X}", entity, 1)
+        end = ctx.index("{X}") + len(entity)
+        prefix = text[:end]
+        ids = tok.encode(prefix, add_special_tokens=True)
+        if not ids:
+            continue
+        pos = len(ids) - 1
+        cache: dict[str, torch.Tensor] = {}
+
+        def grab(t: torch.Tensor, n: str, _cache=cache, _pos=pos) -> None:
+            _cache[n] = t[0, _pos].detach().float().clone()
+
+        m.forward(torch.tensor([ids]), hooks={n: grab for n in names}, logits="none")
+        for L in wanted:
+            xs[L].append(cache[f"blocks.{L}.ln2.hook_normalized"])
+            acts[L].append(cache[f"blocks.{L}.mlp.hook_post"])
+        used.append(ctx)
+    if not used:
+        return None
+    per = {L: torch.stack(v) for L, v in xs.items()}
+    return ResidualQuery(
+        entity=entity, contexts=tuple(used),
+        x={L: v.mean(dim=0) for L, v in per.items()},
+        act={L: torch.stack(v).mean(dim=0) for L, v in acts.items()},
+        per_context=per,
+    )

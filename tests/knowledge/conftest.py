@@ -1,0 +1,87 @@
+"""Session fixtures: the embedded default model extracted (and probe-labelled) once per session.
+
+`MODELQL_TEST_DEFAULT_MODEL` points the fixtures at another model directory (for development
+before the embedded model is trained); without a model the tests that need one are skipped.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+
+def _model_dir() -> Path | None:
+    from modelql import defaults as D
+
+    p = Path(os.environ.get("MODELQL_TEST_DEFAULT_MODEL") or D.DEFAULT_MODEL_DIR)
+    return p if (p / "config.json").exists() else None
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _threads():
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(min(n, 2))
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="session")
+def model_dir() -> Path:
+    d = _model_dir()
+    if d is None:
+        pytest.skip("the embedded default model is not trained yet")
+    return d
+
+
+@pytest.fixture(scope="session")
+def vindex_root(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("knowledge")
+
+
+@pytest.fixture(scope="session")
+def unlabelled_path(model_dir, vindex_root) -> Path:
+    """The default model at level inference (f32) with clusters but no probe labels."""
+    from modelql.vindex import extract
+
+    out = vindex_root / "unlabelled.vindex"
+    extract(model_dir, out, level="inference", dtype="f32")
+    return out
+
+
+@pytest.fixture(scope="session")
+def labelled_path(unlabelled_path, vindex_root) -> Path:
+    """A copy of `unlabelled_path` probe-labelled with the embedded facts (`modelql label`)."""
+    import shutil
+
+    from modelql.knowledge.labels import label_vindex
+
+    out = vindex_root / "labelled.vindex"
+    shutil.copytree(unlabelled_path, out)
+    label_vindex(out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def vx(labelled_path):
+    from modelql.vindex import Vindex
+
+    return Vindex.load(labelled_path)
+
+
+@pytest.fixture(scope="session")
+def browse_vx(model_dir, labelled_path, vindex_root):
+    """The default model at level browse (f16) with the probe labels of `labelled_path`: no
+    weights, so DESCRIBE defaults to embedding mode."""
+    import shutil
+
+    from modelql.knowledge.labels import LABELS_FILE
+    from modelql.vindex import Vindex, extract
+
+    out = vindex_root / "browse.vindex"
+    extract(model_dir, out, level="browse", dtype="f16")
+    shutil.copyfile(labelled_path / LABELS_FILE, out / LABELS_FILE)
+    return Vindex.load(out)
