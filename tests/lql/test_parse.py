@@ -168,7 +168,8 @@ CASES: list[tuple[str, Statement]] = [
     (INS + " CONFIDENCE 1", ins(confidence=1.0)),
     (INS + " CONFIDENCE 0.95", ins(confidence=0.95)),
     (INS + " ALPHA 0.1", ins(alpha=0.1)),
-    (INS + " MODE KNN", ins()),
+    (INS + " MODE KNN", ins(mode=InsertMode.KNN)),
+    (INS + " mode memit", ins(mode=InsertMode.MEMIT)),
     (INS + " MODE COMPOSE", ins(mode=InsertMode.COMPOSE)),
     (INS + " MODE = compose ALPHA 0.25 CONFIDENCE 0.9 AT LAYER 20;",
      ins(layer=20, confidence=0.9, alpha=0.25, mode=InsertMode.COMPOSE)),
@@ -299,7 +300,8 @@ REBALANCE FLOOR CEILING MAX UNTIL CONVERGED COMPACT STATUS""".split()
 
 def test_reserved_words_are_the_specs():
     assert KEYWORDS == frozenset(SPEC_RESERVED)
-    assert CONTEXTUAL_WORDS == {"VINDEX", "MINOR", "MAJOR", "FULL", "LAMBDA", "LAST", "ENTITY", "TARGET"}
+    # the spec's contextual words, plus modelql's MODE MEMIT
+    assert CONTEXTUAL_WORDS == {"VINDEX", "MINOR", "MAJOR", "FULL", "LAMBDA", "LAST", "ENTITY", "TARGET", "MEMIT"}
 
 
 def test_statement_keywords_are_what_the_grammar_accepts_first():
@@ -359,7 +361,8 @@ def test_printer_output_is_canonical():
         'WALK "p" TOP 7 LAYERS 0-3 MODE PURE COMPARE'
     assert to_lql(parse("describe 'a\"b' verbose knowledge")) == 'DESCRIBE "a\\"b" KNOWLEDGE VERBOSE'
     assert to_lql(parse("stats |> show models"), semicolon=True) == "STATS |> SHOW MODELS;"
-    assert to_lql(parse(INS + " MODE KNN")) == INS
+    assert to_lql(parse(INS)) == INS
+    assert to_lql(parse(INS + " mode = knn")) == INS + " MODE KNN"
 
 
 @pytest.mark.parametrize("value,text", [

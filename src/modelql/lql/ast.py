@@ -74,10 +74,13 @@ class WalkMode(enum.Enum):
 
 
 class InsertMode(enum.Enum):
-    """INSERT ... MODE m: KNN (retrieval override, default) or COMPOSE (weights edit)."""
+    """INSERT ... MODE m: KNN (retrieval override), COMPOSE (feature-slot install) or MEMIT
+    (modelql: weight-level edit of the down projection). No MODE clause = None: the executor
+    applies the default mode (``modelql.knowledge.edit.DEFAULT_MODE``)."""
 
     KNN = "KNN"
     COMPOSE = "COMPOSE"
+    MEMIT = "MEMIT"
 
 
 class MergeConflict(enum.Enum):
@@ -410,8 +413,8 @@ class Trace(Statement):
 @dataclass(frozen=True, slots=True)
 class Insert(Statement):
     """``INSERT INTO EDGES (entity, relation, target) VALUES ("e", "r", "t") {AT LAYER n |
-    CONFIDENCE x | ALPHA x | MODE [=] KNN|COMPOSE}``. Absent numbers are None (the executor
-    applies the mode's defaults)."""
+    CONFIDENCE x | ALPHA x | MODE [=] KNN|COMPOSE|MEMIT}``. Absent numbers and an absent MODE
+    are None (the executor applies the defaults)."""
 
     entity: str
     relation: str
@@ -419,7 +422,7 @@ class Insert(Statement):
     layer: int | None = None
     confidence: float | None = None
     alpha: float | None = None
-    mode: InsertMode = InsertMode.KNN
+    mode: InsertMode | None = None
 
 
 @dataclass(frozen=True, slots=True)

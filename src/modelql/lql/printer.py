@@ -267,7 +267,7 @@ def _insert(s: ast.Insert) -> str:
         w.add("CONFIDENCE", _float(float(s.confidence)))
     if s.alpha is not None:
         w.add("ALPHA", _float(float(s.alpha)))
-    if s.mode is not ast.InsertMode.KNN:
+    if s.mode is not None:
         w.add("MODE", s.mode.value)
     return w.text()
 
