@@ -196,7 +196,7 @@ def _build(model_dir: Path, final: Path, model_id: str, progress: bool | None, l
         from modelql.vindex import extract as extract_fn
     staging = Path(tempfile.mkdtemp(prefix=f".{final.name}.staging.", dir=final.parent))
     out = staging / final.name
-    show = _Progress(model_dir, final, progress)
+    show = Progress(f"Extracting the vindex of {model_dir.name} (first use) into {final} ...", progress)
     try:
         show.start()
         extract_fn(model_dir, out, level=LEVEL, dtype=DTYPE, progress=False, model_id=model_id,
@@ -217,11 +217,14 @@ def _build(model_dir: Path, final: Path, model_id: str, progress: bool | None, l
         shutil.rmtree(staging, ignore_errors=True)
 
 
-class _Progress:
-    """Extraction progress on stderr: a rich bar on a terminal, two plain lines otherwise."""
+class Progress:
+    """Extraction progress on stderr: a rich bar on a terminal, two plain lines otherwise.
 
-    def __init__(self, model_dir: Path, final: Path, enabled: bool | None):
-        self.model_dir, self.final = model_dir, final
+    ``layer`` is extract's ``on_layer`` callback; ``enabled`` None = a bar when stderr is a tty.
+    """
+
+    def __init__(self, message: str, enabled: bool | None):
+        self.message = message
         self.tty = sys.stderr.isatty() if enabled is None else enabled
         self.bar = None
         self.task = None
@@ -233,15 +236,16 @@ class _Progress:
         return Console(stderr=True, highlight=False, soft_wrap=True)
 
     def start(self) -> None:
-        msg = f"Extracting the vindex of {self.model_dir.name} (first use) into {self.final} ..."
+        msg = self.message
         if not self.tty:
             print(msg, file=sys.stderr, flush=True)
             return
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+        from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeElapsedColumn
+        from rich.progress import Progress as RichProgress
 
         console = self._console()
         console.print(msg, markup=False)
-        self.bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+        self.bar = RichProgress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                             TimeElapsedColumn(), console=console, transient=True)
         self.bar.start()
         self.task = self.bar.add_task("layers", total=None)
@@ -259,7 +263,7 @@ class _Progress:
         if self.bar is not None:
             self.bar.stop()
         secs = time.perf_counter() - self.t0
-        print(f"Vindex ready in {secs:.1f}s (cached for next time).", file=sys.stderr, flush=True)
+        print(f"Done in {secs:.1f}s.", file=sys.stderr, flush=True)
 
     def abort(self) -> None:
         if self.bar is not None:

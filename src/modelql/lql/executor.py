@@ -159,12 +159,20 @@ def _use_model(ex: Executor, stmt: ast.UseModel):
 def _extract(ex: Executor, stmt: ast.Extract):
     if stmt.layers is not None:
         raise not_available("EXTRACT ... LAYERS")
+    from modelql.lql.default_vindex import Progress
     from modelql.vindex import extract
 
     session = ex.session
     model_dir = session.model_path(stmt.model)
     out = session.resolve(stmt.output)
-    result = extract(model_dir, out, level=stmt.level.value, progress=bool(session.progress))
+    show = Progress(f"Extracting {stmt.model} into {out} ...", session.progress)
+    show.start()
+    try:
+        result = extract(model_dir, out, level=stmt.level.value, on_layer=show.layer)
+    except BaseException:
+        show.abort()
+        raise
+    show.done()
     used = session.use_vindex(out)
     return Extracted(
         model=stmt.model, path=str(out), level=result.level, num_layers=result.num_layers,
@@ -421,3 +429,7 @@ def run_batch(
         if on_outcome is not None:
             on_outcome(outcome)
     return outcomes
+
+
+# the mutation, patch, COMPILE and DIFF handlers (they register themselves)
+from modelql.lql import editing as _editing  # noqa: E402,F401
