@@ -141,6 +141,8 @@ def test_trace(session):
 
 
 def test_cli_without_use_runs_on_the_default_vindex(default_vindex_path):
+    if os.environ.get("MODELQL_TEST_DEFAULT_MODEL"):
+        pytest.skip("the CLI always uses the embedded model")
     env = dict(os.environ, MODELQL_DEBUG="")
     p = subprocess.run([sys.executable, "-m", "modelql.cli", "lql", 'STATS; DESCRIBE "France"'],
                        capture_output=True, text=True, env=env, timeout=300)
