@@ -129,9 +129,17 @@ def _fired(vindex, labels, layer: int, x: torch.Tensor, n: int, relations_only: 
     return out[:n]
 
 
-def _require(model: Model | None, what: str) -> Model:
+def _require(model: Model | None, what: str, vindex=None) -> Model:
+    if model is None and vindex is not None:
+        if not vindex.has_weights:
+            raise CapabilityError(
+                f"{what} requires model weights, and {vindex.path.name} is a {vindex.extract_level}-level vindex: "
+                f"re-extract it with `modelql extract MODEL -o OUT --level inference`")
+        from .queries import model_for
+
+        model = model_for(vindex)
     if model is None:
-        raise CapabilityError(f"{what} requires model weights: extract the vindex with --level inference")
+        raise CapabilityError(f"{what} requires model weights: load a model or a vindex extracted with --level inference")
     if model.tokenizer is None:
         raise ModelqlError(f"{what} needs a tokenizer")
     return model
@@ -156,7 +164,7 @@ def infer(model: Model | None, prompt: str, top: int = 5, mode: str = "walk", co
     `mode="walk"` uses the model's installed FFN backend (patched overlays included); `"dense"`
     the base weights; `compare=True` adds the dense predictions to a walk result.
     """
-    model = _require(model, "INFER")
+    model = _require(model, "INFER", vindex)
     if mode not in ("walk", "dense", "compare"):
         raise ModelqlError(f"mode must be walk, dense or compare, not {mode!r}")
     if mode == "compare":
@@ -222,7 +230,7 @@ def explain_infer(model: Model | None, prompt: str, vindex=None, layers: Iterabl
                   band: str | None = None, top: int = 3, relations_only: bool = False,
                   with_attention: bool = False, knn: Iterable | None = None) -> InferResult:
     """EXPLAIN INFER: the prediction and, per layer, the top `top` features (optionally labelled only)."""
-    model = _require(model, "EXPLAIN INFER")
+    model = _require(model, "EXPLAIN INFER", vindex)
     if vindex is None:
         raise CapabilityError("EXPLAIN INFER needs a vindex (feature metadata): USE a vindex first")
     ids = interp.to_ids(model, prompt)
