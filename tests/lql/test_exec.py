@@ -12,7 +12,7 @@ import pytest
 
 from modelql.errors import CapabilityError, ModelqlError
 from modelql.lql import ast, parse, render
-from modelql.lql.executor import HANDLERS, NOT_YET, Executor, run_batch
+from modelql.lql.executor import HANDLERS, Executor, run_batch
 from modelql.lql.results import Executed, LayersResult, ModelsResult, UsedModel, UsedVindex
 from modelql.lql.session import LqlExecutionError, NoBackendError, Session
 
@@ -42,8 +42,10 @@ def error_of(session: Session, text: str) -> str:
 
 
 def test_every_statement_is_dispatched_or_not_yet():
+    from modelql.lql import executor
+
     for cls in ast.STATEMENT_TYPES:
-        assert (cls in HANDLERS) != (cls in NOT_YET), cls.__name__
+        assert (cls in HANDLERS) != (cls in executor.NOT_YET), cls.__name__
 
 
 NOT_YET_TEXTS = [
@@ -69,6 +71,10 @@ NOT_YET_TEXTS = [
 
 @pytest.mark.parametrize("text,keyword", NOT_YET_TEXTS)
 def test_not_available_yet(text, keyword):
+    from modelql.lql import executor
+
+    if type(parse(text)) not in executor.NOT_YET:
+        pytest.skip(f"{keyword} is wired now")
     session = Session(default_vindex=False)  # the answer does not need (or load) a backend
     with pytest.raises(CapabilityError, match=re.escape(f"{keyword} is not available yet")):
         Executor(session).run(text)
