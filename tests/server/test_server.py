@@ -107,7 +107,9 @@ def test_client_disconnect_stops_generation(server, no_eos):
         for _ in range(4):
             next(lines)
         blocker = engine.call(lambda m: gate.wait(20))  # freeze decoding while the client leaves
-    time.sleep(0.3)  # the server notices the closed connection and cancels the request
+    deadline = time.monotonic() + 10  # the server notices the closed connection and cancels the request
+    while not all(s.request.cancelled for s in list(engine._active)) and time.monotonic() < deadline:
+        time.sleep(0.01)
     steps0 = engine.steps
     gate.set()
     blocker.result(10)
@@ -254,15 +256,20 @@ def test_openapi_document(server):
 def test_graceful_shutdown_ends_streams(make_server, no_eos):
     with make_server() as srv:
         got: dict = {}
+        streaming = threading.Event()
 
         def streamer():
             with httpx.stream("POST", srv.url + "/v1/chat/completions", timeout=30,
                               json=chat(200, no_eos, stream=True)) as r:
-                got["raw"] = r.read()
+                raw = b""
+                for part in r.iter_raw():
+                    raw += part
+                    streaming.set()
+                got["raw"] = raw
 
         t = threading.Thread(target=streamer)
         t.start()
-        time.sleep(0.3)
+        assert streaming.wait(10)
         t0 = time.monotonic()
         srv.stop()
         t.join(10)
