@@ -73,8 +73,9 @@ def serve(model_ref: str | Path | None, config: ServerConfig, dtype: str = "floa
 
         def handle_exit(self, sig, frame):
             # a requested stop is a clean exit (uvicorn would re-raise the signal after shutdown)
-            if self.should_exit and sig == signal.SIGINT:
-                self.force_exit = True
+            if self.should_exit:
+                if sig == signal.SIGINT:  # a second Ctrl-C: stop waiting for in-flight requests
+                    self.force_exit = True
                 return
             self.should_exit = True
             print(f"shutting down: finishing in-flight requests (up to {config.graceful_timeout:g} s) ...",
