@@ -5,7 +5,7 @@ For each model (the embedded default model, and a random ~500M-parameter Llama b
 the server runs in this process on a loopback port; the load generator runs in a separate process
 (so client-side Python does not compete with the engine for the GIL). For 1, 4, 8 and 16
 concurrent clients, each client streams `--rounds` chat completions of exactly `--tokens` tokens
-(EOS suppressed with logit_bias), and the bench reports:
+(`ignore_eos`: the request extension that keeps generating past EOS), and the bench reports:
 
 * aggregate decode tokens/s = all completion tokens / wall time of the round,
 * the speed-up over one client (target: ≥ 3× at 8 clients: continuous batching),
@@ -156,7 +156,6 @@ def load(name: str):
 # -- driver ----------------------------------------------------------------------------------------
 
 def run_model(model, label: str, clients: list[int], tokens: int, rounds: int, max_batch: int) -> list[dict]:
-    from modelql.runtime.generate import eos_token_ids
     from modelql.server.app import create_app
     from modelql.server.config import ServerConfig
     from modelql.server.engine import Engine
@@ -166,7 +165,7 @@ def run_model(model, label: str, clients: list[int], tokens: int, rounds: int, m
     engine = Engine(model, max_batch=max_batch, max_queue=256)
     app = create_app(cfg, engine)
     body = {"max_tokens": tokens, "temperature": 0, "stream": True, "stream_options": {"include_usage": True},
-            "logit_bias": {str(i): -100 for i in eos_token_ids(model)}}
+            "ignore_eos": True}
     rows = []
     with BackgroundServer(app, cfg) as srv:
         for c in clients:

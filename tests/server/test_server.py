@@ -314,3 +314,9 @@ def test_knowledge_router_slot_gets_the_knowledge_envelope(tiny_model):
         assert r.status_code == 400 and r.json() == {"error": "missing required parameter: 'entity'"}
         assert httpx.get(srv.url + "/metrics").text.count('route="/v1/describe"') >= 2
     engine.stop()
+
+
+def test_ignore_eos_extension(server):
+    body = {"prompt": "Hello", "max_tokens": 12, "temperature": 0, "ignore_eos": True}
+    r = httpx.post(server.url + "/v1/completions", json=body, timeout=30).json()
+    assert r["usage"]["completion_tokens"] == 12 and r["choices"][0]["finish_reason"] == "length"

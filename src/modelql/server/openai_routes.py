@@ -107,7 +107,7 @@ def _params(model, req, *, choice: int, max_tokens: int | None, stops: list[str]
         generation_config(model), max_tokens=max_tokens, temperature=req.temperature, top_p=req.top_p,
         top_k=req.top_k, frequency_penalty=req.frequency_penalty, presence_penalty=req.presence_penalty,
         logit_bias=_logit_bias(req.logit_bias, model.spec.vocab_size), seed=seed, stop=stops,
-        logprobs=logprobs, top_logprobs=top_logprobs)
+        logprobs=logprobs, top_logprobs=top_logprobs, ignore_eos=bool(req.ignore_eos))
 
 
 def _check_context(model, ids: list[int], param: str) -> None:

@@ -59,6 +59,8 @@ class _SamplingFields(_Req):
     stream: bool | None = False
     stream_options: StreamOptions | None = None
     user: str | None = None
+    ignore_eos: bool | None = Field(None, description="extension (as vLLM): keep generating past EOS, "
+                                                       "until max_tokens, a stop string or the context end")
 
 
 class ChatCompletionRequest(_SamplingFields):
