@@ -1,7 +1,7 @@
 """GGUF files (llama.cpp's format) as a `WeightSource` in HF vocabulary.
 
-`GgufSource(path)` reads a GGUF file with the `gguf` package (memory-mapped) and presents it the
-way a HF checkpoint looks, so the spec, the canonical-name mapping, the runtime and vindex
+`GgufSource(path)` memory-maps a GGUF file (header parsed here, bounds-checked; the `gguf` package
+supplies the type tables and the dequantisers) and presents it the way a HF checkpoint looks, so the spec, the canonical-name mapping, the runtime and vindex
 extraction need no GGUF knowledge:
 
 * `.config` is a reconstructed HF `config.json` dict (model_type, sizes, heads, head_dim, norm
@@ -31,6 +31,8 @@ from __future__ import annotations
 
 import logging
 import math
+import mmap
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
@@ -90,97 +92,146 @@ _GPT2_GLOBAL = {"token_embd": "transformer.wte", "position_embd": "transformer.w
 
 
 class _Truncated(Exception):
-    def __init__(self, tensor: str, end: int, size: int):
-        super().__init__(tensor, end, size)
-        self.tensor, self.end, self.size = tensor, end, size
+    pass
 
 
-class _UnknownType(Exception):
-    def __init__(self, tensor: str, type_id: int):
-        super().__init__(tensor, type_id)
-        self.tensor, self.type_id = tensor, type_id
+class _Corrupt(Exception):
+    pass
 
 
-def _reader_class():
-    from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFReader
-
-    class Reader(GGUFReader):
-        """GGUFReader that checks every tensor's type and extent before mapping it (the stock
-        reader fails with a bare reshape error on a truncated file, and a ValueError on an
-        unknown type id)."""
-
-        def _build_tensors(self, start_offs, fields):  # noqa: D401 (GGUFReader hook)
-            size = len(self.data)
-            for field in fields:
-                _len, name_data, _n_dims, dims, raw_dtype, offset_tensor = field.parts
-                name = bytes(name_data).decode("utf-8", "replace")
-                try:
-                    qtype = GGMLQuantizationType(int(raw_dtype[0]))
-                except ValueError:
-                    raise _UnknownType(name, int(raw_dtype[0])) from None
-                block, type_size = GGML_QUANT_SIZES[qtype]
-                n = int(np.prod(dims.astype(np.int64))) if len(dims) else 1
-                end = int(start_offs) + int(offset_tensor[0]) + n * type_size // block
-                if end > size:
-                    raise _Truncated(name, end, size)
-            super()._build_tensors(start_offs, fields)
-
-    return Reader
+_SCALARS = {  # GGUF value type → numpy little-endian dtype
+    0: "<u1", 1: "<i1", 2: "<u2", 3: "<i2", 4: "<u4", 5: "<i4", 6: "<f4", 7: "?", 10: "<u8", 11: "<i8", 12: "<f8",
+}
+_STRING, _ARRAY, _FLOAT32, _BOOL = 8, 9, 6, 7
 
 
-def _open(path: Path):
-    size = path.stat().st_size
+@dataclass(frozen=True)
+class GgufTensor:
+    """One tensor's entry in the file: type, ggml dims (ne0 first), absolute data offset and size."""
+
+    name: str
+    tensor_type: Any  # gguf.GGMLQuantizationType
+    dims: tuple[int, ...]
+    offset: int
+    nbytes: int
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        """numpy / torch shape (ggml dims reversed): [out, in] for a weight matrix."""
+        return tuple(reversed(self.dims))
+
+
+class _Parser:
+    """Reads GGUF v2/v3 metadata and tensor infos from a memory map, bounds-checked.
+
+    (gguf's GGUFReader builds several numpy arrays per array element, which takes tens of seconds
+    for a 128K-token vocabulary with its merges; this reads numeric arrays in one slice.)
+    """
+
+    def __init__(self, buf: memoryview):
+        self.buf, self.pos, self.size = buf, 0, len(buf)
+
+    def take(self, n: int) -> memoryview:
+        if n < 0 or self.pos + n > self.size:
+            raise _Truncated(f"metadata needs byte {self.pos + n}, the file has {self.size}")
+        view = self.buf[self.pos:self.pos + n]
+        self.pos += n
+        return view
+
+    def u32(self) -> int:
+        return int.from_bytes(self.take(4), "little")
+
+    def u64(self) -> int:
+        return int.from_bytes(self.take(8), "little")
+
+    def string(self) -> str:
+        return bytes(self.take(self.u64())).decode("utf-8", "replace")
+
+    def value(self, vtype: int) -> Any:
+        if vtype == _STRING:
+            return self.string()
+        if vtype in _SCALARS:
+            dtype = np.dtype(_SCALARS[vtype])
+            v = np.frombuffer(self.take(dtype.itemsize), dtype=dtype)[0]
+            if vtype == _FLOAT32:  # the shortest decimal that is this float32 (1e-06, not 9.99e-07)
+                return float(str(v))
+            return bool(v) if vtype == _BOOL else v.item()
+        if vtype == _ARRAY:
+            item, count = self.u32(), self.u64()
+            if count > self.size - self.pos:
+                raise _Corrupt(f"array of {count} items at byte {self.pos}")
+            if item in _SCALARS:
+                dtype = np.dtype(_SCALARS[item])
+                values = np.frombuffer(self.take(count * dtype.itemsize), dtype=dtype)
+                return [bool(v) for v in values] if item == _BOOL else values.tolist()
+            return [self.value(item) for _ in range(count)]
+        raise _Corrupt(f"unknown metadata value type {vtype} at byte {self.pos}")
+
+
+def _parse(buf: memoryview, name: str) -> tuple[dict[str, Any], dict[str, GgufTensor]]:
+    from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
+
+    p = _Parser(buf)
+    if bytes(p.take(4)) != b"GGUF":
+        raise ModelFormatError(f"{name} is not a GGUF file (magic {bytes(buf[:4])!r})")
+    version = p.u32()
+    if version & 0xFFFF == 0 and version:
+        raise UnsupportedModelError(f"{name} is a big-endian GGUF file, which is not supported")
+    if version not in (2, 3):
+        raise UnsupportedModelError(f"{name}: GGUF version {version} is not supported (2 and 3 are)")
+    n_tensors, n_kv = p.u64(), p.u64()
+    if n_tensors > p.size or n_kv > p.size:
+        raise _Corrupt(f"{n_tensors} tensors, {n_kv} metadata entries")
+    meta: dict[str, Any] = {}
+    for _ in range(n_kv):
+        key = p.string()
+        meta[key] = p.value(p.u32())
+    infos = []
+    for _ in range(n_tensors):
+        tname = p.string()
+        n_dims = p.u32()
+        if n_dims > 8:
+            raise _Corrupt(f"tensor {tname} has {n_dims} dimensions")
+        dims = tuple(p.u64() for _ in range(n_dims))
+        type_id, offset = p.u32(), p.u64()
+        infos.append((tname, dims, type_id, offset))
+    alignment = meta.get("general.alignment", 32)
+    if not isinstance(alignment, int) or alignment <= 0 or alignment & (alignment - 1):
+        raise _Corrupt(f"general.alignment {alignment!r}")
+    data_start = -(-p.pos // alignment) * alignment
+    tensors: dict[str, GgufTensor] = {}
+    for tname, dims, type_id, offset in infos:
+        try:
+            qtype = GGMLQuantizationType(type_id)
+        except ValueError:
+            raise UnsupportedModelError(
+                f"{name}: quantisation type id {type_id} (tensor {tname}) is not supported") from None
+        block, type_size = GGML_QUANT_SIZES[qtype]
+        n = int(np.prod(dims, dtype=np.int64)) if dims else 1
+        if dims and dims[0] % block:
+            raise _Corrupt(f"tensor {tname} rows of {dims[0]} are not a multiple of the {qtype.name} block")
+        nbytes = n // block * type_size
+        start = data_start + offset
+        if start + nbytes > p.size:
+            raise _Truncated(f"tensor {tname} ends at byte {start + nbytes}, the file has {p.size}")
+        tensors[tname] = GgufTensor(tname, qtype, dims, start, nbytes)
+    return meta, tensors
+
+
+def _open(path: Path) -> tuple[mmap.mmap, dict[str, Any], dict[str, GgufTensor]]:
     name = path.name
+    size = path.stat().st_size
     if size < 24:
         raise ModelFormatError(f"{name} is truncated ({size} bytes): not a GGUF file")
     with path.open("rb") as fh:
-        magic = fh.read(4)
-    if magic != b"GGUF":
-        raise ModelFormatError(f"{name} is not a GGUF file (magic {magic!r})")
+        mm = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ)
     try:
-        reader = _reader_class()(str(path), "r")
+        meta, tensors = _parse(memoryview(mm), name)
     except _Truncated as exc:
-        raise ModelFormatError(
-            f"{name} is truncated: tensor {exc.tensor} ends at byte {exc.end}, the file has {exc.size}") from None
-    except _UnknownType as exc:
-        raise UnsupportedModelError(
-            f"{name}: quantisation type id {exc.type_id} (tensor {exc.tensor}) is not supported") from None
-    except Exception as exc:  # the gguf package raises assorted errors on a damaged header
-        detail = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        raise ModelFormatError(f"{name} is truncated or corrupt (cannot parse the GGUF header: {detail})") from None
-    if reader.byte_order == "S":
-        raise UnsupportedModelError(f"{name} is a big-endian GGUF file, which is not supported")
-    return reader
-
-
-def _field_value(field) -> Any:
-    from gguf import GGUFValueType
-
-    if not field.types:
-        return None
-    main = field.types[0]
-    if main == GGUFValueType.ARRAY:
-        if len(field.types) < 2:
-            return []
-        sub = field.types[-1]
-        if sub == GGUFValueType.STRING:
-            return [bytes(field.parts[i]).decode("utf-8", "replace") for i in field.data]
-        if sub == GGUFValueType.ARRAY:
-            return None  # nested arrays: nothing modelql reads
-        values = np.concatenate([field.parts[i] for i in field.data]) if field.data else np.array([])
-        if sub == GGUFValueType.BOOL:
-            return [bool(v) for v in values]
-        return values.tolist()
-    if main == GGUFValueType.STRING:
-        return bytes(field.parts[-1]).decode("utf-8", "replace")
-    if main == GGUFValueType.FLOAT32:  # the shortest decimal that is this float32 (1e-06, not 9.99e-07)
-        return float(str(field.parts[-1][0]))
-    value = field.parts[-1].tolist()[0]
-    return bool(value) if main == GGUFValueType.BOOL else value
-
-
-def read_metadata(reader) -> dict[str, Any]:
-    return {k: _field_value(f) for k, f in reader.fields.items() if not k.startswith("GGUF.")}
+        raise ModelFormatError(f"{name} is truncated: {exc}") from None
+    except _Corrupt as exc:
+        raise ModelFormatError(f"{name} is corrupt: {exc}") from None
+    return mm, meta, tensors
 
 
 # --------------------------------------------------------------------------------------------
@@ -263,8 +314,7 @@ class GgufSource:
             raise ModelNotFoundError(f"model path {self.path} does not exist")
         if not self.path.is_file():
             raise ModelFormatError(f"{self.path} is not a GGUF file")
-        self._reader = _open(self.path)
-        self.meta = read_metadata(self._reader)
+        self._mm, self.meta, self._tensors = _open(self.path)
         name = self.path.name
         arch = self.meta.get("general.architecture")
         if not isinstance(arch, str):
@@ -273,8 +323,7 @@ class GgufSource:
             raise UnsupportedModelError(
                 f"{name}: GGUF architecture {arch!r} is not supported (supported: {', '.join(ARCHITECTURES)})")
         self.arch = arch
-        self._tensors = {t.name: t for t in self._reader.tensors}
-        for t in self._reader.tensors:
+        for t in self._tensors.values():
             if t.tensor_type.name not in SUPPORTED_TYPES:
                 raise UnsupportedModelError(
                     f"{name}: quantisation type {t.tensor_type.name} (tensor {t.name}) is not supported "
@@ -335,22 +384,26 @@ class GgufSource:
         t = self._tensors.get(gguf_name)
         if t is None:
             raise ModelFormatError(f"{self.path.name}: tensor {gguf_name} not found")
-        shape = tuple(int(d) for d in reversed(t.shape.tolist()))
+        shape = t.shape
+        raw = self._raw(t)
         try:
             if t.tensor_type == Q.F32:
-                out = np.array(t.data, dtype=np.float32, copy=True)
+                out = raw.view("<f4").astype(np.float32)  # an owned copy, never a view of the mapping
             elif t.tensor_type == Q.F16:
-                out = t.data.astype(np.float32)
+                out = raw.view("<f2").astype(np.float32)
             else:
-                out = dequantize(t.data, t.tensor_type)
+                out = dequantize(raw.reshape(*shape[:-1], -1), t.tensor_type)
             return out.reshape(shape)
         except Exception as exc:  # gguf raises assorted errors on malformed blocks
             raise ModelFormatError(f"{self.path.name}: cannot read tensor {gguf_name}: {exc}") from None
 
+    def _raw(self, t: GgufTensor) -> np.ndarray:
+        return np.frombuffer(self._mm, dtype=np.uint8, count=t.nbytes, offset=t.offset)
+
     def _duplicate_output(self) -> bool:
         """llama.cpp writes GPT-2's tied lm_head as a copy of token_embd: treat it as tied."""
         a, b = self._tensors["token_embd.weight"], self._tensors["output.weight"]
-        return a.tensor_type == b.tensor_type and a.data.shape == b.data.shape and np.array_equal(a.data, b.data)
+        return a.tensor_type == b.tensor_type and a.dims == b.dims and np.array_equal(self._raw(a), self._raw(b))
 
     def _build_recipes(self) -> dict[str, Callable[[], torch.Tensor]]:
         cfg = self.config
@@ -441,7 +494,7 @@ class GgufSource:
 
     def _shape(self, gguf_name: str) -> tuple[int, ...] | None:
         t = self._tensors.get(gguf_name)
-        return None if t is None else tuple(int(d) for d in reversed(t.shape.tolist()))
+        return None if t is None else t.shape
 
     def _layer_pattern(self, n_layer: int, default_period: int | None) -> list[bool] | None:
         """Per layer: True = sliding-window attention (llama.cpp's `sliding_window_pattern`)."""
@@ -614,7 +667,7 @@ class GgufSource:
         return cfg
 
     def _dtype_name(self) -> str:
-        kinds = {t.tensor_type.name for t in self._reader.tensors if len(t.shape) >= 2}
+        kinds = {t.tensor_type.name for t in self._tensors.values() if len(t.dims) >= 2}
         if kinds <= {"F32"}:
             return "float32"
         if "BF16" in kinds:

@@ -123,9 +123,37 @@ def _pre_tokenizer(pre: str | None):
     return pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
 
 
+def _backend(kind, vocab, merges, pre, unk, add_space_prefix, arch, meta):
+    """The tokenizers.Tokenizer (model, normalizer / pre-tokenizer, decoder) of a GGUF vocabulary."""
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers
+
+    if kind == "gpt2":
+        family = PRE_FAMILIES.get(pre or "default", "gpt2")
+        model = models.BPE(vocab=vocab, merges=merges, ignore_merges=family == "llama3", fuse_unk=False,
+                           byte_fallback=False)
+        tok = Tokenizer(model)
+        tok.pre_tokenizer = _pre_tokenizer(pre)
+        tok.decoder = decoders.ByteLevel()
+    else:
+        model = models.BPE(vocab=vocab, merges=merges, unk_token=unk, fuse_unk=True, byte_fallback=True)
+        tok = Tokenizer(model)
+        scheme = meta.get("modelql.tokenizer.space_prefix") or ("always" if arch == "phi3" else "first")
+        if not add_space_prefix:
+            tok.normalizer = normalizers.Replace(" ", SPACE)
+        elif scheme == "always":
+            tok.normalizer = normalizers.Sequence([normalizers.Prepend(SPACE), normalizers.Replace(" ", SPACE)])
+        else:
+            tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement=SPACE, prepend_scheme="first", split=False)
+        steps = [decoders.Replace(SPACE, " "), decoders.ByteFallback(), decoders.Fuse()]
+        if add_space_prefix:
+            steps.append(decoders.Strip(" ", 1, 0))
+        tok.decoder = decoders.Sequence(steps)
+    return tok
+
+
 def build_tokenizer(meta: dict[str, Any], arch: str):
     """(tokenizers.Tokenizer, tokenizer_config dict) from GGUF metadata, or None for no vocabulary."""
-    from tokenizers import AddedToken, Tokenizer, decoders, models, normalizers, pre_tokenizers
+    from tokenizers import AddedToken
 
     kind = meta.get("tokenizer.ggml.model")
     if kind in (None, "no_vocab", "none"):
@@ -166,27 +194,11 @@ def build_tokenizer(meta: dict[str, Any], arch: str):
     unk_id = meta.get("tokenizer.ggml.unknown_token_id")
     unk = tokens[unk_id] if isinstance(unk_id, int) and 0 <= unk_id < len(tokens) else None
     add_space_prefix = bool(meta.get("tokenizer.ggml.add_space_prefix", True))
-    if kind == "gpt2":
-        family = PRE_FAMILIES.get(pre or "default", "gpt2")
-        model = models.BPE(vocab=vocab, merges=merges, ignore_merges=family == "llama3", fuse_unk=False,
-                           byte_fallback=False)
-        tok = Tokenizer(model)
-        tok.pre_tokenizer = _pre_tokenizer(pre)
-        tok.decoder = decoders.ByteLevel()
-    else:
-        model = models.BPE(vocab=vocab, merges=merges, unk_token=unk, fuse_unk=True, byte_fallback=True)
-        tok = Tokenizer(model)
-        scheme = meta.get("modelql.tokenizer.space_prefix") or ("always" if arch == "phi3" else "first")
-        if not add_space_prefix:
-            tok.normalizer = normalizers.Replace(" ", SPACE)
-        elif scheme == "always":
-            tok.normalizer = normalizers.Sequence([normalizers.Prepend(SPACE), normalizers.Replace(" ", SPACE)])
-        else:
-            tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement=SPACE, prepend_scheme="first", split=False)
-        steps = [decoders.Replace(SPACE, " "), decoders.ByteFallback(), decoders.Fuse()]
-        if add_space_prefix:
-            steps.append(decoders.Strip(" ", 1, 0))
-        tok.decoder = decoders.Sequence(steps)
+    try:
+        tok = _backend(kind, vocab, merges, pre, unk, add_space_prefix, arch, meta)
+    except Exception as exc:  # tokenizers raises untyped errors on inconsistent vocabularies
+        detail = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise ModelFormatError(f"GGUF tokenizer metadata is inconsistent: {detail}") from None
 
     special = [AddedToken(t, special=True, normalized=False) for t, ty in zip(tokens, types)
                if ty in (CONTROL, UNKNOWN) and t]
