@@ -23,13 +23,20 @@ def chat(n_tokens: int, no_eos: dict, **extra) -> dict:
             "logit_bias": no_eos, **extra}
 
 
-def test_greedy_output_is_the_runtime_generate_output(server, tiny_model, no_eos):
-    r = httpx.post(server.url + "/v1/completions", timeout=30,
-                   json={"prompt": "Hello world", "max_tokens": 20, "temperature": 0, "logit_bias": no_eos}).json()
-    ref = generate(tiny_model, "Hello world", SamplingParams(max_tokens=20, temperature=0,
-                                                            logit_bias={int(k): v for k, v in no_eos.items()}))
+@pytest.mark.parametrize("extra", [
+    {"temperature": 0},
+    {"temperature": 0, "frequency_penalty": 1.5, "presence_penalty": 0.5},
+    {"temperature": 0.8, "top_p": 0.5, "seed": 3},
+    {"temperature": 1.2, "top_k": 5, "seed": 9, "stop": ["a"]},
+])
+def test_output_is_the_runtime_generate_output(server, tiny_model, extra):
+    """The server samples with the runtime's SamplingParams/Sequence: same request, same text."""
+    body = {"prompt": "Hello world", "max_tokens": 20, "ignore_eos": True, **extra}
+    r = httpx.post(server.url + "/v1/completions", timeout=30, json=body).json()
+    ref = generate(tiny_model, "Hello world", SamplingParams(max_tokens=20, ignore_eos=True, **extra))
     assert r["choices"][0]["text"] == ref.text
-    assert r["usage"]["completion_tokens"] == ref.completion_tokens == 20
+    assert r["choices"][0]["finish_reason"] == ref.finish_reason
+    assert r["usage"]["completion_tokens"] == ref.completion_tokens
 
 
 def test_max_completion_tokens_wins(server, no_eos):
