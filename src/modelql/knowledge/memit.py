@@ -1,0 +1,294 @@
+"""Weight-level knowledge edits of the down projection, MEMIT style (Meng et al., 2022).
+
+A fact (entity, relation, target) is stored by the FFN as a key → value pair: the key is the FFN
+activation `h` (input of `down_proj`) at the entity's last token, the value is what `down_proj`
+writes into the residual there. Editing a fact means finding, for each request,
+
+1. a target residual `z` at the last edited layer L: the current residual at the entity's last
+   token plus a vector δ optimised (through the real forward pass) so the model predicts the
+   target after every phrasing of the relation, with a KL term keeping "{X} is" predictions
+   unchanged and a bound on ‖δ‖;
+2. for each edited layer l (in order), the least-squares update of `down_proj` that moves the
+   residual a share of the remaining way to `z` for all requests at once while disturbing the
+   keys of other text as little as possible:
+
+       ΔW_l = R Kᵀ (λ C_l + K Kᵀ)⁻¹,   R = (z − h_L) / (remaining layers),   K = keys at l
+
+   where C_l = E[h hᵀ] over generic text (here: the training sentences of the facts table).
+
+ΔW_l = u vᵀ with u = R [H, n] and v = (λC + KKᵀ)⁻¹ K [F, n] is stored low-rank (`DownDelta`),
+so a batch of n facts is a rank-n patch per layer that the overlay adds at run time and COMPILE
+bakes into `down_proj`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable, Sequence
+
+import torch
+import torch.nn.functional as F
+
+from ..errors import CapabilityError, ModelqlError
+from ..ffn.base import FfnBackend, Hooks
+from ..runtime.model import Model
+
+
+@dataclass(frozen=True)
+class EditRequest:
+    entity: str
+    relation: str
+    target: str
+
+
+@dataclass(frozen=True)
+class DownDelta:
+    """A low-rank update of one layer's down_proj: ΔW = u @ v.T (u [H, r], v [F, r])."""
+
+    layer: int
+    u: torch.Tensor
+    v: torch.Tensor
+    facts: tuple[EditRequest, ...] = ()
+
+    def dense(self) -> torch.Tensor:
+        return self.u @ self.v.T
+
+
+@dataclass(frozen=True)
+class MemitParams:
+    """Hyper-parameters, chosen by the editing benchmark on the embedded model (bench/edit.py)."""
+
+    layers: tuple[int, ...] | None = None  # None: the model's default edit layers
+    steps: int = 30
+    lr: float = 0.5
+    kl_weight: float = 0.0625
+    weight_decay: float = 1e-3
+    clamp_norm: float = 4.0  # ‖δ‖ ≤ clamp_norm · ‖h_L‖
+    mom2_weight: float = 1000.0  # λ
+    cov_sentences: int = 4000
+
+
+class DeltaFfn:
+    """An FFN backend adding low-rank down_proj deltas on top of another backend."""
+
+    def __init__(self, base: FfnBackend, deltas: Sequence[DownDelta] = ()):
+        self.base = base
+        self.by_layer: dict[int, list[DownDelta]] = {}
+        for d in deltas:
+            self.add(d)
+
+    def add(self, delta: DownDelta) -> None:
+        self.by_layer.setdefault(delta.layer, []).append(delta)
+
+    def forward(self, layer: int, x: torch.Tensor, hooks: Hooks | None = None) -> torch.Tensor:
+        deltas = self.by_layer.get(layer)
+        if not deltas:
+            return self.base.forward(layer, x, hooks)
+        name = f"blocks.{layer}.mlp.hook_post"
+        seen: dict[str, torch.Tensor] = {}
+        inner = hooks.get(name) if hooks else None
+
+        def capture(t: torch.Tensor, n: str):
+            out = inner(t, n) if inner else None
+            seen["h"] = t if out is None else out
+            return out
+
+        y = self.base.forward(layer, x, {**(hooks or {}), name: capture})
+        h = seen["h"]
+        for d in deltas:
+            y = y + (h @ d.v.to(h.dtype)) @ d.u.to(h.dtype).T
+        return y
+
+
+def default_layers(model: Model) -> tuple[int, ...]:
+    """Edit layers: early-middle FFNs (where subject keys are formed), leaving at least half the
+    stack after the last edited layer so attention can carry the edit to the prediction."""
+    n = model.spec.num_layers
+    lo = n // 8
+    hi = min(lo + 4, max(lo, n // 2 - 1))
+    return tuple(range(lo, hi + 1))
+
+
+def relation_templates(relation: str) -> tuple[str, ...]:
+    """Phrasings of a relation with `{X}` for the entity: the embedded facts' training templates
+    when the relation is known there, else one generic phrasing."""
+    from ..defaults import TRAIN_TEMPLATES
+
+    return TRAIN_TEMPLATES.get(relation, (f"The {relation} of {{X}} is",))
+
+
+def _subject_position(model: Model, template: str, entity: str) -> tuple[list[int], int]:
+    """Token ids of the prompt and the index of the entity's last token in them."""
+    tok = model.tokenizer
+    before, _, _ = template.partition("{X}")
+    ids = tok.encode(template.replace("{X}", entity))
+    upto = tok.encode(before + entity)
+    return ids, min(len(upto), len(ids)) - 1
+
+
+def _padded(seqs: Sequence[Sequence[int]]) -> torch.Tensor:
+    """Right-padded [B, T] ids. Causal attention never lets a pad token influence an earlier
+    position, so reading only real positions makes padding exact."""
+    width = max(len(s) for s in seqs)
+    out = torch.zeros(len(seqs), width, dtype=torch.long)
+    for i, s in enumerate(seqs):
+        out[i, : len(s)] = torch.tensor(s)
+    return out
+
+
+def _capture(model: Model, seqs: Sequence[Sequence[int]], name: str, hooks: Hooks | None = None,
+             chunk: int = 64) -> list[torch.Tensor]:
+    """The activation at hook `name` for each sequence ([len(seq), D] each), batched."""
+    out: list[torch.Tensor] = []
+    for i in range(0, len(seqs), chunk):
+        part = seqs[i : i + chunk]
+        got = {}
+
+        def cap(t, n):
+            got["t"] = t
+
+        model.forward(_padded(part), hooks={**(hooks or {}), name: cap}, logits="none")
+        out += [got["t"][j, : len(s)].float() for j, s in enumerate(part)]
+    return out
+
+
+def covariance(model: Model, layer: int, n: int) -> torch.Tensor:
+    """E[h hᵀ] of layer `layer`'s FFN activations over the facts' training sentences.
+
+    Cached on the model: it depends only on the base weights' statistics, not on the edits.
+    """
+    cache = model.__dict__.setdefault("_memit_covariance", {})
+    if (layer, n) not in cache:
+        from ..defaults import TRAIN_TEMPLATES, facts, sentence
+
+        sents = []
+        for i, f in enumerate(facts()):
+            tpl = TRAIN_TEMPLATES[f.relation][i % len(TRAIN_TEMPLATES[f.relation])]
+            sents.append(model.tokenizer.encode(sentence(tpl, f.entity, f.target)))
+        hs = torch.cat(_capture(model, sents[:n], f"blocks.{layer}.mlp.hook_post")).double()
+        cache[(layer, n)] = (hs.T @ hs / hs.shape[0]).float()
+    return cache[(layer, n)]
+
+
+def _at_subject(model: Model, requests: Sequence[EditRequest], templates, name: str) -> torch.Tensor:
+    """[n, D]: activation at hook `name` at the entity's last token, mean over each request's phrasings."""
+    seqs, where = [], []
+    for r in requests:
+        for tpl in templates[r]:
+            ids, pos = _subject_position(model, tpl, r.entity)
+            where.append((len(seqs), pos))
+            seqs.append(ids)
+    acts = _capture(model, seqs, name)
+    rows, k = [], 0
+    for r in requests:
+        m = len(templates[r])
+        rows.append(torch.stack([acts[i][pos] for i, pos in where[k : k + m]]).mean(0))
+        k += m
+    return torch.stack(rows)
+
+
+def _target_deltas(model: Model, requests: Sequence[EditRequest], layer: int, templates,
+                   p: MemitParams) -> torch.Tensor:
+    """δ [n, H] at layer L's output (entity's last token), optimised jointly for all requests
+    (the losses are separable, so this equals optimising each alone): every phrasing must
+    predict the target, "{X} is" keeps its distribution (KL), and ‖δ‖ stays bounded."""
+    tok = model.tokenizer
+    rows, pos, spans, owner = [], [], [], []
+    ess_rows, ess_pos = [], []
+    for i, r in enumerate(requests):
+        target_ids = tok.encode(" " + r.target.strip(), add_special_tokens=False)
+        if not target_ids:
+            raise ModelqlError(f"target {r.target!r} encodes to no tokens")
+        for tpl in templates[r]:
+            ids, at = _subject_position(model, tpl, r.entity)
+            rows.append(ids + target_ids[:-1])
+            pos.append(at)
+            spans.append((len(ids) - 1, target_ids))
+            owner.append(i)
+        ids, at = _subject_position(model, "{X} is", r.entity)
+        ess_rows.append(ids)
+        ess_pos.append(at)
+    n = len(requests)
+    batch, ess = _padded(rows), _padded(ess_rows)
+    owner_t = torch.tensor(owner)
+    pos_t, ess_pos_t = torch.tensor(pos), torch.tensor(ess_pos)
+    gather_rows = torch.tensor([b for b, (s, t) in enumerate(spans) for _ in t])
+    gather_cols = torch.tensor([s + j for s, t in spans for j in range(len(t))])
+    gather_tok = torch.tensor([x for _, t in spans for x in t])
+    weights = torch.tensor([1.0 / (len(t) * len(templates[requests[owner[b]]])) for b, (_, t) in enumerate(spans) for _ in t])
+    ess_last = torch.tensor([len(r) - 1 for r in ess_rows])
+    with torch.no_grad():
+        base_ess = torch.log_softmax(model.forward(ess)[torch.arange(n), ess_last].float(), -1)
+    h_norm = _at_subject(model, requests, templates, f"blocks.{layer}.hook_resid_post").norm(dim=-1)
+    delta = torch.zeros(n, model.spec.hidden_size, requires_grad=True)
+    opt = torch.optim.Adam([delta], lr=p.lr)
+    name = f"blocks.{layer}.hook_mlp_out"
+
+    def add(rows_t: torch.Tensor, at: torch.Tensor, who: torch.Tensor) -> Callable:
+        def fn(t, _n):
+            return t.index_put((rows_t, at), t[rows_t, at] + delta[who].to(t.dtype))
+
+        return fn
+
+    all_rows, ess_idx = torch.arange(len(rows)), torch.arange(n)
+    for _ in range(p.steps):
+        opt.zero_grad()
+        logits = model.forward(batch, hooks={name: add(all_rows, pos_t, owner_t)}, grad=True)
+        logp = torch.log_softmax(logits[gather_rows, gather_cols].float(), -1)
+        nll = -(logp.gather(-1, gather_tok[:, None])[:, 0] * weights).sum()
+        ess_logits = model.forward(ess, hooks={name: add(ess_idx, ess_pos_t, ess_idx)}, grad=True)
+        ess_lp = torch.log_softmax(ess_logits[ess_idx, ess_last].float(), -1)
+        kl = F.kl_div(ess_lp, base_ess, log_target=True, reduction="sum")
+        decay = (delta.norm(dim=-1) ** 2 / (h_norm**2 + 1e-8)).sum()
+        (nll + p.kl_weight * kl + p.weight_decay * decay).backward()
+        opt.step()
+        with torch.no_grad():
+            limit = (p.clamp_norm * h_norm)[:, None]
+            norms = delta.norm(dim=-1, keepdim=True)
+            delta.mul_(torch.where(norms > limit, limit / norms, torch.ones_like(norms)))
+    return delta.detach()
+
+
+def memit_edit(model: Model, requests: Sequence[EditRequest], layers: Sequence[int] | None = None,
+               params: MemitParams | None = None, progress: Callable[[str, int, int], None] | None = None,
+               ) -> list[DownDelta]:
+    """Low-rank down_proj deltas (one per edited layer) that make the model state every request.
+
+    The model is left as it was: deltas are computed with a temporary `DeltaFfn` on top of the
+    installed backend, so edits already in the overlay are respected.
+    """
+    if not requests:
+        return []
+    if model.tokenizer is None:
+        raise CapabilityError("weight-level edits need the model's tokenizer")
+    p = params or MemitParams()
+    layers = tuple(layers or p.layers or default_layers(model))
+    if any(not 0 <= l < model.spec.num_layers for l in layers):
+        raise ModelqlError(f"edit layers {layers} are outside 0..{model.spec.num_layers - 1}")
+    last = max(layers)
+    templates = {r: relation_templates(r.relation) for r in requests}
+    report = progress or (lambda stage, i, n: None)
+
+    report("targets", 0, 1)
+    resid_name = f"blocks.{last}.hook_resid_post"
+    z = _at_subject(model, requests, templates, resid_name) + _target_deltas(model, requests, last, templates, p)
+
+    saved = model.ffn
+    work = DeltaFfn(saved)
+    model.ffn = work
+    out: list[DownDelta] = []
+    try:
+        for i, layer in enumerate(sorted(layers)):
+            report("layers", i, len(layers))
+            cur = _at_subject(model, requests, templates, resid_name)
+            resid = (z - cur) / (len(layers) - i)  # [n, H]
+            keys = _at_subject(model, requests, templates, f"blocks.{layer}.mlp.hook_post")  # [n, F]
+            cov = covariance(model, layer, p.cov_sentences)
+            a = p.mom2_weight * cov.double() + keys.double().T @ keys.double()
+            v = torch.linalg.solve(a, keys.double().T).float()  # [F, n]
+            d = DownDelta(layer, resid.T.contiguous(), v, tuple(requests))
+            work.add(d)
+            out.append(d)
+    finally:
+        model.ffn = saved
+    return out
