@@ -389,7 +389,7 @@ def test_batch_continues_after_errors(tiny_vindex):
         SHOW LAYERS;
         WALK "x" BOGUS;        -- a parse error
         USE "nope.vindex";     -- an execution error
-        INSERT INTO EDGES (entity, relation, target) VALUES ("a", "b", "c");
+        SHOW FEATURES 99;      -- another execution error
         STATS
     '''
     outcomes = run_batch(script, session)
@@ -399,7 +399,7 @@ def test_batch_continues_after_errors(tiny_vindex):
     assert parse_err[0].startswith("Error: Parse error at line 3, column ")
     assert parse_err[2].strip() == "^"
     assert render.error_lines(outcomes[2].error) == ["Error: vindex not found: nope.vindex"]
-    assert render.error_lines(outcomes[3].error) == ["Error: INSERT is not available yet"]
+    assert render.error_lines(outcomes[3].error) == ["Error: no features at layer 99"]
     assert session.vindex.path == tiny_vindex  # the failed USE left the backend alone
 
 
