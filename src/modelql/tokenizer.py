@@ -169,6 +169,7 @@ class Tokenizer:
                 if isinstance(item, Mapping) and isinstance(item.get("template"), str):
                     self._templates[str(item.get("name", "default"))] = item["template"]
         self._byte_decoder: dict[str, int] | None = None
+        self._added: dict[int, str] | None = None
         self._is_byte_level: bool | None = None
 
     def _set_post_processor(self, processors, add_bos: bool, add_eos: bool) -> None:
@@ -279,8 +280,10 @@ class Tokenizer:
         piece = self._tok.id_to_token(token_id)
         if piece is None:
             return b""
-        if token_id in self.all_special_ids:
-            return piece.encode("utf-8")
+        if self._added is None:
+            self._added = {i: t.content for i, t in self._tok.get_added_tokens_decoder().items()}
+        if token_id in self._added:  # added tokens are stored as plain text
+            return self._added[token_id].encode("utf-8")
         if self._byte_level():
             table = self._byte_decoder
             if table is not None and all(ch in table for ch in piece):
