@@ -26,8 +26,11 @@ def _uvicorn_config(app, config: ServerConfig):
                           lifespan="on", http="h11", ws="websockets-sansio")
 
 
-def build(model_ref: str | Path | None, config: ServerConfig, dtype: str = "float32", model=None, loader=None):
-    """Load the model (None: the embedded default) and build the app and its engine."""
+def build(model_ref: str | Path | None, config: ServerConfig, dtype: str = "float32", model=None, loader=None,
+          vindex_source=None):
+    """Load the model (None: the embedded default) and build the app and its engine, with the
+    knowledge group browsing `vindex_source` (default: `VindexSource.for_model_ref(model_ref)` — the
+    vindex given, or a model directory's cached vindex, extracted in the background on first use)."""
     from .app import create_app
     from .engine import Engine
 
@@ -37,7 +40,13 @@ def build(model_ref: str | Path | None, config: ServerConfig, dtype: str = "floa
         model = loader(model_ref, dtype)
     engine = Engine(model, max_batch=config.max_batch, max_queue=config.max_queue,
                     queue_full_status=config.queue_full_status)
-    return create_app(config, engine), engine
+    from . import knowledge_routes, stream_routes
+
+    app = create_app(config, engine, knowledge=[knowledge_routes.router, stream_routes.router])
+    if vindex_source is None:
+        vindex_source = knowledge_routes.VindexSource.for_model_ref(model_ref)
+    knowledge_routes.attach(app, vindex_source)
+    return app, engine
 
 
 def first_request(url: str, model_id: str, api_key: str | None, inference: bool) -> str:
