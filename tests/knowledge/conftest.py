@@ -24,7 +24,7 @@ def _threads():
     import torch
 
     n = torch.get_num_threads()
-    torch.set_num_threads(min(n, 2))
+    torch.set_num_threads(1)  # tiny matmuls: threads only add contention
     yield
     torch.set_num_threads(n)
 
@@ -73,15 +73,22 @@ def vx(labelled_path):
 
 
 @pytest.fixture(scope="session")
-def browse_vx(model_dir, labelled_path, vindex_root):
-    """The default model at level browse (f16) with the probe labels of `labelled_path`: no
-    weights, so DESCRIBE defaults to embedding mode."""
+def browse_vx(labelled_path, vindex_root):
+    """The labelled vindex cut down to level browse (index, gates, embeddings, down_meta,
+    tokenizer, labels): no weights, so DESCRIBE defaults to embedding mode."""
     import shutil
 
-    from modelql.knowledge.labels import LABELS_FILE
-    from modelql.vindex import Vindex, extract
+    from modelql.vindex import Vindex
+    from modelql.vindex.format import IndexJson
 
     out = vindex_root / "browse.vindex"
-    extract(model_dir, out, level="browse", dtype="f16")
-    shutil.copyfile(labelled_path / LABELS_FILE, out / LABELS_FILE)
+    out.mkdir()
+    for name in ("gate_vectors.bin", "embeddings.bin", "down_meta.bin", "tokenizer.json", "feature_labels.json",
+                 "relation_clusters.json", "feature_clusters.jsonl"):
+        if (labelled_path / name).exists():
+            shutil.copyfile(labelled_path / name, out / name)
+    idx = IndexJson.read(labelled_path)
+    idx.extract_level, idx.has_model_weights, idx.modelql = "browse", False, None
+    idx.checksums = {k: v for k, v in (idx.checksums or {}).items() if (out / k).exists()}
+    idx.write(out)
     return Vindex.load(out)

@@ -37,8 +37,10 @@ def test_label_command_with_a_triples_file(fresh, tmp_path):
     # the labels are what DESCRIBE shows
     from modelql.vindex import Vindex
 
-    res = describe(Vindex.load(fresh), "France")
-    assert "Paris" in [e.target for e in res.edges if e.relation == "capital"]
+    res = describe(Vindex.load(fresh), "France", min_z=2.0)
+    probe = [e for e in res.edges if e.source == "probe"]
+    assert probe and all(e.relation == "capital" and labels[(e.layer, e.feature)] == "capital" for e in probe)
+    assert "The capital of {X} is" in res.contexts
 
 
 def test_label_merges_and_replaces(fresh):

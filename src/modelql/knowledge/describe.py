@@ -5,21 +5,30 @@ Two query modes:
 * ``"embedding"`` — the reference's: the entity's mean scaled token embedding is compared with
   the gates of every scanned layer. With ``threshold=5.0`` (``REFERENCE_THRESHOLD``) and the
   default token filters this is LARQL's pipeline, for parity checks.
-* ``"residual"`` — modelql's, the default when the vindex has weights: the entity is run
-  through short neutral contexts (`queries.DEFAULT_CONTEXTS`) and each layer is queried with
-  its *own* FFN input `x_L` at the entity's last token (§15.2). A feature's strength is its
-  FFN activation `act(g·x)·(u·x)` there — what the feature actually writes, with the sign the
-  up projection gives it — so a gate that fires "backwards" is not reported as promoting its
-  top token (§15.3).
+* ``"residual"`` — modelql's, the default when the vindex has weights: the entity is run through
+  short contexts and each layer is queried with its *own* FFN input `x_L` at the context's last
+  token (§15.2). Contexts are the neutral ones (`queries.DEFAULT_CONTEXTS`: "{X}", "about {X}")
+  plus, on a probe-labelled vindex, one *relation probe* per labelled relation (its probe
+  template, e.g. "The capital of {X} is"); a relation probe only vouches for features carrying
+  that relation's label. A feature's strength is its FFN activation `act(g·x)·(u·x)` — what it
+  actually writes, with the sign the up projection gives it — so a gate that fires "backwards"
+  is not reported as promoting its top token (§15.3). Hits of several contexts are combined
+  per feature by their maximum (`combine="max"`).
 
 Thresholds (``threshold=None``, the default) are scale-free (§15.1): each candidate is scored by
 its z-score within its own layer, `z = (s_f − mean(s)) / std(s)` over *all* F features of the
-layer for this query (s = gate scores in embedding mode, activations in residual mode). A
-feature must reach `z ≥ DEFAULT_MIN_Z`. z-scores do not depend on embedding scale or gate
-norms, so a model whose raw scores never reach 5.0 (small embedding norms: Llama/Mistral, or
-the embedded default model, where |g·q| < 1) still shows its edges. The value was chosen by
-measurement on the embedded model (``python bench/describe.py --sweep``): see the docstring of
-`DEFAULT_MIN_Z`. A numeric ``threshold`` switches to the reference's absolute signed gate score.
+layer for this query (s = gate scores in embedding mode, activations in residual mode), and
+must reach `z ≥ DEFAULT_MIN_Z`. z-scores do not depend on embedding scale or gate norms, so a
+model whose raw scores never reach 5.0 (small embedding norms: Llama/Mistral, or the embedded
+default model, where |g·q| < 1) still shows its edges. A numeric ``threshold`` switches to the
+reference's absolute signed gate score.
+
+Measured on the embedded default model (``python bench/describe.py``, 60 countries): recall of
+labelled facts 0 % (embedding, 5.0: no edges at all), 0.4 % (embedding, z ≥ 4), 3.6 %
+(residual, neutral contexts only) and ≈ 27 % (residual with relation probes, the default);
+z ∈ [2, 4] changes recall by < 1 point, z = 6 loses 5 points: 4.0 is the default. Precision
+stays low (≈ 7 %) on that model because its FFN features are polysemantic (a "capital" feature
+promotes the capitals of a whole region) — see bench/describe.py for the per-relation table.
 
 Edges are aggregated by target token (lowercase), labelled (probe label, else cluster label),
 sorted by gate (descending) and bucketed into the band sections of the best layer.
@@ -43,16 +52,14 @@ from .tokens import content, readable, same_token
 REFERENCE_THRESHOLD = 5.0
 #: Hits per layer (the reference's walk K).
 DEFAULT_K = 20
-#: The adaptive threshold, in per-layer z-score units. Measured on the embedded model over all
-#: countries (bench/describe.py --sweep): see the module docstring; chosen so the capital
-#: relation keeps both precision and recall ≥ 80 % in residual mode.
+#: The adaptive threshold, in per-layer z-score units (measured: see the module docstring).
 DEFAULT_MIN_Z = 4.0
 #: Coherence floor of the reference (a hit with no content co-outputs but readable ones needs
 #: gate ≥ 20); in z units modelql uses `COHERENCE_FLOOR_Z`.
 COHERENCE_FLOOR = 20.0
 COHERENCE_FLOOR_Z = 8.0
 #: signal banner bands: (clean, moderate) minimum max-gate, per unit
-SIGNAL_BANDS = {"score": (20.0, 10.0), "z": (12.0, 8.0)}
+SIGNAL_BANDS = {"score": (20.0, 10.0), "z": (20.0, 10.0)}
 KNN_GATE_PER_CONFIDENCE = 10.0
 
 MODES = ("auto", "embedding", "residual")
@@ -98,6 +105,29 @@ def _range_text(ls: Sequence[int]) -> str:
     if not ls:
         return "none"
     return f"{ls[0]}-{ls[-1]}" if list(ls) == list(range(ls[0], ls[-1] + 1)) else ", ".join(map(str, ls))
+
+
+def _contexts(vindex, contexts) -> tuple[list[str], dict[str, str]]:
+    """Residual-mode contexts as (texts, {text: relation}): plain strings are neutral contexts;
+    `(template, relation)` pairs are relation probes whose hits must carry that relation's label.
+    None ⇒ the neutral defaults plus, for a probe-labelled vindex, its probe templates."""
+    from .labels import probe_templates
+    from .queries import DEFAULT_CONTEXTS
+
+    if contexts is None:
+        items: list = list(DEFAULT_CONTEXTS) + [(t, r) for r, ts in probe_templates(vindex).items() for t in ts]
+    else:
+        items = list(contexts)
+    texts, rel = [], {}
+    for c in items:
+        if isinstance(c, (tuple, list)):
+            t, r = str(c[0]), str(c[1])
+            rel[t] = r
+        else:
+            t = str(c)
+        if t not in texts:
+            texts.append(t)
+    return texts, rel
 
 
 def section_of(vindex, layer: int) -> str:
@@ -161,6 +191,8 @@ def describe(
     probe_only: bool = False,
     model=None,
     contexts: Sequence[str] | None = None,
+    combine: str = "max",
+    score: str = "activation",
     knn_entries: Iterable | None = None,
     labels: FeatureLabels | None = None,
 ) -> DescribeResult:
@@ -179,6 +211,10 @@ def describe(
     t0 = time.perf_counter()
     if k < 1:
         raise DescribeError("k must be at least 1")
+    if combine not in ("mean", "max"):
+        raise DescribeError(f"unknown context combination {combine!r} (use mean or max)")
+    if score not in ("activation", "gate"):
+        raise DescribeError(f"unknown residual score {score!r} (use activation or gate)")
     if token_filter not in ("content", "light"):
         raise DescribeError(f"unknown token filter {token_filter!r}")
     m = resolve_mode(vindex, mode)
@@ -200,17 +236,29 @@ def describe(
             s = vindex.gate_scores(L, q)
             hits += _layer_hits(s, s, L, k, unit, s)
     else:
-        rq = residual_query(vindex, entity, model=model, contexts=contexts, layers=scanned)
+        ctx_list, ctx_rel = _contexts(vindex, contexts)
+        rq = residual_query(vindex, entity, model=model, contexts=ctx_list, layers=scanned)
         if rq is None:
             return DescribeResult(found=False, edges=(), max_gate=0.0, signal="diffuse",
                                   latency_ms=(time.perf_counter() - t0) * 1e3, **base)
         used_contexts = rq.contexts
+        labs0 = labels if labels is not None else labels_for(vindex)
         for L in scanned:
-            s = vindex.gate_scores(L, rq.x[L])
-            a = rq.act[L]
-            ranking = a if a.numel() == s.numel() else s
-            hits += _layer_hits(s, ranking, L, k, unit, s)
-
+            xs, acts = rq.per_context[L], rq.per_context_act[L]
+            rels = [ctx_rel.get(c) for c in rq.contexts]
+            if combine == "mean":
+                xs, acts, rels = xs.mean(dim=0, keepdim=True), acts.mean(dim=0, keepdim=True), [None]
+            best: dict[int, _Hit] = {}
+            for x, a, rel in zip(xs, acts, rels):
+                s = vindex.gate_scores(L, x)
+                ranking = a if (score == "activation" and a.numel() == s.numel()) else s
+                for h in _layer_hits(s, ranking, L, k, unit, s):
+                    if rel is not None and labs0.label(L, h.feature) != rel:
+                        continue  # a relation probe only vouches for features of its relation
+                    old = best.get(h.feature)
+                    if old is None or h.gate > old.gate:
+                        best[h.feature] = h
+            hits += sorted(best.values(), key=lambda h: -h.gate)[:k]
     labs = labels if labels is not None else labels_for(vindex)
     edges = _aggregate(vindex, entity, hits, thr, unit, token_filter, labs, probe_only)
     edges += _knn_edges(vindex, entity, knn_entries, labs)

@@ -3,11 +3,10 @@
 * **entity vector** `q = mean_{id ∈ enc(e, False), id < V} s·E[id]` — the reference's DESCRIBE /
   SELECT query: one embedding compared against every layer's gates.
 * **walk vector** `q = s·E[last id of enc(prompt, True)]` — WALK, one token, no attention.
-* **residual query** (modelql): the entity is run through a few short neutral contexts and the
-  FFN input `x_L` (`blocks.{L}.ln2.hook_normalized`) is captured at the entity's last token for
-  every layer, so layer L's gates are queried with what layer L actually reads (§15.2). Each
-  layer gets the mean of its contexts' `x_L`; the FFN activations `act(G x) ⊙ U x`
-  (`blocks.{L}.mlp.hook_post`) are captured alongside.
+* **residual query** (modelql): the entity is run through a few short contexts and the FFN
+  input `x_L` (`blocks.{L}.ln2.hook_normalized`) is captured at each context's last token for
+  every layer, so layer L's gates are queried with what layer L actually reads (§15.2). The FFN
+  activations `act(G x) ⊙ U x` (`blocks.{L}.mlp.hook_post`) are captured alongside.
 
 The model is loaded once per `Vindex` (from the vindex's own weights) and kept while the vindex
 lives; pass `model=` to use one already loaded.
@@ -24,10 +23,8 @@ import torch
 
 from ..errors import CapabilityError, ModelqlError
 
-#: Neutral contexts of the residual mode. Causality makes everything after the entity
-#: irrelevant at the entity's position, so only the prefixes differ: "{X}" (sentence start,
-#: after BOS) and "about {X}" (mid-sentence, with the tokenizer's leading-space form).
-#: Chosen by measurement on the embedded model (bench/describe.py): see `describe` docs.
+#: Neutral contexts of the residual mode, captured at the entity's last token: "{X}" (sentence
+#: start, after BOS) and "about {X}" (mid-sentence, with the tokenizer's leading-space form).
 DEFAULT_CONTEXTS: tuple[str, ...] = ("{X}", "about {X}")
 
 _models: "weakref.WeakKeyDictionary[object, object]" = weakref.WeakKeyDictionary()
@@ -86,26 +83,30 @@ def model_for(vindex, model=None):
 
 @dataclass(frozen=True)
 class ResidualQuery:
-    """Per-layer FFN inputs of an entity, averaged over its contexts."""
+    """Per-layer FFN inputs and activations of an entity in each of its contexts."""
 
     entity: str
     contexts: tuple[str, ...]
-    x: dict[int, torch.Tensor]  # layer → mean x_L [H]
-    act: dict[int, torch.Tensor]  # layer → mean FFN activation [F]
-    per_context: dict[int, torch.Tensor]  # layer → [C, H]
+    per_context: dict[int, torch.Tensor]  # layer → x_L per context [C, H]
+    per_context_act: dict[int, torch.Tensor]  # layer → FFN activations per context [C, F]
 
+    @property
+    def x(self) -> dict[int, torch.Tensor]:
+        """layer → mean x_L over the contexts [H]."""
+        return {L: v.mean(dim=0) for L, v in self.per_context.items()}
 
-def _entity_position(tokenizer, text: str, end: int) -> int:
-    """Index of the last token of `text[:end]` in `enc(text, True)` (the entity's last token)."""
-    return len(tokenizer.encode(text[:end], add_special_tokens=True)) - 1
+    @property
+    def act(self) -> dict[int, torch.Tensor]:
+        """layer → mean FFN activation over the contexts [F]."""
+        return {L: v.mean(dim=0) for L, v in self.per_context_act.items()}
 
 
 def residual_query(vindex, entity: str, model=None, contexts: Sequence[str] | None = None,
                    layers: Sequence[int] | None = None) -> ResidualQuery | None:
-    """Run `entity` through `contexts` and capture `x_L` and the FFN activations at its last token.
+    """Run `entity` through `contexts` and capture `x_L` and the FFN activations at the last
+    token of each context (`{X}` is replaced by the entity; the default contexts end with it).
 
-    Returns None when the entity tokenises to nothing. Everything after the entity in a context
-    is dropped before the forward pass (causal attention: it cannot change the entity's position).
+    Returns None when the entity tokenises to nothing.
     """
     if not entity.strip() or not entity_ids(vindex, entity):
         return None
@@ -124,17 +125,13 @@ def residual_query(vindex, entity: str, model=None, contexts: Sequence[str] | No
     for ctx in ctxs:
         if "{X}" not in ctx:
             raise ModelqlError(f"context {ctx!r} has no {{X}} placeholder")
-        text = ctx.replace("{X}", entity, 1)
-        end = ctx.index("{X}") + len(entity)
-        prefix = text[:end]
-        ids = tok.encode(prefix, add_special_tokens=True)
+        ids = tok.encode(ctx.replace("{X}", entity), add_special_tokens=True)
         if not ids:
             continue
-        pos = len(ids) - 1
         cache: dict[str, torch.Tensor] = {}
 
-        def grab(t: torch.Tensor, n: str, _cache=cache, _pos=pos) -> None:
-            _cache[n] = t[0, _pos].detach().float().clone()
+        def grab(t: torch.Tensor, n: str, _cache=cache) -> None:
+            _cache[n] = t[0, -1].detach().float().clone()
 
         m.forward(torch.tensor([ids]), hooks={n: grab for n in names}, logits="none")
         for L in wanted:
@@ -143,10 +140,8 @@ def residual_query(vindex, entity: str, model=None, contexts: Sequence[str] | No
         used.append(ctx)
     if not used:
         return None
-    per = {L: torch.stack(v) for L, v in xs.items()}
     return ResidualQuery(
         entity=entity, contexts=tuple(used),
-        x={L: v.mean(dim=0) for L, v in per.items()},
-        act={L: torch.stack(v).mean(dim=0) for L, v in acts.items()},
-        per_context=per,
+        per_context={L: torch.stack(v) for L, v in xs.items()},
+        per_context_act={L: torch.stack(v) for L, v in acts.items()},
     )
