@@ -119,27 +119,33 @@ def residual_query(vindex, entity: str, model=None, contexts: Sequence[str] | No
     for L in wanted:
         names.add(f"blocks.{L}.ln2.hook_normalized")
         names.add(f"blocks.{L}.mlp.hook_post")
-    xs: dict[int, list[torch.Tensor]] = {L: [] for L in wanted}
-    acts: dict[int, list[torch.Tensor]] = {L: [] for L in wanted}
-    used: list[str] = []
+    encoded: list[tuple[str, list[int]]] = []
     for ctx in ctxs:
         if "{X}" not in ctx:
             raise ModelqlError(f"context {ctx!r} has no {{X}} placeholder")
         ids = tok.encode(ctx.replace("{X}", entity), add_special_tokens=True)
-        if not ids:
-            continue
+        if ids:
+            encoded.append((ctx, ids))
+    if not encoded:
+        return None
+    # one forward pass per token length (the runtime batches equal-length rows without padding)
+    by_len: dict[int, list[int]] = {}
+    for i, (_c, ids) in enumerate(encoded):
+        by_len.setdefault(len(ids), []).append(i)
+    xs: dict[int, list] = {L: [None] * len(encoded) for L in wanted}
+    acts: dict[int, list] = {L: [None] * len(encoded) for L in wanted}
+    for idxs in by_len.values():
         cache: dict[str, torch.Tensor] = {}
 
         def grab(t: torch.Tensor, n: str, _cache=cache) -> None:
-            _cache[n] = t[0, -1].detach().float().clone()
+            _cache[n] = t[:, -1].detach().float().clone()
 
-        m.forward(torch.tensor([ids]), hooks={n: grab for n in names}, logits="none")
-        for L in wanted:
-            xs[L].append(cache[f"blocks.{L}.ln2.hook_normalized"])
-            acts[L].append(cache[f"blocks.{L}.mlp.hook_post"])
-        used.append(ctx)
-    if not used:
-        return None
+        m.forward(torch.tensor([encoded[i][1] for i in idxs]), hooks={n: grab for n in names}, logits="none")
+        for row, i in enumerate(idxs):
+            for L in wanted:
+                xs[L][i] = cache[f"blocks.{L}.ln2.hook_normalized"][row]
+                acts[L][i] = cache[f"blocks.{L}.mlp.hook_post"][row]
+    used = [c for c, _ids in encoded]
     return ResidualQuery(
         entity=entity, contexts=tuple(used),
         per_context={L: torch.stack(v) for L, v in xs.items()},
