@@ -168,10 +168,12 @@ async def _generate(ws: WebSocket, msg: dict, inbox: asyncio.Queue) -> bool:
     events = handle.events()
     next_event = asyncio.ensure_future(events.__anext__())
     next_msg = asyncio.ensure_future(inbox.get())
+    consumed = [False]
     try:
         while True:
             done, _ = await asyncio.wait({next_event, next_msg}, return_when=asyncio.FIRST_COMPLETED)
             if next_msg in done:
+                consumed[0] = True
                 incoming = next_msg.result()
                 if incoming is None:  # client gone
                     handle.cancel()
@@ -182,6 +184,7 @@ async def _generate(ws: WebSocket, msg: dict, inbox: asyncio.Queue) -> bool:
                     break
                 await _error(ws, "a generation is in progress: send {\"type\":\"cancel\"} first")
                 next_msg = asyncio.ensure_future(inbox.get())
+                consumed[0] = False
             if next_event in done:
                 try:
                     batch = next_event.result()
@@ -202,10 +205,19 @@ async def _generate(ws: WebSocket, msg: dict, inbox: asyncio.Queue) -> bool:
                     break
                 next_event = asyncio.ensure_future(events.__anext__())
     finally:
-        if not next_event.done():
-            next_event.cancel()
-        if not next_msg.done():
-            next_msg.cancel()
+        handle.cancel()  # no-op once finished
+        unread = next_msg.done() and not next_msg.cancelled() and not consumed[0]
+        for task in (next_event, next_msg):
+            if not task.done():
+                task.cancel()
+            try:
+                await task
+            except (asyncio.CancelledError, StopAsyncIteration):
+                pass
+            except Exception:  # noqa: BLE001 - already reported
+                pass
+        if unread:  # a message that arrived as the generation finished: handled next
+            inbox.put_nowait(next_msg.result())
         await events.aclose()
     out: dict[str, Any] = {"type": "done", "tokens": index}
     if cancelled:

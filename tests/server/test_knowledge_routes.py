@@ -1,0 +1,428 @@
+"""The knowledge group (server-api.md §4) and WebSocket /v1/stream (§6) on the embedded model's vindex.
+
+The server under test is built the way `modelql serve` builds it (`serve.build`), serving the
+embedded model (or `MODELQL_TEST_DEFAULT_MODEL`, as tests/knowledge and tests/lql) with its cached,
+probe-labelled vindex. Shapes are checked against the spec; DESCRIBE over HTTP is checked against
+`knowledge.describe` called directly with the same model and vindex. A second, tiny server covers
+the model-directory path (background extraction) and the modes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import struct
+from pathlib import Path
+
+import httpx
+import pytest
+
+from modelql.server.config import ServerConfig
+
+
+def _model_dir() -> Path | None:
+    from modelql import defaults as D
+
+    p = Path(os.environ.get("MODELQL_TEST_DEFAULT_MODEL") or D.DEFAULT_MODEL_DIR)
+    return p if (p / "config.json").exists() else None
+
+
+@pytest.fixture(scope="module")
+def kmodel_dir() -> Path:
+    d = _model_dir()
+    if d is None:
+        pytest.skip("the embedded default model is not installed (src/modelql/data/default-model)")
+    return d
+
+
+@pytest.fixture(scope="module")
+def kvindex(kmodel_dir):
+    """The embedded model's vindex from the default-vindex cache (extracted and labelled once)."""
+    import torch
+
+    from modelql.lql import default_vindex as dv
+    from modelql.vindex import Vindex
+
+    torch.set_num_threads(1)
+    path = dv.ensure_vindex(kmodel_dir, name=dv.DEFAULT_NAME, model_id=dv.DEFAULT_NAME, progress=False, label=True)
+    return Vindex.load(path)
+
+
+@pytest.fixture(scope="module")
+def kmodel(kmodel_dir):
+    from modelql.runtime.loading import load_model
+
+    return load_model(kmodel_dir)
+
+
+def _serve(model, source, **config):
+    from modelql.server.serve import BackgroundServer, build
+
+    cfg = ServerConfig(host="127.0.0.1", port=0, graceful_timeout=2.0, **config)
+    app, engine = build(None, cfg, model=model, vindex_source=source)
+    return BackgroundServer(app, cfg), engine
+
+
+@pytest.fixture(scope="module")
+def ksrv(kmodel, kvindex):
+    from modelql.server.knowledge_routes import VindexSource
+
+    srv, engine = _serve(kmodel, VindexSource.ready(kvindex))
+    try:
+        srv.start()
+        yield srv
+    finally:
+        srv.stop()
+        engine.stop()
+
+
+@pytest.fixture(scope="module")
+def client(ksrv):
+    with httpx.Client(base_url=ksrv.url, timeout=60) as c:
+        yield c
+
+
+# -- shapes ---------------------------------------------------------------------------------------------
+
+def test_stats_shape(client, kvindex):
+    s = client.get("/v1/stats").json()
+    for key in ("model", "family", "mode", "layers", "features", "features_per_layer", "hidden_size", "vocab_size",
+                "extract_level", "dtype", "layer_bands", "loaded", "owned_layers", "knn_entries", "patches_active"):
+        assert key in s, key
+    assert s["mode"] == "full" and s["layers"] == kvindex.num_layers and s["hidden_size"] == kvindex.hidden_size
+    assert set(s["layer_bands"]) == {"syntax", "knowledge", "output"}
+    assert s["loaded"] == {"browse": True, "inference": True, "ffn_service": False, "embed_service": False}
+
+
+def test_describe_france_equals_python_api(client, kmodel, kvindex):
+    """DESCRIBE France over HTTP == knowledge.describe(...) with the same arguments, rendered per spec."""
+    from modelql import knowledge
+    from modelql.server.knowledge_routes import describe_args
+
+    r = client.get("/v1/describe", params={"entity": "France", "verbose": "true"})
+    assert r.status_code == 200
+    body = r.json()
+    ref = knowledge.describe(kvindex, "France", model=kmodel, **describe_args("knowledge", 20, None, "auto"))
+    j = ref.to_json()
+    assert body["entity"] == "France" and body["model"] == j["model"] and body["mode"] == j["mode"] == "residual"
+    assert isinstance(body["latency_ms"], float)
+    expected = []
+    for e in j["edges"][:20]:
+        row = {"target": e["target"], "gate_score": round(e["gate"], 1), "layer": e["layer"],
+               "layer_min": e["layer_min"], "layer_max": e["layer_max"], "count": e["count"]}
+        if e["relation"]:
+            row["relation"], row["source"] = e["relation"], "probe"
+        if e["also"]:
+            row["also"] = e["also"][:3]
+        expected.append(row)
+    assert body["edges"] == expected
+    assert body["edges"], "the embedded model knows something about France"
+    # brief form: no layer_min/layer_max/count
+    brief = client.get("/v1/describe", params={"entity": "France"}).json()
+    assert all(set(e) <= {"target", "gate_score", "layer", "relation", "source", "also"} for e in brief["edges"])
+
+
+def test_describe_reference_threshold_and_embedding_mode(client, kvindex):
+    from modelql import knowledge
+
+    body = client.get("/v1/describe", params={"entity": "France", "mode": "embedding", "min_score": 0.5,
+                                              "band": "all", "limit": 5}).json()
+    ref = knowledge.describe(kvindex, "France", mode="embedding", threshold=0.5, k=5, token_filter="light",
+                             probe_only=True)
+    assert [e["target"] for e in body["edges"]] == [e.target for e in ref.edges][:5]
+    assert body["unit"] == "score" and body["threshold"] == 0.5 and len(body["edges"]) <= 5
+
+
+def test_describe_etag_and_304(client):
+    r = client.get("/v1/describe", params={"entity": "Japan"})
+    tag = r.headers["etag"]
+    assert tag.startswith('"') and r.headers["cache-control"] == "public, max-age=86400"
+    assert client.get("/v1/describe", params={"entity": "Japan"}, headers={"If-None-Match": tag}).status_code == 304
+    assert client.get("/v1/describe", params={"entity": "Japan"}, headers={"If-None-Match": "*"}).status_code == 304
+    assert client.get("/v1/describe", params={"entity": "Japan"},
+                      headers={"If-None-Match": '"other"'}).status_code == 200
+
+
+def test_walk_shape(client, kvindex):
+    from modelql import knowledge
+
+    body = client.get("/v1/walk", params={"prompt": "The capital of France is", "top": 3, "layers": "0-1"}).json()
+    assert body["prompt"] == "The capital of France is" and isinstance(body["latency_ms"], float)
+    ref = knowledge.walk(kvindex, "The capital of France is", top=3, layers=[0, 1])
+    assert [(h["layer"], h["feature"], h["target"]) for h in body["hits"]] == \
+        [(r.layer, r.feature, r.target) for r in ref.rows]
+    assert {h["layer"] for h in body["hits"]} <= {0, 1}
+    for h in body["hits"]:
+        assert set(h) <= {"layer", "feature", "gate_score", "target", "relation"}
+
+
+def test_select_shape(client):
+    body = client.post("/v1/select", json={"relation": "capital", "limit": 4, "order_by": "c_score"}).json()
+    assert set(body) == {"edges", "total", "latency_ms"}
+    assert len(body["edges"]) <= 4 and body["total"] >= len(body["edges"])
+    scores = [e["c_score"] for e in body["edges"]]
+    assert scores == sorted(scores, reverse=True)
+    for e in body["edges"]:
+        assert {"layer", "feature", "target", "c_score"} <= set(e) and "capital" in e["relation"].lower()
+    layer1 = client.post("/v1/select", json={"layer": 1, "limit": 3, "order": "asc", "order_by": "confidence"}).json()
+    assert all(e["layer"] == 1 for e in layer1["edges"])
+
+
+def test_relations_shape(client):
+    body = client.get("/v1/relations").json()
+    assert set(body) == {"relations", "probe_relations", "probe_count", "total", "latency_ms"}
+    assert len(body["relations"]) <= 50
+    for r in body["relations"]:
+        assert set(r) == {"name", "count", "max_score", "min_layer", "max_layer", "examples"}
+    assert body["probe_count"] > 0 and all(set(p) == {"name", "count"} for p in body["probe_relations"])
+
+
+def test_infer_shapes_equal_knowledge_infer(client, kmodel):
+    from modelql.knowledge.infer import infer
+
+    body = client.post("/v1/infer", json={"prompt": "The capital of France is", "top": 3}).json()
+    ref = infer(kmodel, "The capital of France is", top=3)
+    assert body["mode"] == "walk" and body["prompt"] == "The capital of France is"
+    assert body["predictions"] == [{"token": p.token, "probability": round(p.prob, 4)} for p in ref.predictions]
+    cmp = client.post("/v1/infer", json={"prompt": "The capital of France is", "top": 2, "mode": "compare"}).json()
+    assert {"prompt", "walk", "walk_ms", "dense", "dense_ms", "latency_ms"} <= set(cmp)
+    assert len(cmp["walk"]) == len(cmp["dense"]) == 2
+
+
+def test_explain_infer_shape(client):
+    body = client.post("/v1/explain-infer", json={"prompt": "The capital of France is", "per_layer": 2,
+                                                  "with_attention": True}).json()
+    assert {"prompt", "predictions", "trace", "latency_ms"} <= set(body) and len(body["predictions"]) == 5
+    assert body["trace"]
+    for t in body["trace"]:
+        assert len(t["features"]) <= 2
+        for f in t["features"]:
+            assert set(f) == {"feature", "gate_score", "top_token", "top_tokens", "relation"}
+        assert {"token", "probability"} == set(t["lens"]) and t["attention"][0].keys() == {"token", "weight"}
+
+
+def test_embed_json_binary_and_single(client, kmodel):
+    import numpy as np
+
+    H = kmodel.spec.hidden_size
+    body = client.post("/v1/embed", json={"token_ids": [5, 7]}).json()
+    assert body["seq_len"] == 2 and body["hidden_size"] == H and len(body["residual"]) == 2
+    expected = (kmodel.embed[[5, 7]].float() * kmodel.spec.embed_scale).numpy()
+    assert np.allclose(np.array(body["residual"]), expected, atol=1e-6)
+    raw = client.post("/v1/embed", content=struct.pack("<III", 2, 5, 7),
+                      headers={"Content-Type": "application/x-larql-ffn"})
+    assert raw.headers["content-type"].startswith("application/x-larql-ffn")
+    n, h = struct.unpack_from("<II", raw.content)
+    assert (n, h) == (2, H)
+    assert np.allclose(np.frombuffer(raw.content[8:], "<f4").reshape(2, H), expected, atol=1e-6)
+    one = client.get("/v1/embed/7")
+    assert one.headers["cache-control"] == "public, max-age=31536000, immutable" and one.headers["vary"] == "Accept"
+    assert np.allclose(np.frombuffer(one.content, "<f4"), expected[1], atol=1e-6)
+    js = client.get("/v1/embed/7", headers={"Accept": "application/json"}).json()
+    assert js["token_id"] == 7 and js["hidden_size"] == H and len(js["embedding"]) == H
+
+
+def test_logits_and_tokens(client, kmodel):
+    import torch
+
+    ids = client.get("/v1/token/encode", params={"text": "France"}).json()
+    assert ids["text"] == "France" and ids["token_ids"] == kmodel.tokenizer.encode("France", add_special_tokens=False)
+    dec = client.get("/v1/token/decode", params={"ids": ",".join(map(str, ids["token_ids"]))}).json()
+    assert dec == {"text": "France", "token_ids": ids["token_ids"]}
+    # the final residual of a prompt through /v1/logits gives the model's own next-token distribution
+    h = kmodel.forward([kmodel.tokenizer.encode("The capital of France is")], logits="none")[0, -1]
+    body = client.post("/v1/logits", json={"residual": h.tolist(), "top_k": 3}).json()
+    probs = torch.softmax(kmodel.unembed(h[None])[0].double(), -1)
+    assert [t["token_id"] for t in body["top_k"]] == torch.topk(probs, 3).indices.tolist()
+    assert set(body["top_k"][0]) == {"token_id", "token", "prob"}
+    raw = client.post("/v1/logits", content=h.numpy().astype("<f4").tobytes(),
+                      headers={"Content-Type": "application/x-larql-ffn"}).json()
+    assert raw["top_k"][0]["token_id"] == body["top_k"][0]["token_id"]
+
+
+# -- errors ----------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("method,path,kw,status,message", [
+    ("get", "/v1/describe", {"params": {"entity": " "}}, 400, "missing entity"),
+    ("get", "/v1/describe", {}, 400, None),
+    ("get", "/v1/walk", {"params": {"prompt": ""}}, 400, "empty prompt"),
+    ("post", "/v1/infer", {"json": {"prompt": ""}}, 400, "empty prompt"),
+    ("post", "/v1/infer", {"json": {"prompt": "x", "mode": "nope"}}, 400, None),
+    ("post", "/v1/embed", {"json": {"token_ids": []}}, 400, "token_ids must be non-empty"),
+    ("post", "/v1/embed", {"json": {"token_ids": [10 ** 7]}}, 400, "token_id 10000000 out of range (vocab="),
+    ("post", "/v1/embed", {"content": b"\x01\x00", "headers": {"Content-Type": "application/x-larql-ffn"}}, 400, None),
+    ("get", "/v1/embed/-1", {}, 400, "out of range"),
+    ("post", "/v1/logits", {"json": {"residual": [1.0, 2.0]}}, 400, "residual length 2 != hidden_size"),
+    ("get", "/v1/token/decode", {"params": {"ids": "1,x"}}, 400, "invalid token id: 'x'"),
+    ("post", "/v1/patches/apply", {"json": {}}, 400, "must provide 'url' or 'patch' in request body"),
+    ("get", "/v1/nope", {}, 404, None),
+])
+def test_errors_use_the_knowledge_envelope(client, method, path, kw, status, message):
+    r = getattr(client, method)(path, **kw)
+    assert r.status_code == status, r.text
+    body = r.json()
+    assert set(body) == {"error"} and isinstance(body["error"], str)
+    if message:
+        assert message in body["error"]
+
+
+def test_editing_routes_until_editing_lands(client):
+    r = client.post("/v1/insert", json={"entity": "France", "relation": "capital", "target": "Lyon"})
+    assert r.status_code in (200, 503)
+    if r.status_code == 503:
+        assert "not available yet" in r.json()["error"]
+    assert client.get("/v1/patches").json()["patches"] == []
+    assert client.delete("/v1/patches/none").status_code == 404
+
+
+# -- WebSocket /v1/stream -----------------------------------------------------------------------------------
+
+def _ws_url(srv) -> str:
+    return srv.url.replace("http://", "ws://") + "/v1/stream"
+
+
+async def _recv(ws) -> dict:
+    return json.loads(await asyncio.wait_for(ws.recv(), 30))
+
+
+def test_ws_generate_streams_tokens_equal_to_greedy_generate(ksrv, kmodel):
+    import websockets
+
+    from modelql.runtime.generate import generate
+    from modelql.runtime.sampling import SamplingParams
+
+    ref = generate(kmodel, "The capital of France is", SamplingParams(max_tokens=8, temperature=0))
+
+    async def run():
+        async with websockets.connect(_ws_url(ksrv)) as ws:
+            await ws.send(json.dumps({"type": "generate", "prompt": "The capital of France is", "max_tokens": 8}))
+            texts = []
+            while True:
+                m = await _recv(ws)
+                if m["type"] == "done":
+                    return texts, m
+                assert m["type"] == "token" and m["index"] == len(texts)
+                texts.append(m["text"])
+
+    texts, done = asyncio.run(run())
+    assert "".join(texts) == ref.text and done["tokens"] == len(texts) and "cancelled" not in done
+
+
+def test_ws_cancel_stops_generation(ksrv, kmodel):
+    import websockets
+
+    async def run():
+        async with websockets.connect(_ws_url(ksrv)) as ws:
+            await ws.send(json.dumps({"type": "generate", "prompt": "Hello", "max_tokens": 400}))
+            first = await _recv(ws)
+            assert first["type"] == "token"
+            await ws.send(json.dumps({"type": "cancel"}))
+            n = 1
+            while True:
+                m = await _recv(ws)
+                if m["type"] == "done":
+                    return n, m
+                n += 1
+
+    n, done = asyncio.run(run())
+    assert done["cancelled"] is True and done["tokens"] == n and n < 400
+
+
+def test_ws_describe_infer_and_errors(ksrv, kvindex):
+    import websockets
+
+    async def run():
+        out = []
+        async with websockets.connect(_ws_url(ksrv)) as ws:
+            await ws.send(json.dumps({"type": "describe", "entity": "France", "band": "all"}))
+            while True:
+                m = await _recv(ws)
+                out.append(m)
+                if m["type"] == "done":
+                    break
+            await ws.send(json.dumps({"type": "infer", "prompt": "The capital of France is", "top": 3}))
+            for _ in range(4):
+                out.append(await _recv(ws))
+            await ws.send("{not json")
+            out.append(await _recv(ws))
+            await ws.send(json.dumps({"type": "fly"}))
+            out.append(await _recv(ws))
+            await ws.send(json.dumps({"type": "describe"}))
+            out.append(await _recv(ws))
+        return out
+
+    msgs = asyncio.run(run())
+    layers = [m for m in msgs if m["type"] == "layer"]
+    assert [m["layer"] for m in layers] == kvindex.layers()
+    for m in layers:
+        for e in m["edges"]:
+            assert {"target", "gate_score", "feature"} <= set(e)
+    done = next(m for m in msgs if m["type"] == "done")
+    assert done["entity"] == "France" and done["total_edges"] == sum(len(m["edges"]) for m in layers)
+    preds = [m for m in msgs if m["type"] == "prediction"]
+    assert [p["rank"] for p in preds] == [1, 2, 3]
+    infer_done = next(m for m in msgs if m["type"] == "infer_done")
+    assert infer_done["predictions"] == [{"token": p["token"], "probability": p["probability"]} for p in preds]
+    errors = [m["message"] for m in msgs if m["type"] == "error"]
+    assert errors == ["invalid JSON", "unknown message type: fly. Supported: describe, infer, generate",
+                      "missing entity"]
+
+
+# -- modes and vindex sources --------------------------------------------------------------------------------
+
+def test_no_infer_mode(kmodel, kvindex):
+    from modelql.server.knowledge_routes import VindexSource
+
+    srv, engine = _serve(kmodel, VindexSource.ready(kvindex), no_infer=True)
+    with srv:
+        with httpx.Client(base_url=srv.url, timeout=60) as c:
+            r = c.post("/v1/infer", json={"prompt": "x"})
+            assert r.status_code == 503 and r.json() == {"error": "inference disabled (--no-infer)"}
+            d = c.get("/v1/describe", params={"entity": "France"}).json()
+            assert d["mode"] == "embedding"  # no forward passes without inference
+            assert c.get("/v1/stats").json()["loaded"]["inference"] is False
+            assert c.get("/v1/token/encode", params={"text": "a"}).status_code == 200
+    engine.stop()
+
+
+def test_embed_only_mode_refuses_browse(kmodel, kvindex):
+    from modelql.server.knowledge_routes import VindexSource
+
+    srv, engine = _serve(kmodel, VindexSource.ready(kvindex), embed_only=True)
+    with srv:
+        with httpx.Client(base_url=srv.url, timeout=60) as c:
+            r = c.get("/v1/describe", params={"entity": "France"})
+            assert r.status_code == 503 and r.json()["error"] == "/v1/describe is not served in embed-service mode"
+            assert c.post("/v1/embed", json={"token_ids": [1]}).status_code == 200
+            assert c.get("/v1/stats").json()["mode"] == "embed-service"
+    engine.stop()
+
+
+def test_model_directory_vindex_extracted_in_background(tiny_dir, tiny_model, tmp_path, monkeypatch):
+    """`modelql serve MODEL_DIR`: browse routes answer 503 while the cached vindex is extracted,
+    then serve it; chat-side routes work meanwhile."""
+    from modelql.server.knowledge_routes import VindexSource
+
+    monkeypatch.setenv("MODELQL_CACHE", str(tmp_path / "cache"))
+    src = VindexSource.extract(tiny_dir, start=False)
+    srv, engine = _serve(tiny_model, src)
+    with srv:
+        with httpx.Client(base_url=srv.url, timeout=60) as c:
+            r = c.get("/v1/walk", params={"prompt": "hello"})
+            assert r.status_code == 503 and "being extracted" in r.json()["error"] and r.headers["retry-after"]
+            assert c.get("/v1/token/encode", params={"text": "hello"}).status_code == 200
+            src._thread.start()
+            assert src.wait(120)
+            assert c.get("/v1/walk", params={"prompt": "hello"}).status_code == 200
+    engine.stop()
+    assert list((tmp_path / "cache" / "vindex").glob("*.vindex"))
+
+
+def test_gguf_or_unknown_ref_has_a_reason():
+    from modelql.server.knowledge_routes import VindexSource
+
+    src = VindexSource.for_model_ref("/nonexistent/model.gguf")
+    with pytest.raises(Exception) as exc:
+        src.require()
+    assert "modelql extract" in str(exc.value)
