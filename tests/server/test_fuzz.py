@@ -17,8 +17,30 @@ from modelql.server.errors import is_openai_path
 
 
 @pytest.fixture(scope="module")
-def api_schema(server):
-    schema = schemathesis.openapi.from_url(server.url + "/openapi.json")
+def full_server(tiny_dir, tiny_model, tmp_path_factory):
+    """The server as `modelql serve` builds it: OpenAI group + knowledge group + WebSocket, browsing
+    the tiny model's vindex (extracted at level inference)."""
+    from modelql.server.config import ServerConfig
+    from modelql.server.knowledge_routes import VindexSource
+    from modelql.server.serve import BackgroundServer, build
+    from modelql.vindex import extract
+
+    out = tmp_path_factory.mktemp("fuzz-vindex") / "tiny.vindex"
+    extract(tiny_dir, out, level="inference", dtype="f32", clusters=False)
+    cfg = ServerConfig(host="127.0.0.1", port=0, graceful_timeout=2.0)
+    app, engine = build(None, cfg, model=tiny_model, vindex_source=VindexSource.open_path(out))
+    srv = BackgroundServer(app, cfg)
+    try:
+        srv.start()
+        yield srv
+    finally:
+        srv.stop()
+        engine.stop()
+
+
+@pytest.fixture(scope="module")
+def api_schema(full_server):
+    schema = schemathesis.openapi.from_url(full_server.url + "/openapi.json")
     schema.config.generation.update(modes=[schemathesis.GenerationMode.POSITIVE,
                                            schemathesis.GenerationMode.NEGATIVE])
     # The coverage phase (boundary values of every field, every HTTP method) adds ~800 cases: run it
@@ -42,7 +64,9 @@ def test_no_server_errors(case):
         if isinstance(body.get("prompt"), list) and body["prompt"] and isinstance(body["prompt"][0], (str, list)):
             body["prompt"] = body["prompt"][:3]  # a few prompts per request, not 2048
     response = case.call(timeout=30)
-    assert response.status_code < 500, (case.method, case.path, case.body, response.text)
+    # 503 is a documented answer (a route not available in this build or mode), never a crash
+    assert response.status_code < 500 or response.status_code == 503, \
+        (case.method, case.path, case.body, response.text)
     if response.status_code >= 400:
         err = response.json()["error"]
         if is_openai_path(case.formatted_path):
