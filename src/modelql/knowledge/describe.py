@@ -23,12 +23,13 @@ model whose raw scores never reach 5.0 (small embedding norms: Llama/Mistral, or
 default model, where |g·q| < 1) still shows its edges. A numeric ``threshold`` switches to the
 reference's absolute signed gate score.
 
-Measured on the embedded default model (``python bench/describe.py``, 60 countries): recall of
-labelled facts 0 % (embedding, 5.0: no edges at all), 0.4 % (embedding, z ≥ 4), 3.6 %
-(residual, neutral contexts only) and ≈ 27 % (residual with relation probes, the default);
-z ∈ [2, 4] changes recall by < 1 point, z = 6 loses 5 points: 4.0 is the default. Precision
-stays low (≈ 7 %) on that model because its FFN features are polysemantic (a "capital" feature
-promotes the capitals of a whole region) — see bench/describe.py for the per-relation table.
+Measured on the embedded default model (``python bench/describe.py --sweep``, all 244
+countries): recall of labelled facts 0 % (embedding, 5.0: no edges at all), 0.2 % (embedding,
+z ≥ 4), 26.2 % (residual with relation probes, the default; ≈ 4 % with the neutral contexts
+alone, on a 60-country sample); z ∈ [2, 4] changes recall by < 1 point, z = 6 loses 4 points:
+4.0 is the default. Precision stays low (≈ 7 %) on that model because its FFN features are
+polysemantic (a "capital" feature promotes the capitals of a whole region): see the
+per-relation table of bench/describe.py.
 
 Edges are aggregated by target token (lowercase), labelled (probe label, else cluster label),
 sorted by gate (descending) and bucketed into the band sections of the best layer.
