@@ -60,7 +60,7 @@ class MemitParams:
 
     layers: tuple[int, ...] | None = None  # None: the model's default edit layers
     steps: int = 30
-    lr: float = 0.5
+    lr: float = 0.01  # Adam step size as a fraction of the mean residual norm ‖h_L‖
     kl_weight: float = 0.0625
     weight_decay: float = 1e-3
     clamp_norm: float = 4.0  # ‖δ‖ ≤ clamp_norm · ‖h_L‖
@@ -117,11 +117,16 @@ def relation_templates(relation: str) -> tuple[str, ...]:
     return TRAIN_TEMPLATES.get(relation, (f"The {relation} of {{X}} is",))
 
 
+KEY_POSITION = "subject"  # "subject": the entity's last token (MEMIT); "last": the prompt's last token
+
+
 def _subject_position(model: Model, template: str, entity: str) -> tuple[list[int], int]:
-    """Token ids of the prompt and the index of the entity's last token in them."""
+    """Token ids of the prompt and the index of the key token in them (see KEY_POSITION)."""
     tok = model.tokenizer
     before, _, _ = template.partition("{X}")
     ids = tok.encode(template.replace("{X}", entity))
+    if KEY_POSITION == "last":
+        return ids, len(ids) - 1
     upto = tok.encode(before + entity)
     return ids, min(len(upto), len(ids)) - 1
 
@@ -221,7 +226,7 @@ def _target_deltas(model: Model, requests: Sequence[EditRequest], layer: int, te
         base_ess = torch.log_softmax(model.forward(ess)[torch.arange(n), ess_last].float(), -1)
     h_norm = _at_subject(model, requests, templates, f"blocks.{layer}.hook_resid_post").norm(dim=-1)
     delta = torch.zeros(n, model.spec.hidden_size, requires_grad=True)
-    opt = torch.optim.Adam([delta], lr=p.lr)
+    opt = torch.optim.Adam([delta], lr=p.lr * float(h_norm.mean()))
     name = f"blocks.{layer}.hook_mlp_out"
 
     def add(rows_t: torch.Tensor, at: torch.Tensor, who: torch.Tensor) -> Callable:
