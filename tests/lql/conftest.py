@@ -37,6 +37,22 @@ def tiny_browse_vindex(tiny_model_dir, tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def default_model_dir():
+    """The embedded model's directory (or `MODELQL_TEST_DEFAULT_MODEL`); skips when absent."""
+    import os
+    from pathlib import Path
+
+    from modelql.lql import default_vindex as dv
+
+    override = os.environ.get("MODELQL_TEST_DEFAULT_MODEL")
+    if override:
+        return Path(override)
+    if not dv.default_model_installed():
+        pytest.skip("the embedded default model is not installed (src/modelql/data/default-model)")
+    return dv.default_model_dir()
+
+
+@pytest.fixture(scope="session")
 def default_vindex_path():
     """The embedded model's vindex: extracted into the default-vindex cache on first use, reused
     by every later test session (and by `modelql lql`). Skips when the model is not installed.
