@@ -267,13 +267,60 @@ def test_errors_use_the_knowledge_envelope(client, method, path, kw, status, mes
         assert message in body["error"]
 
 
-def test_editing_routes_until_editing_lands(client):
-    r = client.post("/v1/insert", json={"entity": "France", "relation": "capital", "target": "Lyon"})
-    assert r.status_code in (200, 503)
-    if r.status_code == 503:
-        assert "not available yet" in r.json()["error"]
+def _editing_available() -> bool:
+    try:
+        import modelql.knowledge.edit  # noqa: F401
+        import modelql.vindex.overlay  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def test_editing_routes_without_edits(client):
     assert client.get("/v1/patches").json()["patches"] == []
-    assert client.delete("/v1/patches/none").status_code == 404
+    assert client.delete("/v1/patches/none").json() == {"error": "patch 'none' not found"}
+    r = client.post("/v1/insert", json={"entity": "France", "relation": "capital", "target": "Lyon",
+                                        "mode": "constellation"})
+    assert r.status_code == 400 and "constellation" in r.json()["error"]
+    if not _editing_available():
+        r = client.post("/v1/insert", json={"entity": "France", "relation": "capital", "target": "Lyon"})
+        assert r.status_code == 503 and "not available yet" in r.json()["error"]
+
+
+def test_insert_knn_overrides_infer_and_patches_roundtrip(kmodel, kvindex, tmp_path):
+    """POST /v1/insert (MODE KNN) → INFER's top prediction is overridden, the edit is listed as a
+    patch, describe turns no-cache; removing it restores the base (same knowledge.edit as LQL INSERT)."""
+    if not _editing_available():
+        pytest.skip("knowledge editing is not in this build")
+    from modelql.server.knowledge_routes import RECORDING_NAME, VindexSource
+
+    srv, engine = _serve(kmodel, VindexSource.ready(kvindex))
+    with srv, httpx.Client(base_url=srv.url, timeout=120) as c:
+        prompt = "The capital of France is"
+        before = c.post("/v1/infer", json={"prompt": prompt, "top": 3}).json()
+        ins = c.post("/v1/insert", json={"entity": "France", "relation": "capital", "target": "Lyon", "mode": "knn"})
+        assert ins.status_code == 200, ins.text
+        body = ins.json()
+        assert {"entity", "relation", "target", "inserted", "mode", "alpha", "layer", "session", "latency_ms"} <= set(body)
+        assert body["mode"] == "knn" and body["inserted"] == 1 and body["session"] is None
+        after = c.post("/v1/infer", json={"prompt": prompt, "top": 3}).json()
+        assert after["predictions"][0] == {"token": "Lyon", "probability": 1.0}
+        ko = after["knn_override"]
+        assert ko["token"] == "Lyon" and ko["source"] == "knn_override" and ko["materialized"] is False
+        assert ko["model_top1"] == before["predictions"][0]
+        assert c.get("/v1/patches").json()["patches"] == [
+            {"name": RECORDING_NAME, "operations": 1, "base_model": kvindex.model}]
+        assert c.get("/v1/stats").json()["patches_active"] == 1
+        d = c.get("/v1/describe", params={"entity": "France", "limit": 200})
+        assert d.headers["cache-control"] == "no-cache"
+        assert any(e["target"] == "Lyon" for e in d.json()["edges"])
+        rm = c.delete(f"/v1/patches/{RECORDING_NAME}").json()
+        assert rm == {"removed": RECORDING_NAME, "active_patches": 0}
+        assert c.post("/v1/infer", json={"prompt": prompt, "top": 3}).json()["predictions"] == before["predictions"]
+        bad = c.post("/v1/patches/apply", json={"patch": {"x": 1}})
+        assert bad.status_code == 400 and bad.json()["error"].startswith("failed to load patch")
+        assert c.post("/v1/patches/apply", json={"url": str(tmp_path / "none.vlp")}).status_code == 404
+    engine.stop()
 
 
 # -- WebSocket /v1/stream -----------------------------------------------------------------------------------

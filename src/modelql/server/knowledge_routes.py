@@ -57,6 +57,19 @@ _ERR = {"content": {"application/json": {"schema": {"type": "object", "propertie
 ERRORS = {400: {"description": "bad parameter", **_ERR}, 503: {"description": "not served in this mode", **_ERR}}
 
 
+EDITING_NOT_READY = "not available yet: knowledge editing (knowledge.edit, the patch overlay) is not in this build"
+
+
+def editing():
+    """(`knowledge.edit`, `PatchSession`), or 503 when this build has no editing API."""
+    try:
+        from ..knowledge import edit
+        from ..vindex.overlay import PatchSession
+    except ImportError:
+        raise ServiceUnavailable("knowledge editing is " + EDITING_NOT_READY) from None
+    return edit, PatchSession
+
+
 # -- the vindex behind the browse routes -------------------------------------------------------------
 
 class VindexSource:
@@ -67,8 +80,35 @@ class VindexSource:
         self.loading = loading
         self.reason = reason
         self.error: str | None = None
-        self.epoch = 0  # bumped by every overlay change (describe ETags)
+        self.patches = None  # the global PatchSession (base ⊕ applied patches ⊕ inserts), once edited
         self._thread: threading.Thread | None = None
+
+    @property
+    def epoch(self) -> int:
+        """Overlay epoch (describe ETags): 0 until the first edit."""
+        return self.patches.epoch if self.patches is not None else 0
+
+    @property
+    def patched(self) -> bool:
+        return self.patches is not None and not self.patches.empty
+
+    def view(self):
+        """What browse queries read: the overlay view once edits exist, else the base vindex."""
+        vx = self.require()
+        return self.patches.view if self.patched else vx
+
+    def knn(self):
+        """The overlay's KNN-store facts (None when there are none)."""
+        if self.patches is None:
+            return None
+        return self.patches.knn_entries() or None
+
+    def session(self, model):
+        """The global patch session (created on the first edit, on the served model's weights)."""
+        if self.patches is None:
+            _, PatchSession = editing()
+            self.patches = PatchSession(self.require(), model=model)
+        return self.patches
 
     @classmethod
     def ready(cls, vindex) -> "VindexSource":
@@ -176,7 +216,7 @@ def _check(st, route: str, group: str) -> None:
 def _vindex(request: Request, route: str):
     st = _st(request)
     _check(st, route, "browse")
-    return _source(request).require()
+    return _source(request).view()
 
 
 def _model(request: Request, route: str, group: str):
@@ -268,7 +308,10 @@ async def stats(request: Request):
     body["loaded"] = {"browse": vx is not None and not cfg.embed_only, "inference": _can_run_model(st),
                       "ffn_service": cfg.ffn_only, "embed_service": cfg.embed_only}
     body["owned_layers"] = list(cfg.owned_layers) if cfg.owned_layers else None
-    body["patches_active"] = 0
+    ps = src.patches
+    body["patches_active"] = 0 if ps is None else len(ps.applied) + bool(ps.recording and ps.recording.ops)
+    if ps is not None:
+        body["knn_entries"] = len(ps.knn_entries())
     if src.loading:
         body["vindex_status"] = "extracting"
     return body
@@ -361,12 +404,12 @@ async def describe(request: Request,
     _text(entity, "entity")
     if min_score is not None and not math.isfinite(min_score):
         raise HttpError(400, "min_score must be a finite number")
-    kw = describe_args(band, limit, min_score, _mode_for(st, mode), relations_only)
-    result = await run_describe(st, vx, entity, **kw)
-    body = describe_json(result, limit, verbose)
     src = _source(request)
+    kw = describe_args(band, limit, min_score, _mode_for(st, mode), relations_only)
+    result = await run_describe(st, vx, entity, knn_entries=src.knn(), **kw)
+    body = describe_json(result, limit, verbose)
     tag = _etag(body, src.epoch)
-    headers = {"ETag": tag, "Cache-Control": DESCRIBE_CACHE if src.epoch == 0 else "no-cache"}
+    headers = {"ETag": tag, "Cache-Control": "no-cache" if src.patched else DESCRIBE_CACHE}
     inm = request.headers.get("if-none-match")
     if inm is not None and (inm.strip() == "*" or tag in [t.strip() for t in inm.split(",")]):
         return Response(status_code=304, headers=headers)
@@ -515,7 +558,8 @@ async def infer(body: InferRequest, request: Request):
     prompt = _prompt(body.prompt)
     _check_length(model, prompt)
     t0 = time.perf_counter()
-    res = await _on_model(st, lambda m: k_infer(m, prompt, top=body.top, mode=body.mode))
+    knn = _source(request).knn()
+    res = await _on_model(st, lambda m: k_infer(m, prompt, top=body.top, mode=body.mode, knn=knn))
     out: dict[str, Any] = {"prompt": prompt}
     if res.dense is not None:
         out.update(walk=_preds(res.predictions), walk_ms=_r(res.elapsed_ms, 1), dense=_preds(res.dense),
@@ -546,12 +590,13 @@ async def explain_infer(body: ExplainInferRequest, request: Request):
     prompt = _prompt(body.prompt)
     _check_length(model, prompt)
     band = None if body.band == "all" else body.band
+    knn = _source(request).knn()
     t0 = time.perf_counter()
 
     def run(m):
-        preds = k_infer(m, prompt, top=body.top, mode="walk").predictions
+        preds = k_infer(m, prompt, top=body.top, mode="walk", knn=knn).predictions
         ex = k_explain(m, prompt, vindex=vx, band=band, top=body.per_layer, relations_only=body.relations_only,
-                       with_attention=body.with_attention)
+                       with_attention=body.with_attention, knn=knn)
         return preds, ex
 
     preds, ex = await _on_model(st, run)
@@ -579,8 +624,6 @@ async def explain_infer(body: ExplainInferRequest, request: Request):
 
 # -- /v1/insert, /v1/patches (the editing API) ----------------------------------------------------------
 
-EDITING_NOT_READY = "not available yet: knowledge editing (knowledge.edit, the patch overlay) is not in this build"
-
 
 class InsertRequest(BaseModel):
     model_config = ConfigDict(extra="ignore")
@@ -590,7 +633,7 @@ class InsertRequest(BaseModel):
     layer: int | None = None
     confidence: float | None = None
     alpha: float | None = None
-    mode: Literal["knn", "compose", "constellation"] | None = None
+    mode: Literal["knn", "compose", "memit", "constellation"] | None = None
 
 
 class PatchApplyRequest(BaseModel):
@@ -600,30 +643,114 @@ class PatchApplyRequest(BaseModel):
     name: str | None = None
 
 
+RECORDING_NAME = "(unsaved edits)"
+
+
+async def _mutate(request: Request, route: str, fn):
+    """Run `fn(patch_session)` on the engine's worker thread (edits run the model and must not
+    interleave with decode steps), then serve generation from the overlay-aware model."""
+    st = _st(request)
+    _vindex(request, route)
+    editing()
+    src = _source(request)
+    if st.engine is None:
+        raise ServiceUnavailable("model is still loading", headers={"Retry-After": "1"})
+
+    def run(model):
+        import torch
+
+        ps = src.session(model)
+        with torch.enable_grad():  # the worker thread runs with autograd off; MEMIT optimises through the model
+            out = fn(ps)
+        if ps.has_weights and st.config.inference:
+            st.engine.model = ps.model()  # chat/completions see the edits (PatchedFfn reads the overlay live)
+        return out
+
+    return await st.engine.run(run)
+
+
+def _active(ps) -> int:
+    return len(ps.applied) + bool(ps.recording is not None and ps.recording.ops)
+
+
 @router.post("/v1/insert", responses=ERRORS)
 async def insert(body: InsertRequest, request: Request):
-    _vindex(request, "/v1/insert")
-    raise ServiceUnavailable("/v1/insert is " + EDITING_NOT_READY)
+    if body.mode == "constellation":
+        raise HttpError(400, "mode 'constellation' (LARQL's legacy server insert) is not supported: "
+                             "use knn, compose or memit")
+    for name in ("entity", "relation", "target"):
+        _text(getattr(body, name), name)
+    for name in ("confidence", "alpha"):
+        v = getattr(body, name)
+        if v is not None and not math.isfinite(v):
+            raise HttpError(400, f"{name} must be a finite number")
+    t0 = time.perf_counter()
+
+    def run(ps):
+        edit, _ = editing()
+        return edit.insert(ps, body.entity, body.relation, body.target, layer=body.layer,
+                           confidence=body.confidence, alpha=body.alpha, mode=body.mode)
+
+    res = await _mutate(request, "/v1/insert", run)
+    out = res.to_json()
+    out["session"] = None
+    out["latency_ms"] = _ms(t0)
+    return out
 
 
-@router.post("/v1/patches/apply", responses=ERRORS)
+@router.post("/v1/patches/apply", responses={**ERRORS, 404: {"description": "patch file not found", **_ERR}})
 async def patches_apply(body: PatchApplyRequest, request: Request):
-    _vindex(request, "/v1/patches/apply")
     if body.url is None and body.patch is None:
         raise HttpError(400, "must provide 'url' or 'patch' in request body")
-    raise ServiceUnavailable("/v1/patches/apply is " + EDITING_NOT_READY)
+    path = None
+    if body.patch is None:
+        url = _text(body.url, "url")
+        if "://" in url and not url.startswith("file://"):
+            raise HttpError(400, f"only local patch files can be applied by this server, not {url!r}")
+        path = Path(url[len("file://"):] if url.startswith("file://") else url).expanduser()
+        if not path.is_file():
+            raise HttpError(404, f"patch file not found: {url}")
+
+    def run(ps):
+        if path is not None:
+            ap = ps.apply(ps.load(path), name=body.name or body.url, path=path)
+        else:
+            ap = ps.apply(ps.validate(body.patch), name=body.name)
+        return {"applied": ap.name, "operations": len(ap.patch.operations), "active_patches": _active(ps)}
+
+    return await _mutate(request, "/v1/patches/apply", run)
 
 
 @router.get("/v1/patches", responses=ERRORS)
 async def patches_list(request: Request):
     _vindex(request, "/v1/patches")
-    return {"patches": []}
+    ps = _source(request).patches
+    rows = []
+    if ps is not None:
+        rows = [{"name": ap.name, "operations": len(ap.patch.operations), "base_model": ap.patch.base_model}
+                for ap in ps.applied]
+        if ps.recording is not None and ps.recording.ops:
+            rows.append({"name": RECORDING_NAME, "operations": len(ps.recording.ops), "base_model": ps.base_model_id})
+    return {"patches": rows}
 
 
 @router.delete("/v1/patches/{name}", responses={**ERRORS, 404: {"description": "no such patch", **_ERR}})
 async def patches_remove(name: str, request: Request):
+    src = _source(request)
     _vindex(request, "/v1/patches/{name}")
-    raise HttpError(404, f"patch '{name}' not found")
+    ps = src.patches
+    if ps is None or (name != RECORDING_NAME and ps.find(name) is None) or \
+            (name == RECORDING_NAME and not (ps.recording and ps.recording.ops)):
+        raise HttpError(404, f"patch '{name}' not found")
+
+    def run(ps):
+        if name == RECORDING_NAME:
+            ps.discard_recording()
+        else:
+            ps.remove(name)
+        return {"removed": name, "active_patches": _active(ps)}
+
+    return await _mutate(request, "/v1/patches/{name}", run)
 
 
 # -- /v1/embed, /v1/embed/{token_id}, /v1/logits ---------------------------------------------------------

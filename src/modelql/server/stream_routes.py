@@ -80,9 +80,9 @@ async def _describe(ws: WebSocket, msg: dict) -> None:
     if not isinstance(entity, str) or not entity.strip():
         return await _error(ws, "missing entity")
     src = _source(ws)
-    vx = src.vindex
-    if vx is None:
+    if src.vindex is None:
         return await _error(ws, src.loading or src.error or src.reason or "no vindex loaded")
+    vx = src.view()
     band = msg.get("band", "all")
     band = band.lower() if isinstance(band, str) else "all"
     t0 = time.perf_counter()
@@ -98,7 +98,7 @@ async def _describe(ws: WebSocket, msg: dict) -> None:
     total = 0
     for layer in layers:
         res = await run_describe(st, vx, entity, layer=layer, k=DESCRIBE_K, token_filter="light", probe_only=True,
-                                 mode=mode)
+                                 mode=mode, knn_entries=src.knn())
         edges = []
         for e in res.to_json()["edges"]:
             row: dict[str, Any] = {"target": e["target"], "gate_score": round(e["gate"], 1), "feature": e["feature"]}
@@ -130,7 +130,10 @@ async def _infer(ws: WebSocket, msg: dict) -> None:
     if mode not in ("walk", "dense"):
         return await _error(ws, f"invalid mode {mode!r} (use walk or dense)")
     t0 = time.perf_counter()
-    res = await st.engine.run(lambda m: infer(m, prompt, top=top, mode=mode))
+    from .knowledge_routes import _source
+
+    knn = _source(ws).knn()
+    res = await st.engine.run(lambda m: infer(m, prompt, top=top, mode=mode, knn=knn))
     preds = [{"token": p.token, "probability": round(p.prob, 4)} for p in res.predictions]
     for rank, p in enumerate(preds, 1):
         await _send(ws, {"type": "prediction", "rank": rank, **p})
