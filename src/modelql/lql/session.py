@@ -205,9 +205,37 @@ class Session:
         raise CapabilityError(f"{keyword} on a remote backend is not available yet")
 
     def knn_entries(self):
-        """The KNN-store entries INFER consults (the editing issue fills the store); None = none."""
+        """The KNN-store entries INFER consults, None if there are none: the patch overlay's
+        effective store (base ``knn_store.bin`` + patches) once an overlay exists, else the
+        vindex's own ``knn_store.bin`` (read once per USE)."""
+        if self.overlay is not None:
+            return self.overlay.knn_entries() or None
+        if self.backend != "vindex" or self.vindex is None:
+            return None
         store = self.caches.get("knn_entries")
-        return store if store else None
+        if store is None:
+            from modelql.vindex.format import KNN_FILE, read_knn_store
+
+            p = Path(self.vindex.path) / KNN_FILE
+            store = self.caches["knn_entries"] = read_knn_store(p)[1] if p.is_file() else []
+        return store or None
+
+    def patches(self, keyword: str = "this statement"):
+        """The vindex backend's patch overlay (``modelql.vindex.overlay.PatchSession``), created on
+        first use. From then on ``self.vindex`` is its overlay view, so every statement (browse,
+        INFER, TRACE) sees the edits; USE discards both (spec §5.3)."""
+        vx = self.require_vindex(keyword, mutation=True)
+        if self.overlay is None:
+            from modelql.vindex.overlay import PatchSession
+
+            model = None
+            if vx.has_weights:  # share the base model INFER/DESCRIBE already use (loaded once)
+                from modelql.knowledge.queries import model_for
+
+                model = model_for(vx)
+            self.overlay = PatchSession(vx, model=model)
+            self.vindex = self.overlay.view
+        return self.overlay
 
     def summary(self) -> str:
         """One line naming the backend (the REPL banner)."""
