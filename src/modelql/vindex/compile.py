@@ -1,0 +1,797 @@
+"""COMPILE and DIFF (algorithms §13–§14): bake a patch overlay into new directories, compare two.
+
+* `compile_vindex(session, out, on_conflict)` — COMPILE CURRENT INTO VINDEX: a new vindex with
+  every edit baked in (gate rows in `gate_vectors.bin` and the ffn shards, up rows, down
+  columns, tombstones as zero down columns, weight-level `down_delta` edits added to
+  `down_proj`, rewritten `down_meta.bin` records, COMPOSE relations in `feature_labels.json`,
+  the effective KNN store in `knn_store.bin`), untouched files hard-linked, checksums
+  recomputed for rewritten files. ON CONFLICT: LAST_WINS (the overlay as is), FAIL (error
+  listing colliding slots), HIGHEST_CONFIDENCE (re-apply the most confident op per slot).
+* `compile_model(session, out)` — COMPILE CURRENT INTO MODEL: a standard Hugging Face model
+  directory (`model.safetensors` or `model-0000i-of-0000n.safetensors` + index, `config.json`,
+  tokenizer and generation files) with the same bakes. KNN facts cannot live in weights as
+  retrieval keys, so they are **materialised**: MEMIT is run for them at compile time and its
+  deltas are baked too (no sidecar file). `transformers` loads the result and states the facts.
+* `diff(a, b)` — per-feature comparison of metadata, gate rows and (with weights) up rows and
+  down columns; `diff_patch()` turns the differences into a `.vlp` that reproduces `b` from `a`.
+
+Both compiles work in a staging directory `.<name>.tmp.<pid>` next to the destination and rename
+it into place at the end; on any failure the staging directory is deleted and nothing is left
+behind. An existing non-empty destination is refused (an empty directory is replaced).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable
+
+import numpy as np
+import torch
+
+from ..errors import CapabilityError, ModelqlError, VindexError
+from . import format as fmt
+from . import patch as vlp
+from .checksums import compute_checksums
+from .overlay import OverlayState, OverlayView, PatchSession
+
+CONFLICT_POLICIES = ("last_wins", "highest_confidence", "fail")
+DEFAULT_MODEL_SHARD_BYTES = 2 << 30
+_LINKED_EXTRA = ("feature_labels.json",)
+
+
+class CompileError(ModelqlError):
+    """COMPILE / DIFF cannot proceed (bad destination, conflicts, missing weights)."""
+
+
+@dataclass(frozen=True)
+class CompileResult:
+    source: str
+    output: str
+    target: str  # "vindex" | "model"
+    features: int
+    conflicts: int
+    strategy: str
+    down_overrides: int
+    layers_touched: int
+    knn_entries: int
+    size_bytes: int
+    deltas_baked: int = 0
+    knn_materialised: int = 0
+    tombstones: int = 0
+    gate_overrides: int = 0
+    files_rewritten: tuple[str, ...] = ()
+
+
+# ---------------------------------------------------------------------------------------------
+# staging
+# ---------------------------------------------------------------------------------------------
+
+
+def _check_destination(out: Path, source: Path | None) -> None:
+    if source is not None:
+        try:
+            same = out.resolve() == Path(source).resolve()
+        except OSError:
+            same = False
+        if same:
+            raise CompileError(f"COMPILE output {out} resolves to the source vindex; refusing to clobber. "
+                               "Pick a different destination.")
+    if out.exists():
+        if not out.is_dir():
+            raise CompileError(f"COMPILE output {out} exists and is not a directory; nothing was written")
+        if any(out.iterdir()):
+            raise CompileError(f"COMPILE output {out} already exists and is not empty; nothing was written. "
+                               "Pick a new directory or remove it first.")
+
+
+class _Staging:
+    """`.<name>.tmp.<pid>` next to `out`; `commit()` renames it into place, `abort()` deletes it."""
+
+    def __init__(self, out: Path):
+        self.out = out
+        out.parent.mkdir(parents=True, exist_ok=True)
+        self.dir = out.parent / f".{out.name}.tmp.{os.getpid()}"
+        if self.dir.exists():
+            shutil.rmtree(self.dir)
+        self.dir.mkdir()
+
+    def commit(self) -> None:
+        if self.out.exists():  # an empty directory (checked before): replace it
+            self.out.rmdir()
+        os.replace(self.dir, self.out)
+
+    def abort(self) -> None:
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+def _link_or_copy(src: Path, dst: Path) -> None:
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copy2(src, dst)
+
+
+def _size(directory: Path) -> int:
+    return sum(p.stat().st_size for p in directory.iterdir() if p.is_file())
+
+
+# ---------------------------------------------------------------------------------------------
+# effective state per policy
+# ---------------------------------------------------------------------------------------------
+
+
+def _session_of(source) -> PatchSession:
+    if isinstance(source, PatchSession):
+        return source
+    if isinstance(source, OverlayView):
+        return source.session
+    return PatchSession(source)  # a plain vindex: compiled with an empty overlay
+
+
+def effective_state(ps: PatchSession, policy: str = "last_wins") -> tuple[OverlayState, dict]:
+    """(state to bake, collisions) for an ON CONFLICT policy."""
+    policy = (policy or "last_wins").lower()
+    if policy not in CONFLICT_POLICIES:
+        raise CompileError(f"unknown ON CONFLICT strategy {policy!r}")
+    state = ps.state
+    coll = state.collisions()
+    if policy == "fail" and coll:
+        listed = ", ".join(f"L{l}/F{f} ({n} writes)" for (l, f), n in sorted(coll.items())[:5])
+        raise CompileError(f"COMPILE INTO VINDEX ON CONFLICT FAIL: {len(coll)} colliding slot(s): {listed}")
+    if policy == "highest_confidence" and coll:
+        st = OverlayState(ps.base_knn())
+        for i, ap in enumerate(ps.applied, 1):
+            for op in ap.patch.operations:
+                st.apply(op, i)
+        if ps.recording is not None:
+            for op in ps.recording.ops:
+                st.apply(op, len(ps.applied) + 1)
+        st.resolve_highest_confidence()
+        state = st
+    return state, coll
+
+
+# ---------------------------------------------------------------------------------------------
+# canonical FFN tensors inside HF-named files
+# ---------------------------------------------------------------------------------------------
+
+
+def _ffn_maps(spec, layer: int) -> dict[str, Any]:
+    """canonical component → TensorMap (HF name formatted) for gate / up / down of `layer`."""
+    out = {}
+    for comp in ("gate.weight", "up.weight", "down.weight"):
+        tm = spec.layer_map.get(comp)
+        if tm is not None:
+            out[comp] = type(tm)(tm.hf_name.format(i=layer), tm.transform, tm.optional)
+    return out
+
+
+def _canonical_view(t: torch.Tensor, transform: str) -> torch.Tensor:
+    """The canonical view of an HF tensor (a *view*: in-place edits write through)."""
+    from ..models.source import _apply
+
+    return _apply(t, transform)
+
+
+def _layer_edits_canonical(spec, state: OverlayState, layer: int, tensors: dict[str, torch.Tensor],
+                           extra_deltas: Iterable = ()) -> dict[str, int]:
+    """Apply the overlay's edits of `layer` to canonical f32 views in place; returns counts.
+
+    Order = the overlay FFN's algebra: vector overrides, then `+ U Vᵀ` per delta, then tombstoned
+    down columns zeroed."""
+    counts = {"gate": 0, "up": 0, "down": 0, "tomb": 0, "delta": 0}
+    gate_key = "gate.weight" if spec.gated_ffn else "up.weight"
+    G = tensors.get(gate_key)
+    U = tensors.get("up.weight") if spec.gated_ffn else None
+    D = tensors["down.weight"]  # [H, F]
+    tombs = []
+    for (l, f), s in sorted(state.slots.items()):
+        if l != layer or not 0 <= f < D.shape[1]:
+            continue
+        if s.tombstone:
+            tombs.append(f)
+            continue
+        if s.gate is not None and G is not None:
+            G[f] = torch.from_numpy(s.gate)
+            counts["gate"] += 1
+        if s.up is not None and U is not None:
+            U[f] = torch.from_numpy(s.up)
+            counts["up"] += 1
+        if s.down is not None:
+            D[:, f] = torch.from_numpy(s.down)
+            counts["down"] += 1
+    deltas = list(state.deltas.get(layer, [])) + [d for d in extra_deltas if int(d.layer) == layer]
+    for d in deltas:
+        u = torch.as_tensor(np.asarray(d.u, dtype=np.float32)) if not isinstance(d.u, torch.Tensor) else d.u.float()
+        v = torch.as_tensor(np.asarray(d.v, dtype=np.float32)) if not isinstance(d.v, torch.Tensor) else d.v.float()
+        D.add_((u.double() @ v.double().t()).float())
+        counts["delta"] += 1
+    # tombstones last: a deleted feature contributes nothing at all (as in the overlay FFN,
+    # which drops it from the sum, deltas included)
+    for f in tombs:
+        D[:, f] = 0.0
+        counts["tomb"] += 1
+    return counts
+
+
+def _touched(state: OverlayState, extra_deltas: Iterable = ()) -> list[int]:
+    return sorted(set(state.touched_layers()) | {int(d.layer) for d in extra_deltas})
+
+
+# ---------------------------------------------------------------------------------------------
+# COMPILE INTO VINDEX
+# ---------------------------------------------------------------------------------------------
+
+
+def compile_vindex(source, out: str | Path, on_conflict: str = "last_wins") -> CompileResult:
+    """COMPILE CURRENT INTO VINDEX "out" (see the module docstring)."""
+    ps = _session_of(source)
+    base = ps.base
+    out = Path(out)
+    src_dir = Path(base.path)
+    _check_destination(out, src_dir)
+    state, coll = effective_state(ps, on_conflict)
+    stage = _Staging(out)
+    try:
+        result = _compile_vindex_into(ps, state, stage.dir, out, coll, on_conflict)
+        stage.commit()
+    except BaseException as exc:
+        stage.abort()
+        if isinstance(exc, OSError):
+            raise CompileError(f"COMPILE failed: {exc}") from None
+        raise
+    return result
+
+
+def _compile_vindex_into(ps: PatchSession, state: OverlayState, tmp: Path, out: Path, coll: dict,
+                         policy: str) -> CompileResult:
+    base = ps.base
+    src = Path(base.path)
+    idx = fmt.IndexJson.read(src)
+    touched = _touched(state)
+    meta_layers = sorted({l for (l, _f), s in state.slots.items() if s.meta is not None or s.tombstone}
+                         | {l for l, d in state.deltas.items() if d})
+    rewritten: set[str] = set()
+
+    # gate_vectors.bin: gate overrides
+    gate_rows = [(l, f, s.gate) for (l, f), s in state.slots.items() if s.gate is not None and not s.tombstone]
+    if gate_rows and (src / fmt.GATE_FILE).exists():
+        shutil.copyfile(src / fmt.GATE_FILE, tmp / fmt.GATE_FILE)
+        bpf = idx.bytes_per_float
+        with (tmp / fmt.GATE_FILE).open("r+b") as fh:
+            for l, f, g in sorted(gate_rows, key=lambda x: (x[0], x[1])):
+                info = idx.layer_info(l)
+                if info is None:
+                    continue
+                fh.seek(info.offset + f * idx.hidden_size * bpf)
+                fh.write(np.asarray(g, dtype=fmt.NP_DTYPE[idx.dtype]).tobytes())
+        rewritten.add(fmt.GATE_FILE)
+
+    # ffn shards: vectors, tombstones, deltas
+    counts = {"gate": 0, "up": 0, "down": 0, "tomb": 0, "delta": 0}
+    new_down: dict[int, torch.Tensor] = {}
+    if touched and base.has_weights:
+        shard_files = _rewrite_ffn_shards(ps, state, src, tmp, touched, counts, new_down)
+        rewritten.update(shard_files)
+
+    # down_meta.bin
+    if meta_layers and (src / fmt.DOWN_META_FILE).exists():
+        _rewrite_down_meta(ps, state, src, tmp, meta_layers, new_down)
+        rewritten.add(fmt.DOWN_META_FILE)
+
+    # labels: COMPOSE relations in, tombstoned slots out
+    labels_changed = _write_labels(state, src, tmp)
+    if labels_changed:
+        rewritten.add("feature_labels.json")
+
+    # knn_store.bin from the effective store
+    knn = state.knn
+    if knn:
+        fmt.write_knn_store(tmp / fmt.KNN_FILE, knn, idx.hidden_size)
+    rewritten.add(fmt.KNN_FILE)  # never link the base store: the effective one replaces it
+
+    # everything else: hard links
+    for p in sorted(src.iterdir()):
+        if p.name in rewritten or p.name == fmt.INDEX_FILE or not p.is_file():
+            continue
+        if p.name.startswith("."):
+            continue
+        _link_or_copy(p, tmp / p.name)
+
+    # index.json with recomputed checksums for rewritten files
+    old = dict(idx.checksums or {})
+    names = [n for n in rewritten if (tmp / n).is_file()]
+    fresh = compute_checksums(tmp, names) if names else {}
+    sums = {}
+    from .checksums import files_to_hash
+
+    for n in files_to_hash(tmp):
+        if n in fresh:
+            sums[n] = fresh[n]
+        elif n in old:
+            sums[n] = old[n]
+        else:
+            sums.update(compute_checksums(tmp, [n]))
+    idx.checksums = sums
+    idx.write(tmp)
+
+    n_features = sum(base.num_features(l) for l in base.layers())
+    return CompileResult(
+        source=str(src), output=str(out), target="vindex", features=n_features, conflicts=len(coll),
+        strategy=policy.upper(), down_overrides=counts["down"], layers_touched=len(touched),
+        knn_entries=len(knn), size_bytes=_size(tmp), deltas_baked=counts["delta"], tombstones=counts["tomb"],
+        gate_overrides=len(gate_rows), files_rewritten=tuple(sorted(n for n in rewritten if (tmp / n).exists())))
+
+
+def _weight_index(src: Path) -> dict[str, str]:
+    p = src / fmt.WEIGHTS_INDEX
+    if p.exists():
+        return dict(json.loads(p.read_text(encoding="utf-8")).get("weight_map", {}))
+    single = src / "model.safetensors"
+    if single.exists():
+        from safetensors import safe_open
+
+        with safe_open(str(single), framework="pt") as fh:
+            return {k: "model.safetensors" for k in fh.keys()}
+    raise CompileError(f"{src.name} has no safetensors weights")
+
+
+def _spec_and_prefix(src: Path):
+    from ..models.families import spec_from_config
+    from ..models.source import read_json, resolve_prefix
+
+    spec = spec_from_config(read_json(src / "config.json", "the model config"))
+    wmap = _weight_index(src)
+    prefix = resolve_prefix(list(wmap), spec.global_map["embed.weight"].hf_name)
+    return spec, wmap, prefix
+
+
+def _hf_key(prefix: str, name: str) -> str:
+    from ..models.source import _hf_key as k
+
+    return k(prefix, name)
+
+
+def _rewrite_ffn_shards(ps: PatchSession, state: OverlayState, src: Path, tmp: Path, touched: list[int],
+                        counts: dict, new_down: dict) -> set[str]:
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    spec, wmap, prefix = _spec_and_prefix(src)
+    files: dict[str, list[int]] = {}
+    for l in touched:
+        for comp, tm in _ffn_maps(spec, l).items():
+            key = _hf_key(prefix, tm.hf_name)
+            if key in wmap:
+                files.setdefault(wmap[key], [])
+                if l not in files[wmap[key]]:
+                    files[wmap[key]].append(l)
+    for fname, layers in files.items():
+        with safe_open(str(src / fname), framework="pt") as fh:
+            tensors = {k: fh.get_tensor(k) for k in fh.keys()}
+            meta = fh.metadata() or {"format": "pt"}
+        for l in layers:
+            maps = _ffn_maps(spec, l)
+            work: dict[str, torch.Tensor] = {}  # HF key → f32 working copy
+            views: dict[str, torch.Tensor] = {}
+            for comp, tm in maps.items():
+                key = _hf_key(prefix, tm.hf_name)
+                if key not in tensors:
+                    continue
+                if key not in work:
+                    work[key] = tensors[key].to(torch.float32).clone()
+                views[comp] = _canonical_view(work[key], tm.transform)
+            c = _layer_edits_canonical(spec, state, l, views)
+            for k, v in c.items():
+                counts[k] += v
+            new_down[l] = views["down.weight"].clone()
+            for key, t in work.items():
+                tensors[key] = t.to(tensors[key].dtype).contiguous()
+        save_file(tensors, str(tmp / fname), metadata=meta)
+    return set(files)
+
+
+def _rewrite_down_meta(ps: PatchSession, state: OverlayState, src: Path, tmp: Path, layers: list[int],
+                       new_down: dict[int, torch.Tensor]) -> None:
+    """Copy down_meta.bin with the overlay's records; layers with weight-level deltas get every
+    record recomputed from the new down matrix first (algorithms §1)."""
+    dm = fmt.DownMetaFile(src / fmt.DOWN_META_FILE)
+    K = dm.top_k
+    base = ps.base
+    empty_mask = None
+    with fmt.DownMetaWriter(tmp / fmt.DOWN_META_FILE, dm.num_layers, K) as w:
+        for l in range(dm.num_layers):
+            rec = dm.records(l)
+            if rec is None:
+                continue
+            rec = np.array(rec, copy=True)
+            if l in layers:
+                if state.deltas.get(l) and l in new_down and base.has_embeddings:
+                    from .extract import down_meta_records, empty_token_mask
+
+                    if empty_mask is None:
+                        empty_mask = empty_token_mask(base.tokenizer, base.vocab_size)
+                    E = base.embeddings()
+                    rec = np.concatenate(list(down_meta_records(E, new_down[l].float().contiguous(), K, empty_mask)))
+                for (sl, f), s in state.slots.items():
+                    if sl != l or not 0 <= f < len(rec):
+                        continue
+                    if s.tombstone:
+                        rec[f] = np.zeros((), dtype=rec.dtype)
+                    elif s.meta is not None:
+                        r = np.zeros((), dtype=rec.dtype)
+                        r["top"] = s.meta.top_token_id
+                        r["c"] = s.meta.c_score
+                        r["ids_logits"]["id"][0] = s.meta.top_token_id
+                        r["ids_logits"]["logit"][0] = s.meta.c_score
+                        rec[f] = r
+            w.write_layer(l, rec)
+
+
+def _write_labels(state: OverlayState, src: Path, tmp: Path) -> bool:
+    from_ops = {k: s.relation for k, s in state.slots.items() if s.relation and not s.tombstone and s.meta}
+    tombs = [k for k, s in state.slots.items() if s.tombstone]
+    if not from_ops and not tombs:
+        return False
+    p = src / "feature_labels.json"
+    data: dict[str, Any] = {}
+    if p.exists():
+        try:
+            loaded = json.loads(p.read_text(encoding="utf-8"))
+            if isinstance(loaded, dict):
+                data = loaded
+        except (OSError, ValueError):
+            data = {}
+    before = dict(data)
+    for (l, f) in tombs:
+        data.pop(f"L{l}_F{f}", None)
+    for (l, f), rel in from_ops.items():
+        data[f"L{l}_F{f}"] = rel
+    if data == before and not p.exists():
+        return False
+    if not data and not p.exists():
+        return False
+    (tmp / "feature_labels.json").write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    return True
+
+
+# ---------------------------------------------------------------------------------------------
+# COMPILE INTO MODEL
+# ---------------------------------------------------------------------------------------------
+
+_MODEL_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
+                "special_tokens_map.json", "chat_template.jinja")
+_DTYPES = {"float32": torch.float32, "f32": torch.float32, "float16": torch.float16, "f16": torch.float16,
+           "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
+
+
+def compile_model(source, out: str | Path, format: str = "safetensors", dtype: str | None = None,
+                  materialise_knn: bool = True, shard_bytes: int = DEFAULT_MODEL_SHARD_BYTES,
+                  memit_params=None) -> CompileResult:
+    """COMPILE CURRENT INTO MODEL "out" [FORMAT safetensors] (see the module docstring).
+
+    `dtype` (float32 | float16 | bfloat16) defaults to the source weights' dtype.
+    """
+    if str(format).lower() == "gguf":
+        raise CompileError("FORMAT GGUF is not supported yet")
+    if str(format).lower() != "safetensors":
+        raise CompileError(f"unknown model format {format!r} (use SAFETENSORS)")
+    ps = _session_of(source)
+    base = ps.base
+    src = Path(base.path)
+    if not ps.has_weights or not base.has_weights:
+        raise CapabilityError(
+            f"COMPILE INTO MODEL requires model weights in the vindex. {src.name} is a "
+            f"{base.extract_level}-level vindex: re-extract it WITH INFERENCE.")
+    out = Path(out)
+    _check_destination(out, src)
+    out_dtype = None
+    if dtype is not None:
+        if dtype not in _DTYPES:
+            raise CompileError(f"unsupported dtype {dtype!r} (use float32, float16 or bfloat16)")
+        out_dtype = _DTYPES[dtype]
+    state = ps.state
+    extra = []
+    if materialise_knn and state.knn:
+        extra = materialise_knn_facts(ps, state.knn, memit_params)
+    stage = _Staging(out)
+    try:
+        result = _compile_model_into(ps, state, extra, stage.dir, out, out_dtype, shard_bytes)
+        stage.commit()
+    except BaseException as exc:
+        stage.abort()
+        if isinstance(exc, OSError):
+            raise CompileError(f"COMPILE failed: {exc}") from None
+        raise
+    return result
+
+
+def materialise_knn_facts(ps: PatchSession, entries, params=None) -> list:
+    """Weight-level deltas (MEMIT, one batch) stating every KNN fact, for baking into weights."""
+    from ..knowledge import edit as _edit
+    from ..knowledge.memit import EditRequest
+
+    seen = set()
+    reqs = []
+    for e in entries:
+        key = (e.entity.casefold(), e.relation.casefold())
+        if key in seen:
+            continue
+        seen.add(key)
+        reqs.append(EditRequest(e.entity, e.relation or "fact", e.target_token))
+    return list(_edit.memit_edit(ps.model(), reqs, layers=None, params=params))
+
+
+def _compile_model_into(ps: PatchSession, state: OverlayState, extra: list, tmp: Path, out: Path,
+                        out_dtype, shard_bytes: int) -> CompileResult:
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    src = Path(ps.base.path)
+    spec, wmap, prefix = _spec_and_prefix(src)
+    touched = _touched(state, extra)
+    counts = {"gate": 0, "up": 0, "down": 0, "tomb": 0, "delta": 0}
+    tensors: dict[str, torch.Tensor] = {}
+    for fname in sorted(set(wmap.values())):
+        with safe_open(str(src / fname), framework="pt") as fh:
+            for k in fh.keys():
+                tensors[k] = fh.get_tensor(k)
+    src_dtype = next((t.dtype for k, t in tensors.items() if t.is_floating_point()), torch.float32)
+    dtype = out_dtype or src_dtype
+    for l in touched:
+        work: dict[str, torch.Tensor] = {}
+        views: dict[str, torch.Tensor] = {}
+        for comp, tm in _ffn_maps(spec, l).items():
+            key = _hf_key(prefix, tm.hf_name)
+            if key not in tensors:
+                continue
+            if key not in work:
+                work[key] = tensors[key].to(torch.float32).clone()
+            views[comp] = _canonical_view(work[key], tm.transform)
+        c = _layer_edits_canonical(spec, state, l, views, extra)
+        for k, v in c.items():
+            counts[k] += v
+        for key, t in work.items():
+            tensors[key] = t
+    # standard HF names: drop a multimodal prefix (the vindex already normalised them)
+    final = {k: (t.to(dtype) if t.is_floating_point() else t).contiguous() for k, t in tensors.items()}
+    shards = _plan_shards(final, shard_bytes)
+    weight_map: dict[str, str] = {}
+    total = 0
+    for i, names in enumerate(shards, 1):
+        fname = "model.safetensors" if len(shards) == 1 else f"model-{i:05d}-of-{len(shards):05d}.safetensors"
+        save_file({n: final[n] for n in names}, str(tmp / fname), metadata={"format": "pt"})
+        for n in names:
+            weight_map[n] = fname
+            total += final[n].numel() * final[n].element_size()
+    if len(shards) > 1:
+        (tmp / "model.safetensors.index.json").write_text(
+            json.dumps({"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))},
+                       indent=2) + "\n", encoding="utf-8")
+    for name in _MODEL_FILES:
+        if (src / name).is_file():
+            shutil.copyfile(src / name, tmp / name)
+    cfg_path = tmp / "config.json"
+    cfg = json.loads(cfg_path.read_text(encoding="utf-8"))
+    dname = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}[dtype]
+    for key in ("torch_dtype", "dtype"):
+        if key in cfg:
+            cfg[key] = dname
+    if "torch_dtype" not in cfg and "dtype" not in cfg:
+        cfg["torch_dtype"] = dname
+    cfg_path.write_text(json.dumps(cfg, indent=2) + "\n", encoding="utf-8")
+    n_features = sum(ps.base.num_features(l) for l in ps.base.layers())
+    return CompileResult(
+        source=str(src), output=str(out), target="model", features=n_features, conflicts=0, strategy="LAST_WINS",
+        down_overrides=counts["down"], layers_touched=len(touched), knn_entries=0, size_bytes=_size(tmp),
+        deltas_baked=counts["delta"], knn_materialised=len({(e.entity.casefold(), e.relation.casefold())
+                                                            for e in state.knn}) if extra else 0,
+        tombstones=counts["tomb"], gate_overrides=counts["gate"])
+
+
+def _plan_shards(tensors: dict[str, torch.Tensor], limit: int) -> list[list[str]]:
+    shards: list[list[str]] = [[]]
+    size = 0
+    for name in tensors:
+        n = tensors[name].numel() * tensors[name].element_size()
+        if shards[-1] and size + n > limit:
+            shards.append([])
+            size = 0
+        shards[-1].append(name)
+        size += n
+    return shards
+
+
+# ---------------------------------------------------------------------------------------------
+# DIFF
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class DiffRow:
+    layer: int
+    feature: int
+    a_token: str | None
+    b_token: str | None
+    status: str  # modified | added | removed
+    vectors: tuple[str, ...] = ()  # differing components: gate, up, down
+
+
+@dataclass
+class DiffResult:
+    a: str
+    b: str
+    rows: list[DiffRow] = field(default_factory=list)
+    limit: int = 20
+    patch_path: str | None = None
+    patch_counts: vlp.OpCounts | None = None
+    operations: int = 0
+
+    @property
+    def total(self) -> int:
+        return len(self.rows)
+
+    @property
+    def shown(self) -> list[DiffRow]:
+        return self.rows[: self.limit]
+
+
+def _ffn_weights(vx, layer: int) -> dict[str, torch.Tensor] | None:
+    """Effective canonical f32 gate/up/down of a layer (overlay edits included), or None."""
+    ps = vx.session if isinstance(vx, OverlayView) else None
+    base = ps.base if ps is not None else vx
+    if not getattr(base, "has_weights", False):
+        return None
+    src = Path(base.path)
+    cache = getattr(base, "_diff_weight_cache", None)
+    if cache is None:
+        cache = {}
+        try:
+            base._diff_weight_cache = cache
+        except AttributeError:
+            pass
+    if layer not in cache:
+        from safetensors import safe_open
+
+        spec, wmap, prefix = _spec_and_prefix(src)
+        out = {}
+        for comp, tm in _ffn_maps(spec, layer).items():
+            key = _hf_key(prefix, tm.hf_name)
+            if key not in wmap:
+                continue
+            with safe_open(str(src / wmap[key]), framework="pt") as fh:
+                t = fh.get_tensor(key).to(torch.float32)
+            out[comp] = _canonical_view(t, tm.transform).clone()
+        out["_gated"] = spec.gated_ffn
+        cache[layer] = out
+    w = {k: (v.clone() if isinstance(v, torch.Tensor) else v) for k, v in cache[layer].items()}
+    if ps is not None and layer in ps.state.touched_layers():
+        _layer_edits_canonical(_Gated(w["_gated"]), ps.state, layer, w)
+    return w
+
+
+class _Gated:
+    def __init__(self, gated: bool):
+        self.gated_ffn = gated
+
+
+def diff(a, b, layer: int | None = None, relation: str | None = None, limit: int | None = None,
+         vectors: bool = True, tol: float = 0.0) -> DiffResult:
+    """DIFF a b (algorithms §14) on effective states (`OverlayView` = CURRENT)."""
+    if a.hidden_size != b.hidden_size:
+        raise CompileError(f"cannot diff vindexes of different hidden sizes ({a.hidden_size} vs {b.hidden_size})")
+    labels_b = labels_a = None
+    if relation is not None:
+        from ..knowledge.labels import labels_for
+
+        labels_a, labels_b = labels_for(a), labels_for(b)
+    layers = [layer] if layer is not None else sorted(set(a.layers()) | set(b.layers()))
+    rows: list[DiffRow] = []
+    for L in layers:
+        fa = a.num_features(L) if L in a.layers() else 0
+        fb = b.num_features(L) if L in b.layers() else 0
+        if not fa and not fb:
+            continue
+        ga = a.gate(L) if fa and vectors else None
+        gb = b.gate(L) if fb and vectors else None
+        wa = _ffn_weights(a, L) if vectors and fa else None
+        wb = _ffn_weights(b, L) if vectors and fb else None
+        for f in range(max(fa, fb)):
+            ma = a.feature_meta(L, f) if f < fa else None
+            mb = b.feature_meta(L, f) if f < fb else None
+            status = None
+            if ma is not None and mb is not None:
+                if ma.top_token != mb.top_token or abs(ma.c_score - mb.c_score) > 0.01:
+                    status = "modified"
+            elif ma is not None:
+                status = "removed"
+            elif mb is not None:
+                status = "added"
+            comps = []
+            if vectors and f < fa and f < fb:
+                if ga is not None and gb is not None and not _close(ga[f], gb[f], tol):
+                    comps.append("gate")
+                if wa is not None and wb is not None:
+                    if wa.get("up.weight") is not None and wb.get("up.weight") is not None and wa["_gated"] \
+                            and not _close(wa["up.weight"][f], wb["up.weight"][f], tol):
+                        comps.append("up")
+                    if not _close(wa["down.weight"][:, f], wb["down.weight"][:, f], tol):
+                        comps.append("down")
+            if status is None and comps:
+                status = "modified"
+            if status is None:
+                continue
+            if relation is not None:
+                lab = (labels_b.label(L, f) if mb is not None else None) or labels_a.label(L, f) or ""
+                r = relation.lower()
+                if not lab or not (r in lab.lower() or lab.lower() in r):
+                    continue
+            rows.append(DiffRow(L, f, ma.top_token if ma else None, mb.top_token if mb else None, status,
+                                tuple(comps)))
+    return DiffResult(_name(a), _name(b), rows, 20 if limit is None else int(limit))
+
+
+def _close(x: torch.Tensor, y: torch.Tensor, tol: float) -> bool:
+    if tol <= 0:
+        return bool(torch.equal(x, y))
+    return float((x - y).abs().max()) <= tol
+
+
+def _name(vx) -> str:
+    if isinstance(vx, OverlayView):
+        return "CURRENT"
+    return str(getattr(vx, "path", vx))
+
+
+def diff_patch(a, b, result: DiffResult) -> vlp.Patch:
+    """The `.vlp` reproducing `b` from `a`: update (with b's down_meta and differing vectors),
+    delete ("removed in target") and insert (entity "", b's metadata) ops."""
+    ops: list[vlp.Op] = []
+    cache: dict[int, tuple] = {}
+    for row in result.rows:
+        L, f = row.layer, row.feature
+        if L not in cache:
+            cache[L] = (b.gate(L) if L in b.layers() else None, _ffn_weights(b, L) if L in b.layers() else None)
+        gb, wb = cache[L]
+        mb = b.feature_meta(L, f)
+        dm = vlp.DownMeta(mb.top_token, mb.top_token_id, mb.c_score) if mb is not None else None
+        gate = gb[f].numpy().copy() if "gate" in row.vectors else None
+        up = wb["up.weight"][f].numpy().copy() if "up" in row.vectors and wb is not None else None
+        down = wb["down.weight"][:, f].numpy().copy() if "down" in row.vectors and wb is not None else None
+        if row.status == "removed":
+            ops.append(vlp.DeleteOp(L, f, "removed in target"))
+        elif row.status == "added":
+            ops.append(vlp.InsertOp(L, f, entity="", target=mb.top_token, relation=None, confidence=mb.c_score,
+                                    gate=gate, up=up, down=down, down_meta=dm))
+        else:
+            meta_changed = row.a_token != row.b_token or (
+                a.feature_meta(L, f) is not None and mb is not None
+                and abs(a.feature_meta(L, f).c_score - mb.c_score) > 0.01)
+            ops.append(vlp.UpdateOp(L, f, gate=gate, up=up, down=down, down_meta=dm if meta_changed else None))
+    base_model = a.model
+    return vlp.Patch(base_model=base_model, operations=ops, created_at=vlp.now_rfc3339(),
+                     description=f"Diff: {result.a} vs {result.b}")
+
+
+def diff_into_patch(a, b, path: str | Path, **kw) -> DiffResult:
+    """DIFF a b INTO PATCH "path": compute, write the patch atomically, report counts."""
+    res = diff(a, b, **kw)
+    p = diff_patch(a, b, res)
+    vlp.write_patch(path, p)
+    res.patch_path = str(path)
+    res.patch_counts = p.counts
+    res.operations = len(p.operations)
+    return res
+
+
+def open_vindex(path: str | Path):
+    from .vindex import Vindex
+
+    p = Path(path)
+    if not p.exists():
+        raise VindexError(f"vindex not found: {path}")
+    return Vindex.load(p)
