@@ -11,7 +11,9 @@ import typer
 def serve_command(
     model: Annotated[Optional[str], typer.Argument(
         metavar="MODEL_OR_VINDEX", show_default=False,
-        help="HF model directory, vindex with weights, or GGUF file (default: the embedded model)")] = None,
+        help="HF model directory, vindex with weights, or GGUF file (default: the embedded model). The "
+             "knowledge routes browse the vindex; a model directory's vindex is extracted into the cache "
+             "($MODELQL_CACHE) on first use, in the background (browse routes answer 503 until it is ready)")] = None,
     host: Annotated[str, typer.Option("--host", help="bind address")] = "127.0.0.1",
     port: Annotated[int, typer.Option("--port", "-p", min=0, max=65535, help="port (0 = any free port)")] = 8080,
     model_id: Annotated[Optional[str], typer.Option("--model-id", help="id reported by /v1/models")] = None,
