@@ -473,3 +473,28 @@ def test_gguf_or_unknown_ref_has_a_reason():
     with pytest.raises(Exception) as exc:
         src.require()
     assert "modelql extract" in str(exc.value)
+
+
+def test_sessions_isolate_edits(kmodel, kvindex):
+    """X-Session-Id (§2.3): a session's insert is seen by that session only and echoes its id."""
+    if not _editing_available():
+        pytest.skip("knowledge editing is not in this build")
+    from modelql.server.knowledge_routes import RECORDING_NAME, VindexSource
+
+    srv, engine = _serve(kmodel, VindexSource.ready(kvindex))
+    s1 = {"X-Session-Id": "alice.1"}
+    with srv, httpx.Client(base_url=srv.url, timeout=120) as c:
+        prompt = {"prompt": "The capital of France is", "top": 2}
+        base = c.post("/v1/infer", json=prompt).json()["predictions"]
+        ins = c.post("/v1/insert", headers=s1,
+                     json={"entity": "France", "relation": "capital", "target": "Lyon", "mode": "knn"}).json()
+        assert ins["session"] == "alice.1"
+        assert c.post("/v1/infer", json=prompt, headers=s1).json()["predictions"][0]["token"] == "Lyon"
+        assert c.post("/v1/infer", json=prompt).json()["predictions"] == base
+        assert c.post("/v1/infer", json=prompt, headers={"X-Session-Id": "bob"}).json()["predictions"] == base
+        listed = c.get("/v1/patches", headers=s1).json()
+        assert listed["session"] == "alice.1" and [p["name"] for p in listed["patches"]] == [RECORDING_NAME]
+        assert c.get("/v1/patches").json() == {"patches": []}
+        bad = c.get("/v1/patches", headers={"X-Session-Id": "no spaces"})
+        assert bad.status_code == 400 and bad.json() == {"error": "invalid X-Session-Id"}
+    engine.stop()

@@ -26,9 +26,11 @@ parity); without it, modelql's scale-free per-layer z threshold (algorithms §15
 
 from __future__ import annotations
 
+import collections
 import hashlib
 import json
 import math
+import re
 import struct
 import threading
 import time
@@ -81,6 +83,10 @@ class VindexSource:
         self.reason = reason
         self.error: str | None = None
         self.patches = None  # the global PatchSession (base ⊕ applied patches ⊕ inserts), once edited
+        self.sessions: collections.OrderedDict[str, list] = collections.OrderedDict()  # id → [PatchSession, t]
+        self.session_ttl = 3600.0
+        self.max_sessions = 1024
+        self._lock = threading.Lock()
         self._thread: threading.Thread | None = None
 
     @property
@@ -109,6 +115,28 @@ class VindexSource:
             _, PatchSession = editing()
             self.patches = PatchSession(self.require(), model=model)
         return self.patches
+
+    def client_session(self, sid: str, model=None):
+        """The `X-Session-Id` overlay `sid` (base ⊕ the global patches when it started ⊕ its own
+        edits); None if unknown and no `model` to create it with. Idle sessions expire after
+        `session_ttl`; beyond `max_sessions` the least recently used is dropped."""
+        now = time.monotonic()
+        with self._lock:
+            for key in [k for k, (_ps, t) in self.sessions.items() if now - t > self.session_ttl]:
+                del self.sessions[key]
+            entry = self.sessions.get(sid)
+            if entry is not None:
+                entry[1] = now
+                self.sessions.move_to_end(sid)
+                return entry[0]
+        if model is None:
+            return None
+        ps = self.session(model).fork()
+        with self._lock:
+            self.sessions[sid] = [ps, now]
+            while len(self.sessions) > self.max_sessions:
+                self.sessions.popitem(last=False)
+        return ps
 
     @classmethod
     def ready(cls, vindex) -> "VindexSource":
@@ -213,10 +241,60 @@ def _check(st, route: str, group: str) -> None:
         raise ServiceUnavailable(reason)
 
 
+SESSION_RE = re.compile(r"[A-Za-z0-9._-]{1,128}")
+
+
+def session_id(headers) -> str | None:
+    """The `X-Session-Id` header (§2.3), validated; None without it."""
+    sid = headers.get("x-session-id")
+    if sid is None:
+        return None
+    if not SESSION_RE.fullmatch(sid):
+        raise HttpError(400, "invalid X-Session-Id")
+    return sid
+
+
+class Scope:
+    """The overlay one request sees: its session's, else the global one."""
+
+    def __init__(self, src: VindexSource, sid: str | None):
+        self.src = src
+        self.sid = sid
+        self.ps = src.client_session(sid) if sid is not None else None
+        if self.ps is None:
+            self.ps = src.patches
+
+    @property
+    def patched(self) -> bool:
+        return self.ps is not None and not self.ps.empty
+
+    def view(self):
+        vx = self.src.require()
+        return self.ps.view if self.patched else vx
+
+    def knn(self):
+        return (self.ps.knn_entries() or None) if self.ps is not None else None
+
+    @property
+    def epoch(self) -> int:
+        return self.ps.epoch if self.ps is not None else 0
+
+    def model(self, engine_model):
+        """The model generation-side queries run: a session's overlay-aware model, else the
+        engine's (which already reads the global overlay)."""
+        if self.sid is not None and self.ps is not None and self.ps is not self.src.patches and self.ps.has_weights:
+            return self.ps.model()
+        return engine_model
+
+
+def _scope(request) -> Scope:
+    return Scope(_source(request), session_id(request.headers))
+
+
 def _vindex(request: Request, route: str):
     st = _st(request)
     _check(st, route, "browse")
-    return _source(request).view()
+    return _scope(request).view()
 
 
 def _model(request: Request, route: str, group: str):
@@ -371,13 +449,14 @@ def _mode_for(st, mode: str | None) -> str:
     return m
 
 
-async def run_describe(st, vx, entity: str, **kw):
+async def run_describe(st, vx, entity: str, scope: Scope | None = None, **kw):
     """`knowledge.describe` on the right thread: residual mode runs the served model."""
     from .. import knowledge
     from ..knowledge.describe import resolve_mode
 
     if resolve_mode(vx, kw.get("mode")) == "residual":
-        return await _on_model(st, lambda m: knowledge.describe(vx, entity, model=m, **kw))
+        pick = scope.model if scope is not None else (lambda m: m)
+        return await _on_model(st, lambda m: knowledge.describe(vx, entity, model=pick(m), **kw))
     return await run_in_threadpool(lambda: knowledge.describe(vx, entity, **kw))
 
 
@@ -404,12 +483,12 @@ async def describe(request: Request,
     _text(entity, "entity")
     if min_score is not None and not math.isfinite(min_score):
         raise HttpError(400, "min_score must be a finite number")
-    src = _source(request)
+    scope = _scope(request)
     kw = describe_args(band, limit, min_score, _mode_for(st, mode), relations_only)
-    result = await run_describe(st, vx, entity, knn_entries=src.knn(), **kw)
+    result = await run_describe(st, vx, entity, scope=scope, knn_entries=scope.knn(), **kw)
     body = describe_json(result, limit, verbose)
-    tag = _etag(body, src.epoch)
-    headers = {"ETag": tag, "Cache-Control": "no-cache" if src.patched else DESCRIBE_CACHE}
+    tag = _etag(body, scope.epoch)
+    headers = {"ETag": tag, "Cache-Control": "no-cache" if scope.patched or scope.sid else DESCRIBE_CACHE}
     inm = request.headers.get("if-none-match")
     if inm is not None and (inm.strip() == "*" or tag in [t.strip() for t in inm.split(",")]):
         return Response(status_code=304, headers=headers)
@@ -558,8 +637,9 @@ async def infer(body: InferRequest, request: Request):
     prompt = _prompt(body.prompt)
     _check_length(model, prompt)
     t0 = time.perf_counter()
-    knn = _source(request).knn()
-    res = await _on_model(st, lambda m: k_infer(m, prompt, top=body.top, mode=body.mode, knn=knn))
+    scope = _scope(request)
+    knn = scope.knn()
+    res = await _on_model(st, lambda m: k_infer(scope.model(m), prompt, top=body.top, mode=body.mode, knn=knn))
     out: dict[str, Any] = {"prompt": prompt}
     if res.dense is not None:
         out.update(walk=_preds(res.predictions), walk_ms=_r(res.elapsed_ms, 1), dense=_preds(res.dense),
@@ -590,10 +670,12 @@ async def explain_infer(body: ExplainInferRequest, request: Request):
     prompt = _prompt(body.prompt)
     _check_length(model, prompt)
     band = None if body.band == "all" else body.band
-    knn = _source(request).knn()
+    scope = _scope(request)
+    knn = scope.knn()
     t0 = time.perf_counter()
 
     def run(m):
+        m = scope.model(m)
         preds = k_infer(m, prompt, top=body.top, mode="walk", knn=knn).predictions
         ex = k_explain(m, prompt, vindex=vx, band=band, top=body.per_layer, relations_only=body.relations_only,
                        with_attention=body.with_attention, knn=knn)
@@ -653,17 +735,20 @@ async def _mutate(request: Request, route: str, fn):
     _vindex(request, route)
     editing()
     src = _source(request)
+    sid = session_id(request.headers)
     if st.engine is None:
         raise ServiceUnavailable("model is still loading", headers={"Retry-After": "1"})
 
     def run(model):
         import torch
 
-        ps = src.session(model)
+        ps = src.client_session(sid, model) if sid is not None else src.session(model)
         with torch.enable_grad():  # the worker thread runs with autograd off; MEMIT optimises through the model
             out = fn(ps)
-        if ps.has_weights and st.config.inference:
-            st.engine.model = ps.model()  # chat/completions see the edits (PatchedFfn reads the overlay live)
+        if sid is None and ps.has_weights and st.config.inference:
+            st.engine.model = ps.model()  # chat/completions see global edits (PatchedFfn reads the overlay live)
+        if sid is not None and isinstance(out, dict):
+            out["session"] = sid
         return out
 
     return await st.engine.run(run)
@@ -691,11 +776,10 @@ async def insert(body: InsertRequest, request: Request):
         return edit.insert(ps, body.entity, body.relation, body.target, layer=body.layer,
                            confidence=body.confidence, alpha=body.alpha, mode=body.mode)
 
-    res = await _mutate(request, "/v1/insert", run)
-    out = res.to_json()
-    out["session"] = None
-    out["latency_ms"] = _ms(t0)
-    return out
+    res = await _mutate(request, "/v1/insert", lambda ps: run(ps).to_json())
+    res.setdefault("session", None)
+    res["latency_ms"] = _ms(t0)
+    return res
 
 
 @router.post("/v1/patches/apply", responses={**ERRORS, 404: {"description": "patch file not found", **_ERR}})
@@ -724,21 +808,24 @@ async def patches_apply(body: PatchApplyRequest, request: Request):
 @router.get("/v1/patches", responses=ERRORS)
 async def patches_list(request: Request):
     _vindex(request, "/v1/patches")
-    ps = _source(request).patches
+    scope = _scope(request)
+    ps = scope.ps
     rows = []
     if ps is not None:
         rows = [{"name": ap.name, "operations": len(ap.patch.operations), "base_model": ap.patch.base_model}
                 for ap in ps.applied]
         if ps.recording is not None and ps.recording.ops:
             rows.append({"name": RECORDING_NAME, "operations": len(ps.recording.ops), "base_model": ps.base_model_id})
-    return {"patches": rows}
+    out: dict[str, Any] = {"patches": rows}
+    if scope.sid is not None:
+        out["session"] = scope.sid
+    return out
 
 
 @router.delete("/v1/patches/{name}", responses={**ERRORS, 404: {"description": "no such patch", **_ERR}})
 async def patches_remove(name: str, request: Request):
-    src = _source(request)
     _vindex(request, "/v1/patches/{name}")
-    ps = src.patches
+    ps = _scope(request).ps
     if ps is None or (name != RECORDING_NAME and ps.find(name) is None) or \
             (name == RECORDING_NAME and not (ps.recording and ps.recording.ops)):
         raise HttpError(404, f"patch '{name}' not found")
