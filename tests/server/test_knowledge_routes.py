@@ -473,6 +473,9 @@ def test_model_directory_vindex_extracted_in_background(tiny_dir, tiny_model, tm
             r = c.get("/v1/walk", params={"prompt": "hello"})
             assert r.status_code == 503 and "being extracted" in r.json()["error"] and r.headers["retry-after"]
             assert c.get("/v1/token/encode", params={"text": "hello"}).status_code == 200
+            stats = c.get("/v1/stats").json()  # answered from the model meanwhile
+            assert stats["loaded"]["browse"] is False and stats["layer_bands"] is None
+            assert stats["vindex_status"] == "extracting" and stats["layers"] == tiny_model.spec.num_layers
             src._thread.start()
             assert src.wait(120)
             assert c.get("/v1/walk", params={"prompt": "hello"}).status_code == 200
