@@ -46,24 +46,37 @@ def render_chat(messages: list[dict[str, str]], add_generation_prompt: bool = Fa
 # corpus
 # ---------------------------------------------------------------------------------------------
 
-def epoch_samples(rng: random.Random, chat_prob: float, reverse_prob: float, system_prob: float) -> list[tuple[str, str]]:
-    """One epoch: every fact once with a random training template, reverse sentences and chat
-    samples for a random share. Returns ``(kind, text)``, kind in {"text", "chat"}."""
-    out: list[tuple[str, str]] = []
-    for fa in D.facts():
+def fact_samples(rng: random.Random, facts, reverse_prob: float) -> list[tuple[str, str, str]]:
+    """One sentence per fact with a random training template, plus reverse sentences.
+    Returns ``(kind, prefix, answer)``: the answer tokens get the extra loss weight."""
+    out: list[tuple[str, str, str]] = []
+    for fa in facts:
         tpl = rng.choice(D.TRAIN_TEMPLATES[fa.relation])
-        out.append(("text", D.sentence(tpl, fa.entity, fa.target)))
+        out.append(("text", D.prompt(tpl, fa.entity), f" {fa.target}."))
         for rt in D.REVERSE_TEMPLATES.get(fa.relation, ()):
             if rng.random() < reverse_prob:
-                out.append(("text", rt.replace("{X}", fa.entity).replace("{Y}", fa.target)))
-    for (ent, rel), tgts in D.targets_by_subject().items():
+                out.append(("text", rt.replace("{X}", fa.entity).replace("{Y}", fa.target), ""))
+    return out
+
+
+def chat_samples(rng: random.Random, pairs, chat_prob: float, system_prob: float) -> list[tuple[str, str, str]]:
+    tbs = D.targets_by_subject()
+    out: list[tuple[str, str, str]] = []
+    for ent, rel in pairs:
         if rng.random() < chat_prob:
             q = D.prompt(rng.choice(D.CHAT_QUESTIONS[rel]), ent)
-            msgs = [{"role": "user", "content": q}, {"role": "assistant", "content": D.chat_answer(rel, ent, tgts)}]
+            msgs = [{"role": "user", "content": q}]
             if rng.random() < system_prob:
                 msgs.insert(0, {"role": "system", "content": D.DEFAULT_SYSTEM_PROMPT})
-            out.append(("chat", render_chat(msgs)))
+            out.append(("chat", render_chat(msgs, add_generation_prompt=True), D.chat_answer(rel, ent, tbs[(ent, rel)]) + "<|im_end|>\n"))
     return out
+
+
+def epoch_samples(rng: random.Random, chat_prob: float, reverse_prob: float, system_prob: float) -> list[tuple[str, str, str]]:
+    """One epoch: every fact once with a random training template, reverse sentences and chat
+    samples for a random share of (entity, relation) pairs."""
+    return (fact_samples(rng, D.facts(), reverse_prob)
+            + chat_samples(rng, list(D.targets_by_subject()), chat_prob, system_prob))
 
 
 def tokenizer_corpus(seed: int) -> list[str]:
@@ -134,20 +147,24 @@ def tokenizer_config() -> dict:
 # training
 # ---------------------------------------------------------------------------------------------
 
-def encode_sample(tok, kind: str, text: str, rng: random.Random, bos_id: int, eos_id: int) -> list[int]:
-    ids = tok.encode(text, add_special_tokens=False).ids
+def encode_sample(tok, kind: str, prefix: str, answer: str, rng: random.Random, bos_id: int, eos_id: int,
+                  answer_weight: float) -> tuple[list[int], list[float]]:
+    p = tok.encode(prefix, add_special_tokens=False).ids
+    a = tok.encode(answer, add_special_tokens=False).ids if answer else []
     with_bos = rng.random() < (0.85 if kind == "text" else 0.5)
-    return ([bos_id] if with_bos else []) + ids + [eos_id]
+    ids = ([bos_id] if with_bos else []) + p + a + [eos_id]
+    w = [1.0] * (len(ids) - len(a) - 1) + [answer_weight] * len(a) + [1.0]
+    return ids, w
 
 
-def make_batches(seqs: list[list[int]], batch_size: int, rng: random.Random) -> list[list[list[int]]]:
+def make_batches(seqs: list, batch_size: int, rng: random.Random) -> list[list]:
     """Length-bucketed batches in random order (little padding)."""
     order = list(range(len(seqs)))
     rng.shuffle(order)
     chunk = batch_size * 16
     batches = []
     for s in range(0, len(order), chunk):
-        part = sorted(order[s:s + chunk], key=lambda i: len(seqs[i]))
+        part = sorted(order[s:s + chunk], key=lambda i: len(seqs[i][0]))
         batches += [[seqs[i] for i in part[b:b + batch_size]] for b in range(0, len(part), batch_size)]
     rng.shuffle(batches)
     return batches
@@ -163,6 +180,32 @@ def probe_prompts(tok, bos_id: int, n: int = 200) -> list[tuple[list[int], set[i
         ids = [bos_id] + tok.encode(D.prompt(tpl, ent), add_special_tokens=False).ids
         out.append((ids, {tok.encode(" " + t, add_special_tokens=False).ids[0] for t in tgts}))
     return out
+
+
+def wrong_pairs(model, tok, bos_id: int, pairs, rng: random.Random, batch_size: int = 256) -> list[tuple[str, str]]:
+    """(entity, relation) pairs whose greedy first target token is wrong for a random training template."""
+    import torch
+
+    tbs = D.targets_by_subject()
+    items = []
+    for ent, rel in pairs:
+        ids = [bos_id] + tok.encode(D.prompt(rng.choice(D.TRAIN_TEMPLATES[rel]), ent), add_special_tokens=False).ids
+        items.append((ids, {tok.encode(" " + t, add_special_tokens=False).ids[0] for t in tbs[(ent, rel)]}, (ent, rel)))
+    items.sort(key=lambda x: len(x[0]))
+    wrong = []
+    model.eval()
+    with torch.inference_mode():
+        for s in range(0, len(items), batch_size):
+            chunk = items[s:s + batch_size]
+            T = max(len(x[0]) for x in chunk)
+            ids = torch.zeros((len(chunk), T), dtype=torch.long)
+            for i, x in enumerate(chunk):
+                ids[i, :len(x[0])] = torch.tensor(x[0])
+            logits = model(input_ids=ids).logits
+            for i, x in enumerate(chunk):
+                if logits[i, len(x[0]) - 1].argmax().item() not in x[1]:
+                    wrong.append(x[2])
+    return sorted(wrong)
 
 
 def probe_accuracy(model, probe) -> float:
@@ -184,7 +227,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--epochs", type=int, default=40, help="passes over the facts (one random template each)")
     ap.add_argument("--max-minutes", type=float, default=None,
                     help="stop early after this wall-clock budget (the result then depends on machine speed)")
-    ap.add_argument("--batch-size", type=int, default=64)
+    ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--lr", type=float, default=3e-3)
     ap.add_argument("--warmup", type=int, default=100)
     ap.add_argument("--vocab-size", type=int, default=4096)
@@ -197,6 +240,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--reverse-prob", type=float, default=0.3)
     ap.add_argument("--dtype", choices=["float16", "bfloat16", "float32"], default="float16")
     ap.add_argument("--probe-every", type=int, default=5, help="print top-1 on a fixed prompt sample every N epochs (0: never)")
+    ap.add_argument("--answer-weight", type=float, default=3.0, help="loss weight of answer tokens")
+    ap.add_argument("--replay", type=int, default=2, help="extra samples per fact the model got wrong last epoch (0: off)")
+    ap.add_argument("--init-from", type=Path, default=None, help="continue training this model directory (its tokenizer is kept)")
     ap.add_argument("--no-eval", action="store_true")
     ap.add_argument("--eval-sample", type=int, default=None, help="evaluate on this many entities per relation (default: all)")
     args = ap.parse_args(argv)
@@ -212,82 +258,107 @@ def main(argv: list[str] | None = None) -> int:
     random.seed(args.seed)
     t_start = time.time()
 
-    # tokenizer
-    tok = train_tokenizer(args.vocab_size, args.seed)
+    # tokenizer (or the one of the model we continue from)
+    if args.init_from:
+        from tokenizers import Tokenizer
+
+        tok = Tokenizer.from_file(str(args.init_from / "tokenizer.json"))
+    else:
+        tok = train_tokenizer(args.vocab_size, args.seed)
     frac_word, frac_all, bad = single_token_fraction(tok)
     console.print(f"tokenizer: vocab {tok.get_vocab_size()}, single-token names: {frac_word:.1%} of single-word "
                   f"entities/targets, {frac_all:.1%} of all" + (f" (multi-token: {', '.join(bad[:10])})" if bad else ""))
     bos_id, eos_id, pad_id = (tok.token_to_id(t) for t in (BOS, EOS, PAD))
 
-    # corpus: pre-generate every epoch (deterministic given the seed)
-    rng = random.Random(args.seed)
-    epochs = []
-    for _ in range(args.epochs):
-        samples = epoch_samples(rng, args.chat_prob, args.reverse_prob, system_prob=0.2)
-        seqs = [encode_sample(tok, k, t, rng, bos_id, eos_id) for k, t in samples]
-        epochs.append(make_batches(seqs, args.batch_size, rng))
-    total_steps = sum(len(e) for e in epochs)
-    total_tokens = sum(len(s) for e in epochs for b in e for s in b)
-    console.print(f"corpus: {len(D.facts())} facts, {total_steps} steps, {total_tokens:,} tokens over {args.epochs} epochs")
-
-    config = LlamaConfig(
-        vocab_size=tok.get_vocab_size(), hidden_size=args.hidden, intermediate_size=args.intermediate,
-        num_hidden_layers=args.layers, num_attention_heads=args.heads, num_key_value_heads=args.kv_heads,
-        max_position_embeddings=512, rms_norm_eps=1e-5, rope_theta=10000.0, hidden_act="silu",
-        tie_word_embeddings=True, bos_token_id=bos_id, eos_token_id=eos_id, pad_token_id=pad_id,
-        attention_bias=False, mlp_bias=False, initializer_range=0.02,
-    )
-    model = LlamaForCausalLM(config)
+    if args.init_from:
+        model = LlamaForCausalLM.from_pretrained(args.init_from, dtype=torch.float32)
+        config = model.config
+    else:
+        config = LlamaConfig(
+            vocab_size=tok.get_vocab_size(), hidden_size=args.hidden, intermediate_size=args.intermediate,
+            num_hidden_layers=args.layers, num_attention_heads=args.heads, num_key_value_heads=args.kv_heads,
+            max_position_embeddings=512, rms_norm_eps=1e-5, rope_theta=10000.0, hidden_act="silu",
+            tie_word_embeddings=True, bos_token_id=bos_id, eos_token_id=eos_id, pad_token_id=pad_id,
+            attention_bias=False, mlp_bias=False, initializer_range=0.02,
+        )
+        model = LlamaForCausalLM(config)
     n_params = sum(p.numel() for p in model.parameters())
-    console.print(f"model: Llama, {n_params:,} parameters ({args.layers} layers, hidden {args.hidden}, "
-                  f"ffn {args.intermediate}, {args.heads} heads)")
+    console.print(f"model: Llama, {n_params:,} parameters ({config.num_hidden_layers} layers, hidden "
+                  f"{config.hidden_size}, ffn {config.intermediate_size}, {config.num_attention_heads} heads)"
+                  + (f", continuing from {args.init_from}" if args.init_from else ""))
 
     decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
     no_decay = [p for n, p in model.named_parameters() if p.dim() < 2]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.01}, {"params": no_decay, "weight_decay": 0.0}],
                             lr=args.lr, betas=(0.9, 0.98), eps=1e-8)
 
-    def lr_at(step: int) -> float:
+    def lr_at(progress: float, step: int) -> float:
+        """Linear warmup over the first steps, then cosine to 5% over the epochs (progress in [0, 1])."""
         if step < args.warmup:
             return args.lr * (step + 1) / args.warmup
-        p = (step - args.warmup) / max(1, total_steps - args.warmup)
-        return args.lr * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * min(1.0, p))))
+        return args.lr * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
 
+    rng = random.Random(args.seed)
+    pairs = list(D.targets_by_subject())
+    by_pair: dict[tuple[str, str], list] = {}
+    for fa in D.facts():
+        by_pair.setdefault((fa.entity, fa.relation), []).append(fa)
     probe = probe_prompts(tok, bos_id)
     model.train()
-    step, seen_tokens, ema, stopped_early = 0, 0, None, False
+    step, seen_tokens, ema, stopped_early, hard = 0, 0, None, False, []
     t_train = time.time()
     with Progress(TextColumn("[bold]training"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[info]}"),
                   TimeElapsedColumn(), TimeRemainingColumn(), console=console, transient=False,
                   disable=not console.is_terminal) as progress:
-        task = progress.add_task("train", total=total_steps, info="")
-        for ep, batches in enumerate(epochs):
-            for batch in batches:
-                T = max(len(s) for s in batch)
+        task = progress.add_task("train", total=args.epochs, info="")
+        for ep in range(args.epochs):
+            # every fact once (random template), chat for a share of pairs, and extra samples of the
+            # facts the model got wrong at the last check (hard-example replay)
+            samples = epoch_samples(rng, args.chat_prob, args.reverse_prob, system_prob=0.2)
+            for _ in range(args.replay):
+                samples += fact_samples(rng, [fa for pr in hard for fa in by_pair[pr]], 0.0)
+            samples += chat_samples(rng, hard, args.chat_prob, 0.2)
+            seqs = [encode_sample(tok, k, p_, a_, rng, bos_id, eos_id, args.answer_weight) for k, p_, a_ in samples]
+            batches = make_batches(seqs, args.batch_size, rng)
+            for bi, batch in enumerate(batches):
+                T = max(len(s) for s, _ in batch)
                 ids = torch.full((len(batch), T), pad_id, dtype=torch.long)
-                labels = torch.full((len(batch), T), -100, dtype=torch.long)
-                for i, s in enumerate(batch):
-                    ids[i, :len(s)] = torch.tensor(s)
-                    labels[i, :len(s)] = torch.tensor(s)
+                w = torch.zeros((len(batch), T), dtype=torch.float32)
+                for i, (s_, w_) in enumerate(batch):
+                    ids[i, :len(s_)] = torch.tensor(s_)
+                    w[i, :len(w_)] = torch.tensor(w_)
                 for g in opt.param_groups:
-                    g["lr"] = lr_at(step)
-                loss = model(input_ids=ids, labels=labels).loss
+                    # with a time budget the schedule follows whichever runs out first
+                    frac = (ep + bi / len(batches)) / args.epochs
+                    if args.max_minutes:
+                        frac = max(frac, (time.time() - t_train) / (args.max_minutes * 60))
+                    g["lr"] = lr_at(frac, step)
+                logits = model(input_ids=ids).logits[:, :-1]
+                tw = w[:, 1:]
+                nll = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1),
+                                                        reduction="none").view_as(tw)
+                loss = (nll * tw).sum() / tw.sum()
                 loss.backward()
                 torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
                 opt.step()
                 opt.zero_grad(set_to_none=True)
                 step += 1
-                seen_tokens += sum(len(s) for s in batch)
+                seen_tokens += sum(len(s) for s, _ in batch)
                 ema = loss.item() if ema is None else 0.98 * ema + 0.02 * loss.item()
                 el = time.time() - t_train
-                progress.update(task, advance=1, info=f"epoch {ep + 1}/{args.epochs} loss {ema:.3f} "
-                                                       f"{seen_tokens / max(el, 1e-9):,.0f} tok/s")
-                if not console.is_terminal and (step % 100 == 0 or step == total_steps):
-                    console.print(f"step {step}/{total_steps} epoch {ep + 1} loss {ema:.3f} lr {lr_at(step):.2e} "
-                                  f"{seen_tokens / max(el, 1e-9):,.0f} tok/s {el:.0f}s", highlight=False)
+                progress.update(task, advance=1 / len(batches), info=f"epoch {ep + 1}/{args.epochs} step {step} "
+                                f"loss {ema:.3f} {seen_tokens / max(el, 1e-9):,.0f} tok/s")
                 if args.max_minutes is not None and el > args.max_minutes * 60:
                     stopped_early = True
                     break
+            el = time.time() - t_train
+            if args.replay:
+                hard = wrong_pairs(model, tok, bos_id, pairs, rng)
+                model.train()
+            if not console.is_terminal:
+                console.print(f"epoch {ep + 1}/{args.epochs} step {step} loss {ema:.3f} "
+                              f"{seen_tokens / max(el, 1e-9):,.0f} tok/s {el:.0f}s"
+                              + (f" wrong pairs {len(hard)}/{len(pairs)}" if args.replay else ""), highlight=False)
             if args.probe_every and ((ep + 1) % args.probe_every == 0 or ep + 1 == args.epochs):
                 console.print(f"epoch {ep + 1}: probe top-1 {probe_accuracy(model, probe):.1%} "
                               f"on {len(probe)} training prompts", highlight=False)
@@ -299,6 +370,9 @@ def main(argv: list[str] | None = None) -> int:
 
     # save
     out: Path = args.out
+    init_meta = None
+    if args.init_from and (args.init_from / "training_meta.json").exists():
+        init_meta = json.loads((args.init_from / "training_meta.json").read_text())
     out.mkdir(parents=True, exist_ok=True)
     for stale in out.glob("*"):
         if stale.is_file():
@@ -322,12 +396,13 @@ def main(argv: list[str] | None = None) -> int:
     import tokenizers
     import transformers
     meta = {
-        "trained_by": "scripts/train_default_model.py", "git_rev": rev, "seed": args.seed, "threads": args.threads,
-        "epochs": args.epochs, "steps": step, "stopped_early": stopped_early, "tokens": seen_tokens,
+        "trained_by": "scripts/train_default_model.py", "argv": sys.argv[1:] if argv is None else argv, "git_rev": rev, "seed": args.seed, "threads": args.threads,
+        "epochs": args.epochs, "steps": step, "init_from": init_meta, "stopped_early": stopped_early, "tokens": seen_tokens,
         "train_seconds": round(train_seconds, 1), "total_seconds": round(time.time() - t_start, 1),
         "parameters": n_params, "final_loss_ema": round(ema or 0.0, 4), "dtype": args.dtype,
         "hyperparameters": {k: getattr(args, k) for k in ("batch_size", "lr", "warmup", "vocab_size", "hidden", "layers",
-                                                          "intermediate", "heads", "kv_heads", "chat_prob", "reverse_prob")},
+                                                          "intermediate", "heads", "kv_heads", "chat_prob", "reverse_prob",
+                                                          "answer_weight", "replay")},
         "facts": len(D.facts()), "single_token_fraction": {"single_word_names": round(frac_word, 4), "all_names": round(frac_all, 4)},
         "versions": {"torch": torch.__version__, "transformers": transformers.__version__, "tokenizers": tokenizers.__version__},
     }
