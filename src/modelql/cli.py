@@ -336,10 +336,13 @@ command("verify", help="Check a vindex's structure and re-hash every file listed
 
 # -- knowledge: label (body in modelql.knowledge.cli_commands) -----------------------------------
 
-from .knowledge.cli_commands import label_command  # noqa: E402
+from .knowledge.cli_commands import explain_command, label_command  # noqa: E402
 
 command("label", help="Label a vindex's features with relations by probing it with known facts "
                       "(writes feature_labels.json).")(label_command)
+command("explain", help="Generate a completion and show, per generated token, the FFN features that fired "
+                        "most strongly: modelql explain [MODEL] PROMPT [--top K] [--json] [--knowledge-url URL].")(
+    explain_command)
 
 
 # -- server: serve (body in modelql.server.cli_command) ------------------------------------------

@@ -32,3 +32,94 @@ def label_command(
     print(f"labelled {rep.new_labels} features from {rep.probes} probes in {rep.seconds:.1f}s ({rels}); "
           f"{rep.total_labels} labels in {rep.path}"
           + (f"; {rep.clusters_relabelled} clusters relabelled" if rep.clusters_relabelled else ""))
+
+
+def explain_command(
+    args: list[str] = typer.Argument(..., metavar="[MODEL] PROMPT", show_default=False),
+    max_tokens: int = typer.Option(16, "--max-tokens", "-n", min=1, help="maximum tokens to generate (greedy)"),
+    top: int = typer.Option(5, "--top", "-k", min=1, max=100, help="features shown per generated token"),
+    as_json: bool = typer.Option(False, "--json", help="print the explanation as JSON"),
+    knowledge_url: Optional[str] = typer.Option(
+        None, "--knowledge-url", envvar="MODELQL_KNOWLEDGE_URL",
+        help="look features up on this knowledge server (modelql or LARQL) instead of a local vindex"),
+    api_key: Optional[str] = typer.Option(None, "--api-key", envvar="MODELQL_KNOWLEDGE_API_KEY",
+                                          help="bearer key of the knowledge server"),
+) -> None:
+    """Generate a completion of PROMPT and show, for each generated token, the FFN features that
+    fired most strongly when it was predicted (layer, feature, gate score, what the feature
+    promotes, its relation label)."""
+    import json
+    import sys
+
+    from ..errors import ModelqlError
+    from .explain import RemoteFeatures, VindexFeatures, explain
+
+    if len(args) > 2:
+        raise ModelqlError("expected [MODEL] PROMPT (quote a prompt with spaces)")
+    model_ref, prompt = (None, args[0]) if len(args) == 1 else (args[0], args[1])
+    if prompt == "-":
+        prompt = sys.stdin.read()
+    if not prompt.strip():
+        raise ModelqlError("empty prompt")
+    if knowledge_url:
+        from ..cli import load
+        from ..client import KnowledgeClient
+
+        model = load(model_ref)
+        client = KnowledgeClient(knowledge_url, api_key=api_key)
+        client.stats()  # fail early, with the connection error, before generating
+        source = RemoteFeatures(client, model)
+    else:
+        vx = local_vindex(model_ref)
+        from .queries import model_for
+
+        model = model_for(vx)
+        source = VindexFeatures(vx)
+    ex = explain(model, prompt, source, max_tokens=max_tokens, top=top)
+    if as_json:
+        print(json.dumps(ex.to_json(), ensure_ascii=False, indent=2))
+    else:
+        print("\n".join(explanation_lines(ex)))
+
+
+def local_vindex(model_ref: str | None):
+    """The vindex `modelql explain` reads: a vindex as given, a model directory's cached vindex
+    (extracted on first use), or the embedded model's labelled default vindex."""
+    from ..errors import ModelNotFoundError
+    from ..lql import default_vindex as dv
+    from ..vindex import Vindex
+
+    if model_ref is None:
+        if not dv.default_model_installed():
+            raise ModelNotFoundError("no MODEL given and the embedded default model is not installed")
+        return Vindex.load(dv.default_vindex_path())
+    p = Path(model_ref).expanduser()
+    if (p / "index.json").is_file():
+        return Vindex.load(p)
+    if (p / "config.json").is_file():
+        return Vindex.load(dv.ensure_vindex(p))
+    raise ModelNotFoundError(f"{model_ref} is neither a vindex nor an HF model directory (GGUF files have no "
+                             f"vindex: extract one, or use --knowledge-url)")
+
+
+def explanation_lines(ex) -> list[str]:
+    """The people's view of an `Explanation`: a header and one aligned table."""
+    from ..lql.render import Table, _table_lines
+
+    out = [f"Prompt:     {ex.prompt}",
+           f"Completion: {ex.completion!r} ({len(ex.tokens)} token{'s' if len(ex.tokens) != 1 else ''}, greedy"
+           f"{', ' + ex.finish_reason if ex.finish_reason else ''}; features from {ex.features_from})", ""]
+    if not ex.tokens:
+        return out + ["  (no tokens generated)"]
+    t = Table(["#", "Token", "Layer", "Feature", "Gate", "Promotes", "Relation"], align="rllrrll", indent=0)
+    for tok in ex.tokens:
+        first = True
+        for f in tok.features or [None]:
+            head = [str(tok.index), repr(tok.token)] if first else ["", ""]
+            first = False
+            if f is None:
+                t.rows.append(head + ["", "", "", "(no feature with metadata fired)", ""])
+                continue
+            t.rows.append(head + [f"L{f.layer}", f"F{f.feature}", f"{f.gate:+.2f}",
+                                  ", ".join(x for x in f.top_tokens[:4] if x) or f.top_token, f.relation or "—"])
+    return out + _table_lines(t) + ["", f"({ex.latency_ms / 1000:.2f} s)"]

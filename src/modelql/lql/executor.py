@@ -4,10 +4,11 @@
 ``Executed(statement, value)``: ``value`` is a typed result (``knowledge.rows`` for queries,
 ``lql.results`` for session statements). No query logic lives here: each handler turns the
 AST's fields into a call's arguments and returns what the call returns. Rendering is
-``lql.render``'s job.
+``lql.render``'s job. On a remote backend (USE REMOTE) statements go to ``lql.remote``'s handlers
+instead, which call the knowledge server through ``modelql.client`` and return the same rows.
 
 Statements whose capability belongs to another issue (INSERT and the patch statements,
-COMPILE, DIFF, MERGE, USE REMOTE, ...) parse and raise ``CapabilityError("<KEYWORD> is not
+COMPILE, DIFF, MERGE, ...) parse and raise ``CapabilityError("<KEYWORD> is not
 available yet")``; so does a statement whose knowledge function has not landed.
 
 ``run_batch(script)`` is batch mode (spec §2): split, parse each piece, execute the good ones
@@ -43,7 +44,7 @@ HANDLERS: dict[type[ast.Statement], Handler] = {}
 #: Statements whose capability arrives with another issue: they parse, then answer
 #: "<KEYWORD> is not available yet". Entries are removed as the capabilities are wired.
 NOT_YET: frozenset[type[ast.Statement]] = frozenset({
-    ast.UseRemote, ast.Compile, ast.Diff, ast.Insert, ast.Delete, ast.Update, ast.Merge,
+    ast.Compile, ast.Diff, ast.Insert, ast.Delete, ast.Update, ast.Merge,
     ast.Rebalance, ast.CompactMinor, ast.CompactMajor, ast.ShowCompactStatus, ast.BeginPatch,
     ast.SavePatch, ast.ApplyPatch, ast.RemovePatch, ast.ShowPatches,
 })
@@ -116,6 +117,15 @@ class Executor:
 
     def _run_one(self, stmt: ast.Statement, add: Callable[[Executed], None]) -> None:
         cls = type(stmt)
+        if self.session.backend == "remote":
+            from modelql.lql import remote
+
+            if cls not in remote.LOCAL:
+                handler = remote.HANDLERS.get(cls)
+                if handler is None:
+                    raise remote.unsupported(stmt.keyword)
+                add(Executed(stmt, handler(self, stmt)))
+                return
         if cls in NOT_YET:
             raise not_available(stmt.keyword)
         handler = HANDLERS.get(cls)
@@ -153,6 +163,13 @@ def _use_model(ex: Executor, stmt: ast.UseModel):
         return session.use_vindex(path, default=True)
     path = dv.ensure_vindex(model_dir, progress=session.progress)
     return session.use_vindex(path)
+
+
+@handles(ast.UseRemote)
+def _use_remote(ex: Executor, stmt: ast.UseRemote):
+    from modelql.lql.remote import use_remote
+
+    return use_remote(ex.session, stmt.url)
 
 
 @handles(ast.Extract)

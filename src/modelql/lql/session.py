@@ -8,7 +8,8 @@ A ``Session`` holds
 * the model of a ``USE MODEL`` backend (``used_model`` describes it; the weights are loaded on
   first use by ``model()``); a vindex backend's model comes from the vindex's own weights,
   loaded once and shared with ``modelql.knowledge`` (``knowledge.queries.model_for``);
-* ``remote_url`` (remote backend, once the client lands);
+* ``remote_url`` and ``remote`` (remote backend: the ``modelql.client.KnowledgeClient`` that
+  ``lql.remote`` forwards statements through);
 * ``overlay`` and ``recording``: the patch overlay and the active patch recording, owned by the
   editing issue (USE discards both, spec §5.3); ``caches``: per-session caches (dropped on USE).
 
@@ -57,6 +58,7 @@ class Session:
         self.vindex_is_default = False
         self.used_model: UsedModel | None = None
         self.remote_url: str | None = None
+        self.remote: Any = None  # KnowledgeClient of a remote backend
         self.overlay: Any = None  # patch overlay (editing issue)
         self.recording: Any = None  # active patch recording (editing issue)
         self.caches: dict[str, Any] = {}
@@ -88,6 +90,9 @@ class Session:
         self.vindex_is_default = False
         self.used_model = None
         self.remote_url = None
+        if self.remote is not None:
+            self.remote.close()
+        self.remote = None
         self.overlay = None
         self.recording = None
         self.caches = {}

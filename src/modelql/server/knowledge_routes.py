@@ -418,8 +418,9 @@ def describe_args(band: str, limit: int, min_score: float | None, mode: str | No
                 token_filter="light", probe_only=True, relations_only=relations_only)
 
 
-def describe_json(result, limit: int, verbose: bool) -> dict[str, Any]:
-    """The spec's `/v1/describe` body from a `DescribeResult` (its rows' `to_json()`)."""
+def describe_json(result, limit: int | None, verbose: bool, bands: bool = False) -> dict[str, Any]:
+    """The spec's `/v1/describe` body from a `DescribeResult` (its rows' `to_json()`); `bands`
+    (variant=lql) adds each edge's section so a remote LQL DESCRIBE renders as a local one."""
     edges = []
     for e in result.to_json()["edges"][:limit]:
         row: dict[str, Any] = {"target": e["target"], "gate_score": _r(e["gate"], 1), "layer": e["layer"]}
@@ -431,9 +432,13 @@ def describe_json(result, limit: int, verbose: bool) -> dict[str, Any]:
             row["also"] = e["also"][:3]
         if verbose:
             row.update(layer_min=e["layer_min"], layer_max=e["layer_max"], count=e["count"])
+        if bands:
+            row["band"] = e["band"]
         edges.append(row)
     return {"entity": result.entity, "model": result.model, "edges": edges,
             "mode": result.mode, "unit": result.unit, "threshold": result.threshold, "found": result.found,
+            "max_gate": _r(result.max_gate, 4), "signal": result.signal,
+            "bands": {k: list(v) for k, v in result.bands.items()}, "total": len(result.edges),
             "latency_ms": _r(result.latency_ms, 1)}
 
 
@@ -475,7 +480,12 @@ async def describe(request: Request,
                    min_score: float | None = Query(None, description="absolute signed gate threshold (LARQL: 5.0); "
                                                    "absent: modelql's adaptive per-layer z threshold"),
                    mode: Literal["auto", "embedding", "residual"] = "auto",
-                   relations_only: bool = False):
+                   relations_only: bool = False,
+                   layer: int | None = Query(None, description="modelql: scan only this layer (LQL AT LAYER)"),
+                   variant: Literal["server", "lql"] = Query(
+                       "server", description="modelql: `lql` = LQL DESCRIBE semantics (per-layer K 20, content "
+                                             "tokens, cluster labels as fallback, every edge with its band; "
+                                             "`limit` caps the edges returned) — what USE REMOTE sends")):
     st = _st(request)
     vx = _vindex(request, "/v1/describe")
     if not entity.strip():
@@ -484,9 +494,16 @@ async def describe(request: Request,
     if min_score is not None and not math.isfinite(min_score):
         raise HttpError(400, "min_score must be a finite number")
     scope = _scope(request)
-    kw = describe_args(band, limit, min_score, _mode_for(st, mode), relations_only)
+    if variant == "lql":
+        b = band.lower()
+        kw = dict(band=None if b == "all" else b, threshold=min_score, mode=_mode_for(st, mode),
+                  relations_only=relations_only)
+    else:
+        kw = describe_args(band, limit, min_score, _mode_for(st, mode), relations_only)
+    if layer is not None:
+        kw["layer"] = layer
     result = await run_describe(st, vx, entity, scope=scope, knn_entries=scope.knn(), **kw)
-    body = describe_json(result, limit, verbose)
+    body = describe_json(result, limit, verbose, bands=variant == "lql")
     tag = _etag(body, scope.epoch)
     headers = {"ETag": tag, "Cache-Control": "no-cache" if scope.patched or scope.sid else DESCRIBE_CACHE}
     inm = request.headers.get("if-none-match")
@@ -526,6 +543,8 @@ class SelectRequest(BaseModel):
     min_confidence: float | None = None
     order_by: Literal["gate_score", "confidence", "c_score", "layer"] | None = None
     order: Literal["desc", "asc"] = "desc"
+    features: list[int] | None = Field(None, max_length=MAX_LIMIT,
+                                       description="modelql: only these feature ids (LARQL ignores it)")
 
 
 def _like_value(text: str) -> str:
@@ -543,6 +562,8 @@ def select_conditions(body: SelectRequest) -> list:
         conds.append(Condition("relation", "LIKE", _like_value(body.relation)))
     if body.layer is not None:
         conds.append(Condition("layer", "=", body.layer))
+    if body.features is not None:
+        conds.append(Condition("feature", "IN", list(body.features)))
     if body.min_confidence is not None:
         if not math.isfinite(body.min_confidence):
             raise HttpError(400, "min_confidence must be a finite number")
@@ -566,6 +587,7 @@ async def select(body: SelectRequest, request: Request):
         row = {"layer": r["layer"], "feature": r["feature"], "target": r["token"], "c_score": _r(r["c_score"], 4)}
         if r["relation"]:
             row["relation"] = r["relation"]
+        row["top_tokens"] = r["top_tokens"][:5]
         edges.append(row)
     return {"edges": edges, "total": res.total, "latency_ms": _r(res.latency_ms, 1)}
 
@@ -773,10 +795,12 @@ async def insert(body: InsertRequest, request: Request):
 
     def run(ps):
         edit, _ = editing()
-        return edit.insert(ps, body.entity, body.relation, body.target, layer=body.layer,
-                           confidence=body.confidence, alpha=body.alpha, mode=body.mode)
+        out = edit.insert(ps, body.entity, body.relation, body.target, layer=body.layer,
+                          confidence=body.confidence, alpha=body.alpha, mode=body.mode).to_json()
+        out["knn_total"] = len(ps.knn_entries())  # modelql: the overlay's KNN facts after this insert
+        return out
 
-    res = await _mutate(request, "/v1/insert", lambda ps: run(ps).to_json())
+    res = await _mutate(request, "/v1/insert", run)
     res.setdefault("session", None)
     res["latency_ms"] = _ms(t0)
     return res

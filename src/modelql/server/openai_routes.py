@@ -202,9 +202,12 @@ class _Choice:
         self.held: list[tuple[int, float | None, list | None]] = []
         self.logprobs: list[tuple[int, float | None, list | None]] = []
         self.finish_reason = "stop"
+        self.token_ids: list[int] = []
 
     def add(self, delta) -> tuple[str, list]:
         """→ (text released by this delta, the logprob entries that go with it)."""
+        if delta.token_id is not None:
+            self.token_ids.append(delta.token_id)
         if delta.token_id is not None and delta.logprob is not None:
             self.held.append((delta.token_id, delta.logprob, delta.top_logprobs))
         if not delta.text:
@@ -297,6 +300,7 @@ async def chat_completions(body: ChatCompletionRequest, request: Request):
     stops = _stops(body.stop)
     prompt = _chat_prompt(model, body)
     _check_context(model, prompt, "messages")
+    explain = _explain_request(request, body)
     max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
     want_lp = bool(body.logprobs)
     seqs = [Sequence(model, prompt, _params(model, body, choice=i, max_tokens=max_tokens, stops=stops,
@@ -363,9 +367,42 @@ async def chat_completions(body: ChatCompletionRequest, request: Request):
     out = [{"index": i, "message": {"role": "assistant", "content": c.text, "tool_calls": None},
             "logprobs": {"content": [_entry(tok, *e) for e in c.logprobs], "refusal": None} if want_lp else None,
             "finish_reason": c.finish_reason} for i, c in enumerate(choices)]
+    if explain is not None:
+        for row, ex in zip(out, await _explain_choices(st, explain, prompt, choices)):
+            row["modelql"] = {"explain": ex}
     return JSONResponse({"id": rid, "object": "chat.completion", "created": created, "model": st.model_id,
                          "system_fingerprint": FINGERPRINT, "choices": out,
                          "usage": _usage(len(prompt), completion)})
+
+
+def _explain_request(request: Request, body: ChatCompletionRequest):
+    """(top, scope) of an opt-in `modelql.explain`, or None; the vindex must be ready (else 503)
+    and the request non-streaming (else 400)."""
+    opt = body.modelql.explain if body.modelql is not None else None
+    if opt is None or opt is False:
+        return None
+    if body.stream:
+        raise InvalidValue("modelql", "modelql.explain is available only for non-streaming requests "
+                                      "(set stream: false)")
+    from .knowledge_routes import _scope
+
+    scope = _scope(request)
+    scope.view()  # 503 while the vindex is extracting or when there is none
+    return (opt.top if not isinstance(opt, bool) else 5), scope
+
+
+async def _explain_choices(st: ServerState, explain, prompt: list[int], choices: list) -> list[dict]:
+    """`knowledge.explain.attribute` of every choice's tokens, on the engine's worker thread."""
+    from ..knowledge.explain import VindexFeatures, attribute
+
+    top, scope = explain
+
+    def run(m):
+        src = VindexFeatures(scope.view())
+        m = scope.model(m)
+        return [{"tokens": [t.to_json() for t in attribute(m, prompt, c.token_ids, src, top=top)]} for c in choices]
+
+    return await st.engine.run(run)
 
 
 # -- /v1/completions ----------------------------------------------------------------------------------

@@ -63,6 +63,18 @@ class _SamplingFields(_Req):
                                                        "until max_tokens, a stop string or the context end")
 
 
+class ExplainOptions(_Req):
+    top: int = Field(5, ge=1, le=100, description="features per generated token")
+
+
+class ModelqlExtensions(_Req):
+    """The `modelql` request field (other servers ignore it): modelql-only options."""
+
+    explain: Union[bool, ExplainOptions, None] = Field(
+        None, description="true or {top}: add per-token FFN feature attributions to each choice "
+                          "(`choices[i].modelql.explain`; non-streaming requests only)")
+
+
 class ChatCompletionRequest(_SamplingFields):
     messages: list[ChatMessage] = Field(..., min_length=1)
     max_tokens: int | None = Field(None, ge=1)
@@ -73,6 +85,7 @@ class ChatCompletionRequest(_SamplingFields):
     tools: list[dict[str, Any]] | None = None
     tool_choice: Union[str, dict[str, Any], None] = None
     parallel_tool_calls: bool | None = None
+    modelql: ModelqlExtensions | None = None
 
 
 class CompletionRequest(_SamplingFields):

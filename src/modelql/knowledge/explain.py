@@ -1,0 +1,223 @@
+"""EXPLAIN of a generation: for every generated token, the FFN features that fired most strongly.
+
+One implementation, used by `modelql explain`, the chat API's opt-in `modelql.explain` field and
+the Python API. The completion is generated (or given as token ids), then the whole sequence is
+run once more through the model with the pre-FFN normalised residuals `x_L` captured at every
+position; generated token `j` was predicted from position `P + j − 1`, so its attribution is the
+gate KNN of that position's `x_L` at every layer (the same query EXPLAIN INFER makes, algorithms
+§7.3). Candidates of all layers are merged and ranked by signed gate score: a SwiGLU/GELU feature
+whose gate is negative is (nearly) silent, so "fired" means a large positive gate.
+
+Where the features come from is a `FeatureSource`:
+
+* `VindexFeatures` — a local vindex (gate KNN, down metadata, probe/cluster labels);
+* `RemoteFeatures` — a knowledge server through `modelql.client.KnowledgeClient`: gate scores are
+  computed from the local model's own gate weights (the rows a vindex's gates are extracted
+  from), and what each feature promotes and its relation label are looked up remotely
+  (`POST /v1/select`, cached per feature).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Any, Protocol, Sequence
+
+import torch
+
+from ..errors import ModelqlError
+from ..runtime import interp
+from .infer import FiredFeature
+
+#: gate-KNN candidates per layer and position before the cross-layer ranking
+CANDIDATES = 8
+
+
+@dataclass(frozen=True)
+class FeatureInfo:
+    """What a feature promotes (its down vector's top tokens) and its relation label."""
+
+    top_token: str
+    top_tokens: tuple[str, ...]
+    relation: str | None = None
+    source: str | None = None  # "probe" | "cluster"
+    c_score: float | None = None
+
+
+class FeatureSource(Protocol):
+    name: str
+
+    def layers(self) -> list[int]: ...
+
+    def gate_hits(self, layer: int, x: torch.Tensor, k: int) -> list[list[tuple[int, float]]]:
+        """Per row of `x` [N, H]: the `k` (feature, gate score) with the largest signed scores."""
+
+    def info(self, layer: int, features: Sequence[int]) -> dict[int, FeatureInfo]:
+        """Metadata of the given features (features without metadata are absent)."""
+
+
+def _top_signed(scores: torch.Tensor, k: int) -> list[list[tuple[int, float]]]:
+    """Per row of [N, F] scores: the `k` largest (feature, score), ties → lower feature."""
+    vals, idx = scores.topk(min(k, scores.shape[-1]), dim=-1)
+    return [sorted(zip(i.tolist(), v.tolist()), key=lambda h: (-h[1], h[0])) for i, v in zip(idx, vals)]
+
+
+class VindexFeatures:
+    """Features of a local vindex (overlay views included)."""
+
+    def __init__(self, vindex):
+        from .labels import labels_for
+
+        self.vindex = vindex
+        self.labels = labels_for(vindex)
+        self.name = f"vindex {vindex.path}"
+
+    def layers(self) -> list[int]:
+        return list(self.vindex.layers())
+
+    def gate_hits(self, layer, x, k):
+        return _top_signed(self.vindex.gate_scores(layer, x.float()), k)
+
+    def info(self, layer, features):
+        out = {}
+        for f in features:
+            meta = self.vindex.feature_meta(layer, f)
+            if meta is None:
+                continue
+            lab = self.labels.get(layer, f)
+            out[f] = FeatureInfo(meta.top_token, tuple(t for t, _, _ in meta.top_k[:5] if t),
+                                 lab[0] if lab else None, lab[1] if lab else None, float(meta.c_score))
+        return out
+
+
+class RemoteFeatures:
+    """Gate scores from the local model's gate weights, metadata from a knowledge server."""
+
+    def __init__(self, client, model):
+        self.client = client
+        self.model = model
+        self.name = f"remote {client.base_url}"
+        self._cache: dict[tuple[int, int], FeatureInfo | None] = {}
+
+    def layers(self) -> list[int]:
+        return list(range(self.model.spec.num_layers))
+
+    def _gates(self, layer: int) -> torch.Tensor:
+        w = self.model.weights
+        g = w.get(f"layers.{layer}.gate.weight") if self.model.spec.gated_ffn else None
+        return g if g is not None else w[f"layers.{layer}.up.weight"]
+
+    def gate_hits(self, layer, x, k):
+        return _top_signed(x.float() @ self._gates(layer).float().T, k)
+
+    def info(self, layer, features):
+        missing = [f for f in features if (layer, f) not in self._cache]
+        if missing:
+            got = self.client.feature_info(layer, missing)
+            for f in missing:
+                self._cache[(layer, f)] = got.get(f)
+        return {f: self._cache[(layer, f)] for f in features if self._cache.get((layer, f)) is not None}
+
+
+@dataclass(frozen=True)
+class TokenExplanation:
+    """One generated token and the features that fired most strongly when it was predicted."""
+
+    index: int  # 0-based in the completion
+    token: str
+    token_id: int
+    position: int  # the sequence position whose residual predicted it
+    features: tuple[FiredFeature, ...]
+
+    def to_json(self) -> dict[str, Any]:
+        return {"index": self.index, "token": self.token, "token_id": self.token_id, "position": self.position,
+                "features": [feature_json(f) for f in self.features]}
+
+
+def feature_json(f: FiredFeature) -> dict[str, Any]:
+    return {"layer": f.layer, "feature": f.feature, "gate_score": round(f.gate, 3), "top_token": f.top_token,
+            "top_tokens": list(f.top_tokens), "relation": f.relation}
+
+
+@dataclass(frozen=True)
+class Explanation:
+    prompt: str
+    completion: str
+    tokens: tuple[TokenExplanation, ...]
+    features_from: str  # "vindex <path>" | "remote <url>"
+    finish_reason: str | None = None
+    latency_ms: float = 0.0
+
+    def to_json(self) -> dict[str, Any]:
+        return {"prompt": self.prompt, "completion": self.completion, "finish_reason": self.finish_reason,
+                "features_from": self.features_from, "tokens": [t.to_json() for t in self.tokens],
+                "latency_ms": self.latency_ms}
+
+
+def attribute(model, prompt_ids: Sequence[int], completion_ids: Sequence[int], features: FeatureSource,
+              top: int = 5) -> tuple[TokenExplanation, ...]:
+    """Per completion token, the `top` features (all layers) with the largest positive gate scores
+    at the position that predicted it. One forward pass over prompt + completion."""
+    if top < 1:
+        raise ModelqlError("top must be at least 1")
+    prompt_ids, completion_ids = [int(i) for i in prompt_ids], [int(i) for i in completion_ids]
+    if not prompt_ids:
+        raise ModelqlError("the prompt encodes to no tokens")
+    if not completion_ids:
+        return ()
+    n_layers = model.spec.num_layers
+    layers = [layer for layer in features.layers() if 0 <= layer < n_layers]
+    seq = prompt_ids + completion_ids[:-1]
+    names = [f"blocks.{layer}.ln2.hook_normalized" for layer in layers]
+    with torch.inference_mode():
+        _, cache = interp.run_with_cache(model, torch.tensor([seq]), names)
+    p = len(prompt_ids)
+    rows = list(range(p - 1, p - 1 + len(completion_ids)))
+    k = max(CANDIDATES, top)
+    cands: list[list[tuple[int, int, float]]] = [[] for _ in rows]  # per token: (layer, feature, gate)
+    for layer in layers:
+        x = cache[f"blocks.{layer}.ln2.hook_normalized"][rows]
+        for j, hits in enumerate(features.gate_hits(layer, x, k)):
+            cands[j] += [(layer, f, g) for f, g in hits if g > 0]
+    tok = model.tokenizer
+    out = []
+    for j, tid in enumerate(completion_ids):
+        ranked = sorted(cands[j], key=lambda c: (-c[2], c[0], c[1]))
+        chosen: list[FiredFeature] = []
+        for layer, f, g in ranked:  # metadata in small batches until `top` features have some
+            if len(chosen) >= top:
+                break
+            info = features.info(layer, [f]).get(f)
+            if info is None:
+                continue
+            chosen.append(FiredFeature(layer, f, g, info.top_token, info.top_tokens, info.relation, info.source))
+        text = tok.decode([tid]) if tok is not None else str(tid)
+        out.append(TokenExplanation(j, text, tid, rows[j], tuple(chosen)))
+    return tuple(out)
+
+
+def explain(model, prompt: str | Sequence[int], features: FeatureSource, *, max_tokens: int = 16, top: int = 5,
+            completion_ids: Sequence[int] | None = None, stop: Sequence[str] = ()) -> Explanation:
+    """Generate greedily from `prompt` (unless `completion_ids` are given) and attribute every
+    generated token to the FFN features that fired most strongly (see the module docstring)."""
+    from ..runtime.generate import encode_prompt, generate
+
+    if model.tokenizer is None and isinstance(prompt, str):
+        raise ModelqlError("explain needs a tokenizer (or token ids)")
+    if max_tokens < 1:
+        raise ModelqlError("max tokens must be at least 1")
+    t0 = time.perf_counter()
+    prompt_ids = encode_prompt(model, prompt)
+    finish = None
+    if completion_ids is None:
+        c = generate(model, prompt_ids, max_tokens=max_tokens, temperature=0.0, stop=list(stop))
+        completion_ids, finish = c.token_ids, c.finish_reason
+    tokens = attribute(model, prompt_ids, completion_ids, features, top=top)
+    text = model.tokenizer.decode(list(completion_ids)) if model.tokenizer is not None else ""
+    shown = prompt if isinstance(prompt, str) else (model.tokenizer.decode(list(prompt_ids))
+                                                     if model.tokenizer is not None else "")
+    return Explanation(shown, text, tokens, features.name, finish, round((time.perf_counter() - t0) * 1e3, 1))
+
+
+__all__ = ["FeatureInfo", "FeatureSource", "VindexFeatures", "RemoteFeatures", "TokenExplanation", "Explanation",
+           "attribute", "explain", "feature_json", "CANDIDATES"]

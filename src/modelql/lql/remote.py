@@ -1,0 +1,313 @@
+"""The remote backend (lql spec §4.9): `USE REMOTE "http://host:port"` and the statements it forwards.
+
+After USE REMOTE the session holds a `modelql.client.KnowledgeClient` (its own `X-Session-Id`,
+so INSERT and patches touch only this session's overlay on the server). Each forwarded
+statement maps its AST onto one client call, which returns the same typed rows local execution
+returns, so `lql.render` shows them in the same line formats:
+
+DESCRIBE → GET /v1/describe (variant=lql: LQL's DESCRIBE semantics), WALK / EXPLAIN WALK →
+GET /v1/walk, SELECT … FROM EDGES → POST /v1/select, SHOW RELATIONS → GET /v1/relations,
+STATS → GET /v1/stats, INFER → POST /v1/infer, EXPLAIN INFER → POST /v1/explain-infer,
+INSERT → POST /v1/insert, APPLY PATCH (the file is read here and sent inline) / SHOW PATCHES /
+REMOVE PATCH → /v1/patches*.
+
+Anything the knowledge API cannot express (TRACE, SHOW LAYERS/FEATURES/ENTITIES, DELETE, UPDATE,
+MERGE, COMPILE, DIFF, BEGIN/SAVE PATCH, SELECT from FEATURES/ENTITIES or NEAREST TO, WHERE fields
+the route has no parameter for, …) raises `CapabilityError` naming the statement.
+"""
+
+from __future__ import annotations
+
+import json
+import secrets
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+from modelql.errors import CapabilityError
+from modelql.lql import ast
+from modelql.lql import render as _render
+from modelql.lql.render import format_count
+
+USE_TIMEOUT = 30.0  # the connect check (spec §4.2)
+STATEMENT_TIMEOUT = 300.0  # edits run the model on the server
+DESCRIBE_LIMIT = 10_000
+
+#: AST class -> handler(executor, stmt) for a remote session
+HANDLERS: dict[type, Callable[[Any, Any], Any]] = {}
+
+#: statements that always run locally, whatever the backend (they replace or list backends)
+LOCAL = frozenset({ast.UseVindex, ast.UseModel, ast.UseRemote, ast.Extract, ast.ShowModels})
+
+
+def handles(*classes):
+    def register(fn):
+        for cls in classes:
+            HANDLERS[cls] = fn
+        return fn
+
+    return register
+
+
+def supported() -> str:
+    return ", ".join(sorted({cls.keyword for cls in HANDLERS}))
+
+
+def unsupported(keyword: str) -> CapabilityError:
+    return CapabilityError(f"{keyword} is not supported on a remote backend (the knowledge API has no route for "
+                           f"it). Supported: {supported()}")
+
+
+# -- results -----------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class UsedRemote:
+    url: str
+    model: str
+    layers: int
+    features: int
+    session: str
+
+
+@dataclass(frozen=True)
+class RemoteStats:
+    url: str
+    stats: Any  # client.ServerStats
+
+
+@dataclass(frozen=True)
+class RemotePatchRow:
+    position: int
+    name: str
+    operations: int
+    base_model: str | None
+
+
+@dataclass(frozen=True)
+class RemotePatchList:
+    url: str
+    rows: tuple[RemotePatchRow, ...]
+
+
+@_render.renders(UsedRemote)
+def _r_used(stmt, u: UsedRemote) -> list:
+    return [f"Connected: {u.model} ({u.layers} layers, {format_count(u.features)} features)", f"  Remote: {u.url}"]
+
+
+@_render.renders(RemoteStats)
+def _r_stats(stmt, r: RemoteStats) -> list:
+    s = r.stats
+    out = [f"Model: {s.model} ({s.family}, extract level {s.extract_level}, {s.dtype})",
+           f"Features: {format_count(s.features)} ({format_count(s.features_per_layer)} x {s.layers} layers)",
+           f"Dimensions: hidden {s.hidden_size}, vocab {s.vocab_size}"]
+    if s.knn_entries:
+        out.append(f"  KNN store: {s.knn_entries} entries")
+    if s.layer_bands:
+        out.append("By layer band:")
+        for name in ("syntax", "knowledge", "output"):
+            if name in s.layer_bands:
+                lo, hi = s.layer_bands[name]
+                out.append(f"  {name.capitalize()} (L{lo}-{hi})")
+    loaded = ", ".join(k for k, v in s.loaded.items() if v) or "nothing"
+    out.append(f"Serving: {s.mode} mode ({loaded}); {s.patches_active} patch(es) active")
+    out.append(f"Remote: {r.url}")
+    return out
+
+
+@_render.renders(RemotePatchList)
+def _r_patches(stmt, v: RemotePatchList) -> list:
+    if not v.rows:
+        return ["  (no patches applied)"]
+    out = [f"  {r.position}. {r.name} {r.operations} ops" for r in v.rows]
+    out.append(f"  Total: {len(v.rows)} on {v.url}")
+    return out
+
+
+# -- USE REMOTE --------------------------------------------------------------------------------------
+
+
+def use_remote(session, url: str) -> UsedRemote:
+    """Connect (GET /v1/stats, 30 s timeout) and make the server the session's backend."""
+    from modelql.client import KnowledgeClient
+    from modelql.errors import RemoteError
+
+    try:
+        client = KnowledgeClient(url, timeout=USE_TIMEOUT, session_id="lql-" + secrets.token_hex(8))
+    except RemoteError as exc:
+        raise CapabilityError(str(exc)) from None
+    try:
+        st = client.stats()
+    except BaseException:
+        client.close()
+        raise
+    client.set_timeout(STATEMENT_TIMEOUT)
+    session.reset()
+    session.backend = "remote"
+    session.remote_url = client.base_url
+    session.remote = client
+    return UsedRemote(client.base_url, st.model, st.layers, st.features, client.session_id)
+
+
+def client(ex):
+    return ex.session.remote
+
+
+# -- forwarded statements ------------------------------------------------------------------------------
+
+
+def _band(band) -> str | None:
+    if band is None:
+        return None
+    return "all" if band is ast.Band.ALL else band.value.lower()
+
+
+@handles(ast.Describe)
+def _describe(ex, stmt: ast.Describe):
+    return client(ex).describe(stmt.entity, band=_band(stmt.band) or "all", verbose=True, limit=DESCRIBE_LIMIT,
+                               relations_only=stmt.relations_only, layer=stmt.layer, variant="lql")
+
+
+def _layers(rng) -> list[int] | None:
+    return list(rng.layers()) if rng is not None else None
+
+
+@handles(ast.Walk)
+def _walk(ex, stmt: ast.Walk):
+    return client(ex).walk(stmt.prompt, top=stmt.top or 10, layers=_layers(stmt.layers))
+
+
+@handles(ast.ExplainWalk)
+def _explain_walk(ex, stmt: ast.ExplainWalk):
+    return client(ex).walk(stmt.prompt, top=stmt.top or (10 if stmt.verbose else 5), layers=_layers(stmt.layers))
+
+
+def _select_args(where) -> dict:
+    args: dict[str, Any] = {}
+    for c in where:
+        op, v = c.op.value, c.value
+        if c.field in ("entity", "token") and op in ("=", "LIKE"):
+            args["entity"] = str(v).replace("%", "")
+        elif c.field == "relation" and op in ("=", "LIKE"):
+            args["relation"] = str(v).replace("%", "")
+        elif c.field == "layer" and op == "=":
+            args["layer"] = int(v)
+        elif c.field == "feature" and op in ("=", "IN"):
+            args["features"] = [int(x) for x in (v if isinstance(v, (list, tuple)) else [v])]
+        elif c.field in ("confidence", "c_score") and op in (">=", ">"):
+            args["min_confidence"] = float(v)
+        else:
+            raise CapabilityError(f"SELECT on a remote backend: WHERE {c.field} {op} … has no /v1/select parameter "
+                                  f"(supported: entity =/LIKE, relation =/LIKE, layer =, feature =/IN, "
+                                  f"confidence >=)")
+    return args
+
+
+@handles(ast.Select)
+def _select(ex, stmt: ast.Select):
+    if stmt.nearest is not None:
+        raise CapabilityError("SELECT … NEAREST TO is not supported on a remote backend (no route for it)")
+    src = stmt.source.value.lower()
+    if src != "edges":
+        raise CapabilityError(f"SELECT … FROM {src.upper()} is not supported on a remote backend "
+                              f"(/v1/select reads EDGES)")
+    args = _select_args(stmt.where)
+    order = stmt.order_by
+    if order is not None:
+        field = {"score": "gate_score", "confidence": "confidence", "c_score": "c_score", "layer": "layer",
+                 "gate_score": "gate_score"}.get(order.field)
+        if field is None:
+            raise CapabilityError(f"SELECT … ORDER BY {order.field} is not supported on a remote backend")
+        args.update(order_by=field, order="desc" if order.descending else "asc")
+    return client(ex).select(limit=stmt.limit if stmt.limit is not None else 20, **args)
+
+
+@handles(ast.ShowRelations)
+def _relations(ex, stmt: ast.ShowRelations):
+    if stmt.layer is not None:
+        raise CapabilityError("SHOW RELATIONS AT LAYER is not supported on a remote backend (/v1/relations scans "
+                              "the knowledge band)")
+    return client(ex).relations()
+
+
+@handles(ast.Stats)
+def _stats(ex, stmt: ast.Stats):
+    if stmt.path is not None:  # STATS "path" reports on a local vindex, whatever the backend
+        return _local_stats(ex, stmt)
+    return RemoteStats(ex.session.remote_url, client(ex).stats())
+
+
+def _local_stats(ex, stmt):
+    from modelql.lql.session import LqlExecutionError
+    from modelql.vindex import Vindex
+    from modelql import knowledge
+
+    p = ex.session.resolve(stmt.path)
+    if not p.exists():
+        raise LqlExecutionError(f"vindex not found: {stmt.path}")
+    return knowledge.stats(Vindex.load(p))
+
+
+@handles(ast.Infer)
+def _infer(ex, stmt: ast.Infer):
+    return client(ex).infer(stmt.prompt, top=stmt.top or 5, mode="compare" if stmt.compare else "walk")
+
+
+@handles(ast.ExplainInfer)
+def _explain_infer(ex, stmt: ast.ExplainInfer):
+    if stmt.layers is not None:
+        raise CapabilityError("EXPLAIN INFER … LAYERS is not supported on a remote backend (use a band)")
+    return client(ex).explain_infer(stmt.prompt, top=1, per_layer=stmt.top or (5 if stmt.verbose else 3),
+                                    band=_band(stmt.band) or "all", relations_only=stmt.relations_only,
+                                    with_attention=stmt.with_attention)
+
+
+@handles(ast.Insert)
+def _insert(ex, stmt: ast.Insert):
+    from modelql.lql.editing import Inserted
+
+    c = client(ex)
+    mode = stmt.mode.value.lower() if stmt.mode is not None else None
+    r = c.insert(stmt.entity, stmt.relation, stmt.target, layer=stmt.layer, confidence=stmt.confidence,
+                 alpha=stmt.alpha, mode=mode)
+    total = r.knn_total
+    if total is None and r.mode == "knn":  # a server without the knn_total extension
+        total = c.stats().knn_entries
+    return Inserted(r, total)
+
+
+@handles(ast.ApplyPatch)
+def _apply(ex, stmt: ast.ApplyPatch):
+    from modelql.lql.editing import PatchApplied
+    from modelql.lql.session import LqlExecutionError
+    from modelql.vindex.patch import count_ops, read_patch
+
+    path = ex.session.resolve(stmt.path)
+    if not path.exists():
+        raise LqlExecutionError(f"patch not found: {stmt.path}")
+    patch = read_patch(path)
+    counts = count_ops(patch.operations)
+    got = client(ex).apply_patch(patch=json.loads(Path(path).read_text(encoding="utf-8")), name=stmt.path)
+    return PatchApplied(stmt.path, got.operations, counts.inserts, counts.updates, counts.deletes)
+
+
+@handles(ast.ShowPatches)
+def _show_patches(ex, stmt):
+    rows = client(ex).patches().patches
+    return RemotePatchList(ex.session.remote_url,
+                           tuple(RemotePatchRow(i, p.name, p.operations, p.base_model) for i, p in enumerate(rows, 1)))
+
+
+@handles(ast.RemovePatch)
+def _remove(ex, stmt: ast.RemovePatch):
+    from modelql.lql.editing import PatchRemoved
+
+    c = client(ex)
+    names = [p.name for p in c.patches().patches]
+    pos = names.index(stmt.path) + 1 if stmt.path in names else 0
+    c.remove_patch(stmt.path)
+    return PatchRemoved(stmt.path, pos)
+
+
+__all__ = ["HANDLERS", "LOCAL", "UsedRemote", "RemoteStats", "RemotePatchList", "RemotePatchRow", "use_remote",
+           "unsupported", "supported"]

@@ -1,0 +1,120 @@
+"""Per-token feature attribution (knowledge.explain): the embedded model's " Paris", local and
+remote feature sources agree, and `modelql explain` prints the table and --json."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from typer.testing import CliRunner
+
+PROMPT = "The capital of France is"
+
+
+def _paris_step(ex):
+    steps = [t for t in ex.tokens if t.token == " Paris"]
+    if not steps:
+        pytest.fail(f"the embedded model did not generate ' Paris' greedily (got {ex.completion!r}); "
+                    "attribute the forced next token instead")
+    return steps[0]
+
+
+def _is_capital_feature(f) -> bool:
+    return "capital" in (f.relation or "").lower() or any(t.strip() == "Paris" for t in f.top_tokens)
+
+
+@pytest.fixture(scope="module")
+def local_explanation(kvindex):
+    from modelql.knowledge.explain import VindexFeatures, explain
+    from modelql.knowledge.queries import model_for
+
+    return explain(model_for(kvindex), PROMPT, VindexFeatures(kvindex), max_tokens=4, top=5)
+
+
+def test_paris_is_attributed_to_capital_features(local_explanation):
+    step = _paris_step(local_explanation)
+    assert len(step.features) == 5
+    assert any(_is_capital_feature(f) for f in step.features), step.features
+    assert all(f.gate > 0 for f in step.features)
+    gates = [f.gate for f in step.features]
+    assert gates == sorted(gates, reverse=True)
+
+
+def test_forced_next_token_attribution_matches_explain_infer_gates(kvindex):
+    """`attribute` on given ids == EXPLAIN INFER's per-layer gate KNN at the same position."""
+    from modelql.knowledge.explain import VindexFeatures, attribute
+    from modelql.knowledge.infer import explain_infer
+    from modelql.knowledge.queries import model_for
+
+    model = model_for(kvindex)
+    ids = model.tokenizer.encode(PROMPT)
+    paris = model.tokenizer.encode(" Paris", add_special_tokens=False)[0]
+    (step,) = attribute(model, ids, [paris], VindexFeatures(kvindex), top=3)
+    assert step.token == " Paris" and step.position == len(ids) - 1
+    ref = explain_infer(model, PROMPT, vindex=kvindex, top=20)
+    positive = sorted((f for f in ref.trace if f.gate > 0), key=lambda f: -f.gate)[:3]
+    assert [(f.layer, f.feature) for f in step.features] == [(f.layer, f.feature) for f in positive]
+    for a, b in zip(step.features, positive):
+        assert a.gate == pytest.approx(b.gate, rel=1e-4, abs=1e-4)
+
+
+def test_remote_features_equal_local(kc, kvindex, local_explanation):
+    from modelql.knowledge.explain import RemoteFeatures, explain
+    from modelql.knowledge.queries import model_for
+
+    remote = explain(model_for(kvindex), PROMPT, RemoteFeatures(kc, model_for(kvindex)), max_tokens=4, top=5)
+    assert remote.completion == local_explanation.completion
+    assert remote.features_from == f"remote {kc.base_url}"
+    for a, b in zip(remote.tokens, local_explanation.tokens):
+        assert [(f.layer, f.feature, f.top_token, f.top_tokens, f.relation) for f in a.features] == \
+            [(f.layer, f.feature, f.top_token, f.top_tokens, f.relation) for f in b.features]
+        assert [f.gate for f in a.features] == pytest.approx([f.gate for f in b.features], rel=1e-3, abs=1e-3)
+
+
+def _cli(args, env=None):
+    from modelql.cli import app
+
+    return CliRunner().invoke(app, args, env=env)
+
+
+def test_cli_table(kvindex):
+    r = _cli(["explain", PROMPT, "--max-tokens", "3", "--top", "3"], env={"MODELQL_KNOWLEDGE_URL": ""})
+    assert r.exit_code == 0, r.output
+    lines = r.output.splitlines()
+    header = next(i for i, line in enumerate(lines) if line.startswith("#"))
+    assert lines[header].split() == ["#", "Token", "Layer", "Feature", "Gate", "Promotes", "Relation"]
+    rows = lines[header + 2:]
+    rows = rows[:rows.index("")]
+    assert rows[0].startswith("0  ' Paris'") and len(rows) == 3 * 2  # ' Paris', '.' x 3 features
+    gate_end = lines[header].index("Gate") + len("Gate")  # right-aligned column
+    for row in rows:
+        gate = row[:gate_end].split()[-1]
+        assert gate[0] in "+-" and float(gate) > 0, row
+    assert "features from vindex" in r.output
+
+
+def test_cli_json_local_and_remote_agree(ksrv, local_explanation):
+    r = _cli(["explain", PROMPT, "--max-tokens", "4", "--json"], env={"MODELQL_KNOWLEDGE_URL": ""})
+    assert r.exit_code == 0, r.output
+    local = json.loads(r.output)
+    assert local["completion"] == local_explanation.completion
+    assert [t["token"] for t in local["tokens"]][0] == " Paris"
+    feats = local["tokens"][0]["features"]
+    assert set(feats[0]) == {"layer", "feature", "gate_score", "top_token", "top_tokens", "relation"}
+    r = _cli(["explain", PROMPT, "--max-tokens", "4", "--json"], env={"MODELQL_KNOWLEDGE_URL": ksrv.url})
+    assert r.exit_code == 0, r.output
+    remote = json.loads(r.output)
+    assert remote["features_from"] == f"remote {ksrv.url}"
+    strip = lambda d: [[(f["layer"], f["feature"], f["top_token"], f["relation"]) for f in t["features"]]
+                       for t in d["tokens"]]
+    assert strip(remote) == strip(local)
+
+
+def test_cli_errors_are_one_line(dead_url):
+    r = _cli(["explain", PROMPT, "--knowledge-url", dead_url])
+    assert r.exit_code == 1
+    assert r.output.strip().splitlines() == [r.output.strip()] and "failed to connect to" in r.output
+    r = _cli(["explain", "   "])
+    assert r.exit_code == 1 and "empty prompt" in r.output
+    r = _cli(["explain", "/nonexistent/model", PROMPT])
+    assert r.exit_code == 1 and "neither a vindex nor an HF model directory" in r.output
