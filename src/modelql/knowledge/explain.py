@@ -4,9 +4,10 @@ One implementation, used by `modelql explain`, the chat API's opt-in `modelql.ex
 the Python API. The completion is generated (or given as token ids), then the whole sequence is
 run once more through the model with the pre-FFN normalised residuals `x_L` captured at every
 position; generated token `j` was predicted from position `P + j − 1`, so its attribution is the
-gate KNN of that position's `x_L` at every layer (the same query EXPLAIN INFER makes, algorithms
-§7.3). Candidates of all layers are merged and ranked by signed gate score: a SwiGLU/GELU feature
-whose gate is negative is (nearly) silent, so "fired" means a large positive gate.
+gate scores `g_f · x_L` of that position at every layer (the query EXPLAIN INFER makes, algorithms
+§7.3). The largest of every layer are merged and ranked by signed gate score: a SwiGLU/GELU
+feature whose gate is negative is (nearly) silent, so "fired" means a large positive gate.
+Features without down metadata (empty records, deleted slots) are skipped.
 
 Where the features come from is a `FeatureSource`:
 
