@@ -11,12 +11,18 @@ from typer.testing import CliRunner
 PROMPT = "The capital of France is"
 
 
-def _paris_step(ex):
+def _paris_step(ex, vindex):
+    """The step that emits " Paris"; if a retrained default model words it differently, the
+    forced next-token attribution of " Paris" after the prompt (as INFER would score it)."""
     steps = [t for t in ex.tokens if t.token == " Paris"]
-    if not steps:
-        pytest.fail(f"the embedded model did not generate ' Paris' greedily (got {ex.completion!r}); "
-                    "attribute the forced next token instead")
-    return steps[0]
+    if steps:
+        return steps[0]
+    from modelql.knowledge.explain import VindexFeatures, attribute
+    from modelql.knowledge.queries import model_for
+
+    model = model_for(vindex)
+    paris = model.tokenizer.encode(" Paris", add_special_tokens=False)[0]
+    return attribute(model, model.tokenizer.encode(PROMPT), [paris], VindexFeatures(vindex), top=5)[0]
 
 
 def _is_capital_feature(f) -> bool:
@@ -31,8 +37,9 @@ def local_explanation(kvindex):
     return explain(model_for(kvindex), PROMPT, VindexFeatures(kvindex), max_tokens=4, top=5)
 
 
-def test_paris_is_attributed_to_capital_features(local_explanation):
-    step = _paris_step(local_explanation)
+def test_paris_is_attributed_to_capital_features(local_explanation, kvindex):
+    step = _paris_step(local_explanation, kvindex)
+    assert step.token == " Paris"
     assert len(step.features) == 5
     assert any(_is_capital_feature(f) for f in step.features), step.features
     assert all(f.gate > 0 for f in step.features)

@@ -186,7 +186,7 @@ class Session:
             name = Path(ref).name or "model"
             raise LqlExecutionError(
                 f'{what} requires a vindex. Extract first: EXTRACT MODEL "{ref}" INTO "{name}.vindex"')
-        raise CapabilityError(f"{keyword} on a remote backend is not available yet")
+        raise CapabilityError(f"{keyword} is not supported on a remote backend")
 
     def model(self, keyword: str):
         """The runtime model for INFER / TRACE: a vindex's own weights or the USE MODEL weights."""
@@ -207,7 +207,7 @@ class Session:
             from modelql.knowledge.queries import model_for
 
             return model_for(vx)
-        raise CapabilityError(f"{keyword} on a remote backend is not available yet")
+        raise CapabilityError(f"{keyword} is not supported on a remote backend")
 
     def knn_entries(self):
         """The KNN-store entries INFER consults, None if there are none: the patch overlay's
