@@ -159,6 +159,12 @@ def generate_cmd(
     chat: Annotated[bool, typer.Option("--chat", help="wrap PROMPT as a user message in the chat template")] = False,
     dtype: DtypeOpt = "float32",
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="finish reason and speed on stderr")] = False,
+    ffn: Annotated[Optional[str], typer.Option(
+        "--ffn", help="run each layer's FFN on remote shards: URL[,URL...] or a-b=URL[,...] (replicas fail over)")
+    ] = None,
+    wire: Annotated[str, typer.Option("--wire", help="--ffn response encoding: f32, f16 or i8")] = "f32",
+    ffn_api_key: Annotated[Optional[str], typer.Option(
+        "--ffn-api-key", envvar="MODELQL_FFN_API_KEY", help="bearer key the --ffn shards require")] = None,
 ) -> None:
     import time
 
@@ -171,7 +177,12 @@ def generate_cmd(
         prompt = sys.stdin.read()
     params = sampling_params(max_tokens, temperature, top_k, top_p, min_p, repetition_penalty, frequency_penalty,
                              presence_penalty, seed, stop)
-    model = load(model_ref, dtype)
+    if ffn:
+        from .remote.client import load_remote_model
+
+        model = load_remote_model(model_ref, ffn, wire, dtype, api_key=ffn_api_key)
+    else:
+        model = load(model_ref, dtype)
     start = time.perf_counter()
     text, reason, n = stream_out(stream(model, [{"role": "user", "content": prompt}] if chat else prompt, params))
     if not text.endswith("\n"):
@@ -180,6 +191,10 @@ def generate_cmd(
     if verbose:
         secs = time.perf_counter() - start
         print(f"[finish: {reason}, {n} tokens in {secs:.2f}s, {n / secs if secs else 0:.1f} tok/s]", file=sys.stderr)
+        st = getattr(model.ffn, "stats", None)
+        if ffn and st is not None and n:
+            print(f"[remote FFN: {st.requests} requests, {(st.bytes_sent + st.bytes_received) / n / 1024:.1f} KiB "
+                  f"on the wire per token, {st.failovers} failovers]", file=sys.stderr)
 
 
 @command("chat", help="Chat interactively with the model's chat template (/reset clears, /exit or Ctrl-D quits).")
@@ -332,6 +347,21 @@ from .vindex.cli_commands import extract_command, verify_command  # noqa: E402
 command("extract", help="Decompile a model's FFN into a vindex directory (streaming, one layer at a time).")(
     extract_command)
 command("verify", help="Check a vindex's structure and re-hash every file listed in its checksums.")(verify_command)
+
+
+@command("slice", help="Carve a deployment piece out of a vindex: --preset client (attention, no FFN), "
+                       "server (FFN shard), browse (DESCRIBE/WALK only), attn, embed or all.")
+def slice_cmd(
+    vindex: Annotated[str, typer.Argument(help="source vindex directory", show_default=False)],
+    preset: Annotated[str, typer.Option("--preset", help="client | server | browse | attn | embed | all")],
+    output: Annotated[str, typer.Option("-o", "--output", help="new vindex directory", show_default=False)],
+    force: Annotated[bool, typer.Option("--force", help="replace OUTPUT if it exists")] = False,
+) -> None:
+    from pathlib import Path
+
+    from .vindex.slice import slice_command
+
+    slice_command(Path(vindex), Path(output), preset, force=force)
 
 
 # -- knowledge: label (body in modelql.knowledge.cli_commands) -----------------------------------

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Iterable
+
 import torch
 import torch.nn.functional as F
 
@@ -14,16 +16,24 @@ class DenseFfn:
 
     Gate and up rows are fused into one [2F, H] matrix so a decode step reads them in one
     pass; the canonical per-tensor weights in `Model.weights` are views into it.
+
+    `layers` limits it to those layers (an FFN shard owning a layer range): the others hold None
+    and are never called.
     """
 
-    def __init__(self, spec: ModelSpec, weights: dict[str, torch.Tensor]):
+    def __init__(self, spec: ModelSpec, weights: dict[str, torch.Tensor], layers: Iterable[int] | None = None):
         self.spec = spec
         self.act = activation(spec.activation)
         self.w_in: list[torch.Tensor] = []
         self.b_in: list[torch.Tensor | None] = []
         self.w_down: list[torch.Tensor] = []
         self.b_down: list[torch.Tensor | None] = []
+        owned = set(range(spec.num_layers) if layers is None else layers)
         for i in range(spec.num_layers):
+            if i not in owned:
+                for store in (self.w_in, self.b_in, self.w_down, self.b_down):
+                    store.append(None)
+                continue
             p = f"layers.{i}."
             if spec.gated_ffn:
                 fused = torch.cat([weights[p + "gate.weight"], weights[p + "up.weight"]])

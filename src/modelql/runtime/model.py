@@ -73,7 +73,9 @@ class Model:
         self.path = path
         self.weights = weights
         self._fuse_qkv()
-        self.dense_ffn = DenseFfn(spec, weights)
+        # a remote-FFN client loads no FFN weights: then the given backend is the only FFN
+        has_ffn = all(f"layers.{i}.down.weight" in weights for i in range(spec.num_layers))
+        self.dense_ffn = DenseFfn(spec, weights) if has_ffn or ffn is None else None
         self.ffn: FfnBackend = ffn or self.dense_ffn
         self.embed = weights["embed.weight"]
         self.lm_head = weights.get("lm_head.weight", self.embed)

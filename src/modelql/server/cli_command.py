@@ -46,9 +46,19 @@ def serve_command(
         "--threads", min=1, help="torch intra-op threads (default: torch's choice)")] = None,
     dtype: Annotated[str, typer.Option("--dtype", help="compute dtype: float32 or bfloat16")] = "float32",
     log_level: Annotated[str, typer.Option("--log-level", help="uvicorn log level")] = "warning",
+    ffn: Annotated[Optional[str], typer.Option(
+        "--ffn", help="run each layer's FFN on remote shards: URL[,URL...] or a-b=URL[,...] (replicas fail over)")
+    ] = None,
+    wire: Annotated[str, typer.Option("--wire", help="--ffn response encoding: f32, f16 or i8")] = "f32",
+    ffn_api_key: Annotated[Optional[str], typer.Option(
+        "--ffn-api-key", envvar="MODELQL_FFN_API_KEY", help="bearer key the --ffn shards require")] = None,
+    enable_i8_wire: Annotated[bool, typer.Option(
+        "--enable-i8-wire", envvar="MODELQL_I8_WIRE", help="walk-ffn may answer i8 when asked")] = False,
+    disable_f16_wire: Annotated[bool, typer.Option(
+        "--disable-f16-wire", envvar="MODELQL_F16_WIRE_DISABLE", help="walk-ffn never answers f16")] = False,
 ) -> None:
     from ..cli import load
-    from .config import ServerConfig
+    from .config import ServerConfig, ServerConfigError
     from .serve import serve
 
     config = ServerConfig(
@@ -56,7 +66,15 @@ def serve_command(
         trust_forwarded_for=trust_forwarded_for, max_body_bytes=max_body, cors=cors, no_infer=no_infer,
         embed_only=embed_only, ffn_only=ffn_only, layers=layers, max_batch=max_batch, max_queue=max_queue,
         queue_full_status=queue_full_status, max_n=max_n, strict_model_name=strict_model_name,
-        graceful_timeout=graceful_timeout, log_level=log_level)
+        graceful_timeout=graceful_timeout, log_level=log_level, i8_wire=enable_i8_wire,
+        f16_wire=not disable_f16_wire)
+    if ffn and ffn_only:
+        raise ServerConfigError("--ffn and --ffn-only cannot be combined (a shard computes its FFN locally)")
+    if ffn:
+        from ..remote.client import load_remote_model
+
+        def load(ref, dtype):  # noqa: F811 - the client half of a split model
+            return load_remote_model(ref, ffn, wire, dtype, api_key=ffn_api_key)
     if threads:
         import torch
 

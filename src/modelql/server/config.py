@@ -57,6 +57,8 @@ class ServerConfig:
     keepalive_seconds: float = 15.0
     graceful_timeout: float = 10.0  # seconds in-flight requests get on shutdown
     log_level: str = "warning"
+    i8_wire: bool = False         # walk-ffn may answer i8 (--enable-i8-wire)
+    f16_wire: bool = True         # walk-ffn may answer f16 (--disable-f16-wire turns it off)
 
     def __post_init__(self) -> None:
         modes = [f for f, on in (("--no-infer", self.no_infer), ("--embed-only", self.embed_only),

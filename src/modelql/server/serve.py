@@ -15,6 +15,7 @@ import threading
 import time
 from pathlib import Path
 
+from ..errors import VindexError
 from .config import ServerConfig
 
 
@@ -31,20 +32,30 @@ def build(model_ref: str | Path | None, config: ServerConfig, dtype: str = "floa
     """Load the model (None: the embedded default) and build the app and its engine, with the
     knowledge group browsing `vindex_source` (default: `VindexSource.for_model_ref(model_ref)` — the
     vindex given, or a model directory's cached vindex, extracted in the background on first use)."""
+    from ..remote import routes as ffn_routes
+    from . import knowledge_routes, stream_routes
     from .app import create_app
     from .engine import Engine
 
+    if model is None and config.ffn_only:
+        from ..remote.loading import load_ffn_shard
+
+        model = load_ffn_shard(model_ref, config.owned_layers, dtype)
+        if vindex_source is None and not (Path(str(model_ref)) / "index.json").is_file():
+            vindex_source = knowledge_routes.VindexSource.unavailable(
+                "this --ffn-only shard serves a model directory: browse routes need a vindex")
     if model is None:
         if loader is None:
             from ..runtime.loading import load_model as loader
         model = loader(model_ref, dtype)
     engine = Engine(model, max_batch=config.max_batch, max_queue=config.max_queue,
                     queue_full_status=config.queue_full_status)
-    from . import knowledge_routes, stream_routes
-
-    app = create_app(config, engine, knowledge=[knowledge_routes.router, stream_routes.router])
+    app = create_app(config, engine, knowledge=[knowledge_routes.router, stream_routes.router, ffn_routes.router])
     if vindex_source is None:
-        vindex_source = knowledge_routes.VindexSource.for_model_ref(model_ref)
+        try:
+            vindex_source = knowledge_routes.VindexSource.for_model_ref(model_ref)
+        except VindexError as exc:  # e.g. a client slice: no browse files
+            vindex_source = knowledge_routes.VindexSource.unavailable(str(exc))
     knowledge_routes.attach(app, vindex_source)
     return app, engine
 
