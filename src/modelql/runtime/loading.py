@@ -6,7 +6,7 @@ from pathlib import Path
 
 import torch
 
-from ..errors import ModelFormatError, ModelNotFoundError
+from ..errors import CapabilityError, ModelFormatError, ModelNotFoundError
 from ..models.families import spec_from_config
 from ..models.source import SafetensorsSource, WeightSource, load_canonical
 from .model import DTYPES, Model
@@ -41,10 +41,25 @@ def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
         raise ModelFormatError(f"unsupported dtype {dtype!r} (use float32 or bfloat16)") from None
 
 
+def _check_ffn_present(source: WeightSource, spec) -> None:
+    """A client slice (attention only) says what it is instead of naming a missing tensor."""
+    from ..models.source import _hf_key, resolve_prefix
+
+    down = spec.layer_map.get("down.weight")
+    if down is None or not isinstance(source, SafetensorsSource):
+        return
+    names = set(source.names())
+    prefix = resolve_prefix(list(names), next(iter(spec.global_map.values())).hf_name)
+    if _hf_key(prefix, down.hf_name.format(i=0)) not in names:
+        raise CapabilityError(f"{source.path.name} has no FFN weights (a client slice?): run its FFN on remote "
+                              "shards with --ffn URL")
+
+
 def load_model(path: str | Path | None = None, dtype: str | torch.dtype = "float32") -> Model:
     source = open_source(path)
     spec = spec_from_config(source.config)
     torch_dtype = resolve_dtype(dtype)
+    _check_ffn_present(source, spec)
     weights = load_canonical(source, spec, torch_dtype)
     tokenizer = None
     load_tok = getattr(source, "tokenizer", None)
