@@ -87,7 +87,10 @@ async def walk_ffn(request: Request):
         hits = await run_in_threadpool(_features, request, req, hidden)
         return JSONResponse(wire.json_features(req.layers, hits, (time.perf_counter() - t0) * 1e3))
     target = _model_for(request, model)
-    outs = await run_in_threadpool(ffn_outputs, target, req.layers, req.rows(hidden))
+    if st.config.ffn_only:  # a shard does nothing else: skip the thread hop (one layer is ~1 ms of work)
+        outs = ffn_outputs(target, req.layers, req.rows(hidden))
+    else:  # keep the event loop free for the streams of a full server
+        outs = await run_in_threadpool(ffn_outputs, target, req.layers, req.rows(hidden))
     results = [wire.FfnResult(layer, req.seq_len, out) for layer, out in zip(req.layers, outs)]
     latency = (time.perf_counter() - t0) * 1e3
     if not binary:
