@@ -27,7 +27,7 @@ def hf_model():
 
     from modelql.runtime.loading import default_model_dir
 
-    return T.AutoModelForCausalLM.from_pretrained(default_model_dir(), torch_dtype=torch.float32).eval()
+    return T.AutoModelForCausalLM.from_pretrained(default_model_dir(), dtype=torch.float32).eval()
 
 
 def hf_mlp(hf_model, layer: int, x: np.ndarray) -> np.ndarray:
