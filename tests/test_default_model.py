@@ -122,18 +122,13 @@ def hf():
     return E.HFBackend(MODEL)
 
 
-def _shipped_train_top1() -> float | None:
-    p = MODEL / "eval_results.json"
-    if not p.exists():
-        return None
-    rows = json.loads(p.read_text())["train"]
-    return min(r["top1"] / r["n"] for r in rows if r["n"])
-
-
-# The bar of issue 3 (>= 95% top-1 on the training templates for every relation). The shipped model
-# was trained on a heavily shared 2-core machine and falls short (see eval_results.json); this stays
-# a visible expected failure until it is retrained (scripts/train_default_model.py) on an idle box.
-_BELOW_BAR = (_shipped_train_top1() or 0.0) < 0.95
+def test_shipped_evaluation_meets_the_bar():
+    """The full evaluation shipped with the model (eval_results.json, all facts) shows the issue's
+    bar: >= 95% top-1 on the training templates for every relation."""
+    report = json.loads((MODEL / "eval_results.json").read_text())
+    assert report.get("sample") in (None, 0), "eval_results.json must be the full evaluation"
+    worst = {r["relation"]: r["top1"] / r["n"] for r in report["train"] if r["n"]}
+    assert len(worst) >= 5 and min(worst.values()) >= 0.95, worst
 
 
 def test_sample_accuracy_floor(mq):
@@ -142,8 +137,6 @@ def test_sample_accuracy_floor(mq):
     assert rows[-1].top1_acc >= 0.75, rows
 
 
-@pytest.mark.xfail(_BELOW_BAR, reason="shipped default model is below the 95% training-template bar: retrain it",
-                   strict=False)
 def test_sample_accuracy_training_templates(mq):
     pairs = E.sample_pairs(per_relation=2, seed=1)  # 14 pairs × 5 templates = 70 prompts
     rows = E.template_accuracy(mq, "train", pairs)
