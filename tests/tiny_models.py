@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 
 COMMON = dict(hidden_size=64, intermediate_size=96, num_hidden_layers=3, num_attention_heads=4,
@@ -53,3 +54,51 @@ def make_tiny(name: str, directory: Path, seed: int = 0, dtype: str = "float32")
                 p.add_(1.0 if "gemma" not in name else 0.0)
     model.save_pretrained(directory, safe_serialization=True)
     return model
+
+
+COUNTING_PERIOD = 199  # < vocab_size: counting wraps inside the vocabulary, leaving a few ids unused
+
+
+def counting_batch(batch: int, length: int, generator, vocab: int = COUNTING_PERIOD):
+    """Sequences that count up by one modulo `vocab` from random starts: (start + i) % vocab."""
+    import torch
+
+    start = torch.randint(0, vocab, (batch, 1), generator=generator)
+    return (start + torch.arange(length)) % vocab
+
+
+def make_trained_tiny(name: str, directory: Path, steps: int = 30, seed: int = 0):
+    """Save a tiny model of family `name`, briefly trained to count (see `counting_batch`), into
+    `directory`; returns the HF model (eval mode, float32).
+
+    Random-weight models have nearly flat logits whose top-1 flips under any perturbation; a few
+    AdamW steps on a deterministic task give predictions peaked like a trained model's, so
+    quantisation fidelity can be judged on greedy agreement. Training is deterministic (seeded, CPU)
+    and cached per process: every call with the same arguments saves the same weights."""
+    import transformers as T
+
+    config, state = _trained_state(name, steps, seed)
+    model = T.AutoModelForCausalLM.from_config(config, attn_implementation="eager").eval()
+    model.load_state_dict(state)
+    model.save_pretrained(directory, safe_serialization=True)
+    return model
+
+
+@functools.lru_cache(maxsize=None)
+def _trained_state(name: str, steps: int, seed: int):
+    """(config, state dict) after `steps` AdamW steps from transformers' own initialisation."""
+    import torch
+    import transformers as T
+
+    torch.manual_seed(seed)
+    model = T.AutoModelForCausalLM.from_config(_configs()[name](), attn_implementation="eager").train()
+    generator = torch.Generator().manual_seed(seed)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.0)
+    for _ in range(steps):
+        ids = counting_batch(8, 112, generator)
+        loss = model(ids, labels=ids).loss
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    model.eval()
+    return model.config, {k: v.detach().clone() for k, v in model.state_dict().items()}

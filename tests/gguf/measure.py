@@ -5,8 +5,9 @@
 For each tiny random family: max |logit difference| against transformers on the safetensors model
 for F32 and F16 (F16 of the float32 checkpoint, and of an f16 checkpoint, which F16 stores exactly),
 Q8_0 against transformers run on the dequantised weights, and Q8_0 top-1 agreement with the float
-model over 100 positions (random ids) and over 100 greedy-continuation positions. With the
-embedded default model present, the same for it.
+model over 100 positions (random ids) and over 100 greedy-continuation positions. Then, for each
+family's briefly trained tiny model (`make_trained_tiny`), F16 and Q8_0 against the float model on
+its greedy continuation. With the embedded default model present, the same for it.
 """
 
 from __future__ import annotations
@@ -62,6 +63,26 @@ def family_row(name: str, root: Path) -> dict:
     return row
 
 
+def trained_row(name: str, root: Path) -> dict:
+    from modelql.models.gguf_convert import convert
+    from modelql.runtime import load_model
+    from tests.gguf.test_roundtrip import PROMPT_LEN, _greedy_continuation
+    from tests.tiny_models import make_trained_tiny
+
+    hf = make_trained_tiny(name, root / "hf")
+    seq = _greedy_continuation(hf)
+    with torch.no_grad():
+        ref = hf(seq).logits[:, PROMPT_LEN - 1:-1]
+    top2 = ref.topk(2, -1).values
+    row = {"margin": (top2[..., 0] - top2[..., 1]).min().item()}
+    for t in ("f16", "q8_0"):
+        out = load_model(convert(root / "hf", root / f"{t}.gguf", t).path).forward(seq)[:, PROMPT_LEN - 1:-1]
+        row[t] = (out - ref).abs().max().item()
+        if t == "q8_0":
+            row["agree"] = _agreement(out, ref)
+    return row
+
+
 def main(names: list[str]) -> None:
     from tests.tiny_models import FAMILIES
 
@@ -74,6 +95,11 @@ def main(names: list[str]) -> None:
         print(f"{name:8} {r['f32']:9.1e} {r['f16_ckpt']:14.1e} {r['f16']:14.1e} {r['q8_0']:9.1e} "
               f"{r['q8_0_vs_dequant']:16.1e} {r['q8_0_agree_random']:18.2f} {r['q8_0_agree_greedy']:7.2f}",
               flush=True)
+    print(f"\n{'trained':8} {'F16 max|Δ|':>11} {'Q8_0 max|Δ|':>12} {'Q8_0 greedy top-1':>18} {'min margin':>11}")
+    for name in names:
+        with tempfile.TemporaryDirectory() as d:
+            r = trained_row(name, Path(d))
+        print(f"{name:8} {r['f16']:11.1e} {r['q8_0']:12.1e} {r['agree']:18.3f} {r['margin']:11.2f}", flush=True)
     from modelql import defaults as D
 
     if (D.DEFAULT_MODEL_DIR / "config.json").exists():

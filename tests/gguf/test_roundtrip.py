@@ -1,4 +1,9 @@
-"""Every family's tiny random model, converted to GGUF (F32, F16, Q8_0) and loaded back.
+"""Every family's tiny model, converted to GGUF (F32, F16, Q8_0) and loaded back.
+
+Exactness is checked on random-weight models (every weight, norm and bias random, so every tensor
+mapping matters). Q8_0's greedy fidelity is checked on briefly trained models
+(`make_trained_tiny`): random models have near-tied logits whose top-1 flips under any
+perturbation, so their agreement measures chaos, not quantisation.
 
 References are independent of the code under test: HF transformers logits of the safetensors
 model; transformers' own GGUF reader (`load_gguf_checkpoint`, its llama.cpp name map, reverse
@@ -16,7 +21,7 @@ from modelql.models.families import spec_from_config
 from modelql.models.gguf import GgufSource
 from modelql.models.gguf_convert import convert
 from modelql.runtime import load_model
-from tests.tiny_models import FAMILIES, make_tiny
+from tests.tiny_models import COUNTING_PERIOD, FAMILIES, make_tiny, make_trained_tiny
 
 # transformers' GGUF reader knows these llama.cpp architectures (not gemma 1; mistral is "llama")
 HF_GGUF_READER = {"llama", "llama3", "qwen2", "qwen3", "gemma2", "gemma3", "phi3", "gpt2"}
@@ -122,7 +127,7 @@ def test_transformers_gguf_reader_agrees_on_every_tensor(name, qtype, converted)
 @pytest.mark.parametrize("name", FAMILIES)
 def test_q8_0_is_the_model_with_q8_0_weights(name, converted):
     """Q8_0 logits equal transformers run on the dequantised weights; every weight is within half a
-    quantisation step of the original; top-1 agreement with the float model is reported."""
+    quantisation step of the original. (Greedy agreement: `test_q8_0_greedy_agreement_on_trained_model`.)"""
     import transformers as T
 
     hf, files, _, _ = converted(name)
@@ -141,13 +146,85 @@ def test_q8_0_is_the_model_with_q8_0_weights(name, converted):
     ids = _ids(100, seed=4)
     with torch.no_grad():
         ref_q = quant(ids).logits
-        ref_f = hf(ids).logits
     ours = load_model(files["q8_0"]).forward(ids)
     assert (ours - ref_q).abs().max().item() < 1e-4
-    agree = (ours.argmax(-1) == ref_f.argmax(-1)).float().mean().item()
-    print(f"{name} Q8_0 top-1 agreement with float (random weights, 100 positions): {agree:.2f}")
-    # random weights leave near-ties; the ≥ 99% bar is checked on the trained embedded model
-    assert agree >= 0.8
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """family -> (trained hf model, {type: gguf path}); see `make_trained_tiny`."""
+    cache = {}
+
+    def get(name):
+        if name not in cache:
+            d = tmp_path_factory.mktemp(f"{name}-trained")
+            hf = make_trained_tiny(name, d / "hf")
+            cache[name] = hf, {t: convert(d / "hf", d / f"{name}.{t}.gguf", t).path for t in ("f16", "q8_0")}
+        return cache[name]
+
+    return get
+
+
+PROMPT_LEN = 8
+
+
+def _greedy_continuation(hf, new: int = 100) -> torch.Tensor:
+    """A counting prompt that wraps around the period, and the float model's greedy continuation."""
+    prompt = (torch.arange(COUNTING_PERIOD - 4, COUNTING_PERIOD - 4 + PROMPT_LEN) % COUNTING_PERIOD)[None]
+    with torch.no_grad():
+        return hf.generate(prompt, max_new_tokens=new, min_new_tokens=new, do_sample=False, pad_token_id=0,
+                           eos_token_id=None)
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_q8_0_greedy_agreement_on_trained_model(name, trained):
+    """Issue 10: Q8_0 greedy top-1 agreement ≥ 99% over 100 positions, modelql's Q8_0 load against
+    transformers' float model, teacher-forced on the float model's own greedy continuation (so one
+    flip cannot cascade). The model must have learnt its task, or the test would judge a flat model."""
+    hf, files = trained(name)
+    seq = _greedy_continuation(hf)
+    start = PROMPT_LEN
+    generated = seq[0, start:]
+    learnt = (generated == (seq[0, start - 1:-1] + 1) % COUNTING_PERIOD).float().mean().item()
+    assert learnt >= 0.95, f"{name} did not learn to count ({learnt:.2f}): the agreement would mean nothing"
+    with torch.no_grad():
+        ref = hf(seq).logits[0, start - 1:-1]
+    ours = load_model(files["q8_0"]).forward(seq)[0, start - 1:-1]
+    assert ref.shape[0] >= 100
+    agree = (ours.argmax(-1) == ref.argmax(-1)).float().mean().item()
+    top2 = ref.topk(2, -1).values
+    print(f"{name} Q8_0 greedy top-1 agreement {agree:.3f} over {ref.shape[0]} positions; "
+          f"max |Δlogit| {(ours - ref).abs().max().item():.1e}, min top-1 margin {(top2[:, 0] - top2[:, 1]).min():.2f}")
+    assert agree >= 0.99
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_f16_of_a_float32_checkpoint_is_the_model_with_rounded_weights(name, trained):
+    """F16 of a float32 checkpoint: logits equal transformers on the half-rounded weights, and the
+    greedy predictions are the float model's.
+
+    Issue 10's "within 1e-3 of the safetensors model" holds for f16 checkpoints (real models ship in
+    f16/bf16; `test_f16_logits_match_f16_checkpoint`, and the embedded model) because F16 stores
+    their weights exactly. It cannot hold for a float32 checkpoint: rounding every weight to half
+    precision is a relative error of up to 2^-11 ≈ 4.9e-4 per weight, and a trained model's logits
+    of magnitude ~10 carry it as a few 1e-3 (measured 2-3e-3 on these models, 0.2-3.5e-3 on the random
+    ones). So the conversion is checked exactly against the rounded model, and the rounding's effect
+    is bounded by the half-precision step at the logits' scale."""
+    import transformers as T
+
+    hf, files = trained(name)
+    seq = _greedy_continuation(hf)
+    rounded = T.AutoModelForCausalLM.from_config(hf.config, attn_implementation="eager").eval()
+    # llama.cpp's F16 keeps 1-D tensors and position embeddings in F32
+    rounded.load_state_dict({n: p.half().float() if p.dim() > 1 and ".wpe." not in n else p
+                             for n, p in hf.state_dict().items()})
+    with torch.no_grad():
+        ref, ref16 = hf(seq).logits, rounded(seq).logits
+    ours = load_model(files["f16"]).forward(seq)
+    assert (ours - ref16).abs().max().item() < 1e-4
+    assert (ours.argmax(-1) == ref.argmax(-1)).all()
+    diff = (ours - ref).abs().max().item()
+    assert diff < 2 ** -11 * ref.abs().max().item() * 4, diff
 
 
 def test_q8_0_keeps_llama_cpp_f32_tensors(converted):
