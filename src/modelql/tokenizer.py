@@ -27,14 +27,10 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
-from .errors import ModelFormatError, ModelqlError
+from .errors import ChatTemplateError, ModelFormatError
 
 SPECIAL_TOKEN_NAMES = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token")
 REPLACEMENT = "\ufffd"
-
-
-class ChatTemplateError(ModelqlError):
-    """A chat template failed to render (it called raise_exception, or is malformed)."""
 
 
 # -- chat template fallbacks (used only when the model ships none) -----------------------------

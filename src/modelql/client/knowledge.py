@@ -24,7 +24,7 @@ from typing import Any, Iterable, Sequence
 
 import httpx
 
-from ..errors import RemoteError
+from ..errors import KnowledgeConnectionError, KnowledgeHTTPError, RemoteError
 
 DEFAULT_TIMEOUT = 60.0
 DEFAULT_RETRIES = 2
@@ -34,30 +34,6 @@ NAN = float("nan")
 STATUS_CODES = {400: "invalid_request", 401: "unauthorized", 403: "forbidden", 404: "not_found",
                 405: "method_not_allowed", 413: "request_too_large", 429: "rate_limit_exceeded",
                 500: "server_error", 502: "bad_gateway", 503: "service_unavailable", 504: "gateway_timeout"}
-
-
-class KnowledgeHTTPError(RemoteError):
-    """The server answered with an error status; `status`, `code` and `message` come from its
-    JSON error envelope (`code` derived from the status when the envelope has none)."""
-
-    def __init__(self, status: int, code: str, message: str, endpoint: str):
-        super().__init__(f"{endpoint} failed ({status}): {message}")
-        self.status = status
-        self.http_status = status if 400 <= status < 600 else 502
-        self.code = code
-        self.message = message
-        self.endpoint = endpoint
-
-
-class KnowledgeConnectionError(RemoteError):
-    """The server could not be reached (after the retries)."""
-
-    def __init__(self, url: str, cause: BaseException, attempts: int):
-        super().__init__(f"failed to connect to {url}: {cause or type(cause).__name__} "
-                         f"({attempts} attempt{'s' if attempts != 1 else ''})")
-        self.url = url
-        self.cause = cause
-        self.attempts = attempts
 
 
 # -- result types the knowledge rows do not cover ------------------------------------------------------

@@ -15,8 +15,8 @@ from typing import Any, Iterable, Sequence
 import numpy as np
 import torch
 
-from ..errors import ModelqlError
-from .describe import DescribeError, resolve_mode, scan_layers
+from ..errors import DescribeError, ModelqlError, SelectError
+from .describe import resolve_mode, scan_layers
 from .labels import FeatureLabels, labels_for
 from .queries import entity_vector, residual_query, walk_vector
 from .rows import (BandStats, ClusterRow, Condition, EntityRow, FeatureRow, ProbeRelationRow, RelationRow,
@@ -33,10 +33,6 @@ RELATIONS_TOP = 30
 RELATIONS_TOP_VERBOSE = 50
 SOURCES = ("edges", "features", "entities")
 OPS = ("=", "!=", ">", "<", ">=", "<=", "LIKE", "IN")
-
-
-class SelectError(ModelqlError):
-    """A SELECT has an unknown field, operator or ordering."""
 
 
 # ---------------------------------------------------------------------------------------------

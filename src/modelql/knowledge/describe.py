@@ -43,7 +43,7 @@ from typing import Iterable, Sequence
 
 import torch
 
-from ..errors import ModelqlError
+from ..errors import DescribeError
 from .labels import FeatureLabels, labels_for
 from .queries import entity_vector, residual_query
 from .rows import DescribeResult, Edge
@@ -65,10 +65,6 @@ KNN_GATE_PER_CONFIDENCE = 10.0
 
 MODES = ("auto", "embedding", "residual")
 BANDS = ("syntax", "knowledge", "output", "all")
-
-
-class DescribeError(ModelqlError):
-    """A DESCRIBE argument is invalid (unknown mode or band, layer not loaded)."""
 
 
 def resolve_mode(vindex, mode: str | None) -> str:

@@ -32,7 +32,7 @@ from typing import Any, Iterable, Mapping, Sequence
 
 import torch
 
-from ..errors import ModelqlError, VindexError
+from ..errors import LabelError, VindexError
 from ..vindex.clusters import CLUSTERS_FILE, FEATURE_CLUSTERS_FILE, forms, read_clusters
 
 LABELS_FILE = "feature_labels.json"
@@ -67,10 +67,6 @@ PRED_MIN_PROB = 0.01
 PRED_LAST_LAYERS = 4
 
 _KEY_RE = None
-
-
-class LabelError(ModelqlError):
-    """A triples or templates file is missing or malformed."""
 
 
 # ---------------------------------------------------------------------------------------------

@@ -21,7 +21,7 @@ from typing import Sequence
 
 import torch
 
-from ..errors import CapabilityError, ModelqlError
+from ..errors import CapabilityError, EmptyPromptError, ModelqlError
 
 #: Neutral contexts of the residual mode, captured at the entity's last token: "{X}" (sentence
 #: start, after BOS) and "about {X}" (mid-sentence, with the tokenizer's leading-space form).
@@ -29,10 +29,6 @@ DEFAULT_CONTEXTS: tuple[str, ...] = ("{X}", "about {X}")
 
 _models: "weakref.WeakKeyDictionary[object, object]" = weakref.WeakKeyDictionary()
 _models_lock = threading.Lock()
-
-
-class EmptyPromptError(ModelqlError):
-    """A WALK prompt that tokenises to nothing."""
 
 
 def entity_ids(vindex, entity: str) -> list[int]:

@@ -7,39 +7,44 @@
     >>> to_lql(stmt)
     'DESCRIBE "France" KNOWLEDGE VERBOSE'
 
-Importing this package loads lark only; the LALR tables are built on the first ``parse``.
+Names are imported lazily, so importing the package (as `modelql --help` does through
+`modelql.lql.cli_commands`) loads neither lark nor the AST; the LALR tables are built on the
+first ``parse``.
 """
 
-from modelql.lql import ast
-from modelql.lql.ast import Statement
-from modelql.lql.batch import Piece, split_statements, statement_complete
-from modelql.lql.parser import (
-    CONTEXTUAL_WORDS,
-    KEYWORDS,
-    STATEMENT_KEYWORDS,
-    LqlSyntaxError,
-    next_tokens,
-    parse,
-    parse_pieces,
-    parse_script,
-)
-from modelql.lql.printer import format_value, quote, to_lql
+from __future__ import annotations
 
-__all__ = [
-    "ast",
-    "Statement",
-    "parse",
-    "parse_script",
-    "parse_pieces",
-    "next_tokens",
-    "LqlSyntaxError",
-    "to_lql",
-    "quote",
-    "format_value",
-    "Piece",
-    "split_statements",
-    "statement_complete",
-    "KEYWORDS",
-    "CONTEXTUAL_WORDS",
-    "STATEMENT_KEYWORDS",
-]
+import importlib
+from typing import TYPE_CHECKING, Any
+
+_EXPORTS = {
+    "Statement": "ast",
+    "Piece": "batch", "split_statements": "batch", "statement_complete": "batch",
+    "CONTEXTUAL_WORDS": "parser", "KEYWORDS": "parser", "STATEMENT_KEYWORDS": "parser",
+    "next_tokens": "parser", "parse": "parser", "parse_pieces": "parser", "parse_script": "parser",
+    "format_value": "printer", "quote": "printer", "to_lql": "printer",
+}
+
+__all__ = ["ast", "LqlSyntaxError", *sorted(_EXPORTS)]
+
+if TYPE_CHECKING:
+    from modelql.errors import LqlSyntaxError
+    from modelql.lql import ast
+    from modelql.lql.ast import Statement
+    from modelql.lql.batch import Piece, split_statements, statement_complete
+    from modelql.lql.parser import (CONTEXTUAL_WORDS, KEYWORDS, STATEMENT_KEYWORDS, next_tokens, parse,
+                                    parse_pieces, parse_script)
+    from modelql.lql.printer import format_value, quote, to_lql
+
+
+def __getattr__(name: str) -> Any:
+    if name == "LqlSyntaxError":
+        from modelql.errors import LqlSyntaxError as value
+    elif name == "ast":
+        value = importlib.import_module(f"{__name__}.ast")
+    elif name in _EXPORTS:
+        value = getattr(importlib.import_module(f"{__name__}.{_EXPORTS[name]}"), name)
+    else:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    globals()[name] = value
+    return value

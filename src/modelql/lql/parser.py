@@ -29,7 +29,7 @@ import lark
 from lark import Token
 from lark.exceptions import UnexpectedCharacters, UnexpectedInput, UnexpectedToken
 
-from modelql.errors import LqlParseError
+from modelql.errors import LqlSyntaxError
 from modelql.lql import ast
 from modelql.lql.batch import Piece, split_statements
 
@@ -44,77 +44,6 @@ __all__ = [
     "STATEMENT_KEYWORDS",
     "grammar_text",
 ]
-
-
-# ──────────────────────────────────────────────────────────────────────────────────────────
-# The error type
-# ──────────────────────────────────────────────────────────────────────────────────────────
-
-_DISPLAY_WIDTH = 100  # longer source lines are shown as a window around the error
-
-
-class LqlSyntaxError(LqlParseError):
-    """A statement failed to lex or parse.
-
-    ``str(err)`` is three lines: ``Parse error at line L, column C: <reason>``, the offending
-    source line (indented by two spaces), and a caret under the column.
-    """
-
-    def __init__(
-        self, reason: str, source: str, position: int, *, anchor: tuple[int, int] = (0, 1)
-    ) -> None:
-        """``anchor``: an offset <= ``position`` and its line number, to count lines from."""
-        position = max(0, min(position, len(source)))
-        anchor_offset, anchor_line = anchor if anchor[0] <= position else (0, 1)
-        line_start = source.rfind("\n", 0, position) + 1
-        line_end = source.find("\n", position)
-        if line_end < 0:
-            line_end = len(source)
-        self.reason = reason
-        self.position = position
-        self.line = anchor_line + source.count("\n", anchor_offset, position)
-        self.column = position - line_start + 1
-        self.source_line = source[line_start:line_end]
-        self.message = f"Parse error at line {self.line}, column {self.column}: {reason}"
-        shown, caret = _caret_lines(self.source_line, self.column - 1)
-        super().__init__(f"{self.message}\n  {shown}\n  {caret}")
-
-    def __reduce__(self):  # picklable despite the custom __init__
-        return (_rebuild_error, (self.__class__, self.args[0], self.__dict__))
-
-
-def _rebuild_error(cls, text, state):
-    err = cls.__new__(cls)
-    Exception.__init__(err, text)
-    err.__dict__.update(state)
-    return err
-
-
-def _caret_lines(line: str, col0: int) -> tuple[str, str]:
-    """The source line made printable (a window of it if long) and the caret line under col0."""
-    prefix = suffix = ""
-    start, end = 0, len(line)
-    if len(line) > _DISPLAY_WIDTH:
-        start = max(0, min(col0 - _DISPLAY_WIDTH // 2, len(line) - _DISPLAY_WIDTH))
-        end = start + _DISPLAY_WIDTH
-        prefix = "…" if start > 0 else ""
-        suffix = "…" if end < len(line) else ""
-    window = line[start:end]
-    shown = prefix + "".join(_printable(c) for c in window) + suffix
-    pad = [" "] * len(prefix)
-    for c in window[: max(0, col0 - start)]:
-        pad.append("  " if _is_wide(c) else " ")
-    return shown, "".join(pad) + "^"
-
-
-def _printable(c: str) -> str:
-    return c if c.isprintable() else " "
-
-
-def _is_wide(c: str) -> bool:
-    import unicodedata
-
-    return c.isprintable() and unicodedata.east_asian_width(c) in ("W", "F")
 
 
 class _Semantic(Exception):

@@ -24,23 +24,12 @@ import json
 from pathlib import Path
 from typing import Any, Callable
 
-from modelql.errors import CapabilityError, ModelNotFoundError, ModelqlError
+from modelql.errors import CapabilityError, LqlExecutionError, ModelNotFoundError, NoBackendError
 from modelql.lql.results import UsedModel, UsedVindex
 
 __all__ = ["Session", "NoBackendError", "LqlExecutionError", "BACKENDS"]
 
 BACKENDS = ("none", "vindex", "model", "remote")
-
-
-class NoBackendError(ModelqlError):
-    """A statement needs a backend and none is loaded (spec §6)."""
-
-    def __init__(self, message: str = 'No backend loaded. Run USE "path.vindex" first.') -> None:
-        super().__init__(message)
-
-
-class LqlExecutionError(ModelqlError):
-    """A statement could not be executed (spec §6 execution messages)."""
 
 
 class Session:

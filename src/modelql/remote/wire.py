@@ -22,7 +22,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from ..errors import ModelqlError
+from ..errors import WireError
 
 MEDIA_F32 = "application/x-larql-ffn"
 MEDIA_F16 = "application/x-larql-ffn-f16"
@@ -40,13 +40,6 @@ _REQ_TAIL = struct.Struct("<III")  # seq_len, flags, top_k
 _RESP_HEAD = struct.Struct("<IIf")  # layer | marker, seq_len | n, latency_ms
 _ENTRY_HEAD = struct.Struct("<III")  # layer, seq_len, count
 _I8_BLOCK_HEAD = struct.Struct("<ff")  # scale, zero_point
-
-
-class WireError(ModelqlError):
-    """A malformed or unservable walk-ffn request or response (the route answers 400 with it)."""
-
-    http_status = 400
-    code = "invalid_request_error"
 
 
 @dataclass

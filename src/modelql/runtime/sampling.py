@@ -27,15 +27,7 @@ from typing import Any, Mapping, Sequence
 
 import torch
 
-from ..errors import ModelqlError
-
-
-class InvalidParamsError(ModelqlError):
-    """A sampling parameter is out of range; `param` names it (for the HTTP error body)."""
-
-    def __init__(self, message: str, param: str | None = None):
-        super().__init__(message)
-        self.param = param
+from ..errors import InvalidParamsError
 
 
 @dataclass

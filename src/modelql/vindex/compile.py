@@ -32,7 +32,7 @@ from typing import Any, Iterable
 import numpy as np
 import torch
 
-from ..errors import CapabilityError, ModelqlError, VindexError
+from ..errors import CapabilityError, CompileError, VindexError
 from . import format as fmt
 from . import patch as vlp
 from .checksums import compute_checksums
@@ -41,10 +41,6 @@ from .overlay import OverlayState, OverlayView, PatchSession
 CONFLICT_POLICIES = ("last_wins", "highest_confidence", "fail")
 DEFAULT_MODEL_SHARD_BYTES = 2 << 30
 _LINKED_EXTRA = ("feature_labels.json",)
-
-
-class CompileError(ModelqlError):
-    """COMPILE / DIFF cannot proceed (bad destination, conflicts, missing weights)."""
 
 
 @dataclass(frozen=True)
