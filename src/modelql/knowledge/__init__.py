@@ -12,26 +12,27 @@ function (the module is `sys.modules["modelql.knowledge.describe"]`).
 
 from __future__ import annotations
 
-import importlib
 import sys
 import types
 from typing import TYPE_CHECKING, Any
+
+from modelql._lazy import lazy_exports
 
 _EXPORTS = {
     # trace (TRACE)
     "Trace": "trace", "TraceRow": "trace", "trace": "trace", "TRACE_FORMAT": "trace",
     # describe
-    "describe": "describe", "DescribeError": "describe", "REFERENCE_THRESHOLD": "describe",
+    "describe": "describe", "DescribeError": "modelql.errors", "REFERENCE_THRESHOLD": "describe",
     "DEFAULT_MIN_Z": "describe", "resolve_mode": "describe", "scan_layers": "describe",
     # browse
     "walk": "browse", "select": "browse", "relations": "browse", "stats": "browse", "entities": "browse",
-    "features": "browse", "SelectError": "browse",
+    "features": "browse", "SelectError": "modelql.errors",
     # queries
     "entity_vector": "queries", "walk_vector": "queries", "residual_query": "queries", "model_for": "queries",
     "ResidualQuery": "queries", "DEFAULT_CONTEXTS": "queries",
     # labels
     "FeatureLabels": "labels", "labels_for": "labels", "label_vindex": "labels", "probe_features": "labels",
-    "LabelError": "labels",
+    "LabelError": "modelql.errors",
     # rows
     "Edge": "rows", "Section": "rows", "DescribeResult": "rows", "WalkRow": "rows", "WalkResult": "rows",
     "Condition": "rows", "FeatureRow": "rows", "EntityRow": "rows", "SelectResult": "rows",
@@ -44,9 +45,11 @@ _SHADOWED = frozenset({"describe", "trace"})
 __all__ = sorted(_EXPORTS)
 
 if TYPE_CHECKING:
-    from .browse import SelectError, entities, features, relations, select, stats, walk
-    from .describe import DEFAULT_MIN_Z, REFERENCE_THRESHOLD, DescribeError, describe, resolve_mode, scan_layers
-    from .labels import FeatureLabels, LabelError, label_vindex, labels_for, probe_features
+    from modelql.errors import DescribeError, LabelError, SelectError
+
+    from .browse import entities, features, relations, select, stats, walk
+    from .describe import DEFAULT_MIN_Z, REFERENCE_THRESHOLD, describe, resolve_mode, scan_layers
+    from .labels import FeatureLabels, label_vindex, labels_for, probe_features
     from .queries import DEFAULT_CONTEXTS, ResidualQuery, entity_vector, model_for, residual_query, walk_vector
     from .rows import (BandStats, ClusterRow, Condition, DescribeResult, Edge, EntityRow, FeatureRow,
                        ProbeRelationRow, RelationRow, RelationsResult, Section, SelectResult, Stats, WalkResult,
@@ -54,13 +57,7 @@ if TYPE_CHECKING:
     from .trace import TRACE_FORMAT, Trace, TraceRow, trace
 
 
-def __getattr__(name: str) -> Any:
-    module = _EXPORTS.get(name)
-    if module is None:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(importlib.import_module(f"{__name__}.{module}"), name)
-    globals()[name] = value
-    return value
+__getattr__ = lazy_exports(__name__, _EXPORTS)
 
 
 class _Package(types.ModuleType):

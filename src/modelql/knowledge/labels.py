@@ -20,8 +20,6 @@ negative gate switches off are not credited (§15.3). See `DEFAULT_MIN_Z`.
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 import threading
 import time
 import weakref
@@ -33,6 +31,7 @@ from typing import Any, Iterable, Mapping, Sequence
 import torch
 
 from ..errors import LabelError, VindexError
+from ..fsutil import atomic_write_json
 from ..vindex.clusters import CLUSTERS_FILE, FEATURE_CLUSTERS_FILE, forms, read_clusters
 
 LABELS_FILE = "feature_labels.json"
@@ -67,23 +66,6 @@ PRED_MIN_PROB = 0.01
 PRED_LAST_LAYERS = 4
 
 _KEY_RE = None
-
-
-# ---------------------------------------------------------------------------------------------
-# atomic writes
-# ---------------------------------------------------------------------------------------------
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    """Write `text` to `path` via a temp file in the same directory and a rename."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 # ---------------------------------------------------------------------------------------------
@@ -478,7 +460,7 @@ def write_probe_labels(directory: str | Path, result: ProbeResult, templates: Ma
     existing = {} if replace else read_probe_labels(d)
     existing.update(result.labels)
     ordered = {f"L{l}_F{f}": r for (l, f), r in sorted(existing.items())}
-    atomic_write_text(d / LABELS_FILE, json.dumps(ordered, indent=2) + "\n")
+    atomic_write_json(d / LABELS_FILE, ordered, indent=2)
     meta = {
         "model": model_id,
         "capture": "ffn_input",
@@ -494,7 +476,7 @@ def write_probe_labels(directory: str | Path, result: ProbeResult, templates: Ma
         "min_z": min_z,
         "seconds": round(result.seconds, 2),
     }
-    atomic_write_text(d / PROBE_META_FILE, json.dumps(meta, indent=2) + "\n")
+    atomic_write_json(d / PROBE_META_FILE, meta, indent=2)
     return d / LABELS_FILE
 
 

@@ -9,8 +9,6 @@ must predict next), and traces are saved as JSON that reloads to an identical `T
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -18,6 +16,7 @@ from pathlib import Path
 import torch
 
 from ..errors import ModelqlError
+from ..fsutil import atomic_write_json
 from ..runtime import interp
 from ..runtime.model import Model
 
@@ -66,15 +65,7 @@ class Trace:
         """Write atomically (temp file + rename): a failure never leaves half a trace."""
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        try:
-            with os.fdopen(fd, "w", encoding="utf-8") as fh:
-                json.dump(asdict(self), fh)
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
-        return path
+        return atomic_write_json(path, asdict(self))
 
     @classmethod
     def load(cls, path: str | Path) -> Trace:

@@ -14,10 +14,12 @@ first ``parse``.
 
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
+
+from modelql._lazy import lazy_exports
 
 _EXPORTS = {
+    "LqlSyntaxError": "modelql.errors",
     "Statement": "ast",
     "Piece": "batch", "split_statements": "batch", "statement_complete": "batch",
     "CONTEXTUAL_WORDS": "parser", "KEYWORDS": "parser", "STATEMENT_KEYWORDS": "parser",
@@ -25,7 +27,7 @@ _EXPORTS = {
     "format_value": "printer", "quote": "printer", "to_lql": "printer",
 }
 
-__all__ = ["ast", "LqlSyntaxError", *sorted(_EXPORTS)]
+__all__ = ["ast", *sorted(_EXPORTS)]
 
 if TYPE_CHECKING:
     from modelql.errors import LqlSyntaxError
@@ -37,14 +39,4 @@ if TYPE_CHECKING:
     from modelql.lql.printer import format_value, quote, to_lql
 
 
-def __getattr__(name: str) -> Any:
-    if name == "LqlSyntaxError":
-        from modelql.errors import LqlSyntaxError as value
-    elif name == "ast":
-        value = importlib.import_module(f"{__name__}.ast")
-    elif name in _EXPORTS:
-        value = getattr(importlib.import_module(f"{__name__}.{_EXPORTS[name]}"), name)
-    else:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    globals()[name] = value
-    return value
+__getattr__ = lazy_exports(__name__, _EXPORTS, submodules=("ast",))

@@ -5,8 +5,9 @@ Names are imported lazily so the CLI's `modelql.models.gguf_convert` import stay
 
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
+
+from modelql._lazy import lazy_exports
 
 _EXPORTS = {"ModelSpec": "spec", "RopeSpec": "spec", "TensorMap": "spec", "spec_from_config": "families"}
 
@@ -17,10 +18,4 @@ if TYPE_CHECKING:
     from .spec import ModelSpec, RopeSpec, TensorMap
 
 
-def __getattr__(name: str) -> Any:
-    module = _EXPORTS.get(name)
-    if module is None:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(importlib.import_module(f"{__name__}.{module}"), name)
-    globals()[name] = value
-    return value
+__getattr__ = lazy_exports(__name__, _EXPORTS)

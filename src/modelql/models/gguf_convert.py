@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import logging
 import math
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
@@ -27,6 +26,7 @@ from typing import TYPE_CHECKING, Annotated
 import typer
 
 from ..errors import ModelFormatError, UnsupportedModelError
+from ..fsutil import atomic_path
 
 if TYPE_CHECKING:  # heavy modules are imported inside the functions: `modelql --help` stays fast
     import numpy as np
@@ -250,7 +250,6 @@ def convert(model_dir: str | Path, out: str | Path, out_type: str = "f16") -> Co
         raise UnsupportedModelError(f"model_type {spec.model_type!r} cannot be written to GGUF")
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp.{os.getpid()}")
 
     w = gguf.GGUFWriter(path=None, arch=arch)
     ftype = {"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16,
@@ -275,15 +274,11 @@ def convert(model_dir: str | Path, out: str | Path, out_type: str = "f16") -> Co
             w.add_tensor(name, gguf.quants.quantize(data, qtype), raw_dtype=qtype)
         types[qtype.name] = types.get(qtype.name, 0) + 1
         count += 1
-    try:
+    with atomic_path(out) as tmp:
         w.write_header_to_file(path=tmp)
         w.write_kv_data_to_file()
         w.write_tensors_to_file()
         w.close()
-        os.replace(tmp, out)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
     return ConvertResult(path=out, arch=arch, out_type=out_type, tensors=count, bytes=out.stat().st_size, types=types)
 
 

@@ -10,8 +10,9 @@ Names are imported lazily so `import modelql.vindex.cli_commands` (the CLI) stay
 
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
+
+from modelql._lazy import lazy_exports
 
 _EXPORTS = {
     "Vindex": "vindex", "FeatureMeta": "vindex", "GateHit": "vindex", "WalkHit": "vindex",
@@ -33,10 +34,4 @@ if TYPE_CHECKING:
     from .vindex import FeatureMeta, GateHit, Vindex, WalkHit, topk_abs, verify
 
 
-def __getattr__(name: str) -> Any:
-    module = _EXPORTS.get(name)
-    if module is None:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(importlib.import_module(f"{__name__}.{module}"), name)
-    globals()[name] = value
-    return value
+__getattr__ = lazy_exports(__name__, _EXPORTS)

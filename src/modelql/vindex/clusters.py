@@ -17,8 +17,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import tempfile
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,6 +24,8 @@ from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
 import torch
+
+from ..fsutil import atomic_write_json, atomic_write_text
 
 CLUSTERS_FILE = "relation_clusters.json"
 FEATURE_CLUSTERS_FILE = "feature_clusters.jsonl"
@@ -344,23 +344,12 @@ def compute_clusters(vindex, triples: Mapping[str, Any] | None = None, categorie
     return Clusters(k, centres, labels, counts, top_tokens, assignments, sources)
 
 
-def _atomic_write(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def write_clusters(directory: str | Path, clusters: Clusters) -> None:
     """Write `relation_clusters.json` and `feature_clusters.jsonl` (each atomically)."""
     d = Path(directory)
-    _atomic_write(d / CLUSTERS_FILE, json.dumps(clusters.to_json()) + "\n")
+    atomic_write_json(d / CLUSTERS_FILE, clusters.to_json())
     lines = "".join(json.dumps({"l": l, "f": f, "c": c}) + "\n" for l, f, c in clusters.assignments)
-    _atomic_write(d / FEATURE_CLUSTERS_FILE, lines)
+    atomic_write_text(d / FEATURE_CLUSTERS_FILE, lines)
 
 
 def read_clusters(directory: str | Path) -> Clusters | None:

@@ -15,8 +15,8 @@
 * `diff(a, b)` — per-feature comparison of metadata, gate rows and (with weights) up rows and
   down columns; `diff_patch()` turns the differences into a `.vlp` that reproduces `b` from `a`.
 
-Both compiles work in a staging directory `.<name>.tmp.<pid>` next to the destination and rename
-it into place at the end; on any failure the staging directory is deleted and nothing is left
+Both compiles work in a staging directory next to the destination (`fsutil.atomic_directory`) and
+rename it into place at the end; on any failure the staging directory is deleted and nothing is left
 behind. An existing non-empty destination is refused (an empty directory is replaced).
 """
 
@@ -33,6 +33,7 @@ import numpy as np
 import torch
 
 from ..errors import CapabilityError, CompileError, VindexError
+from ..fsutil import atomic_directory
 from . import format as fmt
 from . import patch as vlp
 from .checksums import compute_checksums
@@ -84,26 +85,6 @@ def _check_destination(out: Path, source: Path | None) -> None:
                                "Pick a new directory or remove it first.")
 
 
-class _Staging:
-    """`.<name>.tmp.<pid>` next to `out`; `commit()` renames it into place, `abort()` deletes it."""
-
-    def __init__(self, out: Path):
-        self.out = out
-        out.parent.mkdir(parents=True, exist_ok=True)
-        self.dir = out.parent / f".{out.name}.tmp.{os.getpid()}"
-        if self.dir.exists():
-            shutil.rmtree(self.dir)
-        self.dir.mkdir()
-
-    def commit(self) -> None:
-        if self.out.exists():  # an empty directory (checked before): replace it
-            self.out.rmdir()
-        os.replace(self.dir, self.out)
-
-    def abort(self) -> None:
-        shutil.rmtree(self.dir, ignore_errors=True)
-
-
 def _link_or_copy(src: Path, dst: Path) -> None:
     try:
         os.link(src, dst)
@@ -139,13 +120,7 @@ def effective_state(ps: PatchSession, policy: str = "last_wins") -> tuple[Overla
         listed = ", ".join(f"L{l}/F{f} ({n} writes)" for (l, f), n in sorted(coll.items())[:5])
         raise CompileError(f"COMPILE INTO VINDEX ON CONFLICT FAIL: {len(coll)} colliding slot(s): {listed}")
     if policy == "highest_confidence" and coll:
-        st = OverlayState(ps.base_knn())
-        for i, ap in enumerate(ps.applied, 1):
-            for op in ap.patch.operations:
-                st.apply(op, i)
-        if ps.recording is not None:
-            for op in ps.recording.ops:
-                st.apply(op, len(ps.applied) + 1)
+        st = ps.replay()
         st.resolve_highest_confidence()
         state = st
     return state, coll
@@ -214,6 +189,24 @@ def _layer_edits_canonical(spec, state: OverlayState, layer: int, tensors: dict[
     return counts
 
 
+def _edit_layer(spec, state: OverlayState, layer: int, tensors: dict[str, torch.Tensor], prefix: str,
+                counts: dict, extra_deltas: Iterable = ()) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """Apply `layer`'s edits to f32 copies of its FFN tensors among `tensors` (HF names) and add
+    to `counts`; returns (HF key → edited f32 copy, canonical component → view of a copy)."""
+    work: dict[str, torch.Tensor] = {}
+    views: dict[str, torch.Tensor] = {}
+    for comp, tm in _ffn_maps(spec, layer).items():
+        key = _hf_key(prefix, tm.hf_name)
+        if key not in tensors:
+            continue
+        if key not in work:
+            work[key] = tensors[key].to(torch.float32).clone()
+        views[comp] = _canonical_view(work[key], tm.transform)
+    for k, v in _layer_edits_canonical(spec, state, layer, views, extra_deltas).items():
+        counts[k] += v
+    return work, views
+
+
 def _touched(state: OverlayState, extra_deltas: Iterable = ()) -> list[int]:
     return sorted(set(state.touched_layers()) | {int(d.layer) for d in extra_deltas})
 
@@ -231,16 +224,11 @@ def compile_vindex(source, out: str | Path, on_conflict: str = "last_wins") -> C
     src_dir = Path(base.path)
     _check_destination(out, src_dir)
     state, coll = effective_state(ps, on_conflict)
-    stage = _Staging(out)
     try:
-        result = _compile_vindex_into(ps, state, stage.dir, out, coll, on_conflict)
-        stage.commit()
-    except BaseException as exc:
-        stage.abort()
-        if isinstance(exc, OSError):
-            raise CompileError(f"COMPILE failed: {exc}") from None
-        raise
-    return result
+        with atomic_directory(out) as stage:  # `out` is absent or empty (checked above)
+            return _compile_vindex_into(ps, state, stage, out, coll, on_conflict)
+    except OSError as exc:
+        raise CompileError(f"COMPILE failed: {exc}") from None
 
 
 def _compile_vindex_into(ps: PatchSession, state: OverlayState, tmp: Path, out: Path, coll: dict,
@@ -371,19 +359,7 @@ def _rewrite_ffn_shards(ps: PatchSession, state: OverlayState, src: Path, tmp: P
             tensors = {k: fh.get_tensor(k) for k in fh.keys()}
             meta = fh.metadata() or {"format": "pt"}
         for l in layers:
-            maps = _ffn_maps(spec, l)
-            work: dict[str, torch.Tensor] = {}  # HF key → f32 working copy
-            views: dict[str, torch.Tensor] = {}
-            for comp, tm in maps.items():
-                key = _hf_key(prefix, tm.hf_name)
-                if key not in tensors:
-                    continue
-                if key not in work:
-                    work[key] = tensors[key].to(torch.float32).clone()
-                views[comp] = _canonical_view(work[key], tm.transform)
-            c = _layer_edits_canonical(spec, state, l, views)
-            for k, v in c.items():
-                counts[k] += v
+            work, views = _edit_layer(spec, state, l, tensors, prefix, counts)
             new_down[l] = views["down.weight"].clone()
             for key, t in work.items():
                 tensors[key] = t.to(tensors[key].dtype).contiguous()
@@ -494,16 +470,11 @@ def compile_model(source, out: str | Path, format: str = "safetensors", dtype: s
     extra = []
     if materialise_knn and state.knn:
         extra = materialise_knn_facts(ps, state.knn, memit_params)
-    stage = _Staging(out)
     try:
-        result = _compile_model_into(ps, state, extra, stage.dir, out, out_dtype, shard_bytes)
-        stage.commit()
-    except BaseException as exc:
-        stage.abort()
-        if isinstance(exc, OSError):
-            raise CompileError(f"COMPILE failed: {exc}") from None
-        raise
-    return result
+        with atomic_directory(out) as stage:
+            return _compile_model_into(ps, state, extra, stage, out, out_dtype, shard_bytes)
+    except OSError as exc:
+        raise CompileError(f"COMPILE failed: {exc}") from None
 
 
 def materialise_knn_facts(ps: PatchSession, entries, params=None) -> list:
@@ -539,18 +510,7 @@ def _compile_model_into(ps: PatchSession, state: OverlayState, extra: list, tmp:
     src_dtype = next((t.dtype for k, t in tensors.items() if t.is_floating_point()), torch.float32)
     dtype = out_dtype or src_dtype
     for l in touched:
-        work: dict[str, torch.Tensor] = {}
-        views: dict[str, torch.Tensor] = {}
-        for comp, tm in _ffn_maps(spec, l).items():
-            key = _hf_key(prefix, tm.hf_name)
-            if key not in tensors:
-                continue
-            if key not in work:
-                work[key] = tensors[key].to(torch.float32).clone()
-            views[comp] = _canonical_view(work[key], tm.transform)
-        c = _layer_edits_canonical(spec, state, l, views, extra)
-        for k, v in c.items():
-            counts[k] += v
+        work, _ = _edit_layer(spec, state, l, tensors, prefix, counts, extra)
         for key, t in work.items():
             tensors[key] = t
     # standard HF names: drop a multimodal prefix (the vindex already normalised them)

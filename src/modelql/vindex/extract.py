@@ -5,8 +5,8 @@ One layer at a time: read its tensors from the (mmap'd) weight source, write its
 inference levels — append its HF tensors to the safetensors shards. Peak memory is one layer's
 tensors plus the f32 embedding matrix (and one `[batch, V]` logits block).
 
-Everything is written into `.<name>.tmp.<pid>` next to the target and renamed into place at the
-end, so a failure (or Ctrl-C) leaves nothing half-written.
+Everything is written into a staging directory next to the target (`fsutil.staging_directory`)
+and renamed into place at the end, so a failure (or Ctrl-C) leaves nothing half-written.
 
 Relation clusters (algorithms §6.2) are built by `modelql.vindex.clusters.build_relation_clusters
 (vindex, out_dir)` when that module exists: it is called on the finished browse files in the
@@ -32,6 +32,7 @@ import numpy as np
 import torch
 
 from ..errors import ModelFormatError, ModelqlError, VindexError
+from ..fsutil import replace_directory, staging_directory
 from ..models.families import spec_from_config
 from ..models.source import WeightSource, canonical_tensor, resolve_prefix
 from ..models.spec import ModelSpec
@@ -414,11 +415,7 @@ def extract(
     t0 = time.perf_counter()
     source = _open_source(model)
     spec = spec_from_config(source.config)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".{out.name}.tmp.{os.getpid()}"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir()
+    tmp = staging_directory(out)
     shards: list[ShardSet] = []
     try:
         src_dir = _metadata_dir(source, tmp)
@@ -429,13 +426,7 @@ def extract(
                                clusters, shard_bytes, model_id, on_layer, shards, t0)
         if src_dir.parent == tmp:
             shutil.rmtree(src_dir)
-        if out.exists():
-            old = out.parent / f".{out.name}.old.{os.getpid()}"
-            os.replace(out, old)
-            os.replace(tmp, out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, out)
+        replace_directory(tmp, out)
     except BaseException as exc:
         for s in shards:
             s.abort()

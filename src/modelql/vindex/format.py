@@ -23,6 +23,7 @@ from typing import Any, BinaryIO, Iterable
 import numpy as np
 
 from ..errors import VindexError
+from ..fsutil import atomic_open, atomic_write_json
 
 INDEX_FILE = "index.json"
 GATE_FILE = "gate_vectors.bin"
@@ -230,11 +231,7 @@ class IndexJson:
 
     def write(self, directory: str | Path) -> Path:
         """Write atomically (temp file + rename): a crash never leaves a half-written index."""
-        path = Path(directory) / INDEX_FILE
-        tmp = path.with_name(f".{INDEX_FILE}.tmp.{os.getpid()}")
-        tmp.write_text(json.dumps(self.to_json(), indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-        os.replace(tmp, path)
-        return path
+        return atomic_write_json(Path(directory) / INDEX_FILE, self.to_json(), indent=2)
 
     def layer_info(self, layer: int) -> LayerInfo | None:
         for info in self.layers:
@@ -520,8 +517,7 @@ def write_knn_store(path: str | Path, entries: Iterable[KnnEntry], dim: int) -> 
     by_layer: dict[int, list[KnnEntry]] = {}
     for e in entries:
         by_layer.setdefault(int(e.layer), []).append(e)
-    tmp = path.with_name(f".{path.name}.tmp.{os.getpid()}")
-    with tmp.open("wb") as fh:
+    with atomic_open(path, "wb") as fh:
         fh.write(KNN_MAGIC + struct.pack("<III", KNN_VERSION, dim, len(by_layer)))
         for layer in sorted(by_layer):
             group = by_layer[layer]
@@ -539,7 +535,6 @@ def write_knn_store(path: str | Path, entries: Iterable[KnnEntry], dim: int) -> 
                         "relation": e.relation, "confidence": float(e.confidence)}
                 blob = json.dumps(meta, ensure_ascii=False).encode("utf-8")
                 fh.write(struct.pack("<I", len(blob)) + blob)
-    os.replace(tmp, path)
     return path
 
 

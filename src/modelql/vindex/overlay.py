@@ -282,17 +282,21 @@ class PatchSession:
         self.epoch += 1
         self._ffn_cache.clear()
 
+    def replay(self) -> OverlayState:
+        """A fresh effective state: the base, the applied patches in order, then the recording."""
+        st = OverlayState(self.base_knn())
+        for i, ap in enumerate(self.applied, 1):
+            for op in ap.patch.operations:
+                st.apply(op, i)
+        if self.recording is not None:
+            for op in self.recording.ops:
+                st.apply(op, len(self.applied) + 1)
+        return st
+
     def rebuild(self) -> None:
         """Recompute the effective state from the base (applied patches, then the recording)."""
         with self._lock:
-            st = OverlayState(self.base_knn())
-            for i, ap in enumerate(self.applied, 1):
-                for op in ap.patch.operations:
-                    st.apply(op, i)
-            if self.recording is not None:
-                for op in self.recording.ops:
-                    st.apply(op, len(self.applied) + 1)
-            self.state = st
+            self.state = self.replay()
             self._changed()
 
     @property

@@ -31,7 +31,6 @@ import base64
 import binascii
 import datetime as _dt
 import json
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping, Sequence, Union
@@ -39,6 +38,7 @@ from typing import Any, Callable, Iterable, Mapping, Sequence, Union
 import numpy as np
 
 from ..errors import PatchError
+from ..fsutil import atomic_write_json
 
 PATCH_VERSION = 1
 PATCH_SUFFIX = ".vlp"
@@ -509,13 +509,7 @@ def read_patch(path: str | Path, shape: PatchShape | None = None, base_model: st
 
 def write_patch(path: str | Path, patch: Patch) -> Path:
     """Write pretty-printed JSON atomically (temp file in the same directory, then rename)."""
-    p = Path(path)
-    text = json.dumps(patch.to_json(), indent=2, ensure_ascii=False) + "\n"
-    tmp = p.with_name(f".{p.name}.tmp.{os.getpid()}")
     try:
-        tmp.write_text(text, encoding="utf-8")
-        os.replace(tmp, p)
+        return atomic_write_json(path, patch.to_json(), indent=2)
     except OSError as exc:
-        tmp.unlink(missing_ok=True)
         raise PatchError(f"cannot write patch {path}: {exc.strerror or exc}") from None
-    return p

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import fnmatch
 import json
-import os
 import shutil
 import struct
 from dataclasses import dataclass, field
@@ -24,6 +23,7 @@ from pathlib import Path
 from typing import Callable
 
 from ..errors import VindexError
+from ..fsutil import atomic_directory
 from . import format as fmt
 from .checksums import files_to_hash, sha256_file
 
@@ -136,12 +136,7 @@ def slice_vindex(source: str | Path, out: str | Path, preset: str, *, force: boo
         names += [n for n in files if n not in names]
     names += [n for n in ALWAYS if (src / n).exists() and n not in names]
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".{out.name}.tmp.{os.getpid()}"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir()
-    try:
+    with atomic_directory(out) as tmp:
         result = SliceResult(out, preset, "browse")
         for name in names:
             if name in (fmt.INDEX_FILE, fmt.WEIGHTS_INDEX):
@@ -188,16 +183,6 @@ def slice_vindex(source: str | Path, out: str | Path, preset: str, *, force: boo
         idx.write(tmp)
         result.files.append(fmt.INDEX_FILE)
         result.level = level
-        if out.exists():
-            stale = out.parent / f".{out.name}.old.{os.getpid()}"
-            os.replace(out, stale)
-            os.replace(tmp, out)
-            shutil.rmtree(stale, ignore_errors=True)
-        else:
-            os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return result
 
 
