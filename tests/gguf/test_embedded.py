@@ -2,7 +2,9 @@
 
 The default model is stored in float16, so its F16 (and F32) GGUF holds exactly its weights. Q8_0
 must keep the trained model's greedy predictions: top-1 agreement ≥ 99% over 100 positions of its
-own greedy continuations of fact prompts (teacher-forced, so one flip cannot cascade).
+own greedy continuations of fact prompts (teacher-forced, so one flip cannot cascade). A
+continuation ends at EOS, as generation does: what the model would say after its own EOS is
+never generated, and the model was not trained to predict anything there.
 """
 
 from __future__ import annotations
@@ -48,10 +50,22 @@ def test_logits_match_safetensors(qtype, files, reference):
         assert diff < 1e-3, (prompt, diff)
 
 
-def greedy_positions(model, per_prompt: int = 20) -> list[tuple[torch.Tensor, int]]:
-    """(prompt + the model's greedy continuation, prompt length) per prompt: 100 generated positions."""
-    out = []
-    for prompt in PROMPTS:
+def _fact_prompts():
+    """PROMPTS, then the first training template of every relation for every 10th entity."""
+    yield from PROMPTS
+    for entity in D.entities()[::10]:
+        for relation in D.RELATIONS:
+            yield D.prompt(D.TRAIN_TEMPLATES[relation][0], entity)
+
+
+def greedy_positions(model, positions: int = 100, per_prompt: int = 20) -> list[tuple[torch.Tensor, int]]:
+    """(prompt + the model's greedy continuation up to and including EOS, prompt length) per
+    prompt, for as many prompts as it takes to generate `positions` tokens."""
+    from modelql.runtime.generate import eos_token_ids
+
+    eos = eos_token_ids(model)
+    out, total = [], 0
+    for prompt in _fact_prompts():
         ids = _ids(model, prompt)
         cache = model.new_cache()
         logits = model.forward(ids, cache, logits="last")
@@ -59,9 +73,14 @@ def greedy_positions(model, per_prompt: int = 20) -> list[tuple[torch.Tensor, in
         for _ in range(per_prompt):
             tok = int(logits.argmax(-1))
             seq.append(tok)
+            if tok in eos:
+                break
             logits = model.forward([[tok]], cache, logits="last")
         out.append((torch.tensor([seq]), ids.shape[1]))
-    return out
+        total += len(seq) - ids.shape[1]
+        if total >= positions:
+            return out
+    raise AssertionError(f"only {total} greedy positions from every prompt")
 
 
 def test_q8_0_greedy_top1_agreement(files, reference):
