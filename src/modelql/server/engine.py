@@ -30,6 +30,7 @@ import torch
 
 from ..errors import ModelqlError
 from ..runtime.generate import Delta, Sequence, prefill_batch, step
+from ..runtime.model import KVBlock
 from .errors import HttpError
 
 log = logging.getLogger("modelql.server.engine")
@@ -131,6 +132,7 @@ class Engine:
         self._stopping = False
         self._thread: threading.Thread | None = None
         self._outbox: list[tuple[RequestHandle, Any]] = []  # worker thread only
+        self.block: KVBlock | None = None  # the running sequences' caches, packed (made on first use)
         self.steps = 0  # decode steps run (for tests and the benchmark)
         self.max_batch_seen = 0
 
@@ -389,6 +391,25 @@ class Engine:
         seq.prefilled += len(chunk)
         return False, len(chunk)
 
+    def _pack(self, live: list[_Seq]) -> None:
+        """Keep the running sequences' caches in block slots 0..B-1, in batch order (one fused
+        attention call per layer in the decode step). Sequences only leave or join at the end, so
+        moving each down to its index never overwrites a live one."""
+        if self.block is None:
+            spec, dtype = getattr(self.model, "spec", None), getattr(self.model, "dtype", None)
+            if spec is None or dtype is None:
+                return
+            self.block = KVBlock(spec, dtype, self.max_batch)
+        block = self.block
+        for i, seq in enumerate(live):
+            cache = seq.seq.cache
+            if cache.block is not block:
+                block.place(cache, i)
+            elif cache.slot != i:
+                block.move(cache.slot, i)
+        for slot in range(len(live), block.slots):
+            block.release(slot)
+
     def _decode(self) -> None:
         live = []
         for seq in self._active:
@@ -399,6 +420,7 @@ class Engine:
         self._active = live
         if not live:
             return
+        self._pack(live)
         deltas = step(self.model, [seq.seq for seq in live])
         self.steps += 1
         self.max_batch_seen = max(self.max_batch_seen, len(live))
