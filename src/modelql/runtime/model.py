@@ -26,6 +26,7 @@ from ..errors import ContextLengthError
 from ..ffn.base import FfnBackend, Hooks, run_hook
 from ..ffn.dense import DenseFfn
 from ..models.spec import ModelSpec, RopeSpec
+from ..linear import linear
 from .rope import apply_rotary, inverse_frequencies
 
 DTYPES = {"float32": torch.float32, "f32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
@@ -274,7 +275,7 @@ class Model:
         spec = self.spec
         b, t, _ = x.shape
         p = f"layers.{layer}."
-        qkv = F.linear(x, self.qkv_w[layer], self.qkv_b[layer])
+        qkv = linear(x, self.qkv_w[layer], self.qkv_b[layer])
         q, k, v = qkv.split([spec.q_size, spec.kv_size, spec.kv_size], dim=-1)
         q = q.view(b, t, spec.num_heads, spec.head_dim).transpose(1, 2)
         k = k.view(b, t, spec.num_kv_heads, spec.head_dim).transpose(1, 2)
@@ -310,7 +311,7 @@ class Model:
         if hooks:
             z = run_hook(hooks, a + "hook_z", z)
         z = z.transpose(1, 2).reshape(b, t, spec.q_size)
-        return F.linear(z, self.weights[p + "o.weight"], self.weights.get(p + "o.bias"))
+        return linear(z, self.weights[p + "o.weight"], self.weights.get(p + "o.bias"))
 
     def block(self, layer: int, h: torch.Tensor, caches: list[KVCache], hooks: Hooks | None,
               rotations: dict | None = None) -> torch.Tensor:
@@ -342,7 +343,7 @@ class Model:
     def unembed(self, h: torch.Tensor, hooks: Hooks | None = None) -> torch.Tensor:
         """Final norm → logits (float32), with the family's scaling and soft-cap."""
         x = run_hook(hooks, "ln_final.hook_normalized", self.norm(h, "final_norm"))
-        logits = F.linear(x, self.lm_head).float()
+        logits = linear(x, self.lm_head).float()
         if self.spec.logits_scale != 1.0:
             logits = logits / self.spec.logits_scale
         if self.spec.final_softcap is not None:
