@@ -55,3 +55,34 @@ def test_greedy_generation_matches_transformers(pair):
         out.append(tok)
         logits = model.forward([[tok]], cache, logits="last")
     assert out == ref
+
+
+def test_packed_block_decode_matches_per_sequence(pair):
+    """Decode steps of sequences packed in a KVBlock (one fused, masked attention call per layer;
+    window-masked on sliding layers) give the logits each sequence gets alone — also after the
+    block grows and after a sequence leaves and the others are moved down."""
+    from modelql.runtime.model import KVBlock
+
+    _, _, model = pair
+    prompts = [_ids(3, seed=4), _ids(9, seed=5), _ids(14, seed=6)]
+    alone, packed = [model.new_cache() for _ in prompts], [model.new_cache() for _ in prompts]
+    last_alone = [model.forward(p, c, logits="last") for p, c in zip(prompts, alone)]
+    for p, c in zip(prompts, packed):
+        model.forward(p, c, logits="none")
+    block = KVBlock(model.spec, model.dtype, slots=4, capacity=4)  # forces growth while decoding
+    for i, c in enumerate(packed):
+        block.place(c, i)
+    toks = [int(x.argmax(-1)) for x in last_alone]
+    live = [0, 1, 2]
+    for stepno in range(12):
+        if stepno == 5:  # sequence 0 leaves; the others move down to slots 0..1
+            live = [1, 2]
+            for slot, i in enumerate(live):
+                block.move(packed[i].slot, slot)
+        assert block.packed([packed[i] for i in live])
+        out = model.forward([[toks[i]] for i in live], [packed[i] for i in live], logits="last")
+        for row, i in enumerate(live):
+            ref = model.forward([[toks[i]]], alone[i], logits="last")[0]
+            assert (out[row] - ref).abs().max().item() < 1e-4, (stepno, i)
+            toks[i] = int(ref.argmax(-1))
+    assert block.capacity >= 14 + 12

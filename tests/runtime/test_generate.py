@@ -11,7 +11,8 @@ import torch
 
 from modelql.errors import ContextLengthError
 from modelql.runtime import load_model
-from modelql.runtime.generate import Sequence, StopMatcher, generate, generate_batch, step, stream
+from modelql.runtime.generate import (Sequence, StopMatcher, generate, generate_batch, prefill_batch, step,
+                                      stream)
 from modelql.runtime.sampling import SamplingParams
 from modelql.tokenizer import Tokenizer
 from tests.runtime.tiny_tokenizer import make_model_with_tokenizer, train_tokenizer
@@ -165,6 +166,39 @@ def test_batched_steps_equal_single_sequences(pair):
     single = [generate(model, p, sp) for p, sp in zip(prompts, params)]
     assert [b.token_ids for b in batched] == [s.token_ids for s in single]
     assert [b.text for b in batched] == [s.text for s in single]
+
+
+def test_batched_prefill_equals_single_prefills(pair):
+    """Prompts of different lengths prefilled together (padded, masked by causality, caches cut back)
+    leave the same next-token logits and cache lengths as one prefill each."""
+    _, model, _ = pair
+    prompts = [PROMPT, "Hi", "日本の首都は東京です。 The capital of Japan"]
+    p = SamplingParams(temperature=0)
+    together = [Sequence(model, q, p) for q in prompts]
+    prefill_batch(model, together)
+    for seq, q in zip(together, prompts):
+        alone = Sequence(model, q, p)
+        alone.prefill(model)
+        assert seq.cache.length == alone.cache.length == len(alone.prompt_ids)
+        torch.testing.assert_close(seq.logits, alone.logits, rtol=1e-4, atol=1e-4)
+        assert int(seq.logits.argmax()) == int(alone.logits.argmax())
+
+
+def test_default_model_batched_greedy_equals_single():
+    """The embedded model (what `modelql serve` batches by default): eight chats decoded in one batch
+    give exactly the tokens each gives alone."""
+    from modelql.defaults import DEFAULT_MODEL_DIR
+
+    if not (DEFAULT_MODEL_DIR / "config.json").exists():
+        pytest.skip("embedded default model not installed")
+    model = load_model(None)
+    chats = [[{"role": "user", "content": q}] for q in (
+        "What is the capital of France?", "Tell me about Japan.", "Hi", "Which language is spoken in Brazil?",
+        "What is the currency of Germany?", "Where is Kenya?", "Tell me about country 12.", "Paris is")]
+    params = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
+    batched = generate_batch(model, chats, params)
+    single = [generate(model, c, params) for c in chats]
+    assert [b.token_ids for b in batched] == [s.token_ids for s in single]
 
 
 def test_sequences_can_join_a_running_batch(pair):

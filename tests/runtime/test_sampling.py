@@ -16,6 +16,7 @@ from modelql.runtime.sampling import (
     apply_top_k,
     apply_top_p,
     choose_batch,
+    draw,
     process_logits,
 )
 
@@ -166,6 +167,55 @@ def test_choose_batch_mixes_greedy_and_sampled_rows():
     ref = Sampler(SamplingParams(seed=3), [], V)
     assert picks[1] == ref.choose(logits[1]).token_id
     assert picks[2] == int(samplers[2].process(logits[2]).argmax())
+
+
+def test_draws_follow_the_processed_distribution():
+    """Inverse-CDF draws against the exact probabilities (brute-force frequencies, 20k draws): every
+    token's frequency within 5 standard errors; filtered-out tokens are never drawn."""
+    logits = _logits(b=1, scale=1.0, seed=11)
+    params = SamplingParams(temperature=0.8, top_p=0.9)
+    probs = torch.softmax(process_logits(logits, params), -1)[0].double()
+    gen = torch.Generator().manual_seed(5)
+    n = 20000
+    u = torch.rand(n, generator=gen, dtype=torch.float64).tolist()
+    picks = torch.tensor(draw(probs[None].expand(n, -1).float(), u))
+    freq = torch.bincount(picks, minlength=V).double() / n
+    se = (probs * (1 - probs) / n).sqrt()
+    assert bool(((freq - probs).abs() <= 5 * se + 1e-12).all())
+    assert int(freq[probs == 0].count_nonzero()) == 0
+    assert draw(torch.tensor([[0.0, 0.5, 0.5, 0.0]]), [0.999999999999]) == [2]
+    assert draw(torch.tensor([[0.0, 0.5, 0.5, 0.0]]), [0.0]) == [1]
+
+
+def test_a_batch_chooses_what_each_row_chooses_alone():
+    """choose_batch over mixed rows (grouped warping, penalties, bias, logprobs) equals choosing every
+    row on its own: same tokens, same logprobs, same generator state afterwards."""
+    logits = _logits(b=6, seed=2, scale=1.0)
+    hist = _history(b=6, n=5).tolist()
+    kinds = [dict(temperature=0.7, top_p=0.9, seed=1), dict(temperature=0.7, top_p=0.9, seed=2, logprobs=True),
+             dict(temperature=0), dict(temperature=0, frequency_penalty=1.0, logit_bias={4: 3.0}),
+             dict(temperature=1.3, top_k=5, min_p=0.05, seed=3, repetition_penalty=1.2, top_logprobs=3,
+                  logprobs=True),
+             dict(temperature=0.7, top_p=0.9, seed=4, presence_penalty=0.8)]
+
+    def samplers():
+        out = []
+        for k, h in zip(kinds, hist):
+            s = Sampler(SamplingParams(**k), h, V)
+            for t in h[:3]:
+                s.observe(t)
+            out.append(s)
+        return out
+
+    batch, alone = samplers(), samplers()
+    for _ in range(5):
+        together = choose_batch(batch, logits)
+        single = [s.choose(logits[i]) for i, s in enumerate(alone)]
+        assert together == single
+        for s, c in zip(batch, together):
+            s.observe(c.token_id)
+        for s, c in zip(alone, single):
+            s.observe(c.token_id)
 
 
 @pytest.mark.parametrize("kwargs,param", [

@@ -105,6 +105,35 @@ def test_concurrent_streams_are_batched_and_unchanged(server, no_eos):
     assert engine.max_batch_seen >= 2
 
 
+def test_sequences_leaving_and_joining_the_batch_keep_their_output(server, no_eos):
+    """Streams of different lengths started at different times: the engine packs the running
+    sequences' caches (sequences leave mid-batch, the rest move down, late ones join); every text
+    equals the same request served alone."""
+    engine = server.app.state.modelql.engine
+    jobs = [("Hello", 6, 0.0), ("The capital of France", 40, 0.0), ("Emoji are fun", 15, 0.05),
+            ("user assistant", 40, 0.1), ("Hi", 3, 0.15)]
+    solo = []
+    for prompt, n, _ in jobs:
+        body = {"prompt": prompt, "max_tokens": n, "temperature": 0, "logit_bias": no_eos}
+        solo.append(httpx.post(server.url + "/v1/completions", json=body, timeout=30).json()["choices"][0]["text"])
+    engine.max_batch_seen = 0
+    out: dict[int, str] = {}
+
+    def run(i: int):
+        prompt, n, delay = jobs[i]
+        time.sleep(delay)
+        body = {"prompt": prompt, "max_tokens": n, "temperature": 0, "logit_bias": no_eos}
+        out[i] = httpx.post(server.url + "/v1/completions", json=body, timeout=60).json()["choices"][0]["text"]
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(jobs))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert [out[i] for i in range(len(jobs))] == solo
+    assert engine.max_batch_seen >= 2 and engine.block is not None
+
+
 def test_client_disconnect_stops_generation(server, no_eos):
     engine = server.app.state.modelql.engine
     gate = threading.Event()

@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from ..models.spec import ModelSpec
+from ..linear import linear
 from .base import Hooks, activation, run_hook
 
 
@@ -47,7 +48,7 @@ class DenseFfn:
             self.b_down.append(weights.get(p + "down.bias"))
 
     def forward(self, layer: int, x: torch.Tensor, hooks: Hooks | None = None) -> torch.Tensor:
-        h = F.linear(x, self.w_in[layer], self.b_in[layer])
+        h = linear(x, self.w_in[layer], self.b_in[layer])
         if self.spec.gated_ffn:
             gate, up = h.chunk(2, dim=-1)
             gate = run_hook(hooks, f"blocks.{layer}.mlp.hook_pre", gate)
@@ -56,4 +57,4 @@ class DenseFfn:
         else:
             h = self.act(run_hook(hooks, f"blocks.{layer}.mlp.hook_pre", h))
         h = run_hook(hooks, f"blocks.{layer}.mlp.hook_post", h)
-        return F.linear(h, self.w_down[layer], self.b_down[layer])
+        return linear(h, self.w_down[layer], self.b_down[layer])

@@ -258,6 +258,26 @@ def step(model, sequences: Seq[Sequence]) -> list[Delta]:
     return deltas
 
 
+@torch.inference_mode()
+def prefill_batch(model, sequences: Seq[Sequence]) -> None:
+    """`Sequence.prefill` for several sequences in one forward pass (requests arriving together
+    share the per-layer work). Shorter prompts are padded at the end by repeating their last token:
+    causal attention keeps the padding out of every real position, each sequence's logits are taken
+    at its own last prompt token, and its cache is cut back to its prompt, so the padding's keys are
+    overwritten by the next token."""
+    if len(sequences) == 1:
+        sequences[0].prefill(model)
+        return
+    lens = [len(s.prompt_ids) for s in sequences]
+    width = max(lens)
+    ids = torch.tensor([s.prompt_ids + [s.prompt_ids[-1]] * (width - n) for s, n in zip(sequences, lens)])
+    h = model.forward(ids, [s.cache for s in sequences], logits="none")
+    logits = model.unembed(h[torch.arange(len(sequences)), torch.tensor(lens) - 1])
+    for s, n, row in zip(sequences, lens, logits):
+        s.cache.truncate(n)
+        s.logits = row
+
+
 def stream(model, prompt: Prompt, params: SamplingParams | None = None, **overrides: Any) -> Iterator[Delta]:
     """Generate one completion, yielding a `Delta` per token; the last one has `finish_reason`."""
     seq = Sequence(model, prompt, _params(params, overrides))
@@ -281,8 +301,7 @@ def generate_batch(model, prompts: Seq[Prompt], params: SamplingParams | Seq[Sam
     if params is None or isinstance(params, SamplingParams):
         params = [params or SamplingParams()] * len(prompts)
     seqs = [Sequence(model, p, sp) for p, sp in zip(prompts, params)]
-    for s in seqs:
-        s.prefill(model)
+    prefill_batch(model, seqs)
     while any(not s.finished for s in seqs):
         step(model, seqs)
     return [s.completion() for s in seqs]
@@ -295,4 +314,4 @@ def _params(params: SamplingParams | None, overrides: Mapping[str, Any]) -> Samp
 
 
 __all__ = ["Completion", "Delta", "Sequence", "SamplingParams", "StopMatcher", "eos_token_ids", "encode_prompt",
-           "generate", "generate_batch", "generation_config", "step", "stream"]
+           "generate", "generate_batch", "generation_config", "prefill_batch", "step", "stream"]

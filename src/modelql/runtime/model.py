@@ -26,6 +26,7 @@ from ..errors import ContextLengthError
 from ..ffn.base import FfnBackend, Hooks, run_hook
 from ..ffn.dense import DenseFfn
 from ..models.spec import ModelSpec, RopeSpec
+from ..linear import linear
 from .rope import apply_rotary, inverse_frequencies
 
 DTYPES = {"float32": torch.float32, "f32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
@@ -33,13 +34,19 @@ DTYPES = {"float32": torch.float32, "f32": torch.float32, "bfloat16": torch.bflo
 
 @dataclass
 class KVCache:
-    """One sequence's keys and values per layer, [kv_heads, capacity, head_dim], grown by doubling."""
+    """One sequence's keys and values per layer, [kv_heads, capacity, head_dim], grown by doubling.
+    Placed in a `KVBlock`, its tensors are views of the block's slot `slot`."""
 
     k: list[torch.Tensor] = field(default_factory=list)
     v: list[torch.Tensor] = field(default_factory=list)
     length: int = 0
+    block: KVBlock | None = field(default=None, repr=False, compare=False)
+    slot: int = -1
 
     def reserve(self, spec: ModelSpec, dtype: torch.dtype, needed: int) -> None:
+        if self.block is not None:
+            self.block.reserve(needed)
+            return
         capacity = self.k[0].shape[1] if self.k else 0
         if needed <= capacity:
             return
@@ -60,6 +67,74 @@ class KVCache:
 
     def copy(self) -> KVCache:
         return KVCache([t.clone() for t in self.k], [t.clone() for t in self.v], self.length)
+
+
+class KVBlock:
+    """The caches of a decode batch in one tensor per layer, [slots, kv_heads, capacity, head_dim].
+
+    When the sequences of a decode step sit in slots 0..B-1 in batch order, attention writes their
+    new keys with one indexed store and reads all of them as one view: one fused attention call
+    per layer for the batch instead of one per sequence (`Model.attention`). The server's engine
+    keeps its running sequences packed that way (`place`, `move`); otherwise attention falls back
+    to the per-sequence path, with the same results.
+    """
+
+    def __init__(self, spec: ModelSpec, dtype: torch.dtype, slots: int, capacity: int = 256):
+        self.spec, self.dtype, self.slots = spec, dtype, slots
+        self.capacity = min(max(1, capacity), spec.max_position)
+        shape = (slots, spec.num_kv_heads, self.capacity, spec.head_dim)
+        self.k = [torch.zeros(shape, dtype=dtype) for _ in range(spec.num_layers)]
+        self.v = [torch.zeros(shape, dtype=dtype) for _ in range(spec.num_layers)]
+        self.members: list[KVCache | None] = [None] * slots
+
+    def _bind(self, cache: KVCache, slot: int) -> None:
+        cache.k = [t[slot] for t in self.k]
+        cache.v = [t[slot] for t in self.v]
+        cache.block, cache.slot = self, slot
+        self.members[slot] = cache
+
+    def reserve(self, needed: int) -> None:
+        """Grow every slot (doubling) so it holds `needed` positions; members see the new storage."""
+        if needed <= self.capacity:
+            return
+        cap = min(max(needed, 2 * self.capacity), max(needed, self.spec.max_position))
+        for store in (self.k, self.v):
+            for i, old in enumerate(store):
+                grown = old.new_zeros((old.shape[0], old.shape[1], cap, old.shape[3]))
+                grown[:, :, : self.capacity] = old
+                store[i] = grown
+        self.capacity = cap
+        for slot, cache in enumerate(self.members):
+            if cache is not None:
+                self._bind(cache, slot)
+
+    def place(self, cache: KVCache, slot: int) -> None:
+        """Copy a sequence's cache into `slot`; from now on the cache is a view of the block."""
+        n = cache.length
+        self.reserve(n + 1)
+        for i in range(self.spec.num_layers):
+            self.k[i][slot, :, :n] = cache.k[i][:, :n]
+            self.v[i][slot, :, :n] = cache.v[i][:, :n]
+        self._bind(cache, slot)
+
+    def move(self, src: int, dst: int) -> None:
+        """Move the cache in slot `src` to slot `dst` (packing a batch after sequences leave)."""
+        cache = self.members[src]
+        if cache is None:
+            raise ValueError(f"slot {src} is empty")
+        n = cache.length
+        for store in (self.k, self.v):
+            for t in store:
+                t[dst, :, :n] = t[src, :, :n]
+        self.members[src] = None
+        self._bind(cache, dst)
+
+    def release(self, slot: int) -> None:
+        self.members[slot] = None
+
+    def packed(self, caches: list[KVCache]) -> bool:
+        """Whether `caches` are this block's slots 0..B-1, in order."""
+        return all(c.block is self and c.slot == i for i, c in enumerate(caches))
 
 
 class Model:
@@ -172,6 +247,26 @@ class Model:
             scores = scores.masked_fill(~mask, float("-inf"))
         return torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype) @ v
 
+    def _attend_block(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block: KVBlock,
+                      positions: torch.Tensor) -> torch.Tensor:
+        """A decode step (q, k, v [B, heads, 1, hd]) of sequences packed in block slots 0..B-1 at
+        `positions` [B]: one store of the new keys/values, one masked attention over the block's
+        view (keys past a row's own position are masked, as is the window of a sliding layer)."""
+        spec = self.spec
+        b = q.shape[0]
+        rows = torch.arange(b)
+        block.k[layer][rows, :, positions] = k[:, :, 0]
+        block.v[layer][rows, :, positions] = v[:, :, 0]
+        longest = int(positions.max()) + 1
+        kpos = torch.arange(longest)[None, :]
+        mask = kpos <= positions[:, None]
+        window = spec.window(layer)
+        if window is not None:
+            mask = mask & (kpos > positions[:, None] - window)
+        return F.scaled_dot_product_attention(
+            q, block.k[layer][:b, :, :longest], block.v[layer][:b, :, :longest], attn_mask=mask[:, None, None, :],
+            scale=spec.query_scale, enable_gqa=spec.num_kv_heads != spec.num_heads)
+
     def attention(self, layer: int, x: torch.Tensor, caches: list[KVCache], hooks: Hooks | None,
                   rotations: dict | None = None) -> torch.Tensor:
         """Self-attention of x [B, T, H]; appends this step's keys/values to each sequence's cache.
@@ -180,7 +275,7 @@ class Model:
         spec = self.spec
         b, t, _ = x.shape
         p = f"layers.{layer}."
-        qkv = F.linear(x, self.qkv_w[layer], self.qkv_b[layer])
+        qkv = linear(x, self.qkv_w[layer], self.qkv_b[layer])
         q, k, v = qkv.split([spec.q_size, spec.kv_size, spec.kv_size], dim=-1)
         q = q.view(b, t, spec.num_heads, spec.head_dim).transpose(1, 2)
         k = k.view(b, t, spec.num_kv_heads, spec.head_dim).transpose(1, 2)
@@ -202,17 +297,21 @@ class Model:
         a = f"blocks.{layer}.attn."
         if hooks:
             q, k, v = run_hook(hooks, a + "hook_q", q), run_hook(hooks, a + "hook_k", k), run_hook(hooks, a + "hook_v", v)
-        outs = []
-        for i, cache in enumerate(caches):
-            end = starts[i] + t
-            cache.k[layer][:, starts[i] : end] = k[i]
-            cache.v[layer][:, starts[i] : end] = v[i]
-            outs.append(self._attend(layer, q[i], cache.k[layer][:, :end], cache.v[layer][:, :end], starts[i]))
-        z = outs[0][None] if b == 1 else torch.stack(outs)
+        block = rotations.get("block") if rotations is not None else None
+        if block is not None:
+            z = self._attend_block(layer, q, k, v, block, rotations["positions"])
+        else:
+            outs = []
+            for i, cache in enumerate(caches):
+                end = starts[i] + t
+                cache.k[layer][:, starts[i] : end] = k[i]
+                cache.v[layer][:, starts[i] : end] = v[i]
+                outs.append(self._attend(layer, q[i], cache.k[layer][:, :end], cache.v[layer][:, :end], starts[i]))
+            z = outs[0][None] if b == 1 else torch.stack(outs)
         if hooks:
             z = run_hook(hooks, a + "hook_z", z)
         z = z.transpose(1, 2).reshape(b, t, spec.q_size)
-        return F.linear(z, self.weights[p + "o.weight"], self.weights.get(p + "o.bias"))
+        return linear(z, self.weights[p + "o.weight"], self.weights.get(p + "o.bias"))
 
     def block(self, layer: int, h: torch.Tensor, caches: list[KVCache], hooks: Hooks | None,
               rotations: dict | None = None) -> torch.Tensor:
@@ -244,7 +343,7 @@ class Model:
     def unembed(self, h: torch.Tensor, hooks: Hooks | None = None) -> torch.Tensor:
         """Final norm → logits (float32), with the family's scaling and soft-cap."""
         x = run_hook(hooks, "ln_final.hook_normalized", self.norm(h, "final_norm"))
-        logits = F.linear(x, self.lm_head).float()
+        logits = linear(x, self.lm_head).float()
         if self.spec.logits_scale != 1.0:
             logits = logits / self.spec.logits_scale
         if self.spec.final_softcap is not None:
@@ -280,7 +379,11 @@ class Model:
                 )
             c.reserve(self.spec, self.dtype, c.length + t)
         h = self.embed_tokens(ids, [c.length for c in caches], hooks)
-        rotations: dict = {}  # cos/sin per RoPE kind, computed once per call
+        rotations: dict = {}  # cos/sin per RoPE kind (and the packed decode block), computed once per call
+        block = caches[0].block
+        if t == 1 and block is not None and self.spec.attn_softcap is None and block.packed(caches):
+            rotations["block"] = block
+            rotations["positions"] = torch.tensor([c.length for c in caches])
         for layer in range(self.spec.num_layers):
             h = self.block(layer, h, caches, hooks, rotations)
         for c in caches:

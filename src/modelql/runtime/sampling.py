@@ -13,8 +13,9 @@ Processing order for one next-token distribution (float32 logits of the model):
   `TopKLogitsWarper`, `TopPLogitsWarper`, `MinPLogitsWarper` (filtered logits become -inf).
 
 Greedy is `temperature == 0` or `top_k == 1`: argmax of the penalised logits, no RNG. Each
-sequence draws from its own `torch.Generator` seeded with `seed`, so the same seed, prompt and
-weights give the same tokens whatever else runs. Logprobs, when asked, are of the *unmodified*
+sequence draws from its own `torch.Generator` seeded with `seed` (one uniform per token, inverse-CDF
+sampling), so the same seed, prompt and weights give the same tokens whatever else runs. A decode
+step processes its whole batch together (`choose_batch`). Logprobs, when asked, are of the *unmodified*
 model distribution (log-softmax of the raw logits), as the OpenAI API reports them.
 """
 
@@ -145,6 +146,8 @@ def apply_top_k(logits: torch.Tensor, k: int) -> torch.Tensor:
 def apply_top_p(logits: torch.Tensor, p: float) -> torch.Tensor:
     if p >= 1.0:
         return logits
+    if logits.dim() == 2 and logits.shape[0] > 1:  # torch's CPU sort of a [B, V] tensor is ~4× slower than B row sorts
+        return torch.cat([apply_top_p(row[None], p) for row in logits])
     sorted_logits, sorted_idx = torch.sort(logits, descending=False)
     cumulative = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
     remove_sorted = cumulative <= (1 - p)
@@ -212,6 +215,12 @@ class Sampler:
         """Greedy with nothing to change the logits: a bare argmax."""
         return self.params.greedy and self.seen is None and self.counts is None and not self.params.logit_bias
 
+    @property
+    def warp_key(self) -> tuple:
+        """Rows with equal keys are warped and drawn together (one sort for top-p over the group)."""
+        p = self.params
+        return (p.greedy, p.temperature, p.top_k, p.top_p, p.min_p)
+
     def observe(self, token_id: int) -> None:
         """Record a generated token (call once per accepted token)."""
         if not 0 <= token_id < self.vocab_size:
@@ -221,35 +230,85 @@ class Sampler:
         if self.counts is not None:
             self.counts[0, token_id] += 1
 
+    def penalise(self, logits: torch.Tensor) -> torch.Tensor:
+        """logit_bias and the penalties (the per-sequence part of `process_logits`): [1, V]."""
+        logits = apply_logit_bias(logits.reshape(1, -1).float(), self.params.logit_bias)
+        if self.seen is not None:
+            logits = apply_repetition_penalty(logits, self.seen, self.params.repetition_penalty)
+        if self.counts is not None:
+            logits = apply_frequency_presence(logits, self.counts, self.params.frequency_penalty,
+                                              self.params.presence_penalty)
+        return logits
+
     def process(self, logits: torch.Tensor) -> torch.Tensor:
         """Processed logits [1, V] for raw logits [1, V] or [V]."""
         return process_logits(logits.reshape(1, -1).float(), self.params, self.seen, self.counts)
 
+    def uniform(self) -> float:
+        """This sequence's next uniform draw in [0, 1) from its own generator."""
+        return float(torch.rand((), generator=self.generator, dtype=torch.float64))
+
     def choose(self, logits: torch.Tensor, token_id: int | None = None) -> TokenChoice:
         """Pick the next token from raw logits [V] (or use `token_id` if already chosen)."""
-        if token_id is None:
-            processed = self.process(logits)
-            if self.params.greedy:
-                token_id = int(processed.argmax(-1))
-            else:
-                probs = torch.softmax(processed, dim=-1)
-                token_id = int(torch.multinomial(probs, 1, generator=self.generator))
-        choice = TokenChoice(token_id)
-        if self.params.logprobs or self.params.top_logprobs:
-            logp = torch.log_softmax(logits.reshape(-1).float(), dim=-1)
-            choice.logprob = float(logp[token_id])
-            if self.params.top_logprobs:
-                values, ids = torch.topk(logp, min(self.params.top_logprobs, logp.shape[-1]))
-                choice.top_logprobs = list(zip(ids.tolist(), values.tolist()))
-        return choice
+        if token_id is not None:
+            return _with_logprobs([self], logits.reshape(1, -1), [token_id])[0]
+        return choose_batch([self], logits.reshape(1, -1))[0]
+
+
+def draw(probs: torch.Tensor, uniforms: Sequence[float]) -> list[int]:
+    """Inverse-CDF sampling: row i of probs [B, V] → the first token whose cumulative probability
+    exceeds uniforms[i] × the row total. One vectorised pass for the batch (`torch.multinomial`
+    costs a random number per vocabulary entry and runs row by row with per-row generators), and
+    each row still consumes exactly one draw of its own generator, so a seeded sequence's tokens do
+    not depend on what else is in the batch. Zero-probability tokens can never be picked."""
+    cdf = probs.double().cumsum(-1)
+    u = torch.tensor(uniforms, dtype=torch.float64)[:, None]
+    idx = torch.searchsorted(cdf, u * cdf[:, -1:], right=True)[:, 0]
+    last = probs.shape[-1] - 1 - (probs > 0).flip(-1).to(torch.int8).argmax(-1)  # rounding at u ≈ 1
+    return torch.minimum(idx, last).tolist()
+
+
+def _with_logprobs(samplers: Sequence[Sampler], logits: torch.Tensor, tokens: list[int]) -> list[TokenChoice]:
+    """TokenChoices, with logprobs of the unmodified distribution for the rows that ask (one batched
+    log-softmax)."""
+    choices = [TokenChoice(t) for t in tokens]
+    want = [i for i, s in enumerate(samplers) if s.params.logprobs or s.params.top_logprobs]
+    if not want:
+        return choices
+    logp = torch.log_softmax(logits[want].float(), dim=-1)
+    for row, i in enumerate(want):
+        choices[i].logprob = float(logp[row, tokens[i]])
+        k = samplers[i].params.top_logprobs
+        if k:
+            values, ids = torch.topk(logp[row], min(k, logp.shape[-1]))
+            choices[i].top_logprobs = list(zip(ids.tolist(), values.tolist()))
+    return choices
 
 
 def choose_batch(samplers: Sequence[Sampler], logits: torch.Tensor) -> list[TokenChoice]:
-    """One token per row of logits [B, V]; plain-greedy rows share a single argmax."""
+    """One token per row of raw logits [B, V], the batch processed together: plain-greedy rows share
+    one argmax; the other rows get their own bias/penalties, then rows with the same warping
+    parameters are warped (temperature, top-k, top-p, min-p) and drawn as one [G, V] tensor. Every
+    row's result equals what the row alone would give."""
+    tokens: list[int] = [0] * len(samplers)
     fast = [i for i, s in enumerate(samplers) if s.plain_greedy]
-    picked: dict[int, int] = {}
     if fast:
         rows = logits[fast] if len(fast) < len(samplers) else logits
-        picked = dict(zip(fast, rows.argmax(-1).tolist()))
-    return [s.choose(logits[i], picked.get(i)) for i, s in enumerate(samplers)]
-
+        for i, t in zip(fast, rows.argmax(-1).tolist()):
+            tokens[i] = t
+    groups: dict[tuple, list[int]] = {}
+    for i, s in enumerate(samplers):
+        if not s.plain_greedy:
+            groups.setdefault(s.warp_key, []).append(i)
+    for rows in groups.values():
+        first = samplers[rows[0]]
+        x = torch.cat([samplers[i].penalise(logits[i]) for i in rows])
+        if first.params.greedy:
+            picked = x.argmax(-1).tolist()
+        else:
+            p = first.params
+            x = apply_min_p(apply_top_p(apply_top_k(apply_temperature(x, p.temperature), p.top_k), p.top_p), p.min_p)
+            picked = draw(torch.softmax(x, dim=-1), [samplers[i].uniform() for i in rows])
+        for i, t in zip(rows, picked):
+            tokens[i] = t
+    return _with_logprobs(samplers, logits, tokens)

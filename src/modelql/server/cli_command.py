@@ -9,11 +9,14 @@ import typer
 
 
 def serve_command(
-    model: Annotated[Optional[str], typer.Argument(
-        metavar="MODEL_OR_VINDEX", show_default=False,
+    models: Annotated[Optional[list[str]], typer.Argument(
+        metavar="MODEL_OR_VINDEX...", show_default=False,
         help="HF model directory, vindex with weights, or GGUF file (default: the embedded model). The "
              "knowledge routes browse the vindex; a model directory's vindex is extracted into the cache "
-             "($MODELQL_CACHE) on first use, in the background (browse routes answer 503 until it is ready)")] = None,
+             "($MODELQL_CACHE) on first use, in the background (browse routes answer 503 until it is ready). "
+             "Several: multi-model mode (OpenAI routes pick by `model`, knowledge routes under /v1/{id}/)")] = None,
+    model_dir: Annotated[Optional[str], typer.Option(
+        "--dir", help="multi-model mode: serve every *.vindex directory in DIR (id = name without .vindex)")] = None,
     host: Annotated[str, typer.Option("--host", help="bind address")] = "127.0.0.1",
     port: Annotated[int, typer.Option("--port", "-p", min=0, max=65535, help="port (0 = any free port)")] = 8080,
     model_id: Annotated[Optional[str], typer.Option("--model-id", help="id reported by /v1/models")] = None,
@@ -79,4 +82,12 @@ def serve_command(
         import torch
 
         torch.set_num_threads(threads)
-    serve(model, config, dtype=dtype, loader=load)
+    if model_dir is not None:
+        from .config import ServerConfigError
+        from .multi import vindex_children
+
+        if models:
+            raise ServerConfigError("give models as arguments or --dir, not both")
+        models = [str(p) for p in vindex_children(model_dir)]
+    refs = models or [None]
+    serve(refs if len(refs) > 1 else refs[0], config, dtype=dtype, loader=load, multi=model_dir is not None)

@@ -29,7 +29,8 @@ from typing import Any, Callable
 import torch
 
 from ..errors import ModelqlError
-from ..runtime.generate import Delta, Sequence, step
+from ..runtime.generate import Delta, Sequence, prefill_batch, step
+from ..runtime.model import KVBlock
 from .errors import HttpError
 
 log = logging.getLogger("modelql.server.engine")
@@ -131,6 +132,7 @@ class Engine:
         self._stopping = False
         self._thread: threading.Thread | None = None
         self._outbox: list[tuple[RequestHandle, Any]] = []  # worker thread only
+        self.block: KVBlock | None = None  # the running sequences' caches, packed (made on first use)
         self.steps = 0  # decode steps run (for tests and the benchmark)
         self.max_batch_seen = 0
 
@@ -283,12 +285,12 @@ class Engine:
         if seq.first_token_at is None:
             seq.first_token_at = now
             if m:
-                m.ttft.labels(m.model).observe(now - seq.request.submitted_at)
+                m.model_ttft.observe(now - seq.request.submitted_at)
         elif m:
-            m.tpot.labels(m.model).observe(now - seq.last_token_at)
+            m.model_tpot.observe(now - seq.last_token_at)
         seq.last_token_at = now
         if m:
-            m.generation_tokens.labels(m.model).inc()
+            m.model_generation_tokens.inc()
         seq.request.publish(Token(seq.index, delta))
         if delta.finish_reason is None:
             return False
@@ -299,34 +301,74 @@ class Engine:
 
     def _admit(self) -> None:
         """Prefill waiting sequences while the batch has room. With others decoding, at most
-        `prefill_chunk` prompt tokens per loop turn, so running streams keep flowing."""
+        `prefill_chunk` prompt tokens per loop turn, so running streams keep flowing. Whole prompts
+        that arrive together are prefilled in one batched forward (`generate.prefill_batch`); a
+        prompt over the budget is fed in chunks on its own."""
         budget = self.prefill_chunk
         while len(self._active) < self.max_batch:
+            group: list[_Seq] = []
             with self._cv:
+                for seq in list(self._pending):
+                    if len(self._active) + len(group) >= self.max_batch:
+                        break
+                    if seq.request.cancelled:
+                        self._pending.remove(seq)
+                        self._fail(seq, asyncio.CancelledError())
+                        continue
+                    size = len(seq.seq.prompt_ids)
+                    if seq.prefilled or ((self._active or group) and size > budget):
+                        break
+                    group.append(seq)
+                    budget -= size
                 if not self._pending:
                     return
-                seq = self._pending[0]
-                if seq.request.cancelled:
-                    self._pending.popleft()
-                    self._fail(seq, asyncio.CancelledError())
+                head = self._pending[0]
+            if not group:
+                if self._active and budget <= 0:
+                    return
+                try:
+                    done, used = self._prefill(head, budget if self._active else None)
+                except Exception as exc:
+                    self._drop(head, exc)
                     continue
-            if self._active and budget <= 0:
-                return
-            try:
-                done, used = self._prefill(seq, budget if self._active else None)
-            except Exception as exc:
-                with self._cv:
-                    self._pending.popleft()
-                if not isinstance(exc, ModelqlError):
-                    log.exception("prefill failed")
-                self._fail(seq, exc)
-                continue
-            budget -= used
-            if not done:
-                return
+                budget -= used
+                if not done:
+                    return
+                group_done = [head]
+            else:
+                group_done = self._prefill_group(group)
             with self._cv:
-                self._pending.popleft()
-                self._active.append(seq)
+                for seq in group_done:
+                    self._pending.remove(seq)
+                    self._active.append(seq)
+
+    def _drop(self, seq: _Seq, exc: BaseException) -> None:
+        with self._cv:
+            self._pending.remove(seq)
+        if not isinstance(exc, ModelqlError):
+            log.exception("prefill failed", exc_info=exc)
+        self._fail(seq, exc)
+
+    def _prefill_group(self, group: list[_Seq]) -> list[_Seq]:
+        """Whole-prompt prefill of several sequences in one forward; → the ones now ready. If the
+        batched pass fails, each is retried alone so one bad request cannot fail the others."""
+        if self.metrics:
+            self.metrics.model_prompt_tokens.inc(sum(len(s.seq.prompt_ids) for s in group))
+        try:
+            prefill_batch(self.model, [s.seq for s in group])
+            ready = group
+        except Exception:
+            ready = []
+            for seq in group:
+                seq.seq.cache = self.model.new_cache()
+                try:
+                    seq.seq.prefill(self.model)
+                    ready.append(seq)
+                except Exception as exc:
+                    self._drop(seq, exc)
+        for seq in ready:
+            seq.prefilled = len(seq.seq.prompt_ids)
+        return ready
 
     def _prefill(self, seq: _Seq, budget: int | None) -> tuple[bool, int]:
         """Feed (part of) the prompt. → (whole prompt in, tokens used). The last chunk leaves the
@@ -334,7 +376,7 @@ class Engine:
         s = seq.seq
         ids = s.prompt_ids
         if seq.prefilled == 0 and self.metrics:
-            self.metrics.prompt_tokens.labels(self.metrics.model).inc(len(ids))
+            self.metrics.model_prompt_tokens.inc(len(ids))
         if budget is None or len(ids) - seq.prefilled <= budget:
             if seq.prefilled == 0:
                 s.prefill(self.model)
@@ -349,6 +391,25 @@ class Engine:
         seq.prefilled += len(chunk)
         return False, len(chunk)
 
+    def _pack(self, live: list[_Seq]) -> None:
+        """Keep the running sequences' caches in block slots 0..B-1, in batch order (one fused
+        attention call per layer in the decode step). Sequences only leave or join at the end, so
+        moving each down to its index never overwrites a live one."""
+        if self.block is None:
+            spec, dtype = getattr(self.model, "spec", None), getattr(self.model, "dtype", None)
+            if spec is None or dtype is None:
+                return
+            self.block = KVBlock(spec, dtype, self.max_batch)
+        block = self.block
+        for i, seq in enumerate(live):
+            cache = seq.seq.cache
+            if cache.block is not block:
+                block.place(cache, i)
+            elif cache.slot != i:
+                block.move(cache.slot, i)
+        for slot in range(len(live), block.slots):
+            block.release(slot)
+
     def _decode(self) -> None:
         live = []
         for seq in self._active:
@@ -359,6 +420,7 @@ class Engine:
         self._active = live
         if not live:
             return
+        self._pack(live)
         deltas = step(self.model, [seq.seq for seq in live])
         self.steps += 1
         self.max_batch_seen = max(self.max_batch_seen, len(live))

@@ -43,5 +43,11 @@ class Metrics:
         self.auth_failures = Counter("modelql_auth_failures_total", "requests with a missing or wrong API key",
                                      registry=r)
 
+        # the served model's series, looked up once (the engine touches them for every token)
+        self.model_prompt_tokens = self.prompt_tokens.labels(model_id)
+        self.model_generation_tokens = self.generation_tokens.labels(model_id)
+        self.model_ttft = self.ttft.labels(model_id)
+        self.model_tpot = self.tpot.labels(model_id)
+
     def exposition(self) -> bytes:
         return generate_latest(self.registry)

@@ -70,15 +70,26 @@ def first_request(url: str, model_id: str, api_key: str | None, inference: bool)
             f"  -d {shlex.quote(body)}")
 
 
-def serve(model_ref: str | Path | None, config: ServerConfig, dtype: str = "float32", out=None,
-          loader=None) -> None:
-    """Load, print the URL and a first request to try, serve until interrupted."""
+def serve(model_ref: str | Path | None | list[str | Path], config: ServerConfig, dtype: str = "float32", out=None,
+          loader=None, multi: bool = False) -> None:
+    """Load, print the URL and a first request to try, serve until interrupted. Several model
+    references (or `multi`, as `--dir` asks) serve in multi-model mode (`multi.py`)."""
     import uvicorn
 
     out = out or sys.stdout
-    print(f"loading {model_ref or 'the embedded default model'} ...", file=out, flush=True)
-    app, engine = build(model_ref, config, dtype, loader=loader)
-    st = app.state.modelql
+    refs = list(model_ref) if isinstance(model_ref, (list, tuple)) else [model_ref]
+    if multi or len(refs) > 1:
+        from .multi import build_multi
+
+        print(f"loading {len(refs)} models (multi-model mode) ...", file=out, flush=True)
+        app, hosted = build_multi(refs, config, dtype, loader=loader, out=out)
+        ids = [h.model_id for h in hosted]
+        served = f"{len(ids)} models ({', '.join(ids)}; knowledge routes under /v1/{{model_id}}/)"
+    else:
+        print(f"loading {refs[0] or 'the embedded default model'} ...", file=out, flush=True)
+        app, engine = build(refs[0], config, dtype, loader=loader)
+        ids = [app.state.modelql.model_id]
+        served = ids[0]
 
     class _Server(uvicorn.Server):
         async def startup(self, sockets=None):
@@ -87,8 +98,8 @@ def serve(model_ref: str | Path | None, config: ServerConfig, dtype: str = "floa
                 port = self.servers[0].sockets[0].getsockname()[1] if self.servers else config.port
                 host = config.host if ":" not in config.host else f"[{config.host}]"
                 url = f"http://{host}:{port}"
-                print(f"modelql serving {st.model_id} at {url}  (OpenAPI: {url}/docs)\n"
-                      f"try:\n  {first_request(url, st.model_id, config.api_key, config.inference)}",
+                print(f"modelql serving {served} at {url}  (OpenAPI: {url}/docs)\n"
+                      f"try:\n  {first_request(url, ids[0], config.api_key, config.inference)}",
                       file=out, flush=True)
 
         def handle_exit(self, sig, frame):
