@@ -38,14 +38,15 @@ sorted by gate (descending) and bucketed into the band sections of the best laye
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Iterable, Sequence
 
 import torch
 
 from ..errors import DescribeError
-from .labels import FeatureLabels, labels_for
-from .queries import entity_vector, residual_query
+from .decode import Claim, decode_claims
+from .labels import FeatureLabels, labels_for, relation_cardinality
+from .queries import entity_vector, model_for, residual_query
 from .rows import DescribeResult, Edge
 from .tokens import content, readable, same_token
 
@@ -224,6 +225,8 @@ def describe(
 
     hits: list[_Hit] = []
     used_contexts: tuple[str, ...] = ()
+    decoded: set[str] = set()  # relations whose claims come from their probe's decode
+    claims: list[Claim] = []
     if m == "embedding":
         q = entity_vector(vindex, entity) if entity.strip() else None
         if q is None:
@@ -234,34 +237,41 @@ def describe(
             hits += _layer_hits(s, s, L, k, unit, s)
     else:
         ctx_list, ctx_rel = _contexts(vindex, contexts)
-        rq = residual_query(vindex, entity, model=model, contexts=ctx_list, layers=scanned)
+        m_ = model_for(vindex, model) if ctx_rel else model
+        rq = residual_query(vindex, entity, model=m_, contexts=ctx_list, layers=scanned, with_logits=bool(ctx_rel))
         if rq is None:
             return DescribeResult(found=False, edges=(), max_gate=0.0, signal="diffuse",
                                   latency_ms=(time.perf_counter() - t0) * 1e3, **base)
         used_contexts = rq.contexts
-        labs0 = labels if labels is not None else labels_for(vindex)
-        for L in scanned:
-            xs, acts = rq.per_context[L], rq.per_context_act[L]
-            rels = [ctx_rel.get(c) for c in rq.contexts]
+        neutral = [i for i, c in enumerate(rq.contexts) if c not in ctx_rel]
+        probes: dict[str, list[int]] = {}
+        for i, c in enumerate(rq.contexts):
+            if c in ctx_rel:
+                probes.setdefault(ctx_rel[c], []).append(i)
+        decoded = set(probes)
+        if probes:
+            claims = decode_claims(m_, rq, probes, entity, relation_cardinality(vindex))
+        for L in scanned if neutral else ():
+            xs, acts = rq.per_context[L][neutral], rq.per_context_act[L][neutral]
             if combine == "mean":
-                xs, acts, rels = xs.mean(dim=0, keepdim=True), acts.mean(dim=0, keepdim=True), [None]
+                xs, acts = xs.mean(dim=0, keepdim=True), acts.mean(dim=0, keepdim=True)
             best: dict[int, _Hit] = {}
-            for x, a, rel in zip(xs, acts, rels):
+            for x, a in zip(xs, acts):
                 s = vindex.gate_scores(L, x)
                 ranking = a if (score == "activation" and a.numel() == s.numel()) else s
                 for h in _layer_hits(s, ranking, L, k, unit, s):
-                    if rel is not None and labs0.label(L, h.feature) != rel:
-                        continue  # a relation probe only vouches for features of its relation
                     old = best.get(h.feature)
                     if old is None or h.gate > old.gate:
                         best[h.feature] = h
             hits += sorted(best.values(), key=lambda h: -h.gate)[:k]
     labs = labels if labels is not None else labels_for(vindex)
     edges = _aggregate(vindex, entity, hits, thr, unit, token_filter, labs, probe_only)
+    if decoded:
+        edges = _merge_claims(vindex, entity, edges, claims, decoded, unit)
     edges += _knn_edges(vindex, entity, knn_entries, labs)
     if relations_only:
         edges = [e for e in edges if e.relation]
-    edges.sort(key=lambda e: (-e.gate, e.layer, e.feature))
+    edges.sort(key=lambda e: (not e.decoded, -e.gate, e.layer, e.feature))
     max_gate = max([0.0] + [e.gate for e in edges])
     return DescribeResult(found=True, edges=tuple(edges), max_gate=max_gate, signal=signal_label(max_gate, unit),
                           contexts=used_contexts, latency_ms=(time.perf_counter() - t0) * 1e3, **base)
@@ -318,6 +328,38 @@ def _aggregate(vindex, entity: str, hits: list[_Hit], thr: float, unit: str, tok
             also=g["also"], also_readable=g["also_readable"], relation=got[0] if got else None,
             source=got[1] if got else None, band=section_of(vindex, b.layer),
         ))
+    return out
+
+
+def _merge_claims(vindex, entity: str, edges: list[Edge], claims: list[Claim], decoded: set[str],
+                  unit: str) -> list[Edge]:
+    """Decoded claims become the labelled edges of their relations: a per-feature edge keeps no
+    label of a decoded relation (its static token is not what the entity's context writes), and
+    one naming a claimed token gives way to the claim."""
+    out: list[Edge] = []
+    claimed = set()
+    for c in claims:
+        gate = c.z if unit == "z" else c.logit
+        claimed.add(c.text.lower())
+        meta = vindex.feature_meta(c.layer, c.feature)
+        also_readable: tuple[str, ...] = ()
+        if meta is not None:
+            ent = entity.strip().lower()
+            also_readable = tuple(t.strip() for t, _i, v in meta.top_k
+                                  if v > 0 and not same_token(t, c.text) and t.strip().lower() != ent
+                                  and readable(t))[:5]
+        out.append(Edge(
+            target=c.text, target_id=c.token_id, gate=gate, score=c.logit, z=c.z, layer=c.layer,
+            feature=c.feature, layers=c.layers or (c.layer,), count=max(1, c.count), c_score=c.prob,
+            also=tuple(t for t in also_readable if content(t))[:3], also_readable=also_readable,
+            relation=c.relation, source="probe", band=section_of(vindex, c.layer), decoded=True,
+        ))
+    for e in edges:
+        if e.target.lower() in claimed:
+            continue
+        if e.relation in decoded:
+            e = replace(e, relation=None, source=None)
+        out.append(e)
     return out
 
 
