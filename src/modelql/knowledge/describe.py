@@ -6,14 +6,24 @@ Two query modes:
   the gates of every scanned layer. With ``threshold=5.0`` (``REFERENCE_THRESHOLD``) and the
   default token filters this is LARQL's pipeline, for parity checks.
 * ``"residual"`` — modelql's, the default when the vindex has weights: the entity is run through
-  short contexts and each layer is queried with its *own* FFN input `x_L` at the context's last
-  token (§15.2). Contexts are the neutral ones (`queries.DEFAULT_CONTEXTS`: "{X}", "about {X}")
-  plus, on a probe-labelled vindex, one *relation probe* per labelled relation (its probe
-  template, e.g. "The capital of {X} is"); a relation probe only vouches for features carrying
-  that relation's label. A feature's strength is its FFN activation `act(g·x)·(u·x)` — what it
-  actually writes, with the sign the up projection gives it — so a gate that fires "backwards"
-  is not reported as promoting its top token (§15.3). Hits of several contexts are combined
-  per feature by their maximum (`combine="max"`).
+  short contexts, each layer's FFN input `x_L` and activations captured at the context's last
+  token (§15.2). Two kinds of contexts, two kinds of edges:
+
+  - **relation probes** (a probe-labelled vindex: one per labelled relation, its probe template,
+    e.g. "The capital of {X} is") give the *labelled claims*: the relation's answer is decoded
+    from the residual at the probe's last position (final norm + unembedding: everything the
+    entity's features and attention wrote), grown into the phrase the model goes on writing
+    ("Mexico City"), and attributed to the features whose writes contribute most to its logit
+    (`knowledge.decode`: why the residual and not one feature's static token). Such an edge is
+    `decoded`, its source "probe"; a multi-valued relation (≥ 1.25 objects per subject in the
+    labelling triples) claims every answer within ln 2 of the top one. Decoded claims come first
+    in `edges`.
+  - **neutral contexts** (`queries.DEFAULT_CONTEXTS`: "{X}", "about {X}") give per-feature edges
+    as before: features ranked by their activation `act(g·x)·(u·x)` (the sign the up projection
+    gives it, §15.3), named by their static down_meta top token; several contexts are combined
+    per feature by their maximum (`combine="max"`). Such an edge keeps no label of a relation
+    that was decoded (its static token names what the feature promotes for every input, not
+    what this entity's context writes); one naming a claimed target is dropped for the claim.
 
 Thresholds (``threshold=None``, the default) are scale-free (§15.1): each candidate is scored by
 its z-score within its own layer, `z = (s_f − mean(s)) / std(s)` over *all* F features of the
@@ -23,16 +33,36 @@ model whose raw scores never reach 5.0 (small embedding norms: Llama/Mistral, or
 default model, where |g·q| < 1) still shows its edges. A numeric ``threshold`` switches to the
 reference's absolute signed gate score.
 
-Measured on the embedded default model (``python bench/describe.py --sweep``, all 244
-countries): recall of labelled facts 0 % (embedding, 5.0: no edges at all), 0.2 % (embedding,
-z ≥ 4), 26.2 % (residual with relation probes, the default; ≈ 4 % with the neutral contexts
-alone, on a 60-country sample); z ∈ [2, 4] changes recall by < 1 point, z = 6 loses 4 points:
-4.0 is the default. Precision stays low (≈ 7 %) on that model because its FFN features are
-polysemantic (a "capital" feature promotes the capitals of a whole region): see the
-per-relation table of bench/describe.py.
+Measured on the embedded default model (``python bench/describe.py --sample 60``, 60-country
+sample, precision / recall of labelled edges, latency p50 on a shared 2-core CPU):
 
-Edges are aggregated by target token (lowercase), labelled (probe label, else cluster label),
-sorted by gate (descending) and bucketed into the band sections of the best layer.
+=========  ==================  ========================  ===============================
+relation   embedding, 5.0      residual, static labels   residual, decoded claims (now)
+=========  ==================  ========================  ===============================
+capital    — / 0 %             1.1 / 6.8 %               89.8 / 89.8 %
+continent  — / 0 %             13.1 / 43.3 %             100 / 100 %
+subregion  — / 0 %             8.0 / 43.3 %              71.7 / 71.7 %
+language   — / 0 %             15.3 / 39.1 %             85.7 / 78.2 %
+currency   — / 0 %             7.1 / 27.1 %              86.4 / 86.4 %
+demonym    — / 0 %             0.0 / 0.0 %               93.3 / 96.6 %
+borders    — / 0 %             5.8 / 23.3 %              60.3 / 60.3 %
+all        — / 0 %             6.4 / 26.5 %              80.0 / 79.2 %
+latency    2 ms                116 ms                    ≈ 100–150 ms
+=========  ==================  ========================  ===============================
+
+The static-label column is the previous residual mode (each edge's target = its feature's
+down_meta top token, label = the feature's probe label): on this model the FFN features are
+polysemantic (a "capital" feature promotes the capitals of a whole region), so precision stayed
+≈ 7 %. ``--shares`` shows why the claims decode the whole residual: the FFNs write ≈ 56–73 % of
+the answer's logit, but their write alone decodes to a true capital for only 56 % of countries
+(90 % for the residual) — attention, copying from the entity, picks the country out of the
+region. With static edges only, z ∈ [2, 4] changed recall by < 1 point and z = 6 lost 4 points:
+4.0 is the default for per-feature edges; claims are not thresholded (the decode's top answer
+is the claim; neither its logit z nor its probability separates right from wrong answers).
+
+Per-feature edges are aggregated by target token (lowercase), labelled (probe label, else
+cluster label); all edges are sorted claims first, then by gate (descending), and bucketed into
+the band sections of their best layer.
 """
 
 from __future__ import annotations
@@ -202,7 +232,11 @@ def describe(
       absolute signed gate score (5.0 = LARQL).
     token_filter: "content" (LQL: content tokens, coherence filter) or "light" (the server
       variant: any token of ≥ 2 chars).
-    probe_only: only probe labels count (the server variant); else cluster labels are the fallback.
+    probe_only: only probe labels count (the server variant; decoded claims are probe-derived);
+      else cluster labels are the fallback.
+    contexts: residual-mode contexts: plain strings are neutral (per-feature edges), `(template,
+      relation)` pairs are relation probes (decoded claims); None ⇒ the neutral defaults plus the
+      vindex's probe templates.
     knn_entries: KNN-store facts (objects with entity, relation, target_token / target_id,
       confidence, layer) appended as edges when their entity matches.
     """
