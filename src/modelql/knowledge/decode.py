@@ -120,15 +120,24 @@ def _down(model, layer: int, n_features: int) -> torch.Tensor | None:
 
 def attribute(model, acts: Mapping[int, torch.Tensor], finals: torch.Tensor, token_id: int) -> dict[int, torch.Tensor]:
     """layer → per-feature contribution to the token's (relative) logit, averaged over the
-    contexts: `acts[L]` [C, F] activations, `finals` [C, H] final residuals."""
+    contexts: `acts[L]` [C, F] activations, `finals` [C, H] final residuals. A norm after the FFN
+    (Gemma 2/3) is linearised like the final one, at the layer's own output."""
+    spec = model.spec
     dirs = torch.stack([token_direction(model, f, token_id) for f in finals])  # [C, H]
     out = {}
     for L, a in acts.items():
         d = _down(model, L, a.shape[-1])
         if d is None:
             continue
-        proj = dirs @ d.float()  # [C, F]: d_f · v_t per context
-        out[L] = (a.float() * proj).mean(dim=0)
+        a = a.float()
+        v = dirs
+        if spec.post_ffn_norm:
+            w = model.weights[f"layers.{L}.post_ffn_norm.weight"].float()
+            gamma = w + spec.norm_weight_offset if spec.norm_weight_offset else w
+            pre = a @ d.float().T  # [C, H]: the FFN output before its norm
+            v = dirs * gamma * torch.rsqrt(pre.pow(2).mean(-1, keepdim=True) + spec.norm_eps)
+        proj = v @ d.float()  # [C, F]: d_f · v_t per context
+        out[L] = (a * proj).mean(dim=0)
     return out
 
 
