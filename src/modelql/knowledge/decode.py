@@ -24,8 +24,13 @@ How many claims: one (the top token) per relation, or — for relations whose tr
 several objects per subject on average (`MULTI_VALUED_MIN`, recorded at labelling time) — every
 token within `MULTI_LOGPROB_GAP` nats of the top one. Each claimed token grows into the phrase
 the model goes on writing ("Mexico" → "Mexico City", " US" → "US Dollar"), and a claim must hold
-a content word and not be the entity itself. Thresholds are scale-free: the claim's strength is the z-score of its logit
-among the whole vocabulary.
+a content word. A multi-valued relation never claims the entity itself (the model's list of
+neighbours echoes the subject: "France shares a border with France"); a single-valued one may
+(the capital of Luxembourg is Luxembourg: measured on all 244 countries, allowing it adds 6
+capital claims and raises capital precision, 87.6 → 87.9 %).
+
+Nothing here depends on a score scale: the claim is the decode's argmax (multi-valued: a
+probability ratio), and its reported strength is the z-score of its logit among the vocabulary.
 """
 
 from __future__ import annotations
@@ -161,7 +166,7 @@ def _group(contribs: dict[int, torch.Tensor]) -> tuple[int, int, float, tuple[in
 
 
 def _phrase_ok(text: str, entity: str) -> bool:
-    """A claimable phrase: at most 40 characters, some content word, not the entity itself."""
+    """A claimable phrase: at most 40 characters, some content word, not `entity` ("" = any)."""
     t = text.strip()
     return (0 < len(t) <= 40 and t.lower() != entity.strip().lower()
             and (content(t) or any(content(w) for w in t.split())))
@@ -245,7 +250,8 @@ def decode_claims(model, rq, relation_contexts: Mapping[str, Sequence[int]], ent
     out: list[Claim] = []
     seen = set()
     for (rel, ix, t, st), text in zip(todo, texts):
-        if not _phrase_ok(text, entity) or (rel, text.lower()) in seen:
+        multi = card.get(rel, 1.0) >= MULTI_VALUED_MIN
+        if not _phrase_ok(text, entity if multi else "") or (rel, text.lower()) in seen:
             continue
         seen.add((rel, text.lower()))
         acts = {L: a[ix] for L, a in rq.per_context_act.items()}

@@ -34,21 +34,23 @@ default model, where |g·q| < 1) still shows its edges. A numeric ``threshold`` 
 reference's absolute signed gate score.
 
 Measured on the embedded default model (``python bench/describe.py --sample 60``, 60-country
-sample, precision / recall of labelled edges, latency p50 on a shared 2-core CPU):
+sample, and ``--modes residual/z`` over all 244 countries; precision / recall of labelled edges;
+latency p50 per DESCRIBE on a shared 2-core CPU, one torch thread):
 
-=========  ==================  ========================  ===============================
-relation   embedding, 5.0      residual, static labels   residual, decoded claims (now)
-=========  ==================  ========================  ===============================
-capital    — / 0 %             1.1 / 6.8 %               89.8 / 89.8 %
-continent  — / 0 %             13.1 / 43.3 %             100 / 100 %
-subregion  — / 0 %             8.0 / 43.3 %              71.7 / 71.7 %
-language   — / 0 %             15.3 / 39.1 %             85.7 / 78.2 %
-currency   — / 0 %             7.1 / 27.1 %              86.4 / 86.4 %
-demonym    — / 0 %             0.0 / 0.0 %               93.3 / 96.6 %
-borders    — / 0 %             5.8 / 23.3 %              60.3 / 60.3 %
-all        — / 0 %             6.4 / 26.5 %              80.0 / 79.2 %
-latency    2 ms                116 ms                    ≈ 100–150 ms
-=========  ==================  ========================  ===============================
+=========  ==============  =======================  ======================  =====================
+relation   embedding, 5.0  residual, static labels  residual, decoded       decoded, all 244
+                           (before, 60)             claims (now, 60)        countries
+=========  ==============  =======================  ======================  =====================
+capital    — / 0 %         1.1 / 6.8 %              89.8 / 89.8 %           87.9 / 86.8 %
+continent  — / 0 %         13.1 / 43.3 %            100 / 100 %             100 / 100 %
+subregion  — / 0 %         8.0 / 43.3 %             71.7 / 71.7 %           64.8 / 64.8 %
+language   — / 0 %         15.3 / 39.1 %            85.7 / 78.2 %           83.9 / 78.8 %
+currency   — / 0 %         7.1 / 27.1 %             86.4 / 86.4 %           91.7 / 90.5 %
+demonym    — / 0 %         0.0 / 0.0 %              93.3 / 96.6 %           93.0 / 96.2 %
+borders    — / 0 %         5.8 / 23.3 %             60.3 / 60.3 %           59.6 / 57.2 %
+all        — / 0 %         6.4 / 26.5 %             80.0 / 79.2 %           78.8 / 77.2 %
+latency    2 ms            116 ms                   ≈ 100–130 ms            ≈ 125 ms
+=========  ==============  =======================  ======================  =====================
 
 The static-label column is the previous residual mode (each edge's target = its feature's
 down_meta top token, label = the feature's probe label): on this model the FFN features are
