@@ -57,7 +57,7 @@ MAX_PHRASE_TOKENS = 6
 #: Lowercase words that end a phrase (a clause or list goes on, not the name).
 PHRASE_STOP = frozenset("and or is was are were which that who where with in on at but has have for as".split())
 
-_cache: "weakref.WeakKeyDictionary[object, dict]" = weakref.WeakKeyDictionary()
+_cache: "weakref.WeakKeyDictionary[object, torch.Tensor]" = weakref.WeakKeyDictionary()
 _lock = threading.Lock()
 
 
@@ -80,22 +80,14 @@ class Claim:
     ffn_logit: float  # all scanned features' contribution to `logit`
 
 
-def _model_tables(model) -> dict:
-    """Per-model constants: every token's text and the mean unembedding row."""
+def _mean_row(model) -> torch.Tensor:
+    """The mean unembedding row (cached per model): logits are read relative to their mean."""
     with _lock:
         got = _cache.get(model)
-    if got is not None:
-        return got
-    W = model.lm_head.float()
-    tok = model.tokenizer
-    V = W.shape[0]
-    texts = [tok.decode([i], skip_special_tokens=True).strip() if tok is not None else "" for i in range(V)]
-    got = {
-        "mean_row": W.mean(dim=0),
-        "texts": texts,
-    }
-    with _lock:
-        _cache[model] = got
+    if got is None:
+        got = model.lm_head.float().mean(dim=0)
+        with _lock:
+            _cache[model] = got
     return got
 
 
@@ -103,10 +95,9 @@ def token_direction(model, final: torch.Tensor, token_id: int) -> torch.Tensor:
     """The residual direction `v` with `v · c` = a component `c`'s contribution to
     `logit[token] − mean(logit)`, the final norm's scale frozen at the residual `final` [H]."""
     spec = model.spec
-    tables = _model_tables(model)
     w = model.weights["final_norm.weight"].float()
     gamma = w + spec.norm_weight_offset if spec.norm_weight_offset else w
-    v = gamma * (model.lm_head[token_id].float() - tables["mean_row"])
+    v = gamma * (model.lm_head[token_id].float() - _mean_row(model))
     x = final.float()
     if spec.norm == "layer":
         xc = x - x.mean()
@@ -172,11 +163,12 @@ def _phrase_ok(text: str, entity: str) -> bool:
             and (content(t) or any(content(w) for w in t.split())))
 
 
-def extend_phrases(model, prompt_ids: Sequence[list[int]], first: Sequence[int],
+def extend_phrases(model, tokenizer, prompt_ids: Sequence[list[int]], first: Sequence[int],
                    max_tokens: int = MAX_PHRASE_TOKENS) -> list[list[int]]:
     """Greedy continuation of each `prompt + [first]` while the model goes on naming the same
-    thing: stop at an end-of-sequence id, a punctuation token, or a `PHRASE_STOP` word. Returns
-    each phrase's ids (first id included). Rows of equal length run as one batch."""
+    thing: stop at an end-of-sequence id, a special or blank token (a lone space goes on: some
+    tokenizers spell " euro" as " ", "e", "uro"), a punctuation token, or a `PHRASE_STOP` word.
+    Returns each phrase's ids (first id included). Rows of equal length run as one batch."""
     from ..runtime.generate import eos_token_ids
 
     eos = eos_token_ids(model)
@@ -193,11 +185,11 @@ def extend_phrases(model, prompt_ids: Sequence[list[int]], first: Sequence[int],
             ids = torch.tensor([list(prompt_ids[i]) + phrases[i] for i in idxs])
             nxt = model.forward(ids, logits="last").argmax(dim=-1).tolist()
             for i, t in zip(idxs, nxt):
-                raw = model.tokenizer.decode([t], skip_special_tokens=True)
+                raw = tokenizer.decode([t], skip_special_tokens=True)
                 word = raw.strip()
-                if t in eos or (word and not any(c.isalnum() for c in word)) or word.lower() in PHRASE_STOP \
-                        or (raw and not raw.strip() and raw != " "):
-                    continue
+                if t in eos or not raw or (raw != " " and not word) or word.lower() in PHRASE_STOP \
+                        or (word and not any(c.isalnum() for c in word)):
+                    continue  # end of text, a special/blank token, a stop word or punctuation
                 phrases[i].append(int(t))
                 still.append(i)
         active = still
@@ -221,14 +213,16 @@ def candidates(logits: torch.Tensor, cardinality: float = 1.0) -> tuple[list[int
 
 
 def decode_claims(model, rq, relation_contexts: Mapping[str, Sequence[int]], entity: str,
-                  cardinality: Mapping[str, float] | None = None) -> list[Claim]:
+                  cardinality: Mapping[str, float] | None = None, tokenizer=None) -> list[Claim]:
     """Every relation's claims from a `ResidualQuery` captured `with_logits`:
     `relation_contexts` maps a relation to the indices of its probe contexts in `rq.contexts`
     (the first one's prompt is the one the claimed tokens are continued from)."""
     if rq.logits is None or rq.final is None:
         raise ValueError("the residual query has no logits (use residual_query(..., with_logits=True))")
     card = cardinality or {}
-    tables = _model_tables(model)
+    tok = model.tokenizer if model.tokenizer is not None else tokenizer
+    if tok is None:
+        raise ValueError("the relation decode needs a tokenizer")
     todo: list[tuple[str, torch.Tensor, int, dict]] = []  # (relation, context indices, token, stats)
     prompts: list[list[int]] = []
     for rel, idx in relation_contexts.items():
@@ -236,17 +230,12 @@ def decode_claims(model, rq, relation_contexts: Mapping[str, Sequence[int]], ent
             continue
         ix = torch.tensor(list(idx))
         cands, stats = candidates(rq.logits[ix], card.get(rel, 1.0))
-        ids = None
-        if model.tokenizer is not None:
-            ids = model.tokenizer.encode(rq.contexts[idx[0]].replace("{X}", entity), add_special_tokens=True)
+        ids = tok.encode(rq.contexts[idx[0]].replace("{X}", entity), add_special_tokens=True)
         for t in cands:
             todo.append((rel, ix, t, stats))
             prompts.append(ids)
-    if todo and all(p for p in prompts):
-        phrases = extend_phrases(model, prompts, [t for _r, _i, t, _s in todo])
-        texts = [model.tokenizer.decode(p, skip_special_tokens=True).strip() for p in phrases]
-    else:
-        texts = [tables["texts"][t] for _r, _i, t, _s in todo]
+    phrases = extend_phrases(model, tok, prompts, [t for _r, _i, t, _s in todo]) if todo else []
+    texts = [tok.decode(p, skip_special_tokens=True).strip() for p in phrases]
     out: list[Claim] = []
     seen = set()
     for (rel, ix, t, st), text in zip(todo, texts):

@@ -286,7 +286,7 @@ def describe(
                 probes.setdefault(ctx_rel[c], []).append(i)
         decoded = set(probes)
         if probes:
-            claims = decode_claims(m_, rq, probes, entity, relation_cardinality(vindex))
+            claims = decode_claims(m_, rq, probes, entity, relation_cardinality(vindex), vindex.tokenizer)
         for L in scanned if neutral else ():
             xs, acts = rq.per_context[L][neutral], rq.per_context_act[L][neutral]
             if combine == "mean":
