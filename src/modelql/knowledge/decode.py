@@ -56,6 +56,9 @@ MAX_CLAIMS = 8
 MAX_PHRASE_TOKENS = 6
 #: Lowercase words that end a phrase (a clause or list goes on, not the name).
 PHRASE_STOP = frozenset("and or is was are were which that who where with in on at but has have for as".split())
+#: Marks that may join the words of one name when no space surrounds them ("Sub-Saharan", "Sana'a");
+#: not "." (after a sentence the next one may start glued: "Paris.The").
+INTRA_WORD = frozenset({"-", "'", "’"})
 
 _cache: "weakref.WeakKeyDictionary[object, torch.Tensor]" = weakref.WeakKeyDictionary()
 _lock = threading.Lock()
@@ -167,12 +170,14 @@ def extend_phrases(model, tokenizer, prompt_ids: Sequence[list[int]], first: Seq
                    max_tokens: int = MAX_PHRASE_TOKENS) -> list[list[int]]:
     """Greedy continuation of each `prompt + [first]` while the model goes on naming the same
     thing: stop at an end-of-sequence id, a special or blank token (a lone space goes on: some
-    tokenizers spell " euro" as " ", "e", "uro"), a punctuation token, or a `PHRASE_STOP` word.
+    tokenizers spell " euro" as " ", "e", "uro"), a `PHRASE_STOP` word, or punctuation — except
+    an `INTRA_WORD` mark directly followed by a glued word ("Sub-Saharan", "Nur-Sultan").
     Returns each phrase's ids (first id included). Rows of equal length run as one batch."""
     from ..runtime.generate import eos_token_ids
 
     eos = eos_token_ids(model)
     phrases = [[int(t)] for t in first]
+    glued = [False] * len(phrases)  # the phrase ends with an intra-word mark that needs a glued word
     active = [i for i, t in enumerate(first) if int(t) not in eos]
     for _step in range(max_tokens):
         if not active:
@@ -187,12 +192,23 @@ def extend_phrases(model, tokenizer, prompt_ids: Sequence[list[int]], first: Seq
             for i, t in zip(idxs, nxt):
                 raw = tokenizer.decode([t], skip_special_tokens=True)
                 word = raw.strip()
-                if t in eos or not raw or (raw != " " and not word) or word.lower() in PHRASE_STOP \
-                        or (word and not any(c.isalnum() for c in word)):
-                    continue  # end of text, a special/blank token, a stop word or punctuation
+                wordlike = any(c.isalnum() for c in word)
+                if glued[i] and not (wordlike and raw == raw.lstrip()):
+                    phrases[i].pop()  # "Paris" "." " It": the mark ended the phrase
+                    continue
+                glued[i] = False
+                if t in eos or not raw or (raw != " " and not word) or word.lower() in PHRASE_STOP:
+                    continue  # end of text, a special/blank token, a stop word
+                if not wordlike:
+                    if raw != word or word not in INTRA_WORD:
+                        continue  # punctuation ends the phrase
+                    glued[i] = True  # "Sub" "-" "Saharan", "Sana" "'" "a": kept if a glued word follows
                 phrases[i].append(int(t))
                 still.append(i)
         active = still
+    for i, g in enumerate(glued):
+        if g:
+            phrases[i].pop()
     return phrases
 
 

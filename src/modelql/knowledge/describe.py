@@ -41,16 +41,19 @@ latency p50 per DESCRIBE on a shared 2-core CPU, one torch thread):
 relation   embedding, 5.0  residual, static labels  residual, decoded       decoded, all 244
                            (before, 60)             claims (now, 60)        countries
 =========  ==============  =======================  ======================  =====================
-capital    — / 0 %         1.1 / 6.8 %              89.8 / 89.8 %           87.9 / 86.8 %
+capital    — / 0 %         1.1 / 6.8 %              89.8 / 89.8 %           92.1 / 90.9 %
 continent  — / 0 %         13.1 / 43.3 %            100 / 100 %             100 / 100 %
-subregion  — / 0 %         8.0 / 43.3 %             71.7 / 71.7 %           64.8 / 64.8 %
+subregion  — / 0 %         8.0 / 43.3 %             93.3 / 93.3 %           90.6 / 90.6 %
 language   — / 0 %         15.3 / 39.1 %            85.7 / 78.2 %           83.9 / 78.8 %
-currency   — / 0 %         7.1 / 27.1 %             86.4 / 86.4 %           91.7 / 90.5 %
-demonym    — / 0 %         0.0 / 0.0 %              93.3 / 96.6 %           93.0 / 96.2 %
-borders    — / 0 %         5.8 / 23.3 %             60.3 / 60.3 %           59.6 / 57.2 %
-all        — / 0 %         6.4 / 26.5 %             80.0 / 79.2 %           78.8 / 77.2 %
-latency    2 ms            116 ms                   ≈ 100–130 ms            ≈ 125 ms
+currency   — / 0 %         7.1 / 27.1 %             86.4 / 86.4 %           91.7 / 90.9 %
+demonym    — / 0 %         0.0 / 0.0 %              95.0 / 98.3 %           93.4 / 97.4 %
+borders    — / 0 %         5.8 / 23.3 %             60.3 / 60.3 %           59.6 / 57.4 %
+all        — / 0 %         6.4 / 26.5 %             82.7 / 81.9 %           82.3 / 80.8 %
+latency    2 ms            116 ms                   ≈ 100–130 ms (quiet)    ≈ 125 ms (quiet)
 =========  ==============  =======================  ======================  =====================
+
+(Latency: ≈ 8 small forward passes per DESCRIBE — 2 neutral + 7 probe contexts batched by
+length, then the phrase continuations; it grows ×10 when the shared machine is loaded.)
 
 The static-label column is the previous residual mode (each edge's target = its feature's
 down_meta top token, label = the feature's probe label): on this model the FFN features are
