@@ -8,13 +8,14 @@ capitals of a whole region), so per-feature edges name neighbours as often as th
 What is decoded instead: the entity is run through its relation's probe template(s) ("The
 capital of {X} is") and the claim is the top token of the last position's residual read through
 the final norm and unembedding — the sum of everything the entity's features (and attention)
-wrote in that context. Measured on the embedded default model (60-country sample, capital
-template): the FFN writes ≈ 64 % of the answer's logit (attention the rest, copying from the
-entity), but the FFN's write alone decodes to the right capital for only 56 % of countries (it
-names the region: "Riga" for Finland, "Brussels" for Germany); the whole residual decodes to it
-for 90 %. So the residual is decoded, and the claim is tied to features by direct logit
-attribution: each feature's contribution to the claimed token's logit (relative to the mean
-logit), `a_f · (d_f · v_t)` with `v_t = γ ⊙ (W_U[t] − mean W_U) / rms(r)` the token's direction
+wrote in that context. Measured on the embedded default model (`bench/describe.py --shares`,
+60-country sample, capital template): on the 54-epoch model the FFNs wrote ≈ 64 % of the
+answer's logit (attention the rest, copying from the entity), but the FFNs' write alone decoded
+to the right capital for only 56 % of countries (it named the region: "Riga" for Finland,
+"Brussels" for Germany) against 90 % for the whole residual; on the 80-epoch retrain the FFNs
+write ≈ 80 % and their write alone is as good as the residual (96.6 %). So the residual is
+decoded (right on both), and the claim is tied to features by direct logit attribution: each
+feature's contribution to the claimed token's logit (relative to the mean logit), `a_f · (d_f · v_t)` with `v_t = γ ⊙ (W_U[t] − mean W_U) / rms(r)` the token's direction
 at the final norm, frozen at the context's own residual `r`. The edge's layer/feature is the
 largest contributor; its layers/count are the smallest group of top contributors that writes
 half of the features' total positive contribution. A claim the scanned layers' features do not
@@ -26,8 +27,8 @@ token within `MULTI_LOGPROB_GAP` nats of the top one. Each claimed token grows i
 the model goes on writing ("Mexico" → "Mexico City", " US" → "US Dollar"), and a claim must hold
 a content word. A multi-valued relation never claims the entity itself (the model's list of
 neighbours echoes the subject: "France shares a border with France"); a single-valued one may
-(the capital of Luxembourg is Luxembourg: measured on all 244 countries, allowing it adds 6
-capital claims and raises capital precision, 87.6 → 87.9 %).
+(the capital of Luxembourg is Luxembourg: on the 54-epoch model, all 244 countries, allowing it
+added 6 capital claims and raised capital precision, 87.6 → 87.9 %).
 
 Nothing here depends on a score scale: the claim is the decode's argmax (multi-valued: a
 probability ratio), and its reported strength is the z-score of its logit among the vocabulary.

@@ -33,37 +33,42 @@ model whose raw scores never reach 5.0 (small embedding norms: Llama/Mistral, or
 default model, where |g·q| < 1) still shows its edges. A numeric ``threshold`` switches to the
 reference's absolute signed gate score.
 
-Measured on the embedded default model (``python bench/describe.py --sample 60``, 60-country
-sample, and ``--modes residual/z`` over all 244 countries; precision / recall of labelled edges;
-latency p50 per DESCRIBE on a shared 2-core CPU, one torch thread):
+Measured on the embedded default model (the 80-epoch retrain; ``python bench/describe.py
+--sample 60``, its 60-country sample, and ``--modes residual/z`` over all 244 countries;
+precision / recall of labelled edges; latency p50 per DESCRIBE, one torch thread, shared CPU):
 
 =========  ==============  =======================  ======================  =====================
 relation   embedding, 5.0  residual, static labels  residual, decoded       decoded, all 244
                            (before, 60)             claims (now, 60)        countries
 =========  ==============  =======================  ======================  =====================
-capital    — / 0 %         1.1 / 6.8 %              89.8 / 89.8 %           92.1 / 90.9 %
-continent  — / 0 %         13.1 / 43.3 %            100 / 100 %             100 / 100 %
-subregion  — / 0 %         8.0 / 43.3 %             93.3 / 93.3 %           90.6 / 90.6 %
-language   — / 0 %         15.3 / 39.1 %            85.7 / 78.2 %           83.9 / 78.8 %
-currency   — / 0 %         7.1 / 27.1 %             86.4 / 86.4 %           91.7 / 90.9 %
-demonym    — / 0 %         0.0 / 0.0 %              95.0 / 98.3 %           93.4 / 97.4 %
-borders    — / 0 %         5.8 / 23.3 %             60.3 / 60.3 %           59.6 / 57.4 %
-all        — / 0 %         6.4 / 26.5 %             82.7 / 81.9 %           82.3 / 80.8 %
-latency    2 ms            116 ms                   ≈ 100–130 ms (quiet)    ≈ 125 ms (quiet)
+capital    — / 0 %         2.8 / 15.3 %             94.9 / 94.9 %           98.8 / 98.4 %
+continent  — / 0 %         14.8 / 75.0 %            100 / 100 %             100 / 100 %
+subregion  — / 0 %         8.4 / 58.3 %             100 / 100 %             100 / 100 %
+language   — / 0 %         10.5 / 48.3 %            97.1 / 79.3 %           95.5 / 81.8 %
+currency   — / 0 %         3.1 / 22.0 %             96.7 / 98.3 %           96.3 / 96.7 %
+demonym    — / 0 %         2.3 / 10.3 %             96.7 / 100 %            95.9 / 100 %
+borders    — / 0 %         6.3 / 20.5 %             67.2 / 54.8 %           69.8 / 51.1 %
+all        — / 0 %         6.9 / 34.0 %             90.1 / 83.4 %           91.0 / 82.1 %
+latency    2–6 ms          ≈ 110 ms                 ≈ 70–270 ms (load)      69 ms
 =========  ==============  =======================  ======================  =====================
 
-(Latency: ≈ 8 small forward passes per DESCRIBE — 2 neutral + 7 probe contexts batched by
-length, then the phrase continuations; it grows ×10 when the shared machine is loaded.)
+On the previous (54-epoch) model the same code measured capital 89.8 / 89.8 % (60) and
+92.1 / 90.9 % (244), all relations 82.7 / 81.9 % (60), against 1.1 / 6.8 % and 6.4 / 26.5 % for
+the static labels. A DESCRIBE costs ≈ 8 small forward passes: the 2 neutral and 7 probe contexts
+(batched by token length), then the answers' phrase continuations.
 
 The static-label column is the previous residual mode (each edge's target = its feature's
-down_meta top token, label = the feature's probe label): on this model the FFN features are
-polysemantic (a "capital" feature promotes the capitals of a whole region), so precision stayed
-≈ 7 %. ``--shares`` shows why the claims decode the whole residual: the FFNs write ≈ 56–73 % of
-the answer's logit, but their write alone decodes to a true capital for only 56 % of countries
-(90 % for the residual) — attention, copying from the entity, picks the country out of the
-region. With static edges only, z ∈ [2, 4] changed recall by < 1 point and z = 6 lost 4 points:
-4.0 is the default for per-feature edges; claims are not thresholded (the decode's top answer
-is the claim; neither its logit z nor its probability separates right from wrong answers).
+down_meta top token, label = the feature's probe label): FFN features are polysemantic (a
+"capital" feature promotes the capitals of a whole region), so precision stays < 15 %.
+``--shares`` shows who writes the answer: on the 54-epoch model the FFNs wrote 56–73 % of the
+answer's logit and their write alone decoded to a true capital for only 56 % of countries (90 %
+for the whole residual: attention, copying from the entity, picked the country out of the
+region); on the 80-epoch model the FFNs write 76–88 % and their write alone is nearly as good
+(capital 96.6 % either way). Decoding the whole residual and attributing it to features holds
+on both. With static edges only, z ∈ [2, 4] changed recall by < 1 point and z = 6 lost 4
+points: 4.0 is the default for per-feature edges; claims are not thresholded (the decode's top
+answer is the claim; neither its logit z nor its probability separated right from wrong
+answers on the 54-epoch model).
 
 Per-feature edges are aggregated by target token (lowercase), labelled (probe label, else
 cluster label); all edges are sorted claims first, then by gate (descending), and bucketed into
