@@ -130,7 +130,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.sweep:
         from modelql.knowledge.describe import DEFAULT_MIN_Z
 
-        print(f"\nadaptive threshold sweep (residual mode; default z ≥ {DEFAULT_MIN_Z}):")
+        print(f"\nadaptive threshold sweep (residual mode; default z ≥ {DEFAULT_MIN_Z}; it filters the per-feature "
+              "edges only: decoded claims are not thresholded):")
         sweep = []
         for z in (2.0, 3.0, 4.0, 5.0, 6.0, 8.0):
             s = score_describe(lambda e, z=z: describe(vx, e, mode="residual", min_z=z), ents, truth, relations,
