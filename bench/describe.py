@@ -5,13 +5,21 @@
     python bench/describe.py --sample 40     # a deterministic sample of countries
     python bench/describe.py --vindex X.vindex --triples facts.tsv
     python bench/describe.py --sweep         # precision/recall per adaptive threshold (z)
+    python bench/describe.py --shares        # who writes the answer: FFN vs attention logit shares
 
 Steps: extract the model into a temp vindex (level inference), probe-label it with the facts
 (`modelql label`), then DESCRIBE every entity in three configurations and score the edges:
 
 * ``embedding/ref``   — LARQL's pipeline: entity embedding, absolute threshold 5.0;
 * ``embedding/z``     — the entity embedding with modelql's adaptive (z-score) threshold;
-* ``residual/z``      — modelql's default with weights: per-layer FFN inputs of the entity.
+* ``residual/z``      — modelql's default with weights: relation claims decoded from the entity's
+  probe templates and attributed to features (`knowledge.decode`), plus per-feature edges of
+  the neutral contexts.
+
+``--shares`` measures, per relation on its canonical probe template, how much of the answer's
+logit (minus the mean logit, exact decomposition at the final norm) the FFNs and the attention
+layers write, and how often the FFNs' write alone, or the whole residual, decodes to a true
+answer (why DESCRIBE decodes the residual and attributes it to features, not the FFN alone).
 
 A claim is an edge whose label is a relation of the table; precision = correct claims / claims,
 recall = facts matched by a claim of their relation / facts (see `modelql.knowledge.accuracy`).
@@ -62,6 +70,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--dtype", default="f16", help="vindex storage dtype (f16 | f32)")
     ap.add_argument("--sweep", action="store_true", help="also sweep the adaptive threshold")
+    ap.add_argument("--shares", action="store_true", help="also print FFN / attention shares of the answers")
     ap.add_argument("--modes", default="embedding/ref,embedding/z,residual/z")
     args = ap.parse_args(argv)
 
@@ -121,16 +130,73 @@ def main(argv: list[str] | None = None) -> int:
     if args.sweep:
         from modelql.knowledge.describe import DEFAULT_MIN_Z
 
-        print(f"\nadaptive threshold sweep (residual mode; default z ≥ {DEFAULT_MIN_Z}):")
+        print(f"\nadaptive threshold sweep (residual mode; default z ≥ {DEFAULT_MIN_Z}; it filters the per-feature "
+              "edges only: decoded claims are not thresholded):")
         sweep = []
         for z in (2.0, 3.0, 4.0, 5.0, 6.0, 8.0):
             s = score_describe(lambda e, z=z: describe(vx, e, mode="residual", min_z=z), ents, truth, relations,
                                label=f"z>={z:g}")
             sweep.append(s)
         print(table(sweep, relations))
+    if args.shares:
+        from modelql.knowledge.labels import probe_templates
+
+        print(f"\nwho writes the answer (canonical probe template, {len(ents)} entities):\n")
+        print(shares_table(vx, probe_templates(vx), ents, truth))
     if tmp is not None:
         tmp.cleanup()
     return 0
+
+
+def shares_table(vx, templates, ents, truth) -> str:
+    """Per relation: FFN / attention share of the decoded answer's logit, and how often the FFN
+    write alone vs. the whole residual decodes (top content token) to a true target."""
+    import torch
+
+    from modelql.knowledge.decode import token_direction
+    from modelql.knowledge.queries import model_for
+    from modelql.knowledge.tokens import content
+    from modelql.vindex.clusters import forms
+
+    m = model_for(vx)
+    tok = m.tokenizer
+    n = m.spec.num_layers
+    V = m.lm_head.shape[0]
+    mask = torch.tensor([content(tok.decode([i], skip_special_tokens=True)) for i in range(V)])
+    final = f"blocks.{n - 1}.hook_resid_post"
+    attn = [f"blocks.{i}.hook_attn_out" for i in range(n)]
+    ffn = [f"blocks.{i}.hook_mlp_out" for i in range(n)]
+    lines = [f"{'relation':<11}{'n':>4} {'FFN share':>10} {'attn share':>11} {'FFN-only decode':>16} "
+             f"{'residual decode':>16}", "-" * 72]
+    for rel, ts in templates.items():
+        sa = sf = 0.0
+        ok_f = ok_r = cnt = 0
+        for e in ents:
+            targets = truth.get(e, {}).get(rel)
+            if not targets:
+                continue
+            cache = {}
+
+            def grab(t, name, _c=cache):
+                _c[name] = t[0, -1].float().clone()
+
+            ids = tok.encode(ts[0].replace("{X}", e), add_special_tokens=True)
+            lg = m.forward(torch.tensor([ids]), hooks={k: grab for k in attn + ffn + [final]}, logits="last")[0]
+            top = int(lg.masked_fill(~mask, -1e30).argmax())
+            v = token_direction(m, cache[final], top)
+            a, f = sum(float(v @ cache[k]) for k in attn), sum(float(v @ cache[k]) for k in ffn)
+            sa, sf = sa + a / (a + f), sf + f / (a + f)
+            w = sum(cache[k] for k in ffn)
+            g = m.weights["final_norm.weight"].float()
+            f_top = int((m.lm_head.float() @ (g * w)).masked_fill(~mask, -1e30).argmax())
+            fs = [forms(t) for t in targets]
+            ok_f += any(tok.decode([f_top]).strip().lower() in x for x in fs)
+            ok_r += any(tok.decode([top]).strip().lower() in x for x in fs)
+            cnt += 1
+        if cnt:
+            lines.append(f"{rel:<11}{cnt:>4} {100 * sf / cnt:>9.1f}% {100 * sa / cnt:>10.1f}% {100 * ok_f / cnt:>15.1f}% "
+                         f"{100 * ok_r / cnt:>15.1f}%")
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

@@ -38,9 +38,15 @@ def test_label_command_with_a_triples_file(fresh, tmp_path):
     from modelql.vindex import Vindex
 
     res = describe(Vindex.load(fresh), "France", min_z=2.0)
-    probe = [e for e in res.edges if e.source == "probe"]
-    assert probe and all(e.relation == "capital" and labels[(e.layer, e.feature)] == "capital" for e in probe)
     assert "The capital of {X} is" in res.contexts
+    # the probed relation's claims are decoded from its template; static edges keep no capital label
+    claims = [e for e in res.edges if e.relation == "capital"]
+    assert claims and all(e.decoded and e.source == "probe" for e in claims)
+    assert all(e.relation is None or e.relation != "capital" for e in res.edges if not e.decoded)
+    # neutral contexts only: per-feature edges, labelled by their probe labels
+    static = describe(Vindex.load(fresh), "France", min_z=2.0, contexts=["{X}", "about {X}"])
+    assert all(not e.decoded for e in static.edges)
+    assert all(labels[(e.layer, e.feature)] == "capital" for e in static.edges if e.source == "probe")
 
 
 def test_label_merges_and_replaces(fresh):

@@ -80,8 +80,6 @@ def knows(session, entity: str, relation: str) -> str | None:
     return target if target and top == target.split()[0] else None
 
 
-@pytest.mark.xfail(reason="DESCRIBE does not yet surface the capital the shipped model predicts for France "
-                   "(issue 4's DESCRIBE bar is open)", strict=False)
 def test_describe_france(session):
     (r,) = run(session, 'DESCRIBE "France"')
     d = r.value

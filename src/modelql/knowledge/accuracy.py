@@ -1,9 +1,11 @@
 """Precision and recall of DESCRIBE's labelled edges against a facts table.
 
 An edge is a *claim* when it carries a relation label that is one of the table's relations:
-`(entity, relation, target token)`. A claim is correct when the target token matches a form of
-one of the entity's targets for that relation (its lowercase text, or for multi-word targets
-one of their ≥ 4-char content words — the probe labeller's matching rule, algorithms §6.1).
+`(entity, relation, target)`. A claim is correct when its target matches a form of one of the
+entity's targets for that relation (its lowercase text, or for multi-word targets one of their
+≥ 4-char content words — the probe labeller's matching rule, algorithms §6.1), or, for a
+multi-word claim (DESCRIBE's decoded phrases), when it is a whole-word prefix of the target
+("Saint Kitts" of "Saint Kitts and Nevis", as "Saint" alone already is).
 
 * precision(r) = correct claims labelled r / claims labelled r (micro-averaged over entities);
 * recall(r) = facts (entity, r, target) matched by some claim labelled r / facts with relation r.
@@ -80,6 +82,13 @@ def facts_by_entity(facts: Iterable) -> dict[str, dict[str, list[str]]]:
     return {e: dict(rs) for e, rs in out.items()}
 
 
+def matches(claim: str, target_forms: set[str]) -> bool:
+    """`claim` (lowercase, stripped) names the target whose `forms()` are given."""
+    if claim in target_forms:
+        return True
+    return " " in claim and any(f.startswith(claim + " ") for f in target_forms)
+
+
 def score_result(result: DescribeResult, truth: Mapping[str, Sequence[str]], relations: Sequence[str],
                  acc: dict[str, RelationScore]) -> tuple[int, int]:
     """Add one entity's DESCRIBE result to `acc`; returns (edges, unlabelled edges)."""
@@ -95,7 +104,7 @@ def score_result(result: DescribeResult, truth: Mapping[str, Sequence[str]], rel
         tok = e.target.strip().lower()
         s = acc[r]
         s.claims += 1
-        hit = [i for i, fs in enumerate(target_forms[r]) if tok in fs]
+        hit = [i for i, fs in enumerate(target_forms[r]) if matches(tok, fs)]
         if hit:
             s.correct += 1
             found[r].update(hit)

@@ -6,14 +6,24 @@ Two query modes:
   the gates of every scanned layer. With ``threshold=5.0`` (``REFERENCE_THRESHOLD``) and the
   default token filters this is LARQL's pipeline, for parity checks.
 * ``"residual"`` — modelql's, the default when the vindex has weights: the entity is run through
-  short contexts and each layer is queried with its *own* FFN input `x_L` at the context's last
-  token (§15.2). Contexts are the neutral ones (`queries.DEFAULT_CONTEXTS`: "{X}", "about {X}")
-  plus, on a probe-labelled vindex, one *relation probe* per labelled relation (its probe
-  template, e.g. "The capital of {X} is"); a relation probe only vouches for features carrying
-  that relation's label. A feature's strength is its FFN activation `act(g·x)·(u·x)` — what it
-  actually writes, with the sign the up projection gives it — so a gate that fires "backwards"
-  is not reported as promoting its top token (§15.3). Hits of several contexts are combined
-  per feature by their maximum (`combine="max"`).
+  short contexts, each layer's FFN input `x_L` and activations captured at the context's last
+  token (§15.2). Two kinds of contexts, two kinds of edges:
+
+  - **relation probes** (a probe-labelled vindex: one per labelled relation, its probe template,
+    e.g. "The capital of {X} is") give the *labelled claims*: the relation's answer is decoded
+    from the residual at the probe's last position (final norm + unembedding: everything the
+    entity's features and attention wrote), grown into the phrase the model goes on writing
+    ("Mexico City"), and attributed to the features whose writes contribute most to its logit
+    (`knowledge.decode`: why the residual and not one feature's static token). Such an edge is
+    `decoded`, its source "probe"; a multi-valued relation (≥ 1.25 objects per subject in the
+    labelling triples) claims every answer within ln 2 of the top one. Decoded claims come first
+    in `edges`.
+  - **neutral contexts** (`queries.DEFAULT_CONTEXTS`: "{X}", "about {X}") give per-feature edges
+    as before: features ranked by their activation `act(g·x)·(u·x)` (the sign the up projection
+    gives it, §15.3), named by their static down_meta top token; several contexts are combined
+    per feature by their maximum (`combine="max"`). Such an edge keeps no label of a relation
+    that was decoded (its static token names what the feature promotes for every input, not
+    what this entity's context writes); one naming a claimed target is dropped for the claim.
 
 Thresholds (``threshold=None``, the default) are scale-free (§15.1): each candidate is scored by
 its z-score within its own layer, `z = (s_f − mean(s)) / std(s)` over *all* F features of the
@@ -23,29 +33,60 @@ model whose raw scores never reach 5.0 (small embedding norms: Llama/Mistral, or
 default model, where |g·q| < 1) still shows its edges. A numeric ``threshold`` switches to the
 reference's absolute signed gate score.
 
-Measured on the embedded default model (``python bench/describe.py --sweep``, all 244
-countries): recall of labelled facts 0 % (embedding, 5.0: no edges at all), 0.2 % (embedding,
-z ≥ 4), 26.2 % (residual with relation probes, the default; ≈ 4 % with the neutral contexts
-alone, on a 60-country sample); z ∈ [2, 4] changes recall by < 1 point, z = 6 loses 4 points:
-4.0 is the default. Precision stays low (≈ 7 %) on that model because its FFN features are
-polysemantic (a "capital" feature promotes the capitals of a whole region): see the
-per-relation table of bench/describe.py.
+Measured on the embedded default model (the 80-epoch retrain; ``python bench/describe.py
+--sample 60``, its 60-country sample, and ``--modes residual/z`` over all 244 countries;
+precision / recall of labelled edges; latency p50 per DESCRIBE, one torch thread, shared CPU):
 
-Edges are aggregated by target token (lowercase), labelled (probe label, else cluster label),
-sorted by gate (descending) and bucketed into the band sections of the best layer.
+=========  ==============  =======================  ======================  =====================
+relation   embedding, 5.0  residual, static labels  residual, decoded       decoded, all 244
+                           (before, 60)             claims (now, 60)        countries
+=========  ==============  =======================  ======================  =====================
+capital    — / 0 %         2.8 / 15.3 %             94.9 / 94.9 %           98.8 / 98.4 %
+continent  — / 0 %         14.8 / 75.0 %            100 / 100 %             100 / 100 %
+subregion  — / 0 %         8.4 / 58.3 %             100 / 100 %             100 / 100 %
+language   — / 0 %         10.5 / 48.3 %            97.1 / 79.3 %           95.5 / 81.8 %
+currency   — / 0 %         3.1 / 22.0 %             96.7 / 98.3 %           96.3 / 96.7 %
+demonym    — / 0 %         2.3 / 10.3 %             96.7 / 100 %            95.9 / 100 %
+borders    — / 0 %         6.3 / 20.5 %             67.2 / 54.8 %           69.8 / 51.1 %
+all        — / 0 %         6.9 / 34.0 %             90.1 / 83.4 %           91.0 / 82.1 %
+latency    2–6 ms          ≈ 110 ms                 ≈ 70–270 ms (load)      69 ms
+=========  ==============  =======================  ======================  =====================
+
+On the previous (54-epoch) model the same code measured capital 89.8 / 89.8 % (60) and
+92.1 / 90.9 % (244), all relations 82.7 / 81.9 % (60), against 1.1 / 6.8 % and 6.4 / 26.5 % for
+the static labels. A DESCRIBE costs ≈ 8 small forward passes: the 2 neutral and 7 probe contexts
+(batched by token length), then the answers' phrase continuations.
+
+The static-label column is the previous residual mode (each edge's target = its feature's
+down_meta top token, label = the feature's probe label): FFN features are polysemantic (a
+"capital" feature promotes the capitals of a whole region), so precision stays < 15 %.
+``--shares`` shows who writes the answer: on the 54-epoch model the FFNs wrote 56–73 % of the
+answer's logit and their write alone decoded to a true capital for only 56 % of countries (90 %
+for the whole residual: attention, copying from the entity, picked the country out of the
+region); on the 80-epoch model the FFNs write 76–88 % and their write alone is nearly as good
+(capital 96.6 % either way). Decoding the whole residual and attributing it to features holds
+on both. With static edges only, z ∈ [2, 4] changed recall by < 1 point and z = 6 lost 4
+points: 4.0 is the default for per-feature edges; claims are not thresholded (the decode's top
+answer is the claim; neither its logit z nor its probability separated right from wrong
+answers on the 54-epoch model).
+
+Per-feature edges are aggregated by target token (lowercase), labelled (probe label, else
+cluster label); all edges are sorted claims first, then by gate (descending), and bucketed into
+the band sections of their best layer.
 """
 
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Iterable, Sequence
 
 import torch
 
 from ..errors import DescribeError
-from .labels import FeatureLabels, labels_for
-from .queries import entity_vector, residual_query
+from .decode import Claim, decode_claims
+from .labels import FeatureLabels, labels_for, relation_cardinality
+from .queries import entity_vector, model_for, residual_query
 from .rows import DescribeResult, Edge
 from .tokens import content, readable, same_token
 
@@ -201,7 +242,11 @@ def describe(
       absolute signed gate score (5.0 = LARQL).
     token_filter: "content" (LQL: content tokens, coherence filter) or "light" (the server
       variant: any token of ≥ 2 chars).
-    probe_only: only probe labels count (the server variant); else cluster labels are the fallback.
+    probe_only: only probe labels count (the server variant; decoded claims are probe-derived);
+      else cluster labels are the fallback.
+    contexts: residual-mode contexts: plain strings are neutral (per-feature edges), `(template,
+      relation)` pairs are relation probes (decoded claims); None ⇒ the neutral defaults plus the
+      vindex's probe templates.
     knn_entries: KNN-store facts (objects with entity, relation, target_token / target_id,
       confidence, layer) appended as edges when their entity matches.
     """
@@ -224,6 +269,8 @@ def describe(
 
     hits: list[_Hit] = []
     used_contexts: tuple[str, ...] = ()
+    decoded: set[str] = set()  # relations whose claims come from their probe's decode
+    claims: list[Claim] = []
     if m == "embedding":
         q = entity_vector(vindex, entity) if entity.strip() else None
         if q is None:
@@ -234,34 +281,41 @@ def describe(
             hits += _layer_hits(s, s, L, k, unit, s)
     else:
         ctx_list, ctx_rel = _contexts(vindex, contexts)
-        rq = residual_query(vindex, entity, model=model, contexts=ctx_list, layers=scanned)
+        m_ = model_for(vindex, model) if ctx_rel else model
+        rq = residual_query(vindex, entity, model=m_, contexts=ctx_list, layers=scanned, with_logits=bool(ctx_rel))
         if rq is None:
             return DescribeResult(found=False, edges=(), max_gate=0.0, signal="diffuse",
                                   latency_ms=(time.perf_counter() - t0) * 1e3, **base)
         used_contexts = rq.contexts
-        labs0 = labels if labels is not None else labels_for(vindex)
-        for L in scanned:
-            xs, acts = rq.per_context[L], rq.per_context_act[L]
-            rels = [ctx_rel.get(c) for c in rq.contexts]
+        neutral = [i for i, c in enumerate(rq.contexts) if c not in ctx_rel]
+        probes: dict[str, list[int]] = {}
+        for i, c in enumerate(rq.contexts):
+            if c in ctx_rel:
+                probes.setdefault(ctx_rel[c], []).append(i)
+        decoded = set(probes)
+        if probes:
+            claims = decode_claims(m_, rq, probes, entity, relation_cardinality(vindex), vindex.tokenizer)
+        for L in scanned if neutral else ():
+            xs, acts = rq.per_context[L][neutral], rq.per_context_act[L][neutral]
             if combine == "mean":
-                xs, acts, rels = xs.mean(dim=0, keepdim=True), acts.mean(dim=0, keepdim=True), [None]
+                xs, acts = xs.mean(dim=0, keepdim=True), acts.mean(dim=0, keepdim=True)
             best: dict[int, _Hit] = {}
-            for x, a, rel in zip(xs, acts, rels):
+            for x, a in zip(xs, acts):
                 s = vindex.gate_scores(L, x)
                 ranking = a if (score == "activation" and a.numel() == s.numel()) else s
                 for h in _layer_hits(s, ranking, L, k, unit, s):
-                    if rel is not None and labs0.label(L, h.feature) != rel:
-                        continue  # a relation probe only vouches for features of its relation
                     old = best.get(h.feature)
                     if old is None or h.gate > old.gate:
                         best[h.feature] = h
             hits += sorted(best.values(), key=lambda h: -h.gate)[:k]
     labs = labels if labels is not None else labels_for(vindex)
     edges = _aggregate(vindex, entity, hits, thr, unit, token_filter, labs, probe_only)
+    if decoded:
+        edges = _merge_claims(vindex, entity, edges, claims, decoded, unit)
     edges += _knn_edges(vindex, entity, knn_entries, labs)
     if relations_only:
         edges = [e for e in edges if e.relation]
-    edges.sort(key=lambda e: (-e.gate, e.layer, e.feature))
+    edges.sort(key=lambda e: (not e.decoded, -e.gate, e.layer, e.feature))
     max_gate = max([0.0] + [e.gate for e in edges])
     return DescribeResult(found=True, edges=tuple(edges), max_gate=max_gate, signal=signal_label(max_gate, unit),
                           contexts=used_contexts, latency_ms=(time.perf_counter() - t0) * 1e3, **base)
@@ -318,6 +372,38 @@ def _aggregate(vindex, entity: str, hits: list[_Hit], thr: float, unit: str, tok
             also=g["also"], also_readable=g["also_readable"], relation=got[0] if got else None,
             source=got[1] if got else None, band=section_of(vindex, b.layer),
         ))
+    return out
+
+
+def _merge_claims(vindex, entity: str, edges: list[Edge], claims: list[Claim], decoded: set[str],
+                  unit: str) -> list[Edge]:
+    """Decoded claims become the labelled edges of their relations: a per-feature edge keeps no
+    label of a decoded relation (its static token is not what the entity's context writes), and
+    one naming a claimed token gives way to the claim."""
+    out: list[Edge] = []
+    claimed = set()
+    for c in claims:
+        gate = c.z if unit == "z" else c.logit
+        claimed.add(c.text.lower())
+        meta = vindex.feature_meta(c.layer, c.feature)
+        also_readable: tuple[str, ...] = ()
+        if meta is not None:
+            ent = entity.strip().lower()
+            also_readable = tuple(t.strip() for t, _i, v in meta.top_k
+                                  if v > 0 and not same_token(t, c.text) and t.strip().lower() != ent
+                                  and readable(t))[:5]
+        out.append(Edge(
+            target=c.text, target_id=c.token_id, gate=gate, score=c.logit, z=c.z, layer=c.layer,
+            feature=c.feature, layers=c.layers or (c.layer,), count=max(1, c.count), c_score=c.prob,
+            also=tuple(t for t in also_readable if content(t))[:3], also_readable=also_readable,
+            relation=c.relation, source="probe", band=section_of(vindex, c.layer), decoded=True,
+        ))
+    for e in edges:
+        if e.target.lower() in claimed:
+            continue
+        if e.relation in decoded:
+            e = replace(e, relation=None, source=None)
+        out.append(e)
     return out
 
 

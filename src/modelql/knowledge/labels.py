@@ -209,6 +209,35 @@ def probe_templates(vindex) -> dict[str, list[str]]:
 _templates_cache: dict[tuple, dict[str, list[str]]] = {}
 
 
+def relation_cardinality(vindex) -> dict[str, float]:
+    """{relation: mean objects per subject} of the triples the vindex was probe-labelled with
+    (probe_meta.json); {} for a vindex labelled before this was recorded (every relation is then
+    treated as single-valued)."""
+    p = Path(vindex.path) / PROBE_META_FILE
+    try:
+        st = p.stat()
+    except OSError:
+        return {}
+    key = (str(p), st.st_mtime_ns, st.st_size)
+    got = _cardinality_cache.get(key)
+    if got is None:
+        try:
+            meta = json.loads(p.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            meta = {}
+        raw = meta.get("objects_per_subject") if isinstance(meta, dict) else None
+        got = {}
+        if isinstance(raw, dict):
+            for r, v in raw.items():
+                if isinstance(v, (int, float)) and not isinstance(v, bool):
+                    got[str(r)] = float(v)
+        _cardinality_cache[key] = got
+    return got
+
+
+_cardinality_cache: dict[tuple, dict[str, float]] = {}
+
+
 # ---------------------------------------------------------------------------------------------
 # triples and templates
 # ---------------------------------------------------------------------------------------------
@@ -333,6 +362,7 @@ class ProbeResult:
     seconds: float
     written: Path | None = None
     per_relation: dict[str, int] = field(default_factory=dict)
+    objects_per_subject: dict[str, float] = field(default_factory=dict)
 
 
 def _subjects(pairs: Sequence[Sequence[str]]) -> list[str]:
@@ -449,7 +479,21 @@ def probe_features(vindex, triples: Mapping[str, Any], templates: Mapping[str, S
             labels[key] = rel
     return ProbeResult(labels=labels, hits={k: dict(v) for k, v in hits.items()}, prompts=len(prompts),
                        layers=tuple(layers), seconds=time.perf_counter() - t0,
-                       per_relation=dict(Counter(labels.values())))
+                       per_relation=dict(Counter(labels.values())),
+                       objects_per_subject=objects_per_subject(triples))
+
+
+def objects_per_subject(triples: Mapping[str, Any]) -> dict[str, float]:
+    """{relation: mean number of distinct objects per subject} of a triples set — how many answers
+    DESCRIBE's relation decode may claim per entity (`knowledge.decode.MULTI_VALUED_MIN`)."""
+    out = {}
+    for rel, body in triples.items():
+        per: dict[str, set] = defaultdict(set)
+        for s, o in body["pairs"]:
+            per[s.strip().lower()].add(o.strip().lower())
+        if per:
+            out[rel] = round(sum(len(v) for v in per.values()) / len(per), 4)
+    return out
 
 
 def write_probe_labels(directory: str | Path, result: ProbeResult, templates: Mapping[str, Sequence[str]],
@@ -471,6 +515,7 @@ def write_probe_labels(directory: str | Path, result: ProbeResult, templates: Ma
         "per_relation": dict(sorted(result.per_relation.items())),
         "layers": list(result.layers),
         "templates": {r: list(t) for r, t in templates.items()},
+        "objects_per_subject": dict(sorted(result.objects_per_subject.items())),
         "top_k_per_layer": TOP_K_PER_LAYER,
         "min_gate_score": None,
         "min_z": min_z,

@@ -85,6 +85,8 @@ class ResidualQuery:
     contexts: tuple[str, ...]
     per_context: dict[int, torch.Tensor]  # layer → x_L per context [C, H]
     per_context_act: dict[int, torch.Tensor]  # layer → FFN activations per context [C, F]
+    logits: torch.Tensor | None = None  # next-token logits per context [C, V] (with_logits)
+    final: torch.Tensor | None = None  # last block's output (before the final norm) per context [C, H]
 
     @property
     def x(self) -> dict[int, torch.Tensor]:
@@ -98,9 +100,11 @@ class ResidualQuery:
 
 
 def residual_query(vindex, entity: str, model=None, contexts: Sequence[str] | None = None,
-                   layers: Sequence[int] | None = None) -> ResidualQuery | None:
+                   layers: Sequence[int] | None = None, with_logits: bool = False) -> ResidualQuery | None:
     """Run `entity` through `contexts` and capture `x_L` and the FFN activations at the last
     token of each context (`{X}` is replaced by the entity; the default contexts end with it).
+    `with_logits` also keeps each context's next-token logits and final residual (what the
+    relation decode of DESCRIBE reads and attributes, `knowledge.decode`).
 
     Returns None when the entity tokenises to nothing.
     """
@@ -115,6 +119,9 @@ def residual_query(vindex, entity: str, model=None, contexts: Sequence[str] | No
     for L in wanted:
         names.add(f"blocks.{L}.ln2.hook_normalized")
         names.add(f"blocks.{L}.mlp.hook_post")
+    final_name = f"blocks.{n_layers - 1}.hook_resid_post"
+    if with_logits:
+        names.add(final_name)
     encoded: list[tuple[str, list[int]]] = []
     for ctx in ctxs:
         if "{X}" not in ctx:
@@ -130,14 +137,20 @@ def residual_query(vindex, entity: str, model=None, contexts: Sequence[str] | No
         by_len.setdefault(len(ids), []).append(i)
     xs: dict[int, list] = {L: [None] * len(encoded) for L in wanted}
     acts: dict[int, list] = {L: [None] * len(encoded) for L in wanted}
+    logits: list = [None] * len(encoded)
+    finals: list = [None] * len(encoded)
     for idxs in by_len.values():
         cache: dict[str, torch.Tensor] = {}
 
         def grab(t: torch.Tensor, n: str, _cache=cache) -> None:
             _cache[n] = t[:, -1].detach().float().clone()
 
-        m.forward(torch.tensor([encoded[i][1] for i in idxs]), hooks={n: grab for n in names}, logits="none")
+        out = m.forward(torch.tensor([encoded[i][1] for i in idxs]), hooks={n: grab for n in names},
+                        logits="last" if with_logits else "none")
         for row, i in enumerate(idxs):
+            if with_logits:
+                logits[i] = out[row].detach().float()
+                finals[i] = cache[final_name][row]
             for L in wanted:
                 xs[L][i] = cache[f"blocks.{L}.ln2.hook_normalized"][row]
                 acts[L][i] = cache[f"blocks.{L}.mlp.hook_post"][row]
@@ -146,4 +159,6 @@ def residual_query(vindex, entity: str, model=None, contexts: Sequence[str] | No
         entity=entity, contexts=tuple(used),
         per_context={L: torch.stack(v) for L, v in xs.items()},
         per_context_act={L: torch.stack(v) for L, v in acts.items()},
+        logits=torch.stack(logits) if with_logits else None,
+        final=torch.stack(finals) if with_logits else None,
     )

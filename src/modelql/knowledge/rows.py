@@ -32,6 +32,12 @@ class Edge:
     the threshold is the reference's absolute one, else the per-layer z-score); `score` and `z`
     are both always given for the best hit. `layer`/`feature` are the arg-max hit;
     `layers` the distinct layers of all hits, `count` their number.
+
+    A `decoded` edge is a relation's claim (residual mode, `knowledge.decode`): `target` is the
+    answer phrase the entity's probe template decodes to, `gate`/`score`/`z` the z-score / raw
+    value of its logit among the vocabulary, `c_score` its probability, `layer`/`feature` the
+    feature contributing most to its logit, `layers`/`count` the group of top contributors
+    writing half of the features' contribution.
     """
 
     target: str
@@ -49,6 +55,7 @@ class Edge:
     relation: str | None = None
     source: str | None = None  # "probe" | "cluster" | "knn" | None
     band: str = "knowledge"  # section: syntax | knowledge | output
+    decoded: bool = False  # a relation probe's decoded answer (knowledge.decode), source "probe"
 
     @property
     def layer_min(self) -> int:

@@ -40,7 +40,7 @@ __all__ = [
 
 #: Bump when what goes into a cached vindex changes (level, dtype, labelling): old caches are
 #: then ignored (and can be deleted) instead of being served stale.
-RECIPE = "lql-default/1 level=inference dtype=f16"
+RECIPE = "lql-default/2 level=inference dtype=f16"  # 2: probe_meta records objects_per_subject
 LEVEL = "inference"
 DTYPE = "f16"
 #: The model id of the embedded model (as `/v1/models` reports it).

@@ -1,0 +1,79 @@
+"""The relation decode's logit attribution on every supported family (tiny random models)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from modelql.knowledge.decode import _group, attribute, token_direction
+from tests.tiny_models import FAMILIES, make_tiny
+
+
+@pytest.fixture(scope="module", params=FAMILIES)
+def tiny(request, tmp_path_factory):
+    from modelql.runtime.model import Model
+
+    d = tmp_path_factory.mktemp(request.param)
+    make_tiny(request.param, d)
+    return Model.load(d)
+
+
+def _run(m, ids):
+    n = m.spec.num_layers
+    names = (["blocks.0.hook_resid_pre"] + [f"blocks.{i}.{h}" for i in range(n) for h in ("hook_attn_out", "hook_mlp_out")]
+             + [f"blocks.{i}.mlp.hook_post" for i in range(n)] + [f"blocks.{n - 1}.hook_resid_post"])
+    cache = {}
+
+    def grab(t, name):
+        cache[name] = t[0, -1].double().clone()
+
+    m.forward(torch.tensor([ids]), hooks={k: grab for k in names}, logits="none")
+    return cache
+
+
+def test_token_direction_splits_the_logit_exactly(tiny):
+    """Σ over embedding, attention and FFN writes of `v_t · c` = logit_t − mean logit (before any
+    soft-cap), up to the final norm's bias, which no component writes."""
+    m = tiny
+    n = m.spec.num_layers
+    ids = [3, 17, 42, 99, 5, 8]
+    c = _run(m, ids)
+    final = c[f"blocks.{n - 1}.hook_resid_post"]
+    x = m.norm(final.float()[None], "final_norm")[0].double()
+    logits = x @ m.lm_head.double().T / m.spec.logits_scale  # brute force, no soft-cap
+    bias = m.weights.get("final_norm.bias")
+    W = m.lm_head.double()
+    parts = ["blocks.0.hook_resid_pre"] + [f"blocks.{i}.{h}" for i in range(n) for h in ("hook_attn_out", "hook_mlp_out")]
+    for t in (0, 7, 123, int(logits.argmax())):
+        v = token_direction(m, final.float(), t).double()
+        total = sum(float(v @ c[p]) for p in parts)
+        if bias is not None:
+            total += float((W[t] - W.mean(0)) @ bias.double()) / m.spec.logits_scale
+        assert total == pytest.approx(float(logits[t] - logits.mean()), rel=1e-3, abs=1e-3)
+
+
+def test_feature_attribution_sums_to_the_ffn_write(tiny):
+    """Per-feature contributions of a layer add up to that layer's whole FFN write along `v_t`
+    (gated and GPT-2-style FFNs, Gemma's post-FFN norm; the down bias, if any, is no feature's)."""
+    m = tiny
+    n = m.spec.num_layers
+    ids = [3, 17, 42, 99, 5, 8]
+    c = _run(m, ids)
+    final = c[f"blocks.{n - 1}.hook_resid_post"].float()
+    acts = {L: c[f"blocks.{L}.mlp.hook_post"].float()[None] for L in range(n)}
+    t = 11
+    contrib = attribute(m, acts, final[None], t)
+    if not contrib:
+        pytest.skip("no dense down projection to attribute")
+    v = token_direction(m, final, t).double()
+    for L, per in contrib.items():
+        write = c[f"blocks.{L}.hook_mlp_out"]
+        b = m.weights.get(f"layers.{L}.down.bias")
+        if b is not None:
+            write = write - b.double()
+        assert float(per.double().sum()) == pytest.approx(float(v @ write), rel=1e-3, abs=1e-3)
+    layer, feature, best, layers, count, total = _group(contrib)
+    flat = torch.cat([contrib[L] for L in sorted(contrib)])
+    assert best == pytest.approx(float(flat.max())) and 1 <= count <= flat.numel() and layer in layers
+    assert total == pytest.approx(float(flat.sum()), rel=1e-4, abs=1e-4)
+    assert float(contrib[layer][feature]) == pytest.approx(best)
