@@ -19,6 +19,10 @@ nothing but stream its weights once. The bandwidth is measured as a large tensor
 
 from __future__ import annotations
 
+import os
+
+os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")  # transformers' weight-loading bars are noise here
+
 import argparse
 import gc
 import statistics

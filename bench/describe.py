@@ -28,6 +28,10 @@ Latency is per DESCRIBE call, warm (model loaded, labels cached), on this machin
 
 from __future__ import annotations
 
+import os
+
+os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")  # transformers' weight-loading bars are noise here
+
 import argparse
 import random
 import sys

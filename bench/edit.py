@@ -29,6 +29,10 @@ Top-1 in a session is what INFER reports (KNN override included). Prints one ali
 
 from __future__ import annotations
 
+import os
+
+os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")  # transformers' weight-loading bars are noise here
+
 import argparse
 import json
 import sys

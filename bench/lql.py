@@ -16,6 +16,10 @@ building the LALR tables (in a fresh interpreter).
 
 from __future__ import annotations
 
+import os
+
+os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")  # transformers' weight-loading bars are noise here
+
 import argparse
 import random
 import re

@@ -26,6 +26,10 @@ Target: remote decode ≥ 0.5× local on loopback for the 500M model.
 
 from __future__ import annotations
 
+import os
+
+os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")  # transformers' weight-loading bars are noise here
+
 import argparse
 import contextlib
 import gc

@@ -19,6 +19,10 @@ drifts), each client streams `--rounds` chat completions of exactly `--tokens` t
 
 from __future__ import annotations
 
+import os
+
+os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")  # transformers' weight-loading bars are noise here
+
 import argparse
 import asyncio
 import json

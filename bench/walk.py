@@ -11,6 +11,10 @@ and the largest K fraction where agreement first falls below 99%.
 
 from __future__ import annotations
 
+import os
+
+os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")  # transformers' weight-loading bars are noise here
+
 import argparse
 import sys
 import time
