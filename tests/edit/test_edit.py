@@ -93,7 +93,10 @@ def test_memit_insert_records_down_deltas(session, fast_memit):
     assert [r.mode for r in rs] == ["memit", "memit"] and rs[0].auto_patch and not rs[1].auto_patch
     ops = session.recording.ops
     assert ops and all(isinstance(o, vlp.DownDeltaOp) for o in ops)
-    assert {o.edit_id for o in ops} == {ops[0].edit_id} and ops[0].rank == 2
+    from modelql.knowledge.memit import relation_templates
+
+    # one key per (fact, phrasing): rank 2 facts × the relation's training phrasings
+    assert {o.edit_id for o in ops} == {ops[0].edit_id} and ops[0].rank == 2 * len(relation_templates("capital"))
     assert ops[0].entity == ("France", "Spain") and ops[0].target == ("Tokyo", "Rome")
     assert session.recording.counts.inserts == 2
     after = session.model().forward(ids, logits="last")
