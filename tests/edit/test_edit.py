@@ -167,3 +167,30 @@ def test_merge_copies_metadata(session, vindex_dir, tmp_path):
     fresh2 = PatchSession(Vindex.load(vindex_dir), model=session._base_model)
     r = edit.merge(fresh2, src, "keep_target")
     assert (r.merged, r.skipped) == (0, 1)
+
+
+def test_memit_statistics_are_cached_on_disk(session, fast_memit, monkeypatch):
+    """The covariance and preservation statistics are computed once per base model: a freshly
+    loaded model reads them from $MODELQL_CACHE/memit instead of recomputing them."""
+    import os
+    from pathlib import Path
+
+    from modelql.knowledge import memit
+    from modelql.runtime import load_model
+
+    warm = session.base_runtime_model()
+    for k in ("_memit_covariance", "_memit_preserve"):  # the base model may be shared with other tests
+        warm.__dict__.pop(k, None)
+    edit.insert(session, "France", "capital", "Tokyo", mode="memit")
+    stored = sorted(p.name for p in (Path(os.environ["MODELQL_CACHE"]) / "memit").glob("*.pt"))
+    assert any("-cov-" in n for n in stored) and any("-preserve-" in n for n in stored)
+
+    def boom(*a, **k):
+        raise AssertionError("recomputed")
+
+    monkeypatch.setattr(memit, "_covariance", boom)
+    monkeypatch.setattr(memit, "_keys_of", boom)
+    fresh = load_model(session.base.path)
+    layer = memit.default_layers(fresh)[0]
+    assert torch.equal(memit.covariance(fresh, layer, 120), memit.covariance(warm, layer, 120))
+    assert torch.equal(memit.preservation_moment(fresh, layer)[0], memit.preservation_moment(warm, layer)[0])

@@ -79,7 +79,7 @@ class MemitParams:
     clamp_norm: float = 4.0  # ‖δ‖ ≤ clamp_norm · ‖h_L‖
     mom2_weight: float = 1000.0  # λ
     cov_sentences: int = 4000
-    preserve_weight: float = 3000.0  # μ: weight of the known facts' keys (preservation_keys)
+    preserve_weight: float = 8000.0  # μ: weight of the known facts' keys (preservation_moment)
     exact: bool = False  # solve ΔW K = R exactly (min-norm under λC + μP) instead of the ridge form
     per_phrasing: bool = True  # one key per (fact, phrasing) instead of the mean key per fact
 
@@ -196,9 +196,7 @@ def _stored(model: Model, name: str, compute: Callable[[], torch.Tensor]) -> tor
     """`compute()` cached in $MODELQL_CACHE/memit/<weights fingerprint>-<name>.pt, so a server or
     a new session pays for the base-weight statistics once per model, not once per INSERT
     (written to a temp file and renamed; an unreadable cache file is recomputed)."""
-    import os
-    import tempfile
-
+    from ..fsutil import atomic_open
     from ..lql.default_vindex import cache_dir
 
     path = cache_dir() / "memit" / f"{_fingerprint(model)}-{name}.pt"
@@ -209,10 +207,8 @@ def _stored(model: Model, name: str, compute: Callable[[], torch.Tensor]) -> tor
     value = compute()
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-        os.close(fd)
-        torch.save(value, tmp)
-        os.replace(tmp, path)
+        with atomic_open(path, "wb", encoding=None) as f:
+            torch.save(value, f)
     except OSError:
         pass  # a read-only cache only costs time
     return value
