@@ -178,16 +178,19 @@ def _capture(model: Model, seqs: Sequence[Sequence[int]], name: str, hooks: Hook
 
 
 def _fingerprint(model: Model) -> str:
-    """sha256 of the model's weights (names, shapes, bytes): the key of the on-disk statistics."""
+    """sha256 of the model's weights (names, shapes, and an evenly strided sample of ≤ 64k values
+    per tensor, so a multi-GB model hashes in well under a second): the key of the on-disk
+    statistics. Any retraining or fine-tune moves the sampled values too."""
     fp = model.__dict__.get("_memit_fingerprint")
     if fp is None:
         import hashlib
 
         h = hashlib.sha256()
         for name in sorted(model.weights):
-            t = model.weights[name].detach().contiguous()
+            t = model.weights[name].detach()
             h.update(f"{name}:{tuple(t.shape)}:{t.dtype}".encode())
-            h.update(t.view(torch.uint8).numpy().tobytes() if t.dtype != torch.bfloat16 else t.float().numpy().tobytes())
+            flat = t.reshape(-1)
+            h.update(flat[:: max(1, flat.numel() // 65536)].float().contiguous().numpy().tobytes())
         fp = model.__dict__["_memit_fingerprint"] = h.hexdigest()[:16]
     return fp
 
@@ -226,15 +229,14 @@ def covariance(model: Model, layer: int, n: int) -> torch.Tensor:
 
 
 def _covariance(model: Model, layer: int, n: int) -> torch.Tensor:
-    if True:
-        from ..defaults import TRAIN_TEMPLATES, facts, sentence
+    from ..defaults import TRAIN_TEMPLATES, facts, sentence
 
-        sents = []
-        for i, f in enumerate(facts()):
-            tpl = TRAIN_TEMPLATES[f.relation][i % len(TRAIN_TEMPLATES[f.relation])]
-            sents.append(model.tokenizer.encode(sentence(tpl, f.entity, f.target)))
-        hs = torch.cat(_capture(model, sents[:n], f"blocks.{layer}.mlp.hook_post")).double()
-        return (hs.T @ hs / hs.shape[0]).float()
+    sents = []
+    for i, f in enumerate(facts()):
+        tpl = TRAIN_TEMPLATES[f.relation][i % len(TRAIN_TEMPLATES[f.relation])]
+        sents.append(model.tokenizer.encode(sentence(tpl, f.entity, f.target)))
+    hs = torch.cat(_capture(model, sents[:n], f"blocks.{layer}.mlp.hook_post")).double()
+    return (hs.T @ hs / hs.shape[0]).float()
 
 
 def _preservation_prompts(pairs) -> list[tuple[tuple[str, str], str]]:
