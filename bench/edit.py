@@ -135,7 +135,8 @@ def hf_top1(directory: Path, prompts: list[str], threads: int) -> list[int]:
     return out
 
 
-def run_mode(vindex, base_model, mode: str, edits, local, threads: int, workdir: Path, log) -> Row:
+def run_mode(vindex, base_model, mode: str, edits, local, threads: int, workdir: Path, log,
+             compile_dtype: str | None = None) -> Row:
     from modelql import defaults as D
     from modelql.knowledge import edit
     from modelql.vindex.compile import compile_model
@@ -163,7 +164,7 @@ def run_mode(vindex, base_model, mode: str, edits, local, threads: int, workdir:
     log(f"  {mode}: inserted {len(edits)} in {ins_s:.1f}s; eff {eff:.1%} gen {gen:.1%} loc {loc:.1%}; compiling")
     out = workdir / f"compiled-{mode}"
     t1 = time.perf_counter()
-    compile_model(ps, out, dtype="float32")
+    compile_model(ps, out, dtype=compile_dtype)
     comp_s = time.perf_counter() - t1
     all_prompts = edit_prompts + para_prompts + local_prompts
     h = hf_top1(out, all_prompts, threads)
@@ -195,6 +196,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--locality", type=int, default=120, help="number of locality facts (>= 100)")
     ap.add_argument("--modes", default="memit,knn,compose")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--compile-dtype", default=None,
+                    help="dtype of the COMPILE INTO MODEL output (default: what LQL's COMPILE writes)")
     ap.add_argument("--json", type=Path, default=None)
     args = ap.parse_args(argv)
 
@@ -222,7 +225,7 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     with tempfile.TemporaryDirectory(prefix="modelql-bench-edit-") as tmp:
         for mode in [resolve_mode(m) for m in args.modes.split(",") if m.strip()]:
-            row = run_mode(vx, base, mode, edits, local, args.threads, Path(tmp), log)
+            row = run_mode(vx, base, mode, edits, local, args.threads, Path(tmp), log, args.compile_dtype)
             row.default = mode == DEFAULT_MODE
             rows.append(row)
     print(table(rows, len(local)))

@@ -58,10 +58,12 @@ def file_digests(directory: Path) -> dict[str, str]:
 
 
 @pytest.fixture
-def fast_memit(monkeypatch):
-    """The real MEMIT solver with small hyper-parameters (seconds on the tiny model)."""
+def fast_memit(monkeypatch, tmp_path_factory):
+    """The real MEMIT solver with small hyper-parameters (seconds on the tiny model); its on-disk
+    statistics cache goes to a temporary MODELQL_CACHE."""
     from modelql.knowledge import edit, memit
 
+    monkeypatch.setenv("MODELQL_CACHE", str(tmp_path_factory.mktemp("memit-cache")))
     real = memit.memit_edit
 
     def solve(model, requests, layers=None, params=None):

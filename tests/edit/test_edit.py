@@ -93,7 +93,10 @@ def test_memit_insert_records_down_deltas(session, fast_memit):
     assert [r.mode for r in rs] == ["memit", "memit"] and rs[0].auto_patch and not rs[1].auto_patch
     ops = session.recording.ops
     assert ops and all(isinstance(o, vlp.DownDeltaOp) for o in ops)
-    assert {o.edit_id for o in ops} == {ops[0].edit_id} and ops[0].rank == 2
+    from modelql.knowledge.memit import relation_templates
+
+    # one key per (fact, phrasing): rank 2 facts × the relation's training phrasings
+    assert {o.edit_id for o in ops} == {ops[0].edit_id} and ops[0].rank == 2 * len(relation_templates("capital"))
     assert ops[0].entity == ("France", "Spain") and ops[0].target == ("Tokyo", "Rome")
     assert session.recording.counts.inserts == 2
     after = session.model().forward(ids, logits="last")
@@ -164,3 +167,30 @@ def test_merge_copies_metadata(session, vindex_dir, tmp_path):
     fresh2 = PatchSession(Vindex.load(vindex_dir), model=session._base_model)
     r = edit.merge(fresh2, src, "keep_target")
     assert (r.merged, r.skipped) == (0, 1)
+
+
+def test_memit_statistics_are_cached_on_disk(session, fast_memit, monkeypatch):
+    """The covariance and preservation statistics are computed once per base model: a freshly
+    loaded model reads them from $MODELQL_CACHE/memit instead of recomputing them."""
+    import os
+    from pathlib import Path
+
+    from modelql.knowledge import memit
+    from modelql.runtime import load_model
+
+    warm = session.base_runtime_model()
+    for k in ("_memit_covariance", "_memit_preserve"):  # the base model may be shared with other tests
+        warm.__dict__.pop(k, None)
+    edit.insert(session, "France", "capital", "Tokyo", mode="memit")
+    stored = sorted(p.name for p in (Path(os.environ["MODELQL_CACHE"]) / "memit").glob("*.pt"))
+    assert any("-cov-" in n for n in stored) and any("-preserve-" in n for n in stored)
+
+    def boom(*a, **k):
+        raise AssertionError("recomputed")
+
+    monkeypatch.setattr(memit, "_covariance", boom)
+    monkeypatch.setattr(memit, "_keys_of", boom)
+    fresh = load_model(session.base.path)
+    layer = memit.default_layers(fresh)[0]
+    assert torch.equal(memit.covariance(fresh, layer, 120), memit.covariance(warm, layer, 120))
+    assert torch.equal(memit.preservation_moment(fresh, layer)[0], memit.preservation_moment(warm, layer)[0])

@@ -78,6 +78,33 @@ def test_insert_auto_patch_save_apply_remove(work):
     assert s2.vindex.verify().ok
 
 
+def test_memit_patch_save_fresh_session_apply_and_remove(work, fast_memit):
+    """A weight-level (MEMIT down_delta) patch: saved, applied in a fresh session it gives the
+    same INFER output (logits equal to float32 rounding); removing it restores bit-identical logits; base files unchanged."""
+    s = new_session(work)
+    m = s.model("INFER")
+    base_logits = m.forward(m.tokenizer.encode("The capital of France is"), logits="last").clone()
+    digests = file_digests(work / "tiny.vindex")
+    run(s, INS + " MODE MEMIT")
+    m = s.model("INFER")
+    edited_logits = m.forward(m.tokenizer.encode("The capital of France is"), logits="last").clone()
+    assert not torch.equal(edited_logits, base_logits)
+    edited_infer = infer_lines(s)
+    assert run(s, 'SAVE PATCH "w.vlp"')[0].startswith("Saved: w.vlp")
+
+    s2 = new_session(work)
+    run(s2, 'APPLY PATCH "w.vlp"')
+    m2 = s2.model("INFER")
+    # the same float32 u/v; only the order the overlay sums them in can differ (≤ 1 ulp-ish)
+    torch.testing.assert_close(m2.forward(m2.tokenizer.encode("The capital of France is"), logits="last"),
+                               edited_logits, rtol=0, atol=1e-5)
+    assert infer_lines(s2) == edited_infer
+    run(s2, 'REMOVE PATCH "w.vlp"')
+    m2 = s2.model("INFER")
+    assert torch.equal(m2.forward(m2.tokenizer.encode("The capital of France is"), logits="last"), base_logits)
+    assert file_digests(work / "tiny.vindex") == digests
+
+
 def test_begin_patch_named_recording(work):
     s = new_session(work)
     run(s, INS + " MODE KNN")
