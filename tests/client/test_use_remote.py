@@ -83,7 +83,7 @@ def test_insert_and_patches_stay_in_the_lql_session(remote, ksrv):
 
 @pytest.mark.parametrize("stmt,keyword", [('TRACE "The capital of France is"', "TRACE"),
                                           ("SHOW LAYERS", "SHOW LAYERS"),
-                                          ("DELETE FROM EDGES WHERE layer = 1 AND feature = 2", "DELETE"),
+                                          ('MERGE "other.vindex"', "MERGE"),
                                           ('BEGIN PATCH "p.vlp"', "BEGIN PATCH")])
 def test_unsupported_statements_name_themselves(remote, stmt, keyword):
     ex, _ = remote

@@ -475,6 +475,15 @@ class KnowledgeClient:
         return PatchApplied(str(d.get("applied", "")), int(d.get("operations", 0)), int(d.get("active_patches", 0)),
                             d.get("session"))
 
+    def match_edges(self, where: Sequence[tuple[str, str, Any]]):
+        """`POST /v1/edges/match` (modelql): the slots and KNN facts a DELETE / UPDATE WHERE selects
+        in this session's overlay, as `knowledge.edit.Matches`."""
+        from modelql.knowledge.edit import Matches
+
+        d = self._post("edges/match", {"where": [{"field": f, "op": o, "value": list(v) if isinstance(v, tuple)
+                                                  else v} for f, o, v in where]})
+        return Matches.from_json(d)
+
     def remove_patch(self, name: str) -> PatchRemoved:
         from urllib.parse import quote
 

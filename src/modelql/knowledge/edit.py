@@ -103,6 +103,8 @@ import torch
 from ..errors import CapabilityError, ModelqlError
 from ..vindex import patch as vlp
 from ..vindex.overlay import PatchSession
+from . import mutations as _mut
+from .mutations import MatchedKnn, MatchedSlot, Matches, delete_ops, update_ops
 
 #: Insert modes, and the default chosen by measurement (module docstring, bench/edit.py).
 MODES = ("memit", "knn", "compose")
@@ -111,7 +113,7 @@ MODE_ALIASES = {"memit": "memit", "weights": "memit", "weight": "memit", "rome":
                 "knn": "knn", "compose": "compose"}
 
 KNN_DEFAULT_CONFIDENCE = 1.0
-COMPOSE_DEFAULT_CONFIDENCE = 0.9
+COMPOSE_DEFAULT_CONFIDENCE = _mut.COMPOSE_DEFAULT_CONFIDENCE
 COMPOSE_DEFAULT_ALPHA = 0.10
 GATE_SCALE = 30.0
 NORM_SAMPLE = 100
@@ -770,53 +772,47 @@ def _knn_matches(ps: PatchSession, where: Iterable[Any]) -> list[str]:
 # ---------------------------------------------------------------------------------------------
 
 
-def delete(ps: PatchSession, where: Iterable[Any], reason: str | None = None) -> MutationResult:
-    """DELETE FROM EDGES WHERE …: tombstone every matching slot (and drop matching KNN facts)."""
+def match(ps: PatchSession, where: Iterable[Any], keyword: str = "DELETE") -> Matches:
+    """The slots and KNN facts a DELETE / UPDATE WHERE selects (algorithms §11)."""
     where = list(where)
     if not where:
-        raise EditError("DELETE needs a WHERE clause")
-    slots = candidates(ps, where)
-    knn = _knn_matches(ps, where)
-    ops: list[vlp.Op] = [vlp.DeleteOp(L, f, reason) for L, f in slots]
-    ops += [vlp.DeleteKnnOp(e) for e in knn]
+        raise EditError(f"{keyword} needs a WHERE clause")
+    vx = ps.view
+    slots = []
+    for L, f in candidates(ps, where):
+        meta = vx.feature_meta(L, f)
+        slots.append(MatchedSlot(L, f) if meta is None else
+                     MatchedSlot(L, f, meta.top_token, int(meta.top_token_id), float(meta.c_score)))
+    ents = _knn_matches(ps, where)
+    knn = tuple(MatchedKnn(e.entity, int(e.layer), e.relation, e.target_token, int(e.target_id),
+                           float(e.confidence), tuple(float(x) for x in np.asarray(e.key, dtype=np.float32)))
+                for ent in ents for e in ps.state.knn if e.entity.casefold() == ent.casefold())
+    return Matches(ps.base_model_id, tuple(slots), tuple(ents), knn)
+
+
+def delete(ps: PatchSession, where: Iterable[Any], reason: str | None = None) -> MutationResult:
+    """DELETE FROM EDGES WHERE …: tombstone every matching slot (and drop matching KNN facts)."""
+    m = match(ps, where, "DELETE")
+    ops = delete_ops(m, reason)
     auto = ps.record(ops) if ops else False
-    return MutationResult("delete", len(slots), len(knn), tuple(slots), auto)
+    return MutationResult("delete", len(m.slots), len(m.knn_entities), tuple((s.layer, s.feature) for s in m.slots),
+                          auto)
 
 
 def update(ps: PatchSession, where: Iterable[Any], assignments: Any) -> MutationResult:
     """UPDATE EDGES SET target|top_token = "x", confidence|c_score = n WHERE …: replace metadata
     (a new target is re-tokenised: `top_token_id` = first id of `encode(" " + x)`). KNN facts of a
     matching entity get the new target too (their keys are kept)."""
-    sets = _assignments(assignments)
-    where = list(where)
-    if not where:
-        raise EditError("UPDATE needs a WHERE clause")
-    new_target = sets.get("target")
-    new_c = sets.get("confidence")
+    sets = parse_assignments(assignments)
+    m = match(ps, where, "UPDATE")
     vx = ps.view
-    slots = candidates(ps, where)
-    ops: list[vlp.Op] = []
-    for L, f in slots:
-        meta = vx.feature_meta(L, f)
-        t = new_target if new_target is not None else (meta.top_token if meta else "")
-        i = target_id(vx, t) if new_target is not None else (meta.top_token_id if meta else 0)
-        c = float(new_c) if new_c is not None else (meta.c_score if meta else COMPOSE_DEFAULT_CONFIDENCE)
-        ops.append(vlp.UpdateOp(L, f, down_meta=vlp.DownMeta(t, int(i), c)))
-    knn = []
-    for ent in _knn_matches(ps, where):
-        for e in [k for k in ps.state.knn if k.entity.casefold() == ent.casefold()]:
-            t = new_target if new_target is not None else e.target_token
-            knn.append(vlp.InsertKnnOp(e.layer, e.entity, e.relation, t, target_id(vx, t) if new_target else
-                                       e.target_id, np.asarray(e.key, dtype=np.float32),
-                                       float(new_c) if new_c is not None else e.confidence))
-        ops.append(vlp.DeleteKnnOp(ent))
-    # delete_knn removes every entry of the entity: re-insert them after it
-    ops = [o for o in ops if o.op != "delete_knn"] + [o for o in ops if o.op == "delete_knn"] + knn
+    ops, knn = update_ops(m, sets, lambda t: target_id(vx, t))
     auto = ps.record(ops) if ops else False
-    return MutationResult("update", len(slots), len(knn), tuple(slots), auto)
+    return MutationResult("update", len(m.slots), knn, tuple((s.layer, s.feature) for s in m.slots), auto)
 
 
-def _assignments(assignments: Any) -> dict[str, Any]:
+def parse_assignments(assignments: Any) -> dict[str, Any]:
+    """UPDATE's SET list as {"target": str, "confidence": float} (validated)."""
     items = assignments.items() if isinstance(assignments, dict) else [
         (a[0], a[1]) if isinstance(a, (tuple, list)) else (getattr(a, "field"), getattr(a, "value"))
         for a in assignments]

@@ -11,7 +11,10 @@ STATS → GET /v1/stats, INFER → POST /v1/infer, EXPLAIN INFER → POST /v1/ex
 INSERT → POST /v1/insert, APPLY PATCH (the file is read here and sent inline) / SHOW PATCHES /
 REMOVE PATCH → /v1/patches*.
 
-Anything the knowledge API cannot express (TRACE, SHOW LAYERS/FEATURES/ENTITIES, DELETE, UPDATE,
+DELETE / UPDATE → POST /v1/edges/match (the server runs the WHERE resolution local LQL runs) then
+POST /v1/patches/apply with the same `.vlp` ops as an inline patch named `delete-N` / `update-N`.
+
+Anything the knowledge API cannot express (TRACE, SHOW LAYERS/FEATURES/ENTITIES,
 MERGE, COMPILE, DIFF, BEGIN/SAVE PATCH, SELECT from FEATURES/ENTITIES or NEAREST TO, WHERE fields
 the route has no parameter for, …) raises `CapabilityError` naming the statement.
 """
@@ -121,6 +124,22 @@ def _r_patches(stmt, v: RemotePatchList) -> list:
         return ["  (no patches applied)"]
     out = [f"  {r.position}. {r.name} {r.operations} ops" for r in v.rows]
     out.append(f"  Total: {len(v.rows)} on {v.url}")
+    return out
+
+
+@dataclass(frozen=True)
+class RemoteMutated:
+    result: Any  # knowledge.edit.MutationResult
+    patch: str | None  # the inline patch's name on the server (None: nothing matched, nothing sent)
+
+
+@_render.renders(RemoteMutated)
+def _r_mutated(stmt, v: RemoteMutated) -> list:
+    from modelql.lql.editing import Mutated
+
+    out = list(_render.RENDERERS[Mutated](stmt, Mutated(v.result)))
+    if v.patch is not None:
+        out.append(f'  patch: {v.patch} (server session overlay; REMOVE PATCH "{v.patch}" undoes it)')
     return out
 
 
@@ -291,6 +310,58 @@ def _apply(ex, stmt: ast.ApplyPatch):
     return PatchApplied(stmt.path, got.operations, counts.inserts, counts.updates, counts.deletes)
 
 
+def _where(where) -> list[tuple[str, str, Any]]:
+    return [(c.field, c.op.value, list(c.value) if isinstance(c.value, tuple) else c.value) for c in where]
+
+
+def _mutation(ex, keyword: str, where, build):
+    """DELETE / UPDATE over the knowledge API: the server resolves the WHERE with the function local
+    LQL runs (`POST /v1/edges/match` → `edit.match`), `build(matches)` makes the same `.vlp` ops
+    (`knowledge.mutations`), and they are applied as one inline patch in this session's overlay."""
+    from modelql.knowledge.edit import MutationResult
+
+    c = client(ex)
+    m = c.match_edges(_where(where))
+    if m.recorded:
+        raise CapabilityError(
+            f"{keyword} on a remote backend: {m.recorded} unsaved edit(s) of this session write the matched "
+            f"edges, and a patch sent now would stack beneath them (no effect); "
+            f'REMOVE PATCH "(unsaved edits)" first, or run the {keyword} locally')
+    ops, knn = build(m)
+    slots = tuple((s.layer, s.feature) for s in m.slots)
+    result = MutationResult(keyword.lower(), len(m.slots), knn, slots)
+    if not ops:
+        return RemoteMutated(result, None)
+    ex.session.remote_edits = getattr(ex.session, "remote_edits", 0) + 1
+    name = f"{keyword.lower()}-{ex.session.remote_edits}"
+    from modelql.knowledge.mutations import patch_json
+
+    c.apply_patch(patch=patch_json(m, ops, f"LQL {keyword} (remote session {c.session_id})"), name=name)
+    return RemoteMutated(result, name)
+
+
+@handles(ast.Delete)
+def _delete(ex, stmt: ast.Delete):
+    from modelql.knowledge.mutations import delete_ops
+
+    return _mutation(ex, "DELETE", stmt.where, lambda m: (delete_ops(m), len(m.knn_entities)))
+
+
+@handles(ast.Update)
+def _update(ex, stmt: ast.Update):
+    from modelql.knowledge.edit import parse_assignments
+    from modelql.knowledge.mutations import update_ops
+
+    sets = parse_assignments(stmt.assignments)
+    c = client(ex)
+
+    def token_id(text: str) -> int:  # `edit.target_id` on the server's tokenizer
+        ids = c.encode(" " + text)
+        return int(ids[0]) if ids else 0
+
+    return _mutation(ex, "UPDATE", stmt.where, lambda m: update_ops(m, sets, token_id))
+
+
 @handles(ast.ShowPatches)
 def _show_patches(ex, stmt):
     rows = client(ex).patches().patches
@@ -309,5 +380,5 @@ def _remove(ex, stmt: ast.RemovePatch):
     return PatchRemoved(stmt.path, pos)
 
 
-__all__ = ["HANDLERS", "LOCAL", "UsedRemote", "RemoteStats", "RemotePatchList", "RemotePatchRow", "use_remote",
+__all__ = ["HANDLERS", "LOCAL", "RemoteMutated", "UsedRemote", "RemoteStats", "RemotePatchList", "RemotePatchRow", "use_remote",
            "unsupported", "supported"]

@@ -829,6 +829,41 @@ async def patches_apply(body: PatchApplyRequest, request: Request):
     return await _mutate(request, "/v1/patches/apply", run)
 
 
+class WhereCondition(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    field: str
+    op: str = "="
+    value: str | int | float | list[str | int | float]
+
+
+class EdgesMatchRequest(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    where: list[WhereCondition]
+
+
+@router.post("/v1/edges/match", responses=ERRORS)
+async def edges_match(body: EdgesMatchRequest, request: Request):
+    """modelql extension: what `DELETE FROM EDGES WHERE …` / `UPDATE EDGES … WHERE …` would select
+    in this session's overlay (`knowledge.edit.match`, the function local LQL runs), with the
+    metadata UPDATE keeps, so a remote LQL session builds the same `.vlp` ops and applies them
+    inline. Reads only; runs on the worker thread like the edits it precedes."""
+    if not body.where:
+        raise HttpError(400, "where must be non-empty")
+    conds = [(c.field, c.op, c.value) for c in body.where]
+
+    def run(ps):
+        import dataclasses
+
+        from ..knowledge.mutations import recorded_overlap
+
+        edit, _ = editing()
+        m = edit.match(ps, conds)
+        rec = ps.recording.ops if ps.recording is not None else ()
+        return dataclasses.replace(m, recorded=recorded_overlap(m, rec)).to_json()
+
+    return await _mutate(request, "/v1/edges/match", run)
+
+
 @router.get("/v1/patches", responses=ERRORS)
 async def patches_list(request: Request):
     _vindex(request, "/v1/patches")
