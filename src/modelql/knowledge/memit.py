@@ -82,6 +82,9 @@ class MemitParams:
     preserve_weight: float = 8000.0  # μ: weight of the known facts' keys (preservation_moment)
     exact: bool = False  # solve ΔW K = R exactly (min-norm under λC + μP) instead of the ridge form
     per_phrasing: bool = True  # one key per (fact, phrasing) instead of the mean key per fact
+    context_prefixes: int = 0  # also every phrasing after this many generic sentences (ROME's contexts)
+    context_in_delta: bool = True  # the prefixed phrasings are in δ's loss too (else only key columns)
+    context_in_preserve: bool = True  # the known facts' keys are taken after the same prefixes too
 
 
 class DeltaFfn:
@@ -127,6 +130,25 @@ def default_layers(model: Model) -> tuple[int, ...]:
     lo = n // 8
     hi = min(lo + 4, max(lo, n // 2 - 1))
     return tuple(range(lo, hi + 1))
+
+
+def context_prefixes(n: int) -> tuple[str, ...]:
+    """`n` short generic sentences to put before a phrasing (ROME's context templates): training
+    sentences of the facts table about other relations, picked evenly through the table, so the
+    edit must hold when the prompt does not start the text."""
+    if n <= 0:
+        return ()
+    from ..defaults import TRAIN_TEMPLATES, facts, sentence
+
+    pool = [f for f in facts() if f.relation != "capital"]
+    step = max(1, len(pool) // n)
+    picks = pool[step // 2 :: step][:n]
+    return tuple(sentence(TRAIN_TEMPLATES[f.relation][0], f.entity, f.target) for f in picks)
+
+
+def with_contexts(templates: Sequence[str], prefixes: Sequence[str]) -> tuple[str, ...]:
+    """The phrasings, then each phrasing after each prefix."""
+    return tuple(templates) + tuple(f"{c} {t}" for c in prefixes for t in templates)
 
 
 def relation_templates(relation: str) -> tuple[str, ...]:
@@ -239,10 +261,11 @@ def _covariance(model: Model, layer: int, n: int) -> torch.Tensor:
     return (hs.T @ hs / hs.shape[0]).float()
 
 
-def _preservation_prompts(pairs) -> list[tuple[tuple[str, str], str]]:
+def _preservation_prompts(pairs, prefixes: Sequence[str] = ()) -> list[tuple[tuple[str, str], str]]:
     from ..defaults import TRAIN_TEMPLATES
 
-    return [((e, r), tpl) for e, r in pairs for tpl in TRAIN_TEMPLATES.get(r, ())[1:]]
+    return [((e, r), tpl) for e, r in pairs
+            for tpl in with_contexts(TRAIN_TEMPLATES.get(r, ())[1:], prefixes)]
 
 
 def _keys_of(model: Model, layer: int, prompts: Sequence[tuple[tuple[str, str], str]]) -> torch.Tensor:
@@ -257,36 +280,38 @@ def _keys_of(model: Model, layer: int, prompts: Sequence[tuple[tuple[str, str], 
     return torch.stack([a[pos] for a, pos in zip(acts, where)])
 
 
-def preservation_moment(model: Model, layer: int) -> tuple[torch.Tensor, int]:
+def preservation_moment(model: Model, layer: int, prefixes: Sequence[str] = ()) -> tuple[torch.Tensor, int]:
     """(Σ k kᵀ, count) over the keys the edit must leave alone: the FFN activation at the key
     position of the prompts of every (entity, relation) in the embedded facts table, in every
     training phrasing but the first. The first is the canonical prompt the benchmark measures
     locality on, so locality is measured on a phrasing outside this set. Cached (memory, disk)."""
     cache = model.__dict__.setdefault("_memit_preserve", {})
-    key = (layer, KEY_POSITION)
+    key = (layer, KEY_POSITION, len(prefixes))
     if key not in cache:
         def compute() -> torch.Tensor:
             from ..defaults import facts
 
-            prompts = _preservation_prompts(sorted({(f.entity, f.relation) for f in facts()}))
+            prompts = _preservation_prompts(sorted({(f.entity, f.relation) for f in facts()}), prefixes)
             k = _keys_of(model, layer, prompts).double()
             return torch.cat([(k.T @ k).flatten(), torch.tensor([float(k.shape[0])], dtype=torch.float64)])
 
-        flat = _stored(model, f"preserve-{KEY_POSITION}-L{layer}", compute)
+        tag = f"-c{len(prefixes)}" if prefixes else ""
+        flat = _stored(model, f"preserve-{KEY_POSITION}-L{layer}{tag}", compute)
         f = model.spec.intermediate_size
         cache[key] = (flat[:-1].reshape(f, f), int(flat[-1]))
     return cache[key]
 
 
-def _preservation_term(model: Model, layer: int, requests: Sequence[EditRequest]) -> torch.Tensor:
+def _preservation_term(model: Model, layer: int, requests: Sequence[EditRequest],
+                       prefixes: Sequence[str] = ()) -> torch.Tensor:
     """E[k kᵀ] over the preservation keys without the rows of the edited (entity, relation)s
     (their old answer is what the edit replaces)."""
     from ..defaults import facts
 
-    total, n = preservation_moment(model, layer)
+    total, n = preservation_moment(model, layer, prefixes)
     known = {(f.entity, f.relation) for f in facts()}
     edited = sorted({(r.entity, r.relation) for r in requests} & known)
-    k = _keys_of(model, layer, _preservation_prompts(edited)).double()
+    k = _keys_of(model, layer, _preservation_prompts(edited, prefixes)).double()
     return (total - k.T @ k) / max(1, n - k.shape[0])
 
 
@@ -401,18 +426,20 @@ def memit_edit(model: Model, requests: Sequence[EditRequest], layers: Sequence[i
     if any(not 0 <= l < model.spec.num_layers for l in layers):
         raise ModelqlError(f"edit layers {layers} are outside 0..{model.spec.num_layers - 1}")
     last = max(layers)
-    templates = {r: relation_templates(r.relation) for r in requests}
+    prefixes = context_prefixes(p.context_prefixes)
+    key_templates = {r: with_contexts(relation_templates(r.relation), prefixes) for r in requests}
+    templates = key_templates if p.context_in_delta else {r: relation_templates(r.relation) for r in requests}
     report = progress or (lambda stage, i, n: None)
 
     report("targets", 0, 1)
     resid_name = f"blocks.{last}.hook_resid_post"
     delta = _target_deltas(model, requests, last, templates, p)
     if p.per_phrasing:
-        owner = torch.tensor([i for i, r in enumerate(requests) for _ in templates[r]])
-        at = lambda nm: _at_keys(model, requests, templates, nm)  # noqa: E731
+        owner = torch.tensor([i for i, r in enumerate(requests) for _ in key_templates[r]])
+        at = lambda nm: _at_keys(model, requests, key_templates, nm)  # noqa: E731
         z = at(resid_name) + delta[owner]
     else:
-        at = lambda nm: _at_subject(model, requests, templates, nm)  # noqa: E731
+        at = lambda nm: _at_subject(model, requests, key_templates, nm)  # noqa: E731
         z = at(resid_name) + delta
 
     saved = model.ffn
@@ -428,7 +455,8 @@ def memit_edit(model: Model, requests: Sequence[EditRequest], layers: Sequence[i
             cov = covariance(model, layer, p.cov_sentences)
             a = p.mom2_weight * cov.double() + keys.double().T @ keys.double()
             if p.preserve_weight:
-                a = a + p.preserve_weight * _preservation_term(model, layer, requests)
+                a = a + p.preserve_weight * _preservation_term(
+                    model, layer, requests, prefixes if p.context_in_preserve else ())
             if p.exact:
                 # minimum-‖ΔW‖_A update that writes every edit key's residual exactly
                 # (ΔW K = R): v = A⁻¹K (Kᵀ A⁻¹ K)⁻¹, A = λC + μP without the KKᵀ term
