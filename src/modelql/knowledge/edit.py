@@ -112,6 +112,8 @@ default (no prefixes)                                 90%      38%        53%   
 Prefixed keys are what carries an edit to unseen phrasings (+10 points ``gen known``), but they
 are closer to other countries' capital keys, so locality falls below 95%, and raising μ gives
 the gain back; adding the same prefixes to the preserved known-fact keys did not recover it.
+With 50 edits the default measures efficacy 98.0%, gen all 42.7%, gen known 55.0% (111 of 150
+held-out paraphrases known), locality 96.7%, survival 100%.
 No configuration met generalisation ≥ 70% with locality ≥ 95%, so the default stays without
 prefixes (`context_prefixes=0`); the prefix options stay available as INSERT hyper-parameters.
 """
