@@ -17,6 +17,8 @@ from typing import Annotated, Any, Callable, Optional
 
 import typer
 
+from .cli_options import FfnApiKeyOpt, FfnOpt, WireOpt
+
 app = typer.Typer(
     name="modelql",
     help="A local transformer model, served and queried like a database.",
@@ -159,12 +161,9 @@ def generate_cmd(
     chat: Annotated[bool, typer.Option("--chat", help="wrap PROMPT as a user message in the chat template")] = False,
     dtype: DtypeOpt = "float32",
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="finish reason and speed on stderr")] = False,
-    ffn: Annotated[Optional[str], typer.Option(
-        "--ffn", help="run each layer's FFN on remote shards: URL[,URL...] or a-b=URL[,...] (replicas fail over)")
-    ] = None,
-    wire: Annotated[str, typer.Option("--wire", help="--ffn response encoding: f32, f16 or i8")] = "f32",
-    ffn_api_key: Annotated[Optional[str], typer.Option(
-        "--ffn-api-key", envvar="MODELQL_FFN_API_KEY", help="bearer key the --ffn shards require")] = None,
+    ffn: FfnOpt = None,
+    wire: WireOpt = "f32",
+    ffn_api_key: FfnApiKeyOpt = None,
 ) -> None:
     import time
 

@@ -182,60 +182,54 @@ def labels_for(vindex) -> FeatureLabels:
 def probe_templates(vindex) -> dict[str, list[str]]:
     """{relation: templates} the vindex was probe-labelled with (probe_meta.json), for the
     relations that actually got labels; {} when it was never labelled."""
+    meta = _probe_meta(vindex)
+    tm = meta.get("templates")
+    labelled = set(labels_for(vindex).probe.values())
+    got: dict[str, list[str]] = {}
+    if isinstance(tm, dict):
+        for r, ts in tm.items():
+            ts = [ts] if isinstance(ts, str) else ts
+            if r in labelled and isinstance(ts, list):
+                got[str(r)] = [str(t) for t in ts if isinstance(t, str) and "{X}" in t]
+    return got
+
+
+def _probe_meta(vindex) -> dict:
+    """probe_meta.json of the vindex ({} when absent or unreadable), cached by (path, mtime, size)."""
     p = Path(vindex.path) / PROBE_META_FILE
     try:
         st = p.stat()
     except OSError:
         return {}
     key = (str(p), st.st_mtime_ns, st.st_size)
-    got = _templates_cache.get(key)
-    if got is None:
+    meta = _probe_meta_cache.get(key)
+    if meta is None:
         try:
             meta = json.loads(p.read_text(encoding="utf-8"))
         except (OSError, ValueError):
             meta = {}
-        tm = meta.get("templates") if isinstance(meta, dict) else None
-        labelled = set(labels_for(vindex).probe.values())
-        got = {}
-        if isinstance(tm, dict):
-            for r, ts in tm.items():
-                ts = [ts] if isinstance(ts, str) else ts
-                if r in labelled and isinstance(ts, list):
-                    got[str(r)] = [str(t) for t in ts if isinstance(t, str) and "{X}" in t]
-        _templates_cache[key] = got
-    return got
+        if not isinstance(meta, dict):
+            meta = {}
+        _probe_meta_cache[key] = meta
+    return meta
 
 
-_templates_cache: dict[tuple, dict[str, list[str]]] = {}
+_probe_meta_cache: dict[tuple, dict] = {}
 
 
 def relation_cardinality(vindex) -> dict[str, float]:
     """{relation: mean objects per subject} of the triples the vindex was probe-labelled with
     (probe_meta.json); {} for a vindex labelled before this was recorded (every relation is then
     treated as single-valued)."""
-    p = Path(vindex.path) / PROBE_META_FILE
-    try:
-        st = p.stat()
-    except OSError:
-        return {}
-    key = (str(p), st.st_mtime_ns, st.st_size)
-    got = _cardinality_cache.get(key)
-    if got is None:
-        try:
-            meta = json.loads(p.read_text(encoding="utf-8"))
-        except (OSError, ValueError):
-            meta = {}
-        raw = meta.get("objects_per_subject") if isinstance(meta, dict) else None
-        got = {}
-        if isinstance(raw, dict):
-            for r, v in raw.items():
-                if isinstance(v, (int, float)) and not isinstance(v, bool):
-                    got[str(r)] = float(v)
-        _cardinality_cache[key] = got
+    raw = _probe_meta(vindex).get("objects_per_subject")
+    got: dict[str, float] = {}
+    if isinstance(raw, dict):
+        for r, v in raw.items():
+            if isinstance(v, (int, float)) and not isinstance(v, bool):
+                got[str(r)] = float(v)
     return got
 
 
-_cardinality_cache: dict[tuple, dict[str, float]] = {}
 
 
 # ---------------------------------------------------------------------------------------------

@@ -7,6 +7,8 @@ from typing import Annotated, Optional
 
 import typer
 
+from ..cli_options import FfnApiKeyOpt, FfnOpt, WireOpt
+
 
 def serve_command(
     models: Annotated[Optional[list[str]], typer.Argument(
@@ -49,12 +51,9 @@ def serve_command(
         "--threads", min=1, help="torch intra-op threads (default: torch's choice)")] = None,
     dtype: Annotated[str, typer.Option("--dtype", help="compute dtype: float32 or bfloat16")] = "float32",
     log_level: Annotated[str, typer.Option("--log-level", help="uvicorn log level")] = "warning",
-    ffn: Annotated[Optional[str], typer.Option(
-        "--ffn", help="run each layer's FFN on remote shards: URL[,URL...] or a-b=URL[,...] (replicas fail over)")
-    ] = None,
-    wire: Annotated[str, typer.Option("--wire", help="--ffn response encoding: f32, f16 or i8")] = "f32",
-    ffn_api_key: Annotated[Optional[str], typer.Option(
-        "--ffn-api-key", envvar="MODELQL_FFN_API_KEY", help="bearer key the --ffn shards require")] = None,
+    ffn: FfnOpt = None,
+    wire: WireOpt = "f32",
+    ffn_api_key: FfnApiKeyOpt = None,
     enable_i8_wire: Annotated[bool, typer.Option(
         "--enable-i8-wire", envvar="MODELQL_I8_WIRE", help="walk-ffn may answer i8 when asked")] = False,
     disable_f16_wire: Annotated[bool, typer.Option(
