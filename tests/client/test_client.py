@@ -162,21 +162,15 @@ def test_http_errors_carry_status_code_message(kc):
 def test_unauthorized_and_openai_envelope(kmodel, kvindex):
     from modelql.server.config import ServerConfig
     from modelql.server.knowledge_routes import VindexSource
-    from modelql.server.serve import BackgroundServer, build
+    from modelql.server.serve import background
 
     cfg = ServerConfig(host="127.0.0.1", port=0, graceful_timeout=2.0, api_key="s3cret")
-    app, engine = build(None, cfg, model=kmodel, vindex_source=VindexSource.ready(kvindex))
-    srv = BackgroundServer(app, cfg)
-    try:
-        srv.start()
-        with KnowledgeClient(srv.url) as bad, KnowledgeClient(srv.url, api_key="s3cret") as good:
-            with pytest.raises(KnowledgeHTTPError) as e:
-                bad.stats()
-            assert e.value.status == 401 and e.value.code == "unauthorized" and e.value.message == "unauthorized"
-            assert good.stats().layers == kvindex.num_layers
-    finally:
-        srv.stop()
-        engine.stop()
+    with background(None, cfg, model=kmodel, vindex_source=VindexSource.ready(kvindex)) as srv, \
+            KnowledgeClient(srv.url) as bad, KnowledgeClient(srv.url, api_key="s3cret") as good:
+        with pytest.raises(KnowledgeHTTPError) as e:
+            bad.stats()
+        assert e.value.status == 401 and e.value.code == "unauthorized" and e.value.message == "unauthorized"
+        assert good.stats().layers == kvindex.num_layers
 
 
 def test_connection_refused_retries_then_clear_error(dead_url):

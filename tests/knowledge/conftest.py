@@ -6,17 +6,11 @@ before the embedded model is trained); without a model the tests that need one a
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import pytest
 
-
-def _model_dir() -> Path | None:
-    from modelql import defaults as D
-
-    p = Path(os.environ.get("MODELQL_TEST_DEFAULT_MODEL") or D.DEFAULT_MODEL_DIR)
-    return p if (p / "config.json").exists() else None
+from tests.default_model import default_model_dir
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -31,7 +25,7 @@ def _threads():
 
 @pytest.fixture(scope="session")
 def model_dir() -> Path:
-    d = _model_dir()
+    d = default_model_dir()
     if d is None:
         pytest.skip("the embedded default model is not trained yet")
     return d

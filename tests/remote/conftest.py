@@ -68,17 +68,10 @@ def shard_process(*args: str, ref: str | None = None):
 def shard_inprocess(ref=None, **config):
     """An in-process `--ffn-only` server (uvicorn on a thread); yields its URL; always stopped."""
     from modelql.server.config import ServerConfig
-    from modelql.server.serve import BackgroundServer, build
+    from modelql.server.serve import background
 
-    cfg = ServerConfig(port=0, ffn_only=True, graceful_timeout=1.0, **config)
-    app, engine = build(ref, cfg)
-    server = BackgroundServer(app, cfg)
-    try:
-        server.start()
+    with background(ref, ServerConfig(port=0, ffn_only=True, graceful_timeout=1.0, **config)) as server:
         yield server.url
-    finally:
-        server.stop()
-        engine.stop()
 
 
 @pytest.fixture(scope="session")

@@ -119,22 +119,16 @@ def test_generate_cli_with_ffn(one_shard):
 def test_serve_with_remote_ffn_answers_like_local(one_shard, local_model):
     from modelql.server.config import ServerConfig
     from modelql.server.knowledge_routes import VindexSource
-    from modelql.server.serve import BackgroundServer, build
+    from modelql.server.serve import background
 
     body = {"prompt": PROMPT, "max_tokens": 16, "temperature": 0}
     texts = []
     for model in (local_model, load_remote_model(None, one_shard)):
         cfg = ServerConfig(port=0, graceful_timeout=1.0)
-        app, engine = build(None, cfg, model=model, vindex_source=VindexSource.unavailable("not needed"))
-        server = BackgroundServer(app, cfg)
-        try:
-            server.start()
+        with background(None, cfg, model=model, vindex_source=VindexSource.unavailable("not needed")) as server:
             r = httpx.post(server.url + "/v1/completions", json=body, timeout=60)
             assert r.status_code == 200, r.text
             texts.append(r.json()["choices"][0]["text"])
-        finally:
-            server.stop()
-            engine.stop()
     assert texts[0] == texts[1] and texts[0]
 
 

@@ -192,30 +192,24 @@ def test_shard_loads_only_its_layers():
 def test_full_server_walk_ffn_is_overlay_aware(inference_vindex, hf_model):
     """A deleted feature (patch overlay) disappears from the walk-ffn output: FFN − a_f·d_f."""
     from modelql.server.config import ServerConfig
-    from modelql.server.serve import BackgroundServer, build
+    from modelql.server.serve import background
 
     cfg = ServerConfig(port=0, graceful_timeout=1.0)
-    app, engine = build(str(inference_vindex), cfg)
-    server = BackgroundServer(app, cfg)
-    try:
-        server.start()
-        with httpx.Client(base_url=server.url, timeout=60) as c:
-            x = x_rows(1, seed=9)
-            before = wire.decode_response(post_binary(c, wire.encode_request(1, x)).content, "f32", H)
-            mlp = hf_model.model.layers[1].mlp
-            with torch.no_grad():
-                xt = torch.from_numpy(x)
-                act = torch.nn.functional.silu(mlp.gate_proj(xt)) * mlp.up_proj(xt)  # [1, F]
-                f = int(act[0].abs().argmax())
-                expected = mlp(xt) - act[0, f] * mlp.down_proj.weight[:, f]
-            base = json.loads((inference_vindex / "index.json").read_text())["model"]
-            patch = {"version": 1, "base_model": base, "created_at": "", "description": "drop one feature",
-                     "operations": [{"op": "delete", "layer": 1, "feature": f}]}
-            r = c.post("/v1/patches/apply", json={"patch": patch})
-            assert r.status_code == 200, r.text
-            after = wire.decode_response(post_binary(c, wire.encode_request(1, x)).content, "f32", H)
-            assert not np.allclose(after.results[0].output, before.results[0].output)
-            np.testing.assert_allclose(after.results[0].output, expected.numpy()[0], rtol=1e-4, atol=1e-5)
-    finally:
-        server.stop()
-        engine.stop()
+    with background(str(inference_vindex), cfg) as server, httpx.Client(base_url=server.url, timeout=60) as c:
+        x = x_rows(1, seed=9)
+        before = wire.decode_response(post_binary(c, wire.encode_request(1, x)).content, "f32", H)
+        mlp = hf_model.model.layers[1].mlp
+        with torch.no_grad():
+            xt = torch.from_numpy(x)
+            act = torch.nn.functional.silu(mlp.gate_proj(xt)) * mlp.up_proj(xt)  # [1, F]
+            f = int(act[0].abs().argmax())
+            expected = mlp(xt) - act[0, f] * mlp.down_proj.weight[:, f]
+        base = json.loads((inference_vindex / "index.json").read_text())["model"]
+        patch = {"version": 1, "base_model": base, "created_at": "", "description": "drop one feature",
+                 "operations": [{"op": "delete", "layer": 1, "feature": f}]}
+        r = c.post("/v1/patches/apply", json={"patch": patch})
+        assert r.status_code == 200, r.text
+        after = wire.decode_response(post_binary(c, wire.encode_request(1, x)).content, "f32", H)
+        assert not np.allclose(after.results[0].output, before.results[0].output)
+        np.testing.assert_allclose(after.results[0].output, expected.numpy()[0], rtol=1e-4, atol=1e-5)
+

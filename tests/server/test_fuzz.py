@@ -23,20 +23,14 @@ def full_server(tiny_dir, tiny_model, tmp_path_factory):
     the tiny model's vindex (extracted at level inference)."""
     from modelql.server.config import ServerConfig
     from modelql.server.knowledge_routes import VindexSource
-    from modelql.server.serve import BackgroundServer, build
+    from modelql.server.serve import background
     from modelql.vindex import extract
 
     out = tmp_path_factory.mktemp("fuzz-vindex") / "tiny.vindex"
     extract(tiny_dir, out, level="inference", dtype="f32", clusters=False)
     cfg = ServerConfig(host="127.0.0.1", port=0, graceful_timeout=2.0)
-    app, engine = build(None, cfg, model=tiny_model, vindex_source=VindexSource.open_path(out))
-    srv = BackgroundServer(app, cfg)
-    try:
-        srv.start()
+    with background(None, cfg, model=tiny_model, vindex_source=VindexSource.open_path(out)) as srv:
         yield srv
-    finally:
-        srv.stop()
-        engine.stop()
 
 
 @pytest.fixture(scope="module")

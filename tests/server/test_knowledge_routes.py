@@ -11,9 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import struct
-from pathlib import Path
 
 import httpx
 import pytest
@@ -21,60 +19,12 @@ import pytest
 from modelql.server.config import ServerConfig
 
 
-def _model_dir() -> Path | None:
-    from modelql import defaults as D
-
-    p = Path(os.environ.get("MODELQL_TEST_DEFAULT_MODEL") or D.DEFAULT_MODEL_DIR)
-    return p if (p / "config.json").exists() else None
-
-
-@pytest.fixture(scope="module")
-def kmodel_dir() -> Path:
-    d = _model_dir()
-    if d is None:
-        pytest.skip("the embedded default model is not installed (src/modelql/data/default-model)")
-    return d
-
-
-@pytest.fixture(scope="module")
-def kvindex(kmodel_dir):
-    """The embedded model's vindex from the default-vindex cache (extracted and labelled once)."""
-    import torch
-
-    from modelql.lql import default_vindex as dv
-    from modelql.vindex import Vindex
-
-    torch.set_num_threads(1)
-    path = dv.ensure_vindex(kmodel_dir, name=dv.DEFAULT_NAME, model_id=dv.DEFAULT_NAME, progress=False, label=True)
-    return Vindex.load(path)
-
-
-@pytest.fixture(scope="module")
-def kmodel(kmodel_dir):
-    from modelql.runtime.loading import load_model
-
-    return load_model(kmodel_dir)
-
-
 def _serve(model, source, **config):
-    from modelql.server.serve import BackgroundServer, build
+    """A server built as `modelql serve` builds it (context manager: always stopped, engine too)."""
+    from modelql.server.serve import background
 
-    cfg = ServerConfig(host="127.0.0.1", port=0, graceful_timeout=2.0, **config)
-    app, engine = build(None, cfg, model=model, vindex_source=source)
-    return BackgroundServer(app, cfg), engine
-
-
-@pytest.fixture(scope="module")
-def ksrv(kmodel, kvindex):
-    from modelql.server.knowledge_routes import VindexSource
-
-    srv, engine = _serve(kmodel, VindexSource.ready(kvindex))
-    try:
-        srv.start()
-        yield srv
-    finally:
-        srv.stop()
-        engine.stop()
+    return background(None, ServerConfig(host="127.0.0.1", port=0, graceful_timeout=2.0, **config),
+                      model=model, vindex_source=source)
 
 
 @pytest.fixture(scope="module")
@@ -294,8 +244,7 @@ def test_insert_knn_overrides_infer_and_patches_roundtrip(kmodel, kvindex, tmp_p
         pytest.skip("knowledge editing is not in this build")
     from modelql.server.knowledge_routes import RECORDING_NAME, VindexSource
 
-    srv, engine = _serve(kmodel, VindexSource.ready(kvindex))
-    with srv, httpx.Client(base_url=srv.url, timeout=120) as c:
+    with _serve(kmodel, VindexSource.ready(kvindex)) as srv, httpx.Client(base_url=srv.url, timeout=120) as c:
         prompt = "The capital of France is"
         before = c.post("/v1/infer", json={"prompt": prompt, "top": 3}).json()
         ins = c.post("/v1/insert", json={"entity": "France", "relation": "capital", "target": "Lyon", "mode": "knn"})
@@ -320,7 +269,6 @@ def test_insert_knn_overrides_infer_and_patches_roundtrip(kmodel, kvindex, tmp_p
         bad = c.post("/v1/patches/apply", json={"patch": {"x": 1}})
         assert bad.status_code == 400 and bad.json()["error"].startswith("failed to load patch")
         assert c.post("/v1/patches/apply", json={"url": str(tmp_path / "none.vlp")}).status_code == 404
-    engine.stop()
 
 
 # -- WebSocket /v1/stream -----------------------------------------------------------------------------------
@@ -435,8 +383,7 @@ def test_ws_describe_infer_and_errors(ksrv, kvindex):
 def test_no_infer_mode(kmodel, kvindex):
     from modelql.server.knowledge_routes import VindexSource
 
-    srv, engine = _serve(kmodel, VindexSource.ready(kvindex), no_infer=True)
-    with srv:
+    with _serve(kmodel, VindexSource.ready(kvindex), no_infer=True) as srv:
         with httpx.Client(base_url=srv.url, timeout=60) as c:
             r = c.post("/v1/infer", json={"prompt": "x"})
             assert r.status_code == 503 and r.json() == {"error": "inference disabled (--no-infer)"}
@@ -444,20 +391,17 @@ def test_no_infer_mode(kmodel, kvindex):
             assert d["mode"] == "embedding"  # no forward passes without inference
             assert c.get("/v1/stats").json()["loaded"]["inference"] is False
             assert c.get("/v1/token/encode", params={"text": "a"}).status_code == 200
-    engine.stop()
 
 
 def test_embed_only_mode_refuses_browse(kmodel, kvindex):
     from modelql.server.knowledge_routes import VindexSource
 
-    srv, engine = _serve(kmodel, VindexSource.ready(kvindex), embed_only=True)
-    with srv:
+    with _serve(kmodel, VindexSource.ready(kvindex), embed_only=True) as srv:
         with httpx.Client(base_url=srv.url, timeout=60) as c:
             r = c.get("/v1/describe", params={"entity": "France"})
             assert r.status_code == 503 and r.json()["error"] == "/v1/describe is not served in embed-service mode"
             assert c.post("/v1/embed", json={"token_ids": [1]}).status_code == 200
             assert c.get("/v1/stats").json()["mode"] == "embed-service"
-    engine.stop()
 
 
 def test_model_directory_vindex_extracted_in_background(tiny_dir, tiny_model, tmp_path, monkeypatch):
@@ -467,8 +411,7 @@ def test_model_directory_vindex_extracted_in_background(tiny_dir, tiny_model, tm
 
     monkeypatch.setenv("MODELQL_CACHE", str(tmp_path / "cache"))
     src = VindexSource.extract(tiny_dir, start=False)
-    srv, engine = _serve(tiny_model, src)
-    with srv:
+    with _serve(tiny_model, src) as srv:
         with httpx.Client(base_url=srv.url, timeout=60) as c:
             r = c.get("/v1/walk", params={"prompt": "hello"})
             assert r.status_code == 503 and "being extracted" in r.json()["error"] and r.headers["retry-after"]
@@ -479,7 +422,6 @@ def test_model_directory_vindex_extracted_in_background(tiny_dir, tiny_model, tm
             src._thread.start()
             assert src.wait(120)
             assert c.get("/v1/walk", params={"prompt": "hello"}).status_code == 200
-    engine.stop()
     assert list((tmp_path / "cache" / "vindex").glob("*.vindex"))
 
 
@@ -498,9 +440,8 @@ def test_sessions_isolate_edits(kmodel, kvindex):
         pytest.skip("knowledge editing is not in this build")
     from modelql.server.knowledge_routes import RECORDING_NAME, VindexSource
 
-    srv, engine = _serve(kmodel, VindexSource.ready(kvindex))
     s1 = {"X-Session-Id": "alice.1"}
-    with srv, httpx.Client(base_url=srv.url, timeout=120) as c:
+    with _serve(kmodel, VindexSource.ready(kvindex)) as srv, httpx.Client(base_url=srv.url, timeout=120) as c:
         prompt = {"prompt": "The capital of France is", "top": 2}
         base = c.post("/v1/infer", json=prompt).json()["predictions"]
         ins = c.post("/v1/insert", headers=s1,
@@ -514,4 +455,3 @@ def test_sessions_isolate_edits(kmodel, kvindex):
         assert c.get("/v1/patches").json() == {"patches": []}
         bad = c.get("/v1/patches", headers={"X-Session-Id": "no spaces"})
         assert bad.status_code == 400 and bad.json() == {"error": "invalid X-Session-Id"}
-    engine.stop()

@@ -8,6 +8,7 @@ which fails any sequence still running with 503 "server is shutting down".
 
 from __future__ import annotations
 
+import contextlib
 import shlex
 import signal
 import sys
@@ -114,6 +115,18 @@ def serve(model_ref: str | Path | None | list[str | Path], config: ServerConfig,
 
     _Server(_uvicorn_config(app, config)).run()
     print("modelql server stopped", file=out, flush=True)
+
+
+@contextlib.contextmanager
+def background(model_ref: str | Path | None, config: ServerConfig, **build_kwargs):
+    """`build` + a started `BackgroundServer`; on exit the server and its engine always stop.
+    For tests and embedding: the one place that owns both lifetimes."""
+    app, engine = build(model_ref, config, **build_kwargs)
+    try:
+        with BackgroundServer(app, config) as server:
+            yield server
+    finally:
+        engine.stop()
 
 
 class BackgroundServer:

@@ -1,0 +1,49 @@
+"""Session fixtures shared by the client and server suites: the embedded model, its cached
+probe-labelled vindex (built as `modelql serve` builds it), and a real server on a free loopback port."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from tests.default_model import default_model_dir
+
+
+@pytest.fixture(scope="session")
+def kmodel_dir() -> Path:
+    d = default_model_dir()
+    if d is None:
+        pytest.skip("the embedded default model is not installed (src/modelql/data/default-model)")
+    return d
+
+
+@pytest.fixture(scope="session")
+def kvindex(kmodel_dir):
+    """The embedded model's vindex from the default-vindex cache (extracted and labelled once)."""
+    import torch
+
+    from modelql.lql import default_vindex as dv
+    from modelql.vindex import Vindex
+
+    torch.set_num_threads(1)
+    path = dv.ensure_vindex(kmodel_dir, name=dv.DEFAULT_NAME, model_id=dv.DEFAULT_NAME, progress=False, label=True)
+    return Vindex.load(path)
+
+
+@pytest.fixture(scope="session")
+def kmodel(kmodel_dir):
+    from modelql.runtime.loading import load_model
+
+    return load_model(kmodel_dir)
+
+
+@pytest.fixture(scope="session")
+def ksrv(kmodel, kvindex):
+    from modelql.server.config import ServerConfig
+    from modelql.server.knowledge_routes import VindexSource
+    from modelql.server.serve import background
+
+    cfg = ServerConfig(host="127.0.0.1", port=0, graceful_timeout=2.0)
+    with background(None, cfg, model=kmodel, vindex_source=VindexSource.ready(kvindex)) as srv:
+        yield srv
