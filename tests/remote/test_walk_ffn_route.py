@@ -73,7 +73,7 @@ def test_binary_single_layer_matches_hf(shard, hf_model):
     resp = wire.decode_response(r.content, "f32", H)
     (res,) = resp.results
     assert (res.layer, res.seq_len) == (2, 5)
-    np.testing.assert_allclose(res.output.reshape(5, H), hf_mlp(hf_model, 2, x), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(res.output.reshape(5, H), hf_mlp(hf_model, 2, x), rtol=1e-4, atol=1e-4)
 
 
 def test_binary_batch_in_request_order(shard, hf_model):
@@ -82,7 +82,7 @@ def test_binary_batch_in_request_order(shard, hf_model):
     resp = wire.decode_response(r.content, "f32", H)
     assert [x.layer for x in resp.results] == [2, 1]
     for res in resp.results:
-        np.testing.assert_allclose(res.output.reshape(3, H), hf_mlp(hf_model, res.layer, x), rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(res.output.reshape(3, H), hf_mlp(hf_model, res.layer, x), rtol=1e-4, atol=1e-4)
     # a batch frame naming one layer is answered in the single form
     one = post_binary(shard, wire.encode_request([1], x, batch=True))
     assert struct.unpack_from("<I", one.content)[0] == 1
