@@ -16,7 +16,7 @@ Insert modes (algorithms §10; the canonical prompt is `"The <relation> of <enti
 
 * ``memit`` — **weight-level** (the default, see below): a rank-k update of the down
   projection, computed by `modelql.knowledge.memit.memit_edit` (key = the FFN activation at the
-  prompt's last token in the middle layer, one key per training phrasing of the relation; value
+  prompt's last token in the last layer, one key per training phrasing of the relation; value
   optimised so every phrasing predicts the target; n facts inserted together form one
   least-squares batch, regularised by generic-text statistics and by the keys of the facts the
   model already knows). Recorded as modelql `down_delta` ops; the patched FFN adds them at run
@@ -29,26 +29,27 @@ Insert modes (algorithms §10; the canonical prompt is `"The <relation> of <enti
   to decoy prompts) and a down vector pointing at the target's embedding, balanced so the target
   probability lands in [0.30, 0.95] (`insert` ops with vectors).
 
-**Why MEMIT is the default.** Measured by `bench/edit.py` on the embedded model (retrained,
-99.9% train-template top-1), 50 counterfactual capital edits applied together, 120 locality
-facts (`python bench/edit.py --threads 1`):
+**Why MEMIT is the default.** Measured by `bench/edit.py` on the embedded model (10 training
+phrasings per relation, 99.6% train-template top-1), 50 counterfactual capital edits applied
+together, 120 locality facts (`python bench/edit.py --threads 1`):
 
-=========  ========  =======  ========  ========
-mode       efficacy  paraph.  locality  survival
-=========  ========  =======  ========  ========
-memit *       98.0%    42.7%     96.7%    100.0%
-knn          100.0%    76.7%     59.2%     60.3%
-compose        0.0%     0.0%     66.7%    100.0%
-=========  ========  =======  ========  ========
+=========  ========  =======  =========  ========  ========
+mode       efficacy  gen all  gen known  locality  survival
+=========  ========  =======  =========  ========  ========
+memit *       98.0%    63.3%      91.3%     96.7%    100.0%
+knn          100.0%    69.3%      99.0%     37.5%     67.2%
+compose        0.0%     0.7%       0.0%     94.2%    100.0%
+=========  ========  =======  =========  ========  ========
 
 MEMIT is the only mode that meets the efficacy, locality and survival targets together: it is a
 plain weight edit, so COMPILE INTO MODEL and transformers reproduce it exactly. KNN is exact on
 the literal prompt and its key fires on paraphrases too, but it also fires on other countries'
-capital prompts (locality 59%), is invisible to generation, and COMPILE INTO MODEL has to
-materialise it as a weight edit, which changes 40% of top-1s. COMPOSE's slot installs do not
-beat the trained recall circuit (0% efficacy; choosing the overwritten slot by least mean
+capital prompts (locality 37.5%), is invisible to generation, and COMPILE INTO MODEL has to
+materialise it as a weight edit, which changes a third of the top-1s. COMPOSE's slot installs
+do not beat the trained recall circuit (0% efficacy; choosing the overwritten slot by least mean
 |activation| instead of lowest c_score changed nothing measurable at 10 edits, so it was not
-kept). Paraphrase generalisation (42.7%, target 70%) is MEMIT's open gap.
+kept). ``gen known`` is the paraphrases the unedited model answers correctly; ``gen all`` is
+capped at 68.7% by the unedited model's own held-out answers (see the third pass below).
 
 How MEMIT's key position, layers and μ were chosen (`memit.py` documents the solver). First on
 the previous embedded model (92% train top-1), 10 edits:
@@ -127,6 +128,37 @@ At equal locality the prefixes buy no generalisation: they trade along the same
 locality/generalisation curve as μ does.
 No configuration met generalisation ≥ 70% with locality ≥ 95%, so the default stays without
 prefixes (`context_prefixes=0`); the prefix options stay available as INSERT hyper-parameters.
+
+Third pass: the last layer, on the current embedded model. The tables above were measured on
+models trained with 5 phrasings per relation. Per held-out template the 50-edit default then
+reached 94% / 14% / 20% ("The capital city of X is" / "X's capital is" / "The government of
+X sits in"): the edit followed the surface form. The current model is trained with 10
+phrasings per relation (none of them a held-out template), so an edit also has 10 keys per
+fact; and the key moved to the last layer, where the FFN input at the last token already
+holds the answer the model is about to give: paraphrases the model answers alike share it,
+other countries' prompts (about to give other capitals) do not. 50 edits, this model (103 of
+the 150 held-out paraphrases known to the unedited model; ``loc cap`` / ``loc other`` split
+locality into other countries' capitals and other relations):
+
+============================  ========  =======  =========  ========  =======  =========
+configuration (50 edits)      efficacy  gen all  gen known  locality  loc cap  loc other
+============================  ========  =======  =========  ========  =======  =========
+layer 2, μ = 8e3                 96.0%    63.3%      92.2%     80.0%        —          —
+layer 2, μ = 1.6e4               92.0%    56.7%      82.5%     89.2%        —          —
+layer 2, μ = 3.2e4               68.0%    42.7%      62.1%     95.8%        —          —
+layer 3, μ = 2e3                100.0%    70.0%      99.0%     82.5%      78%        87%
+layer 3, μ = 8e3                100.0%    66.7%      96.1%     93.3%      95%        92%
+layer 3, μ = 1.6e4              100.0%    66.0%      95.1%     95.0%      97%        93%
+layer 3, μ = 2e4 (default)       98.0%    63.3%      91.3%     96.7%      98%        95%
+layer 3, μ = 3.2e4               92.0%    61.3%      88.3%     96.7%      98%        95%
+layers 2–3, μ = 1.6e4            50.0%    30.0%      42.7%     55.0%      20%        90%
+============================  ========  =======  =========  ========  =======  =========
+
+Per held-out template the default now reaches 96% / 92% / 2%. The unedited model answers the
+third paraphrase ("The government of X sits in") for only 3 of the 50 edited countries (the
+first two for all 50), so ``gen all`` is capped near 103/150 = 68.7% by what the model knows,
+not by the edit: ``gen known`` is 91.3%, ``gen all`` 63.3% (target 70%). Closing that gap
+needs a base model that answers more held-out phrasings, a training-recipe question.
 """
 
 from __future__ import annotations
