@@ -18,13 +18,12 @@ them as one batch; KNN and COMPOSE one after the other), then:
 
 * **efficacy** — new target top-1 on the edit prompt (the canonical template);
 * **generalisation** — new target top-1 on each held-out paraphrase (``HELDOUT_TEMPLATES``),
-  two columns: ``gen all`` over every held-out paraphrase, and ``gen known`` over only the
-  held-out paraphrases that the *unedited* model answers with the true capital (CounterFact's
-  filter on known facts). ``gen known`` is the measure the ≥ 70% target is judged on: an edit
-  rewrites what the model recalls, so it can only be expected to carry over to phrasings in
-  which the model recalls the fact at all; the unedited model's own held-out paraphrase top-1
-  for capitals is ≈ 71% (``python -m modelql.evaluate``), which caps ``gen all`` near 70%.
-  Both are printed; ``gen all`` stays as the unconditioned figure;
+  two columns: ``gen all`` over every held-out paraphrase (CounterFact's paraphrase score: the
+  edited facts are ones the model knows, the paraphrases are not filtered), and ``gen known``
+  over only the held-out paraphrases that the *unedited* model answers with the true capital.
+  ``gen known`` separates what the edit carries over from what the model knows at all: an edit
+  rewrites what the model recalls, so it cannot be expected to carry over to a phrasing in
+  which the model does not recall the fact; the share of such phrasings caps ``gen all``;
 * **locality** — the locality facts' top-1 unchanged;
 * **survival** — ``COMPILE CURRENT INTO MODEL`` → load the directory with ``transformers``
   (``AutoModelForCausalLM`` + ``AutoTokenizer``) → the share of all the above prompts whose top-1
@@ -218,7 +217,7 @@ def table(rows: list[Row], n_local: int) -> str:
                      f"{r.survival:>10.1%}{r.hf_efficacy:>9.1%}{r.insert_s:>8.1f}s{r.compile_s:>8.1f}s")
     if rows:
         lines.append(f"(gen known over the {rows[0].known_paraphrases} of {n_para} held-out paraphrases the unedited "
-                     "model answers correctly — the target's measure; gen all over all of them)")
+                     "model answers correctly; gen all over all of them)")
     lines.append(f"(* = default mode; locality over {n_local} facts; survival = top-1 agreement of the "
                  "transformers-loaded COMPILE INTO MODEL output with the patched session)")
     return "\n".join(lines)

@@ -91,8 +91,8 @@ their last-token key; μ = 8e3 is the smallest preservation weight that keeps lo
 
 Paraphrase generalisation, second pass. `bench/edit.py` now prints two columns: ``gen all``
 (every held-out paraphrase) and ``gen known`` (only the held-out paraphrases the unedited model
-answers with the true capital, CounterFact's filter — the target's measure, since the unedited
-model's own held-out capital top-1 is ≈ 71%). ROME-style context prefixes (`MemitParams.
+answers with the true capital: what the edit carries over, apart from what the model knows;
+that model's own held-out capital top-1 was ≈ 71%). ROME-style context prefixes (`MemitParams.
 context_prefixes`: each training phrasing also after n generic sentences of the facts table,
 never a held-out template) were measured at 20 edits, layer 2, μ = 8e3, on a loaded machine
 (43 of the 60 held-out paraphrases known to the unedited model):
