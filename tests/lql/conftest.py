@@ -39,35 +39,20 @@ def tiny_browse_vindex(tiny_model_dir, tmp_path_factory):
 @pytest.fixture(scope="session")
 def default_model_dir():
     """The embedded model's directory (or `MODELQL_TEST_DEFAULT_MODEL`); skips when absent."""
-    import os
-    from pathlib import Path
+    from tests.default_model import default_model_dir as find
 
-    from modelql.lql import default_vindex as dv
-
-    override = os.environ.get("MODELQL_TEST_DEFAULT_MODEL")
-    if override:
-        return Path(override)
-    if not dv.default_model_installed():
+    d = find()
+    if d is None:
         pytest.skip("the embedded default model is not installed (src/modelql/data/default-model)")
-    return dv.default_model_dir()
+    return d
 
 
 @pytest.fixture(scope="session")
-def default_vindex_path():
-    """The embedded model's vindex: extracted into the default-vindex cache on first use, reused
-    by every later test session (and by `modelql lql`). Skips when the model is not installed.
-
-    `MODELQL_TEST_DEFAULT_MODEL=DIR` stands another model directory in for the embedded one
-    (development before the embedded model is trained; same variable as tests/knowledge).
-    """
-    import os
-
+def default_vindex_path(default_model_dir):
+    """The embedded model's vindex (named like the one `modelql lql` uses): extracted into the
+    default-vindex cache on first use, reused by every later test session. Skips when the model
+    is not installed; `MODELQL_TEST_DEFAULT_MODEL=DIR` stands another model directory in."""
     from modelql.lql import default_vindex as dv
 
-    override = os.environ.get("MODELQL_TEST_DEFAULT_MODEL")
-    if override:
-        return dv.ensure_vindex(override, name=dv.DEFAULT_NAME, model_id=dv.DEFAULT_NAME, progress=False,
-                                label=True)
-    if not dv.default_model_installed():
-        pytest.skip("the embedded default model is not installed (src/modelql/data/default-model)")
-    return dv.default_vindex_path(progress=False)
+    return dv.ensure_vindex(default_model_dir, name=dv.DEFAULT_NAME, model_id=dv.DEFAULT_NAME, progress=False,
+                            label=True)
