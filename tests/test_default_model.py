@@ -131,6 +131,15 @@ def test_shipped_evaluation_meets_the_bar():
     assert len(worst) >= 5 and min(worst.values()) >= 0.95, worst
 
 
+def test_shipped_model_is_the_training_scripts_full_run():
+    """training_meta.json records a complete run of the script's defaults within the 15-minute
+    budget (the recorded wall-clock time of the run that wrote these weights, not a timing here)."""
+    meta = json.loads((MODEL / "training_meta.json").read_text())
+    assert meta["trained_by"] == "scripts/train_default_model.py" and not meta["stopped_early"]
+    assert meta["init_from"] is None and (meta["seed"], meta["threads"], meta["epochs"]) == (0, 2, 80)
+    assert meta["train_seconds"] < 15 * 60, meta["train_seconds"]
+
+
 def test_sample_accuracy_floor(mq):
     """A floor that always holds for the shipped model (catches a broken model or runtime)."""
     rows = E.template_accuracy(mq, "train", E.sample_pairs(per_relation=2, seed=1))
