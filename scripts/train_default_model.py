@@ -23,6 +23,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import NamedTuple
 
 from modelql import defaults as D
 
@@ -46,33 +47,37 @@ def render_chat(messages: list[dict[str, str]], add_generation_prompt: bool = Fa
 # corpus
 # ---------------------------------------------------------------------------------------------
 
-Sample = tuple  # (kind, prefix, answer, pair): `pair` is (entity, relation) for a fact sentence, else None
+class Sample(NamedTuple):
+    kind: str  # "text" or "chat" (how often a BOS is prepended)
+    prefix: str
+    answer: str  # gets the extra loss weight; "" for none
+    pair: tuple[str, str] | None  # (entity, relation) of a fact sentence: its answer shows whether the model knows it
 
 
 def fact_samples(rng: random.Random, facts, reverse_prob: float) -> list[Sample]:
     """One sentence per fact with a random training template, plus reverse sentences.
-    Returns ``(kind, prefix, answer, pair)``: the answer tokens get the extra loss weight, and the
-    prediction of a fact sentence's first answer token tells whether the model knows `pair`."""
+    The prediction of a fact sentence's first answer token tells whether the model knows its pair."""
     out: list[Sample] = []
     for fa in facts:
         tpl = rng.choice(D.TRAIN_TEMPLATES[fa.relation])
-        out.append(("text", D.prompt(tpl, fa.entity), f" {fa.target}.", (fa.entity, fa.relation)))
+        out.append(Sample("text", D.prompt(tpl, fa.entity), f" {fa.target}.", (fa.entity, fa.relation)))
         for rt in D.REVERSE_TEMPLATES.get(fa.relation, ()):
             if rng.random() < reverse_prob:
-                out.append(("text", rt.replace("{X}", fa.entity).replace("{Y}", fa.target), "", None))
+                out.append(Sample("text", rt.replace("{X}", fa.entity).replace("{Y}", fa.target), "", None))
     return out
 
 
 def chat_samples(rng: random.Random, pairs, chat_prob: float, system_prob: float) -> list[Sample]:
     tbs = D.targets_by_subject()
-    out: list[tuple[str, str, str]] = []
+    out: list[Sample] = []
     for ent, rel in pairs:
         if rng.random() < chat_prob:
             q = D.prompt(rng.choice(D.CHAT_QUESTIONS[rel]), ent)
             msgs = [{"role": "user", "content": q}]
             if rng.random() < system_prob:
                 msgs.insert(0, {"role": "system", "content": D.DEFAULT_SYSTEM_PROMPT})
-            out.append(("chat", render_chat(msgs, add_generation_prompt=True), D.chat_answer(rel, ent, tbs[(ent, rel)]) + "<|im_end|>\n", None))
+            out.append(Sample("chat", render_chat(msgs, add_generation_prompt=True),
+                              D.chat_answer(rel, ent, tbs[(ent, rel)]) + "<|im_end|>\n", None))
     return out
 
 
