@@ -10,7 +10,6 @@ from pathlib import Path
 
 import pytest
 
-from tests.default_model import default_model_dir
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -24,11 +23,8 @@ def _threads():
 
 
 @pytest.fixture(scope="session")
-def model_dir() -> Path:
-    d = default_model_dir()
-    if d is None:
-        pytest.skip("the embedded default model is not trained yet")
-    return d
+def model_dir(kmodel_dir) -> Path:
+    return kmodel_dir
 
 
 @pytest.fixture(scope="session")

@@ -37,22 +37,7 @@ def tiny_browse_vindex(tiny_model_dir, tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
-def default_model_dir():
-    """The embedded model's directory (or `MODELQL_TEST_DEFAULT_MODEL`); skips when absent."""
-    from tests.default_model import default_model_dir as find
-
-    d = find()
-    if d is None:
-        pytest.skip("the embedded default model is not installed (src/modelql/data/default-model)")
-    return d
-
-
-@pytest.fixture(scope="session")
-def default_vindex_path(default_model_dir):
-    """The embedded model's vindex (named like the one `modelql lql` uses): extracted into the
-    default-vindex cache on first use, reused by every later test session. Skips when the model
-    is not installed; `MODELQL_TEST_DEFAULT_MODEL=DIR` stands another model directory in."""
-    from modelql.lql import default_vindex as dv
-
-    return dv.ensure_vindex(default_model_dir, name=dv.DEFAULT_NAME, model_id=dv.DEFAULT_NAME, progress=False,
-                            label=True)
+def default_vindex_path(kvindex):
+    """The embedded model's vindex (tests/conftest.py: the default-vindex cache `modelql lql` uses,
+    extracted once); skips when the model is not installed."""
+    return kvindex.path

@@ -158,7 +158,7 @@ def test_show_relations(session):
     assert any(re.fullmatch(r"  capital\s+\d+\s+L\d+(-\d+)?", line) for line in out)
 
 
-def test_infer(session, default_model_dir):
+def test_infer(session, kmodel_dir):
     """INFER equals an independent forward pass (transformers on the model's own files), and the
     true capital is among the model's top predictions."""
     import torch
@@ -169,7 +169,7 @@ def test_infer(session, default_model_dir):
     (r,) = run(session, 'INFER "The capital of France is"')
     preds = r.value.predictions
     ids = interp.to_ids(session.model("INFER"), "The capital of France is")
-    hf = T.AutoModelForCausalLM.from_pretrained(default_model_dir, dtype=torch.float32).eval()
+    hf = T.AutoModelForCausalLM.from_pretrained(kmodel_dir, dtype=torch.float32).eval()
     with torch.no_grad():
         probs = torch.softmax(hf(ids).logits[0, -1].double(), -1)
     top = torch.topk(probs, len(preds))

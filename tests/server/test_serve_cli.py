@@ -12,6 +12,8 @@ import time
 
 import httpx
 
+from tests.server.streaming import BackgroundStream
+
 
 def start(args: list[str]) -> tuple[subprocess.Popen, str, str]:
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
@@ -63,31 +65,17 @@ def test_serve_rejects_bad_flags(tiny_dir):
 def test_serve_flags_and_sigint_ends_an_in_flight_stream(tiny_dir, tmp_path, monkeypatch):
     """--host/--port/--layers as a user passes them; Ctrl-C (SIGINT) while a 200-token stream runs:
     the stream still ends with its final chunk and [DONE], and the process exits 0."""
-    import threading
-
     monkeypatch.setenv("MODELQL_CACHE", str(tmp_path))
     proc, url, _ = start([str(tiny_dir), "--host", "127.0.0.1", "--port", "0", "--layers", "0-1"])
     try:
         assert httpx.get(url + "/v1/stats", timeout=30).json()["owned_layers"] == [0, 1]
-        got, streaming = {}, threading.Event()
-
-        def streamer():
-            body = {"messages": [{"role": "user", "content": "Hello"}], "max_tokens": 200, "temperature": 0,
-                    "ignore_eos": True, "stream": True}
-            with httpx.stream("POST", url + "/v1/chat/completions", json=body, timeout=60) as r:
-                raw = b""
-                for part in r.iter_raw():
-                    raw += part
-                    streaming.set()
-                got["raw"] = raw
-
-        t = threading.Thread(target=streamer)
-        t.start()
-        assert streaming.wait(20)
+        body = {"messages": [{"role": "user", "content": "Hello"}], "max_tokens": 200, "temperature": 0,
+                "ignore_eos": True, "stream": True}
+        stream = BackgroundStream(url + "/v1/chat/completions", body, timeout=60)
+        assert stream.started.wait(20)
         proc.send_signal(signal.SIGINT)
-        t.join(30)
-        assert not t.is_alive() and got["raw"].endswith(b"data: [DONE]\n\n")
-        assert b'"finish_reason":"length"' in got["raw"] or b'"finish_reason":"stop"' in got["raw"]
+        assert stream.join(30) and stream.raw.endswith(b"data: [DONE]\n\n")
+        assert b'"finish_reason":"length"' in stream.raw or b'"finish_reason":"stop"' in stream.raw
         assert proc.wait(timeout=30) == 0
     finally:
         if proc.poll() is None:

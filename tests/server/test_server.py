@@ -11,6 +11,7 @@ import pytest
 
 from modelql.runtime.generate import eos_token_ids, generate
 from modelql.runtime.sampling import SamplingParams
+from tests.server.streaming import BackgroundStream
 
 
 @pytest.fixture(scope="module")
@@ -291,27 +292,13 @@ def test_openapi_document(server):
 
 def test_graceful_shutdown_ends_streams(make_server, no_eos):
     with make_server() as srv:
-        got: dict = {}
-        streaming = threading.Event()
-
-        def streamer():
-            with httpx.stream("POST", srv.url + "/v1/chat/completions", timeout=30,
-                              json=chat(200, no_eos, stream=True)) as r:
-                raw = b""
-                for part in r.iter_raw():
-                    raw += part
-                    streaming.set()
-                got["raw"] = raw
-
-        t = threading.Thread(target=streamer)
-        t.start()
-        assert streaming.wait(10)
+        stream = BackgroundStream(srv.url + "/v1/chat/completions", chat(200, no_eos, stream=True), timeout=30)
+        assert stream.started.wait(10)
         t0 = time.monotonic()
         srv.stop()
-        t.join(10)
-        assert not t.is_alive() and not srv.thread.is_alive()
+        assert stream.join(10) and not srv.thread.is_alive()
         assert time.monotonic() - t0 < 8
-        assert got["raw"].endswith(b"data: [DONE]\n\n")
+        assert stream.raw.endswith(b"data: [DONE]\n\n")
 
 
 def test_n_choices_when_enabled(make_server, no_eos):
