@@ -54,13 +54,45 @@ class Sample(NamedTuple):
     pair: tuple[str, str] | None  # (entity, relation) of a fact sentence: its answer shows whether the model knows it
 
 
-def fact_samples(rng: random.Random, facts, reverse_prob: float) -> list[Sample]:
-    """One sentence per fact with a random training template, plus reverse sentences.
-    The prediction of a fact sentence's first answer token tells whether the model knows its pair."""
+_LETTERS = "abcdefghiklmnoprstuvwy"
+
+
+def filler_word(rng: random.Random) -> str:
+    """A made-up word of 2-8 letters: the tokenizer splits it into short pieces, as it splits any
+    word it never saw in training."""
+    return "".join(rng.choice(_LETTERS) for _ in range(rng.randint(2, 8)))
+
+
+def reworded(rng: random.Random, template: str) -> str:
+    """`template` with one random change to its wording: a word dropped, replaced by a made-up
+    word, or a made-up word inserted; the entity's word is never touched.
+
+    Why: with only the training phrasings the model learns their exact wording, and a paraphrase
+    with one unseen word (its pieces never followed an entity in training) loses the fact. Noise
+    on the wording teaches it that the entity and the relation's words carry the fact."""
+    words = template.split(" ")
+    free = [i for i, w in enumerate(words) if "{X}" not in w]
+    op = rng.randrange(3)
+    if op == 0 and len(free) > 1:
+        del words[rng.choice(free)]
+    elif op == 1 and free:
+        words[rng.choice(free)] = filler_word(rng)
+    else:
+        words.insert(rng.randint(0, len(words)), filler_word(rng))
+    return " ".join(words)
+
+
+def fact_samples(rng: random.Random, facts, reverse_prob: float, reword_prob: float = 0.0) -> list[Sample]:
+    """One sentence per fact with a random training template (reworded with `reword_prob`, see
+    `reworded`), plus reverse sentences. The prediction of a fact sentence's first answer token
+    tells whether the model knows its pair (kept for the unchanged templates only)."""
     out: list[Sample] = []
     for fa in facts:
         tpl = rng.choice(D.TRAIN_TEMPLATES[fa.relation])
-        out.append(Sample("text", D.prompt(tpl, fa.entity), f" {fa.target}.", (fa.entity, fa.relation)))
+        pair: tuple[str, str] | None = (fa.entity, fa.relation)
+        if reword_prob and rng.random() < reword_prob:
+            tpl, pair = reworded(rng, tpl), None
+        out.append(Sample("text", D.prompt(tpl, fa.entity), f" {fa.target}.", pair))
         for rt in D.REVERSE_TEMPLATES.get(fa.relation, ()):
             if rng.random() < reverse_prob:
                 out.append(Sample("text", rt.replace("{X}", fa.entity).replace("{Y}", fa.target), "", None))
@@ -98,10 +130,10 @@ def epoch_facts(rng: random.Random, targets_per_pair: int) -> list:
 
 
 def epoch_samples(rng: random.Random, chat_prob: float, reverse_prob: float, system_prob: float,
-                  targets_per_pair: int = 0) -> list[Sample]:
+                  targets_per_pair: int = 0, reword_prob: float = 0.0) -> list[Sample]:
     """One epoch: every fact (or pair, see `epoch_facts`) once with a random training template,
     reverse sentences and chat samples for a random share of (entity, relation) pairs."""
-    return (fact_samples(rng, epoch_facts(rng, targets_per_pair), reverse_prob)
+    return (fact_samples(rng, epoch_facts(rng, targets_per_pair), reverse_prob, reword_prob)
             + chat_samples(rng, list(D.targets_by_subject()), chat_prob, system_prob))
 
 
@@ -245,6 +277,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--kv-heads", type=int, default=8)
     ap.add_argument("--chat-prob", type=float, default=0.15, help="share of (entity, relation) pairs given a chat sample per epoch")
     ap.add_argument("--reverse-prob", type=float, default=0.15)
+    ap.add_argument("--reword-prob", type=float, default=0.3,
+                    help="share of fact sentences whose template wording gets one random change (see reworded)")
     ap.add_argument("--dtype", choices=["float16", "bfloat16", "float32"], default="float16")
     ap.add_argument("--probe-every", type=int, default=5, help="print top-1 on a fixed prompt sample every N epochs (0: never)")
     ap.add_argument("--answer-weight", type=float, default=3.0, help="loss weight of answer tokens")
@@ -329,7 +363,7 @@ def main(argv: list[str] | None = None) -> int:
             # every fact once (random template), chat for a share of pairs, and extra samples of the
             # facts the model got wrong at the last check (hard-example replay)
             samples = epoch_samples(rng, args.chat_prob, args.reverse_prob, system_prob=0.2,
-                                    targets_per_pair=args.targets_per_pair)
+                                    targets_per_pair=args.targets_per_pair, reword_prob=args.reword_prob)
             if len(hard) < args.replay_below * len(pairs):
                 for _ in range(args.replay):
                     samples += fact_samples(rng, [fa for pr in hard for fa in by_pair[pr]], 0.0)
@@ -424,7 +458,8 @@ def main(argv: list[str] | None = None) -> int:
         "parameters": n_params, "final_loss_ema": round(ema or 0.0, 4), "dtype": args.dtype,
         "hyperparameters": {k: getattr(args, k) for k in ("batch_size", "lr", "warmup", "vocab_size", "hidden", "layers",
                                                           "intermediate", "heads", "kv_heads", "chat_prob", "reverse_prob",
-                                                          "answer_weight", "replay", "replay_below", "targets_per_pair")},
+                                                          "answer_weight", "replay", "replay_below", "targets_per_pair",
+                                                          "reword_prob")},
         "facts": len(D.facts()), "single_token_fraction": {"single_word_names": round(frac_word, 4), "all_names": round(frac_all, 4)},
         "versions": {"torch": torch.__version__, "transformers": transformers.__version__, "tokenizers": tokenizers.__version__},
     }

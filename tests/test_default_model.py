@@ -4,6 +4,7 @@ and agreement between modelql's runtime and transformers. Fast: the model has ~5
 from __future__ import annotations
 
 import json
+from pathlib import Path
 from collections import Counter
 
 import pytest
@@ -62,6 +63,42 @@ def test_templates():
     pairs = D.triples_json()["capital"]["pairs"]
     assert ["France", "Paris"] in pairs
 
+
+
+def _train_script():
+    """scripts/train_default_model.py as a module (its top level imports only modelql.defaults)."""
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[1] / "scripts" / "train_default_model.py"
+    spec = importlib.util.spec_from_file_location("train_default_model", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_training_rewording_changes_one_word_and_never_the_entity():
+    import random
+
+    T = _train_script()
+    rng = random.Random(0)
+    ops = Counter()
+    for r, tpls in D.TRAIN_TEMPLATES.items():
+        for tpl in tpls:
+            for _ in range(30):
+                out = T.reworded(rng, tpl)
+                a, b = tpl.split(" "), out.split(" ")
+                assert [w for w in a if "{X}" in w] == [w for w in b if "{X}" in w], (tpl, out)
+                assert out != tpl and abs(len(a) - len(b)) <= 1, (tpl, out)
+                new = [w for w in b if w not in a]
+                assert len(new) <= 1 and all(set(w) <= set(T._LETTERS) for w in new), (tpl, out)
+                ops[len(b) - len(a)] += 1
+    assert set(ops) == {-1, 0, 1}  # drop, replace, insert all happen
+    # a reworded sentence keeps its target but does not count as knowing the pair
+    fa = D.facts()[0]
+    plain = T.fact_samples(random.Random(1), [fa], 0.0)
+    noisy = T.fact_samples(random.Random(1), [fa], 0.0, reword_prob=1.0)
+    assert plain[0].pair == (fa.entity, fa.relation) and noisy[0].pair is None
+    assert noisy[0].answer == plain[0].answer and fa.entity in noisy[0].prefix
 
 # -- shipped files and tokenizer -----------------------------------------------------------------
 

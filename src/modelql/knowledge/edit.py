@@ -30,26 +30,26 @@ Insert modes (algorithms §10; the canonical prompt is `"The <relation> of <enti
   probability lands in [0.30, 0.95] (`insert` ops with vectors).
 
 **Why MEMIT is the default.** Measured by `bench/edit.py` on the embedded model (10 training
-phrasings per relation, 99.6% train-template top-1), 50 counterfactual capital edits applied
-together, 120 locality facts (`python bench/edit.py --threads 1`):
+phrasings per relation, trained with reworded phrasings; 99.7% train-template top-1), 50
+counterfactual capital edits applied together, 120 locality facts (`python bench/edit.py`):
 
 =========  ========  =======  =========  ========  ========
 mode       efficacy  gen all  gen known  locality  survival
 =========  ========  =======  =========  ========  ========
-memit *       98.0%    63.3%      91.3%     96.7%    100.0%
-knn          100.0%    69.3%      99.0%     37.5%     67.2%
-compose        0.0%     0.7%       0.0%     94.2%    100.0%
+memit *      100.0%    97.3%      97.3%     95.8%    100.0%
+knn          100.0%   100.0%     100.0%     40.0%     75.3%
+compose        0.0%     0.0%       0.0%     99.2%    100.0%
 =========  ========  =======  =========  ========  ========
 
 MEMIT is the only mode that meets the efficacy, locality and survival targets together: it is a
 plain weight edit, so COMPILE INTO MODEL and transformers reproduce it exactly. KNN is exact on
 the literal prompt and its key fires on paraphrases too, but it also fires on other countries'
-capital prompts (locality 37.5%), is invisible to generation, and COMPILE INTO MODEL has to
-materialise it as a weight edit, which changes a third of the top-1s. COMPOSE's slot installs
+capital prompts (locality 40%), is invisible to generation, and COMPILE INTO MODEL has to
+materialise it as a weight edit, which changes a quarter of the top-1s. COMPOSE's slot installs
 do not beat the trained recall circuit (0% efficacy; choosing the overwritten slot by least mean
 |activation| instead of lowest c_score changed nothing measurable at 10 edits, so it was not
-kept). ``gen known`` is the paraphrases the unedited model answers correctly; ``gen all`` is
-capped at 68.7% by the unedited model's own held-out answers (see the third pass below).
+kept). ``gen known`` is over the held-out paraphrases the unedited model answers correctly
+(149 of 150 on this model; see the fourth pass for how that came about).
 
 How MEMIT's key position, layers and μ were chosen (`memit.py` documents the solver). First on
 the previous embedded model (92% train top-1), 10 edits:
@@ -154,11 +154,39 @@ layer 3, μ = 3.2e4               92.0%    61.3%      88.3%     96.7%      98%  
 layers 2–3, μ = 1.6e4            50.0%    30.0%      42.7%     55.0%      20%        90%
 ============================  ========  =======  =========  ========  =======  =========
 
-Per held-out template the default now reaches 96% / 92% / 2%. The unedited model answers the
+Per held-out template the default reached 96% / 92% / 2%. The unedited model answered the
 third paraphrase ("The government of X sits in") for only 3 of the 50 edited countries (the
-first two for all 50), so ``gen all`` is capped near 103/150 = 68.7% by what the model knows,
-not by the edit: ``gen known`` is 91.3%, ``gen all`` 63.3% (target 70%). Closing that gap
-needs a base model that answers more held-out phrasings, a training-recipe question.
+first two for all 50), so ``gen all`` was capped near 103/150 = 68.7% by what the model knew,
+not by the edit: ``gen known`` 91.3%, ``gen all`` 63.3% (target 70%).
+
+Fourth pass: a model that knows its paraphrases, and no KL term. "sits" never occurs in the
+training text: the tokenizer splits it into pieces that never followed an entity, and the
+model answered " the" (a continent-style continuation) for 28 of the 50. The training script
+now rewords 30% of the fact sentences (`reworded`: one word dropped, replaced by a made-up word
+or a made-up word inserted, never the entity), so wording it has not seen stops hiding the
+fact (held-out top-1 capital 67.4% → 98.9%, all relations 40.5% → 69.0%; 149 of the 150
+paraphrases known). On that model, 50 edits, layer 3 (``loc cap`` / ``loc other`` as above;
+per-template gen over the three held-out paraphrases):
+
+==================================  ========  =======  ========  =======  =========  =============
+configuration (50 edits)            efficacy  gen all  locality  loc cap  loc other  per template
+==================================  ========  =======  ========  =======  =========  =============
+μ = 2e4, KL 0.0625 (third pass)        92.0%    82.0%     94.2%      95%        93%  90/88/68%
+μ = 1e4, KL 0.0625                    100.0%    94.7%     85.0%      80%        90%  98/96/90%
+μ = 4e4, KL 0.0625                     64.0%    57.3%     96.7%      98%        95%  66/68/38%
+μ = 2e4, KL, 60 steps, stop 0.97       84.0%    76.0%     93.3%      93%        93%  84/84/60%
+μ = 2e4, KL, exact solve              100.0%    94.7%     41.7%      23%        60%  100/100/84%
+μ = 2e4, KL, keys: 5 phrasings         66.0%    55.3%     96.7%      98%        95%  64/64/38%
+layer 2, μ = 8e3, KL                   92.0%    72.7%     71.7%      62%        82%  88/80/50%
+μ = 2e4, no KL (default)              100.0%    97.3%     95.8%      98%        93%  100/98/94%
+==================================  ========  =======  ========  =======  =========  =============
+
+ROME's KL term keeps the "{X} is" distribution fixed while δ is added at the key position; for
+subject keys that is the subject's state, but a last-token δ lands on the prediction after
+"{X} is" itself, so the term pulled δ away from the target direction; without it every target
+is met. Wording noise at 50% of the sentences (measured too) made the model harder to edit
+(μ = 2e4 with the KL term: 74% efficacy, 89.2% locality, against 92% / 94.2% at 30%; not
+measured without the term), so 30% ships.
 """
 
 from __future__ import annotations
