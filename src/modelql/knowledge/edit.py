@@ -36,8 +36,8 @@ counterfactual capital edits applied together, 120 locality facts (`python bench
 =========  ========  =======  =========  ========  ========
 mode       efficacy  gen all  gen known  locality  survival
 =========  ========  =======  =========  ========  ========
-memit *      100.0%    97.3%      97.3%     95.8%    100.0%
-knn          100.0%   100.0%     100.0%     40.0%     75.3%
+memit *      100.0%    94.0%      94.0%     96.7%    100.0%
+knn          100.0%   100.0%     100.0%     40.0%     74.1%
 compose        0.0%     0.0%       0.0%     99.2%    100.0%
 =========  ========  =======  =========  ========  ========
 
@@ -149,7 +149,7 @@ layer 2, μ = 3.2e4               68.0%    42.7%      62.1%     95.8%        —
 layer 3, μ = 2e3                100.0%    70.0%      99.0%     82.5%      78%        87%
 layer 3, μ = 8e3                100.0%    66.7%      96.1%     93.3%      95%        92%
 layer 3, μ = 1.6e4              100.0%    66.0%      95.1%     95.0%      97%        93%
-layer 3, μ = 2e4 (default)       98.0%    63.3%      91.3%     96.7%      98%        95%
+layer 3, μ = 2e4 (then default) 98.0%    63.3%      91.3%     96.7%      98%        95%
 layer 3, μ = 3.2e4               92.0%    61.3%      88.3%     96.7%      98%        95%
 layers 2–3, μ = 1.6e4            50.0%    30.0%      42.7%     55.0%      20%        90%
 ============================  ========  =======  =========  ========  =======  =========
@@ -178,14 +178,30 @@ configuration (50 edits)            efficacy  gen all  locality  loc cap  loc ot
 μ = 2e4, KL, exact solve              100.0%    94.7%     41.7%      23%        60%  100/100/84%
 μ = 2e4, KL, keys: 5 phrasings         66.0%    55.3%     96.7%      98%        95%  64/64/38%
 layer 2, μ = 8e3, KL                   92.0%    72.7%     71.7%      62%        82%  88/80/50%
-μ = 2e4, no KL (default)              100.0%    97.3%     95.8%      98%        93%  100/98/94%
+μ = 2e4, no KL                        100.0%    97.3%     95.8%      98%        93%  100/98/94%
+μ = 2.5e4, no KL (default)            100.0%    94.0%     96.7%      98%        95%  98/96/88%
+μ = 3.2e4, no KL                       94.0%    90.7%     96.7%      98%        95%  96/94/82%
 ==================================  ========  =======  ========  =======  =========  =============
 
 ROME's KL term keeps the "{X} is" distribution fixed while δ is added at the key position; for
 subject keys that is the subject's state, but a last-token δ lands on the prediction after
 "{X} is" itself, so the term pulled δ away from the target direction; without it every target
-is met. Wording noise at 50% of the sentences (measured too) made the model harder to edit
-(μ = 2e4 with the KL term: 74% efficacy, 89.2% locality, against 92% / 94.2% at 30%; not
+is met. μ was then checked on two more counterfactual assignments (`bench/edit.py --shift`
+13 and 21; 7 is the default) and at 100 edits, without the KL term:
+
+=====================  ==========================  ==========================
+edit set               μ = 2e4: eff / gen / loc    μ = 2.5e4: eff / gen / loc
+=====================  ==========================  ==========================
+50 edits, shift 7      100 / 97.3 / 95.8 %         100 / 94.0 / 96.7 %
+50 edits, shift 13     100 / 97.3 / 95.0 %         100 / 96.0 / 95.8 %
+50 edits, shift 21     100 / 98.7 / 96.7 %         100 / 97.3 / 96.7 %
+100 edits, shift 7      99 / 97.7 / 93.3 %          99 / 95.3 / 95.8 %
+=====================  ==========================  ==========================
+
+At μ = 2e4 locality sat on the 95% line (one locality fact from missing it at shift 13) and
+missed it at 100 edits; μ = 2.5e4 keeps a margin everywhere for a few points of paraphrase
+generalisation, so it is the default. Wording noise at 50% of the sentences (measured too) made
+the model harder to edit (μ = 2e4 with the KL term: 74% efficacy, 89.2% locality, against 92% / 94.2% at 30%; not
 measured without the term), so 30% ships.
 """
 

@@ -82,7 +82,7 @@ class MemitParams:
     clamp_norm: float = 4.0  # ‖δ‖ ≤ clamp_norm · ‖h_L‖
     mom2_weight: float = 1000.0  # λ
     cov_sentences: int = 4000
-    preserve_weight: float = 20000.0  # μ: weight of the known facts' keys (preservation_moment)
+    preserve_weight: float = 25000.0  # μ: weight of the known facts' keys (preservation_moment)
     exact: bool = False  # solve ΔW K = R exactly (min-norm under λC + μP) instead of the ridge form
     per_phrasing: bool = True  # one key per (fact, phrasing) instead of the mean key per fact
     context_prefixes: int = 0  # also every phrasing after this many generic sentences (ROME's contexts)
