@@ -143,6 +143,18 @@ def test_insert_and_patches_in_a_session(ksrv, kmodel):
         assert e.value.status == 404 and e.value.code == "not_found" and "not found" in e.value.message
 
 
+def test_insert_many_is_one_request_with_every_fact(ksrv):
+    """`insert_many` → POST /v1/insert with modelql's `facts`: every fact inserted, one result each."""
+    with KnowledgeClient(ksrv.url, session_id="client-batch-1", timeout=120) as c:
+        rs = c.insert_many([("Atlantis", "capital", "Poseidonia"), ("Lemuria", "capital", "Mu")], mode="knn")
+        assert [(r.entity, r.target, r.mode) for r in rs] == [("Atlantis", "Poseidonia", "knn"),
+                                                            ("Lemuria", "Mu", "knn")]
+        assert rs[-1].knn_total == 2 and [p.operations for p in c.patches().patches] == [2]
+        for entity, target in (("Atlantis", "Poseidonia"), ("Lemuria", "Mu")):
+            assert c.infer(f"The capital of {entity} is", top=1).predictions[0].token.strip() == target
+        c.remove_patch(c.patches().patches[0].name)
+
+
 def test_http_errors_carry_status_code_message(kc):
     with pytest.raises(KnowledgeHTTPError) as e:
         kc.describe("   ")

@@ -79,6 +79,12 @@ def test_insert_and_patches_stay_in_the_lql_session(remote, ksrv):
         assert global_view.patches().patches == ()
     assert _run(ex, 'REMOVE PATCH "(unsaved edits)"') == "Removed patch #1"
     assert _run(ex, "SHOW PATCHES") == "  (no patches applied)"
+    out = _run(ex, 'INSERT INTO EDGES (entity, relation, target) VALUES ("Atlantis", "capital", "Poseidonia"), '
+                   '("Lemuria", "capital", "Mu") MODE KNN')
+    assert out.splitlines()[:2] == ["Inserted: Atlantis —[capital]→ Poseidonia at L2 (KNN store)",
+                                   "Inserted: Lemuria —[capital]→ Mu at L2 (KNN store)"]
+    assert out.endswith("KNN store: 2 entries total") and "Mu" in _run(ex, 'INFER "The capital of Lemuria is" TOP 1')
+    assert _run(ex, 'REMOVE PATCH "(unsaved edits)"') == "Removed patch #1"
 
 
 @pytest.mark.parametrize("stmt,keyword", [('TRACE "The capital of France is"', "TRACE"),

@@ -72,8 +72,7 @@ def test_compile_vindex_bakes_everything_and_infers_the_same(session, vindex_dir
 def test_compile_model_loads_in_transformers_with_the_edits(session, tmp_path, fast_memit):
     import transformers
 
-    # no tombstone here: a dead feature makes MEMIT's key covariance singular (memit.py issue)
-    edited(session, tombstone=False)
+    edited(session)  # a tombstone too: MEMIT's statistics are of the base weights, the dead feature is fine
     out = tmp_path / "model"
     r = compile_model(session, out, dtype="float32")
     assert r.knn_materialised == 1 and r.deltas_baked >= 2  # the delta + MEMIT for the KNN fact
@@ -99,6 +98,22 @@ def test_compile_model_loads_in_transformers_with_the_edits(session, tmp_path, f
         assert torch.allclose(logits(m2, p), logits(session.model(), p), atol=1e-4)
 
 
+def test_compile_model_into_gguf_runs_the_edits(session, tmp_path, fast_memit):
+    """FORMAT GGUF: one file, loaded by modelql's GGUF reader, answering like the compiled
+    safetensors model (f32 weights → F32 tensors)."""
+    from modelql.runtime import load_model
+
+    edited(session)
+    r = compile_model(session, tmp_path / "m.gguf", format="gguf", materialise_knn=False)
+    assert (r.format, r.dtype) == ("gguf", "F32") and r.deltas_baked == 1 and r.tombstones == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.gguf"]  # no staging left
+    assert r.size_bytes == (tmp_path / "m.gguf").stat().st_size
+    g = load_model(tmp_path / "m.gguf")
+    for p in PROMPTS:
+        assert g.tokenizer.encode(p) == session.model().tokenizer.encode(p)
+        assert torch.allclose(logits(g, p), logits(session.model(), p), atol=1e-4)
+
+
 def test_compile_refuses_bad_destinations_and_writes_nothing(session, vindex_dir, browse_dir, tmp_path):
     edit.insert(session, "France", "capital", "Tokyo", mode="knn")
     busy = tmp_path / "busy"
@@ -110,8 +125,12 @@ def test_compile_refuses_bad_destinations_and_writes_nothing(session, vindex_dir
     assert [p.name for p in busy.iterdir()] == ["keep.txt"] and (busy / "keep.txt").read_text() == "mine"
     with pytest.raises(CompileError, match="resolves to the source vindex"):
         compile_vindex(session, vindex_dir)
-    with pytest.raises(CompileError, match="FORMAT GGUF is not supported yet"):
-        compile_model(session, tmp_path / "g", format="gguf")
+    (busy / "m.gguf").write_text("mine")
+    with pytest.raises(CompileError, match="m.gguf already exists; nothing was written"):
+        compile_model(session, busy / "m.gguf", format="gguf")
+    with pytest.raises(CompileError, match="unknown model format 'onnx'"):
+        compile_model(session, tmp_path / "o", format="onnx")
+    (busy / "m.gguf").unlink()
     empty = tmp_path / "empty"
     empty.mkdir()
     compile_vindex(session, empty)  # an empty directory is replaced

@@ -133,8 +133,9 @@ def test_compile_and_diff_statements(work):
     assert out[-1] == f"Extracted: {work / 'd.vlp'} (1 ops: 0 inserts, 0 updates, 1 deletes)"
     assert run(s, 'DIFF "out.vindex" "out.vindex"') == ["  (no differences found)"]
     # COMPILE INTO MODEL: KNN facts are materialised (here: MODE KNN is the only edit kind)
-    with pytest.raises(Exception, match="FORMAT GGUF is not supported yet"):
-        run(s, 'COMPILE CURRENT INTO MODEL "m" FORMAT GGUF')
+    out = run(s, 'COMPILE CURRENT INTO MODEL "m.gguf" FORMAT GGUF')
+    assert out[0] == f"Compiled CURRENT → {work / 'm.gguf'} (model, gguf F32)"
+    assert "  KNN facts materialised as weight edits: 1" in out and (work / "m.gguf").is_file()
     # a fresh session on the compiled vindex answers like the patched one
     s2 = Session(default_vindex=False, cwd=work)
     run(s2, 'USE "out.vindex"')

@@ -16,7 +16,7 @@ from modelql.lql import CONTEXTUAL_WORDS, KEYWORDS, STATEMENT_KEYWORDS, next_tok
 from modelql.lql.ast import (
     CURRENT, STATEMENT_TYPES, ApplyPatch, Assignment, Band, BeginPatch, CompactMajor,
     CompactMinor, Compile, CompileConflict, CompileTarget, Component, Condition, Delete,
-    Describe, Diff, ExplainInfer, ExplainWalk, Extract, ExtractLevel, Infer, Insert, InsertMode,
+    Describe, Diff, ExplainInfer, ExplainWalk, Extract, ExtractLevel, Fact, Infer, Insert, InsertMode,
     Merge, MergeConflict, Nearest, Op, OrderBy, OutputFormat, Pipe, Positions, Range, Rebalance,
     RemovePatch, SavePatch, Select, SelectSource, ShowCompactStatus, ShowEntities, ShowFeatures,
     ShowLayers, ShowModels, ShowPatches, ShowRelations, Stats, Statement, Trace, Update,
@@ -28,7 +28,7 @@ INS = 'INSERT INTO EDGES (entity, relation, target) VALUES ("Atlantis", "capital
 
 
 def ins(**kw) -> Insert:
-    return Insert("Atlantis", "capital", "Poseidonia", **kw)
+    return Insert((Fact("Atlantis", "capital", "Poseidonia"),), **kw)
 
 
 def cond(field, op, value) -> Condition:
@@ -173,7 +173,9 @@ CASES: list[tuple[str, Statement]] = [
     (INS + " MODE COMPOSE", ins(mode=InsertMode.COMPOSE)),
     (INS + " MODE = compose ALPHA 0.25 CONFIDENCE 0.9 AT LAYER 20;",
      ins(layer=20, confidence=0.9, alpha=0.25, mode=InsertMode.COMPOSE)),
-    ("insert into edges (ENTITY, Relation, target) values ('a', 'b', 'c')", Insert("a", "b", "c")),
+    (INS + ', ("Lemuria", "capital", "Mu") MODE MEMIT',
+     Insert((Fact("Atlantis", "capital", "Poseidonia"), Fact("Lemuria", "capital", "Mu")), mode=InsertMode.MEMIT)),
+    ("insert into edges (ENTITY, Relation, target) values ('a', 'b', 'c')", Insert((Fact("a", "b", "c"),))),
     # ── DELETE / UPDATE ──
     ('DELETE FROM EDGES WHERE entity = "France"', Delete((cond("entity", "=", "France"),))),
     ("DELETE FROM EDGES WHERE layer = 26 AND feature = 8821",

@@ -38,6 +38,8 @@ ERRORS = [
      "got identifier BROWSE", 1, 33),
     ("INSERT INTO EDGES (entity, target, relation)", "expected 'relation', got identifier target", 1, 28),
     ("INSERT INTO EDGES (subject, relation, target)", "expected 'entity', got identifier subject", 1, 20),
+    (INS + ",", "expected '(', got end of input", 1, 69),
+    (INS + ', ("d", "e")', "expected ',', got ')'", 1, 79),
     # unterminated strings (either quote; across lines)
     ('DESCRIBE "France', "unterminated string literal", 1, 10),
     ("DESCRIBE 'France", "unterminated string literal", 1, 10),

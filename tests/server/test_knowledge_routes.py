@@ -217,31 +217,24 @@ def test_errors_use_the_knowledge_envelope(client, method, path, kw, status, mes
         assert message in body["error"]
 
 
-def _editing_available() -> bool:
-    try:
-        import modelql.knowledge.edit  # noqa: F401
-        import modelql.vindex.overlay  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
 def test_editing_routes_without_edits(client):
     assert client.get("/v1/patches").json()["patches"] == []
     assert client.delete("/v1/patches/none").json() == {"error": "patch 'none' not found"}
     r = client.post("/v1/insert", json={"entity": "France", "relation": "capital", "target": "Lyon",
                                         "mode": "constellation"})
     assert r.status_code == 400 and "constellation" in r.json()["error"]
-    if not _editing_available():
-        r = client.post("/v1/insert", json={"entity": "France", "relation": "capital", "target": "Lyon"})
-        assert r.status_code == 503 and "not available yet" in r.json()["error"]
+    for body, msg in [({"entity": "France", "relation": "capital"}, "must provide 'entity', 'relation' and 'target'"),
+                      ({"entity": "France", "relation": "capital", "target": "Lyon",
+                        "facts": [{"entity": "Spain", "relation": "capital", "target": "Porto"}]}, "not both")]:
+        r = client.post("/v1/insert", json=body)
+        assert r.status_code == 400 and msg in r.json()["error"], r.text
+    assert client.post("/v1/insert", json={"facts": []}).status_code == 400
+    assert client.get("/v1/patches").json()["patches"] == []  # nothing was recorded
 
 
 def test_insert_knn_overrides_infer_and_patches_roundtrip(kmodel, kvindex, tmp_path):
     """POST /v1/insert (MODE KNN) → INFER's top prediction is overridden, the edit is listed as a
     patch, describe turns no-cache; removing it restores the base (same knowledge.edit as LQL INSERT)."""
-    if not _editing_available():
-        pytest.skip("knowledge editing is not in this build")
     from modelql.server.knowledge_routes import RECORDING_NAME, VindexSource
 
     with _serve(kmodel, VindexSource.ready(kvindex)) as srv, httpx.Client(base_url=srv.url, timeout=120) as c:
@@ -436,8 +429,6 @@ def test_gguf_or_unknown_ref_has_a_reason():
 
 def test_sessions_isolate_edits(kmodel, kvindex):
     """X-Session-Id (§2.3): a session's insert is seen by that session only and echoes its id."""
-    if not _editing_available():
-        pytest.skip("knowledge editing is not in this build")
     from modelql.server.knowledge_routes import RECORDING_NAME, VindexSource
 
     s1 = {"X-Session-Id": "alice.1"}

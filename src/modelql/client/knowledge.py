@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Iterable, Sequence
 
 import httpx
@@ -462,6 +462,23 @@ class KnowledgeClient:
         return insert_from_json(self._post("insert", {
             "entity": entity, "relation": relation, "target": target, "layer": layer, "confidence": confidence,
             "alpha": alpha, "mode": mode}))
+
+    def insert_many(self, facts: Sequence[tuple[str, str, str]], *, layer: int | None = None,
+                    confidence: float | None = None, alpha: float | None = None,
+                    mode: str | None = None) -> list:
+        """`POST /v1/insert` with modelql's `facts` (one batch: MEMIT solves them together) →
+        an `InsertResult` per fact. LARQL servers accept one fact per request only."""
+        d = self._post("insert", {
+            "facts": [{"entity": e, "relation": r, "target": t} for e, r, t in facts], "layer": layer,
+            "confidence": confidence, "alpha": alpha, "mode": mode})
+        if "facts" not in d:
+            raise RemoteError("this server does not take a batch of facts (modelql's 'facts' extension); "
+                              "insert them one at a time")
+        out = []
+        for f in d["facts"]:
+            r = insert_from_json(f)
+            out.append(replace(r, knn_total=d.get("knn_total")))
+        return out
 
     def patches(self) -> PatchList:
         d = self._get("patches")

@@ -26,7 +26,7 @@ from typing import ClassVar, Union
 __all__ = [
     # value types
     "Value", "Range", "Current", "CURRENT", "VindexRef", "Condition", "Assignment", "Nearest",
-    "OrderBy",
+    "OrderBy", "Fact",
     # enums
     "Band", "Verbosity", "WalkMode", "InsertMode", "MergeConflict", "CompileConflict",
     "CompileTarget", "OutputFormat", "ExtractLevel", "Component", "SelectSource", "Op",
@@ -411,14 +411,22 @@ class Trace(Statement):
 
 
 @dataclass(frozen=True, slots=True)
-class Insert(Statement):
-    """``INSERT INTO EDGES (entity, relation, target) VALUES ("e", "r", "t") {AT LAYER n |
-    CONFIDENCE x | ALPHA x | MODE [=] KNN|COMPOSE|MEMIT}``. Absent numbers and an absent MODE
-    are None (the executor applies the defaults)."""
+class Fact:
+    """One ``("entity", "relation", "target")`` row of INSERT ... VALUES."""
 
     entity: str
     relation: str
     target: str
+
+
+@dataclass(frozen=True, slots=True)
+class Insert(Statement):
+    """``INSERT INTO EDGES (entity, relation, target) VALUES ("e", "r", "t") [, ("e2", "r2", "t2")
+    ...] {AT LAYER n | CONFIDENCE x | ALPHA x | MODE [=] KNN|COMPOSE|MEMIT}``. Several rows are
+    one batch (modelql: MEMIT solves them together, which beats one statement per fact). Absent
+    numbers and an absent MODE are None (the executor applies the defaults)."""
+
+    values: tuple[Fact, ...]
     layer: int | None = None
     confidence: float | None = None
     alpha: float | None = None

@@ -20,7 +20,6 @@ from typing import Any
 
 from modelql.errors import CapabilityError, ModelqlError, PatchError
 from modelql.lql import ast
-from modelql.lql import executor as _ex
 from modelql.lql import render as _render
 from modelql.lql.executor import Executor, handles
 from modelql.lql.render import Table, format_bytes, format_count
@@ -28,12 +27,6 @@ from modelql.lql.session import LqlExecutionError
 
 AUTO_PATCH_LINE = 'Auto-patch started (use SAVE PATCH "file.vlp" to persist, or edits are lost on exit)'
 
-#: the statements wired here are available now
-WIRED = frozenset({
-    ast.Insert, ast.Delete, ast.Update, ast.Merge, ast.Compile, ast.Diff, ast.BeginPatch, ast.SavePatch,
-    ast.ApplyPatch, ast.RemovePatch, ast.ShowPatches,
-})
-_ex.NOT_YET = frozenset(_ex.NOT_YET - WIRED)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -70,7 +63,7 @@ def _errors(fn):
 
 @dataclass(frozen=True)
 class Inserted:
-    result: Any  # knowledge.edit.InsertResult
+    results: tuple[Any, ...]  # knowledge.edit.InsertResult per VALUES row
     knn_total: int | None = None
 
 
@@ -154,9 +147,9 @@ def _insert(ex: Executor, stmt: ast.Insert):
 
     ps = patch_session(ex.session, "INSERT")
     mode = stmt.mode.value.lower() if stmt.mode is not None else None
-    r = edit.insert(ps, stmt.entity, stmt.relation, stmt.target, layer=stmt.layer, confidence=stmt.confidence,
-                    alpha=stmt.alpha, mode=mode)
-    return Inserted(r, len(ps.state.knn))
+    rs = edit.insert_many(ps, [(f.entity, f.relation, f.target) for f in stmt.values], layer=stmt.layer,
+                          confidence=stmt.confidence, alpha=stmt.alpha, mode=mode)
+    return Inserted(tuple(rs), len(ps.state.knn))
 
 
 @handles(ast.Delete)
@@ -315,13 +308,12 @@ def _compile(ex: Executor, stmt: ast.Compile):
     src = _source(session, stmt.source, "COMPILE")
     out = session.resolve(stmt.output)
     if stmt.target is ast.CompileTarget.MODEL:
-        if stmt.format is ast.OutputFormat.GGUF:
-            raise LqlExecutionError("FORMAT GGUF is not supported yet")
         if not getattr(src, "has_weights", False):
             raise LqlExecutionError(
                 f"COMPILE INTO MODEL requires model weights in the vindex. {Path(src.path).name} is a "
                 f"{src.extract_level}-level vindex: re-extract it WITH INFERENCE.")
-        return Compiled(C.compile_model(src, out))
+        fmt = "gguf" if stmt.format is ast.OutputFormat.GGUF else "safetensors"
+        return Compiled(C.compile_model(src, out, format=fmt))
     policy = stmt.on_conflict.value.lower() if stmt.on_conflict is not None else "last_wins"
     return Compiled(C.compile_vindex(src, out, on_conflict=policy))
 
@@ -360,26 +352,33 @@ def _layers_text(layers) -> str:
 
 @_render.renders(Inserted)
 def _r_inserted(stmt, v: Inserted) -> list:
-    r = v.result
-    head = f"Inserted: {r.entity} —[{r.relation}]→ {r.target}"
-    out = _auto(r.auto_patch)
+    """One `Inserted:` line per fact (a MEMIT batch: one header, then the facts), then the mode."""
+    rs = v.results
+    r = rs[0]
+    out = _auto(any(x.auto_patch for x in rs))
+    facts = [f"{x.entity} —[{x.relation}]→ {x.target}" for x in rs]
     if r.mode == "knn":
-        out.append(f"{head} at L{r.layer} (KNN store)")
+        out += [f"Inserted: {f} at L{x.layer} (KNN store)" for f, x in zip(facts, rs)]
         out.append("  mode: KNN — residual capture (retrieval override)" if r.key_source == "residual"
                    else "  mode: KNN — embedding key (no model weights)")
-        out.append(f"  KNN store: {v.knn_total if v.knn_total is not None else r.knn_total} entries total")
-    elif r.mode == "compose":
-        out.append(f"{head} at L{r.layer}")
-        out.append(f"  mode: constellation (trace-guided gate + up + down, alpha_mul={r.alpha:.3f}, "
-                   f"gate_scale=30, balanced)")
-        if r.feature is not None:
-            prob = f", target p={r.probability:.2f}" if r.probability is not None else ""
-            out.append(f"  slot: L{r.layer}/F{r.feature}{prob}")
-    elif r.mode == "embedding":
-        out.append(f"{head} at L{r.layer}")
-        out.append("  mode: embedding (no model weights — gate only, no down override)")
-    else:  # memit
-        out.append(f"{head} at {_layers_text(r.layers)} (weight edit)")
+        out.append(f"  KNN store: {v.knn_total if v.knn_total is not None else rs[-1].knn_total} entries total")
+    elif r.mode in ("compose", "embedding"):
+        for i, (f, x) in enumerate(zip(facts, rs)):
+            out.append(f"Inserted: {f} at L{x.layer}")
+            if i == 0:
+                out.append(f"  mode: constellation (trace-guided gate + up + down, alpha_mul={r.alpha:.3f}, "
+                           "gate_scale=30, balanced)" if r.mode == "compose"
+                           else "  mode: embedding (no model weights — gate only, no down override)")
+            if x.mode == "compose" and x.feature is not None:
+                prob = f", target p={x.probability:.2f}" if x.probability is not None else ""
+                out.append(f"  slot: L{x.layer}/F{x.feature}{prob}")
+    else:  # memit: the facts of one statement are one batch
+        where = f"at {_layers_text(r.layers)} (weight edit)"
+        if len(rs) == 1:
+            out.append(f"Inserted: {facts[0]} {where}")
+        else:
+            out.append(f"Inserted {len(rs)} facts {where}, solved as one batch")
+            out += [f"  {f}" for f in facts]
         out.append(f"  mode: MEMIT — low-rank down_proj update in {len(r.layers)} layer(s), patch overlay")
     return out
 
@@ -447,7 +446,7 @@ def _r_compiled(stmt, v: Compiled) -> list:
     r = v.result
     src = "CURRENT" if isinstance(getattr(stmt, "source", None), ast.Current) else r.source
     if r.target == "model":
-        out = [f"Compiled {src} → {r.output} (model, safetensors)"]
+        out = [f"Compiled {src} → {r.output} (model, {r.format} {r.dtype})"]
         out.append(f"  Weight edits baked: {r.deltas_baked} low-rank deltas, {r.down_overrides} down overrides, "
                    f"{r.tombstones} tombstones ({r.layers_touched} layers touched)")
         if r.knn_materialised:

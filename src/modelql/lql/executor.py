@@ -41,12 +41,10 @@ Handler = Callable[["Executor", Any], Any]
 #: AST class -> handler(executor, stmt) -> typed value (or a list of values).
 HANDLERS: dict[type[ast.Statement], Handler] = {}
 
-#: Statements whose capability arrives with another issue: they parse, then answer
-#: "<KEYWORD> is not available yet". Entries are removed as the capabilities are wired.
+#: The spec's optional statements modelql does not implement: they parse, then answer
+#: "<KEYWORD> is not available yet".
 NOT_YET: frozenset[type[ast.Statement]] = frozenset({
-    ast.Compile, ast.Diff, ast.Insert, ast.Delete, ast.Update, ast.Merge,
-    ast.Rebalance, ast.CompactMinor, ast.CompactMajor, ast.ShowCompactStatus, ast.BeginPatch,
-    ast.SavePatch, ast.ApplyPatch, ast.RemovePatch, ast.ShowPatches,
+    ast.Rebalance, ast.CompactMinor, ast.CompactMajor, ast.ShowCompactStatus,
 })
 
 
@@ -63,18 +61,9 @@ def handles(*classes: type[ast.Statement]):
     return register
 
 
-def knowledge(name: str, keyword: str) -> Callable[..., Any]:
-    """``modelql.knowledge.<name>``, or "<keyword> is not available yet" if it has not landed."""
-    try:
-        module = importlib.import_module("modelql.knowledge")
-    except ModuleNotFoundError as exc:  # pragma: no cover - the package always exists
-        if exc.name == "modelql.knowledge":
-            raise not_available(keyword) from None
-        raise
-    fn = getattr(module, name, None)
-    if fn is None:
-        raise not_available(keyword)
-    return fn
+def knowledge(name: str) -> Callable[..., Any]:
+    """``modelql.knowledge.<name>``, imported when a statement first needs it (parsing stays light)."""
+    return getattr(importlib.import_module("modelql.knowledge"), name)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -207,11 +196,11 @@ def _stats(ex: Executor, stmt: ast.Stats):
             raise LqlExecutionError(f"vindex not found: {stmt.path}")
         from modelql.vindex import Vindex
 
-        return knowledge("stats", "STATS")(Vindex.load(p))
+        return knowledge("stats")(Vindex.load(p))
     backend = session.ensure_backend()
     if backend == "model":
         return ModelStats(session.used_model)
-    return knowledge("stats", "STATS")(ex.vindex(stmt))
+    return knowledge("stats")(ex.vindex(stmt))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -228,7 +217,7 @@ def _layers(rng: ast.Range | None) -> list[int] | None:
 @handles(ast.Walk)
 def _walk(ex: Executor, stmt: ast.Walk):
     vx = ex.vindex(stmt)
-    return knowledge("walk", "WALK")(vx, stmt.prompt, top=stmt.top or _DEFAULT_WALK_TOP,
+    return knowledge("walk")(vx, stmt.prompt, top=stmt.top or _DEFAULT_WALK_TOP,
                                      layers=_layers(stmt.layers))
 
 
@@ -236,7 +225,7 @@ def _walk(ex: Executor, stmt: ast.Walk):
 def _explain_walk(ex: Executor, stmt: ast.ExplainWalk):
     vx = ex.vindex(stmt)
     top = stmt.top or (10 if stmt.verbose else 5)
-    return knowledge("walk", "EXPLAIN WALK")(vx, stmt.prompt, top=top, layers=_layers(stmt.layers))
+    return knowledge("walk")(vx, stmt.prompt, top=top, layers=_layers(stmt.layers))
 
 
 @handles(ast.Describe)
@@ -245,7 +234,7 @@ def _describe(ex: Executor, stmt: ast.Describe):
     band = None
     if stmt.band is not None:
         band = "all" if stmt.band is ast.Band.ALL else stmt.band.value.lower()
-    return knowledge("describe", "DESCRIBE")(
+    return knowledge("describe")(
         vx, stmt.entity, band=band, layer=stmt.layer, relations_only=stmt.relations_only)
 
 
@@ -260,7 +249,7 @@ def _select(ex: Executor, stmt: ast.Select):
     vx = ex.vindex(stmt)
     nearest = (stmt.nearest.entity, stmt.nearest.layer) if stmt.nearest is not None else None
     order = stmt.order_by
-    return knowledge("select", "SELECT")(
+    return knowledge("select")(
         vx, stmt.source.value.lower(), _conditions(stmt.where),
         order_by=order.field if order is not None else None,
         descending=order.descending if order is not None else False,
@@ -271,20 +260,20 @@ def _select(ex: Executor, stmt: ast.Select):
 @handles(ast.ShowRelations)
 def _show_relations(ex: Executor, stmt: ast.ShowRelations):
     vx = ex.vindex(stmt)
-    return knowledge("relations", "SHOW RELATIONS")(
+    return knowledge("relations")(
         vx, layer=stmt.layer, verbose=stmt.verbosity is ast.Verbosity.VERBOSE, with_examples=stmt.with_examples)
 
 
 @handles(ast.ShowFeatures)
 def _show_features(ex: Executor, stmt: ast.ShowFeatures):
     vx = ex.vindex(stmt)
-    return knowledge("features", "SHOW FEATURES")(vx, stmt.layer, _conditions(stmt.where), limit=stmt.limit)
+    return knowledge("features")(vx, stmt.layer, _conditions(stmt.where), limit=stmt.limit)
 
 
 @handles(ast.ShowEntities)
 def _show_entities(ex: Executor, stmt: ast.ShowEntities):
     vx = ex.vindex(stmt)
-    return knowledge("entities", "SHOW ENTITIES")(vx, layer=stmt.layer, limit=stmt.limit)
+    return knowledge("entities")(vx, layer=stmt.layer, limit=stmt.limit)
 
 
 @handles(ast.ShowLayers)
@@ -336,18 +325,10 @@ def _show_models(ex: Executor, stmt: ast.ShowModels):
 # ---------------------------------------------------------------------------------------------
 
 
-def _infer_module(keyword: str):
-    try:
-        return importlib.import_module("modelql.knowledge.infer")
-    except ModuleNotFoundError as exc:
-        if exc.name == "modelql.knowledge.infer":
-            raise not_available(keyword) from None
-        raise
-
-
 @handles(ast.Infer)
 def _infer(ex: Executor, stmt: ast.Infer):
-    infer = _infer_module("INFER").infer
+    from modelql.knowledge.infer import infer
+
     session = ex.session
     model = session.model("INFER")
     if session.backend == "model":  # dense only: no vindex, no overlay (spec §4.4)
@@ -358,7 +339,8 @@ def _infer(ex: Executor, stmt: ast.Infer):
 
 @handles(ast.ExplainInfer)
 def _explain_infer(ex: Executor, stmt: ast.ExplainInfer):
-    explain_infer = _infer_module("EXPLAIN INFER").explain_infer
+    from modelql.knowledge.infer import explain_infer
+
     session = ex.session
     vx = session.require_vindex("EXPLAIN INFER")
     model = session.model("EXPLAIN INFER")
@@ -448,10 +430,5 @@ def run_batch(
     return outcomes
 
 
-# the mutation, patch, COMPILE and DIFF handlers (they register themselves; until that module
-# exists those statements answer "not available yet")
-try:
-    from modelql.lql import editing as _editing  # noqa: E402,F401
-except ModuleNotFoundError as _exc:  # pragma: no cover - only before lql.editing lands
-    if _exc.name != "modelql.lql.editing":
-        raise
+# the mutation, patch, COMPILE and DIFF handlers register themselves (imported last: they import this module)
+from modelql.lql import editing as _editing  # noqa: E402,F401

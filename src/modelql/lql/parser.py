@@ -378,7 +378,13 @@ class _ToAst(lark.Transformer):
         return _clause("positions", ast.Positions.ALL if all_ else ast.Positions.LAST)
 
     # ── mutations ──
-    insert = _statement(ast.Insert)
+    def insert(self, c):
+        values, clauses, _ = _split(c)
+        return ast.Insert(tuple(values), **clauses)
+
+    def fact(self, c):
+        return ast.Fact(*_split(c)[0])
+
     confidence_clause = _keyed("confidence")
     alpha_clause = _keyed("alpha")
 

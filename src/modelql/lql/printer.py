@@ -259,7 +259,7 @@ def _trace(s: ast.Trace) -> str:
 def _insert(s: ast.Insert) -> str:
     w = _Words([
         "INSERT INTO EDGES (entity, relation, target) VALUES",
-        f"({quote(s.entity)}, {quote(s.relation)}, {quote(s.target)})",
+        ", ".join(f"({quote(f.entity)}, {quote(f.relation)}, {quote(f.target)})" for f in s.values),
     ])
     if s.layer is not None:
         w.add("AT", "LAYER", _uint(s.layer))

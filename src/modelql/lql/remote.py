@@ -287,12 +287,16 @@ def _insert(ex, stmt: ast.Insert):
 
     c = client(ex)
     mode = stmt.mode.value.lower() if stmt.mode is not None else None
-    r = c.insert(stmt.entity, stmt.relation, stmt.target, layer=stmt.layer, confidence=stmt.confidence,
-                 alpha=stmt.alpha, mode=mode)
-    total = r.knn_total
-    if total is None and r.mode == "knn":  # a server without the knn_total extension
+    kw = dict(layer=stmt.layer, confidence=stmt.confidence, alpha=stmt.alpha, mode=mode)
+    if len(stmt.values) == 1:
+        f = stmt.values[0]
+        rs = [c.insert(f.entity, f.relation, f.target, **kw)]
+    else:
+        rs = c.insert_many([(f.entity, f.relation, f.target) for f in stmt.values], **kw)
+    total = rs[-1].knn_total
+    if total is None and rs[0].mode == "knn":  # a server without the knn_total extension
         total = c.stats().knn_entries
-    return Inserted(r, total)
+    return Inserted(tuple(rs), total)
 
 
 @handles(ast.ApplyPatch)

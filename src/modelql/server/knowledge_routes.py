@@ -59,16 +59,11 @@ _ERR = {"content": {"application/json": {"schema": {"type": "object", "propertie
 ERRORS = {400: {"description": "bad parameter", **_ERR}, 503: {"description": "not served in this mode", **_ERR}}
 
 
-EDITING_NOT_READY = "not available yet: knowledge editing (knowledge.edit, the patch overlay) is not in this build"
-
-
 def editing():
-    """(`knowledge.edit`, `PatchSession`), or 503 when this build has no editing API."""
-    try:
-        from ..knowledge import edit
-        from ..vindex.overlay import PatchSession
-    except ImportError:
-        raise ServiceUnavailable("knowledge editing is " + EDITING_NOT_READY) from None
+    """(`knowledge.edit`, `PatchSession`), imported on the first edit: they pull in the solvers."""
+    from ..knowledge import edit
+    from ..vindex.overlay import PatchSession
+
     return edit, PatchSession
 
 
@@ -729,11 +724,22 @@ async def explain_infer(body: ExplainInferRequest, request: Request):
 # -- /v1/insert, /v1/patches (the editing API) ----------------------------------------------------------
 
 
-class InsertRequest(BaseModel):
+class FactBody(BaseModel):
     model_config = ConfigDict(extra="ignore")
     entity: str
     relation: str
     target: str
+
+
+class InsertRequest(BaseModel):
+    """LARQL's one fact (`entity`, `relation`, `target`), or modelql's `facts`: several facts
+    inserted as one batch (MEMIT solves them together)."""
+
+    model_config = ConfigDict(extra="ignore")
+    entity: str | None = None
+    relation: str | None = None
+    target: str | None = None
+    facts: list[FactBody] | None = Field(default=None, min_length=1, max_length=1000)
     layer: int | None = None
     confidence: float | None = None
     alpha: float | None = None
@@ -785,8 +791,18 @@ async def insert(body: InsertRequest, request: Request):
     if body.mode == "constellation":
         raise HttpError(400, "mode 'constellation' (LARQL's legacy server insert) is not supported: "
                              "use knn, compose or memit")
-    for name in ("entity", "relation", "target"):
-        _text(getattr(body, name), name)
+    single = (body.entity, body.relation, body.target)
+    if body.facts is None:
+        if None in single:
+            raise HttpError(400, "must provide 'entity', 'relation' and 'target' (or 'facts': a list of them)")
+        facts = [single]
+    elif single != (None, None, None):
+        raise HttpError(400, "give either 'entity', 'relation', 'target' or 'facts', not both")
+    else:
+        facts = [(f.entity, f.relation, f.target) for f in body.facts]
+    for i, fact in enumerate(facts):
+        for name, value in zip(("entity", "relation", "target"), fact):
+            _text(value, name if body.facts is None else f"facts[{i}].{name}")
     for name in ("confidence", "alpha"):
         v = getattr(body, name)
         if v is not None and not math.isfinite(v):
@@ -795,8 +811,14 @@ async def insert(body: InsertRequest, request: Request):
 
     def run(ps):
         edit, _ = editing()
-        out = edit.insert(ps, body.entity, body.relation, body.target, layer=body.layer,
-                          confidence=body.confidence, alpha=body.alpha, mode=body.mode).to_json()
+        rs = edit.insert_many(ps, facts, layer=body.layer, confidence=body.confidence, alpha=body.alpha,
+                              mode=body.mode)
+        if body.facts is None:
+            out = rs[0].to_json()
+        else:  # modelql batch: the shared fields once, then every fact's own
+            out = {**rs[0].to_json(), "inserted": len(rs), "facts": [r.to_json() for r in rs]}
+            for name in ("entity", "relation", "target", "feature"):
+                out.pop(name, None)
         out["knn_total"] = len(ps.knn_entries())  # modelql: the overlay's KNN facts after this insert
         return out
 

@@ -61,6 +61,8 @@ class CompileResult:
     tombstones: int = 0
     gate_overrides: int = 0
     files_rewritten: tuple[str, ...] = ()
+    format: str = ""  # model: safetensors | gguf
+    dtype: str = ""  # model: the weights' dtype (float32 | float16 | bfloat16; GGUF: its tensor type)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -444,14 +446,15 @@ _DTYPES = {"float32": torch.float32, "f32": torch.float32, "float16": torch.floa
 def compile_model(source, out: str | Path, format: str = "safetensors", dtype: str | None = None,
                   materialise_knn: bool = True, shard_bytes: int = DEFAULT_MODEL_SHARD_BYTES,
                   memit_params=None) -> CompileResult:
-    """COMPILE CURRENT INTO MODEL "out" [FORMAT safetensors] (see the module docstring).
+    """COMPILE CURRENT INTO MODEL "out" [FORMAT safetensors | gguf] (see the module docstring).
 
-    `dtype` (float32 | float16 | bfloat16) defaults to the source weights' dtype.
+    `dtype` (float32 | float16 | bfloat16) defaults to the source weights' dtype. GGUF writes one
+    file: the safetensors directory is compiled in a staging directory next to it, then
+    converted (`models.gguf_convert`: F32 tensors for float32 weights, else F16).
     """
-    if str(format).lower() == "gguf":
-        raise CompileError("FORMAT GGUF is not supported yet")
-    if str(format).lower() != "safetensors":
-        raise CompileError(f"unknown model format {format!r} (use SAFETENSORS)")
+    kind = str(format).lower()
+    if kind not in ("safetensors", "gguf"):
+        raise CompileError(f"unknown model format {format!r} (use SAFETENSORS or GGUF)")
     ps = _session_of(source)
     base = ps.base
     src = Path(base.path)
@@ -460,7 +463,12 @@ def compile_model(source, out: str | Path, format: str = "safetensors", dtype: s
             f"COMPILE INTO MODEL requires model weights in the vindex. {src.name} is a "
             f"{base.extract_level}-level vindex: re-extract it WITH INFERENCE.")
     out = Path(out)
-    _check_destination(out, src)
+    if kind == "gguf":
+        if out.exists():
+            raise CompileError(f"COMPILE output {out} already exists; nothing was written. "
+                               "Pick a new file name or remove it first.")
+    else:
+        _check_destination(out, src)
     out_dtype = None
     if dtype is not None:
         if dtype not in _DTYPES:
@@ -471,10 +479,33 @@ def compile_model(source, out: str | Path, format: str = "safetensors", dtype: s
     if materialise_knn and state.knn:
         extra = materialise_knn_facts(ps, state.knn, memit_params)
     try:
+        if kind == "gguf":
+            return _compile_gguf(ps, state, extra, out, out_dtype, shard_bytes)
         with atomic_directory(out) as stage:
             return _compile_model_into(ps, state, extra, stage, out, out_dtype, shard_bytes)
     except OSError as exc:
         raise CompileError(f"COMPILE failed: {exc}") from None
+
+
+def _compile_gguf(ps: PatchSession, state: OverlayState, extra: list, out: Path, out_dtype,
+                  shard_bytes: int) -> CompileResult:
+    from dataclasses import replace
+
+    from ..errors import UnsupportedModelError
+    from ..fsutil import staging_directory
+    from ..models.gguf_convert import convert
+
+    staging = staging_directory(out)
+    try:
+        r = _compile_model_into(ps, state, extra, staging, out, out_dtype, shard_bytes)
+        out_type = "f32" if r.dtype == "float32" else "f16"
+        try:
+            conv = convert(staging, out, out_type)
+        except UnsupportedModelError as exc:
+            raise CompileError(f"COMPILE INTO MODEL FORMAT GGUF: {exc}") from None
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return replace(r, format="gguf", dtype=out_type.upper(), size_bytes=conv.bytes)
 
 
 def materialise_knn_facts(ps: PatchSession, entries, params=None) -> list:
@@ -546,7 +577,7 @@ def _compile_model_into(ps: PatchSession, state: OverlayState, extra: list, tmp:
         down_overrides=counts["down"], layers_touched=len(touched), knn_entries=0, size_bytes=_size(tmp),
         deltas_baked=counts["delta"], knn_materialised=len({(e.entity.casefold(), e.relation.casefold())
                                                             for e in state.knn}) if extra else 0,
-        tombstones=counts["tomb"], gate_overrides=counts["gate"])
+        tombstones=counts["tomb"], gate_overrides=counts["gate"], format="safetensors", dtype=dname)
 
 
 def _plan_shards(tensors: dict[str, torch.Tensor], limit: int) -> list[list[str]]:
