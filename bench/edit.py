@@ -30,6 +30,10 @@ them as one batch; KNN and COMPOSE one after the other), then:
   equals the patched session's (KNN facts are materialised as weight edits by COMPILE);
   ``hf eff`` is the efficacy measured on the reloaded model.
 
+Then ``--single`` of the edits (spread over the set) are inserted one at a time, each alone in a
+fresh overlay (CounterFact's usual setting, where a single edit has no batch to share its update
+with): mean efficacy, ``gen all`` and locality over them, in a second table.
+
 Top-1 in a session is what INFER reports (KNN override included). Prints one aligned row per mode.
 """
 
@@ -200,6 +204,53 @@ def run_mode(vindex, base_model, mode: str, edits, local, threads: int, workdir:
     return Row(mode, len(edits), eff, gen, gen_k, n_known, loc, surv, hf_eff, ins_s, comp_s)
 
 
+@dataclass
+class SingleRow:
+    mode: str
+    edits: int
+    efficacy: float
+    generalisation: float
+    locality: float
+    insert_s: float  # mean per edit
+
+
+def run_single(vindex, base_model, mode: str, edits, local, log) -> SingleRow:
+    """Each edit alone in a fresh overlay (CounterFact's usual setting): mean efficacy,
+    paraphrase generalisation and locality over the edits."""
+    from modelql import defaults as D
+    from modelql.knowledge import edit
+    from modelql.vindex.overlay import PatchSession
+
+    tpl = D.TRAIN_TEMPLATES["capital"][0]
+    heldout = D.HELDOUT_TEMPLATES["capital"]
+    tok = base_model.tokenizer
+    eff = gen = loc = secs = 0.0
+    for i, (e, _, new) in enumerate(edits):
+        ps = PatchSession(vindex, model=base_model)
+        t0 = time.perf_counter()
+        edit.insert(ps, e, "capital", new, mode=mode)
+        secs += time.perf_counter() - t0
+        model, knn = ps.model(), ps.knn_entries()
+        want = _first_id(tok, new)
+        eff += session_top1(model, knn, [D.prompt(tpl, e)])[0] == want
+        gen += sum(t == want for t in session_top1(model, knn, [D.prompt(h, e) for h in heldout])) / len(heldout)
+        got = session_top1(model, knn, [p for p, _ in local])
+        loc += sum(a == w for a, (_, w) in zip(got, local)) / len(local)
+        if (i + 1) % 10 == 0:
+            log(f"  {mode}, one at a time: {i + 1}/{len(edits)} edits")
+    n = len(edits)
+    return SingleRow(mode, n, eff / n, gen / n, loc / n, secs / n)
+
+
+def single_table(rows: list[SingleRow]) -> str:
+    head = f"{'mode':<10}{'edits':>6}{'efficacy':>10}{'gen all':>9}{'locality':>10}{'insert':>9}"
+    lines = ["one edit at a time (each in a fresh overlay; means over the edits):", head, "-" * len(head)]
+    for r in rows:
+        lines.append(f"{r.mode:<10}{r.edits:>6}{r.efficacy:>10.1%}{r.generalisation:>9.1%}{r.locality:>10.1%}"
+                     f"{r.insert_s:>8.2f}s")
+    return "\n".join(lines)
+
+
 def _heldout() -> tuple[str, ...]:
     from modelql import defaults as D
 
@@ -231,6 +282,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--shift", type=int, default=7, help="new target = capital of the country this far on")
     ap.add_argument("--locality", type=int, default=120, help="number of locality facts (>= 100)")
     ap.add_argument("--modes", default="memit,knn,compose")
+    ap.add_argument("--single", type=int, default=20,
+                    help="also insert this many of the edits one at a time, each alone (0: skip)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--compile-dtype", default=None,
                     help="dtype of the COMPILE INTO MODEL output (default: what LQL's COMPILE writes)")
@@ -260,17 +313,26 @@ def main(argv: list[str] | None = None) -> int:
     known = known_mask(base, edits)
     log(f"{len(edits)} edits (e.g. {edits[0][0]}: {edits[0][1]} → {edits[0][2]}), {len(local)} locality facts, "
         f"{sum(known)}/{len(known)} held-out paraphrases known to the unedited model")
+    modes = [resolve_mode(m) for m in args.modes.split(",") if m.strip()]
     rows = []
     with tempfile.TemporaryDirectory(prefix="modelql-bench-edit-") as tmp:
-        for mode in [resolve_mode(m) for m in args.modes.split(",") if m.strip()]:
+        for mode in modes:
             row = run_mode(vx, base, mode, edits, local, args.threads, Path(tmp), log, args.compile_dtype,
                            known)
             row.default = mode == DEFAULT_MODE
             rows.append(row)
+    singles = []
+    if args.single > 0:
+        step = len(edits) / min(args.single, len(edits))
+        some = [edits[int(i * step)] for i in range(min(args.single, len(edits)))]
+        singles = [run_single(vx, base, mode, some, local, log) for mode in modes]
     print(table(rows, len(local)))
+    if singles:
+        print()
+        print(single_table(singles))
     if args.json is not None:
-        args.json.write_text(json.dumps({"edits": edits, "locality": len(local), "rows": [asdict(r) for r in rows]},
-                                        indent=2) + "\n")
+        args.json.write_text(json.dumps({"edits": edits, "locality": len(local), "rows": [asdict(r) for r in rows],
+                                         "single": [asdict(r) for r in singles]}, indent=2) + "\n")
     return 0
 
 

@@ -38,6 +38,7 @@ first weight-level INSERT on a model pays for them.
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
@@ -88,6 +89,7 @@ class MemitParams:
     context_prefixes: int = 0  # also every phrasing after this many generic sentences (ROME's contexts)
     context_in_delta: bool = True  # the prefixed phrasings are in δ's loss too (else only key columns)
     context_in_preserve: bool = True  # the known facts' keys are taken after the same prefixes too
+    rounds: int = 3  # re-solve, from the edited model, the requests whose phrasings do not all predict the target yet
 
 
 class DeltaFfn:
@@ -244,6 +246,18 @@ def _stored(model: Model, name: str, compute: Callable[[], torch.Tensor]) -> tor
     return value
 
 
+@contextmanager
+def _base_ffn(model: Model):
+    """Run `model` with its dense FFN for the block: the statistics below are of the base weights
+    (that is what their cache key says), whatever overlay or pending edit `model` runs with."""
+    saved = model.ffn
+    model.ffn = model.dense_ffn or saved
+    try:
+        yield model
+    finally:
+        model.ffn = saved
+
+
 def covariance(model: Model, layer: int, n: int) -> torch.Tensor:
     """E[h hᵀ] of layer `layer`'s FFN activations over the facts' training sentences.
 
@@ -251,7 +265,11 @@ def covariance(model: Model, layer: int, n: int) -> torch.Tensor:
     """
     cache = model.__dict__.setdefault("_memit_covariance", {})
     if (layer, n) not in cache:
-        cache[(layer, n)] = _stored(model, f"cov-L{layer}-n{n}", lambda: _covariance(model, layer, n))
+        def compute() -> torch.Tensor:
+            with _base_ffn(model):
+                return _covariance(model, layer, n)
+
+        cache[(layer, n)] = _stored(model, f"cov-L{layer}-n{n}", compute)
     return cache[(layer, n)]
 
 
@@ -297,7 +315,8 @@ def preservation_moment(model: Model, layer: int, prefixes: Sequence[str] = ()) 
             from ..defaults import facts
 
             prompts = _preservation_prompts(sorted({(f.entity, f.relation) for f in facts()}), prefixes)
-            k = _keys_of(model, layer, prompts).double()
+            with _base_ffn(model):
+                k = _keys_of(model, layer, prompts).double()
             return torch.cat([(k.T @ k).flatten(), torch.tensor([float(k.shape[0])], dtype=torch.float64)])
 
         tag = f"-c{len(prefixes)}" if prefixes else ""
@@ -316,7 +335,8 @@ def _preservation_term(model: Model, layer: int, requests: Sequence[EditRequest]
     total, n = preservation_moment(model, layer, prefixes)
     known = {(f.entity, f.relation) for f in facts()}
     edited = sorted({(r.entity, r.relation) for r in requests} & known)
-    k = _keys_of(model, layer, _preservation_prompts(edited, prefixes)).double()
+    with _base_ffn(model):
+        k = _keys_of(model, layer, _preservation_prompts(edited, prefixes)).double()
     return (total - k.T @ k) / max(1, n - k.shape[0])
 
 
@@ -418,10 +438,74 @@ def _target_deltas(model: Model, requests: Sequence[EditRequest], layer: int, te
     return delta.detach()
 
 
+def _unmet(model: Model, requests: Sequence[EditRequest], templates) -> list[EditRequest]:
+    """The requests for which some phrasing's top-1 next token is not the target's first token."""
+    tok = model.tokenizer
+    seqs, owner, want = [], [], []
+    for i, r in enumerate(requests):
+        first = tok.encode(" " + r.target.strip(), add_special_tokens=False)[0]
+        for tpl in templates[r]:
+            seqs.append(_subject_position(model, tpl, r.entity)[0])
+            owner.append(i)
+            want.append(first)
+    top: list[int] = []
+    for i in range(0, len(seqs), 64):
+        part = seqs[i : i + 64]
+        logits = model.forward(_padded(part))
+        top += [int(logits[j, len(s) - 1].argmax()) for j, s in enumerate(part)]
+    bad = {owner[k] for k in range(len(seqs)) if top[k] != want[k]}
+    return [r for i, r in enumerate(requests) if i in bad]
+
+
+def _solve_round(model: Model, work: DeltaFfn, requests: Sequence[EditRequest], layers: Sequence[int],
+                 key_templates, templates, prefixes, p: MemitParams) -> list[DownDelta]:
+    """One MEMIT pass over `requests` on the model as `work` currently edits it: δ at the last
+    edited layer, then each layer's least-squares update (added to `work` as it is solved)."""
+    resid_name = f"blocks.{max(layers)}.hook_resid_post"
+    delta = _target_deltas(model, requests, max(layers), templates, p)
+    if p.per_phrasing:
+        owner = torch.tensor([i for i, r in enumerate(requests) for _ in key_templates[r]])
+        at = lambda nm: _at_keys(model, requests, key_templates, nm)  # noqa: E731
+        z = at(resid_name) + delta[owner]
+    else:
+        at = lambda nm: _at_subject(model, requests, key_templates, nm)  # noqa: E731
+        z = at(resid_name) + delta
+    out: list[DownDelta] = []
+    for i, layer in enumerate(sorted(layers)):
+        cur = at(resid_name)
+        resid = (z - cur) / (len(layers) - i)  # [n, H]
+        keys = at(f"blocks.{layer}.mlp.hook_post")  # [n, F]
+        cov = covariance(model, layer, p.cov_sentences)
+        a = p.mom2_weight * cov.double() + keys.double().T @ keys.double()
+        if p.preserve_weight:
+            a = a + p.preserve_weight * _preservation_term(
+                model, layer, requests, prefixes if p.context_in_preserve else ())
+        if p.exact:
+            # minimum-‖ΔW‖_A update that writes every edit key's residual exactly
+            # (ΔW K = R): v = A⁻¹K (Kᵀ A⁻¹ K)⁻¹, A = λC + μP without the KKᵀ term
+            a = a - keys.double().T @ keys.double()
+            ak = torch.linalg.solve(a, keys.double().T)  # [F, n]
+            g = keys.double() @ ak
+            g = g + 1e-6 * g.diagonal().mean() * torch.eye(g.shape[0], dtype=g.dtype)
+            v = torch.linalg.solve(g, ak.T).T.float()  # [F, n]
+        else:
+            v = torch.linalg.solve(a, keys.double().T).float()  # [F, n]
+        d = DownDelta(layer, resid.T.contiguous(), v, tuple(requests))
+        work.add(d)
+        out.append(d)
+    return out
+
+
 def memit_edit(model: Model, requests: Sequence[EditRequest], layers: Sequence[int] | None = None,
                params: MemitParams | None = None, progress: Callable[[str, int, int], None] | None = None,
                ) -> list[DownDelta]:
     """Low-rank down_proj deltas (one per edited layer) that make the model state every request.
+
+    The preservation term shrinks an update, so one pass can leave a fact short of its target
+    (on the embedded model a single edit such as France → Madrid, while batches of 50 were all
+    met). Up to `rounds` passes: each re-optimises δ from the model as already edited, for the
+    requests some phrasing of which does not predict the target yet; the passes' updates are
+    summed into one rank-k delta per layer.
 
     The model is left as it was: deltas are computed with a temporary `DeltaFfn` on top of the
     installed backend, so edits already in the overlay are respected.
@@ -434,51 +518,24 @@ def memit_edit(model: Model, requests: Sequence[EditRequest], layers: Sequence[i
     layers = tuple(layers or p.layers or default_layers(model))
     if any(not 0 <= l < model.spec.num_layers for l in layers):
         raise ModelqlError(f"edit layers {layers} are outside 0..{model.spec.num_layers - 1}")
-    last = max(layers)
     prefixes = context_prefixes(p.context_prefixes)
     key_templates = {r: with_contexts(relation_templates(r.relation), prefixes) for r in requests}
     templates = key_templates if p.context_in_delta else {r: relation_templates(r.relation) for r in requests}
     report = progress or (lambda stage, i, n: None)
 
-    report("targets", 0, 1)
-    resid_name = f"blocks.{last}.hook_resid_post"
-    delta = _target_deltas(model, requests, last, templates, p)
-    if p.per_phrasing:
-        owner = torch.tensor([i for i, r in enumerate(requests) for _ in key_templates[r]])
-        at = lambda nm: _at_keys(model, requests, key_templates, nm)  # noqa: E731
-        z = at(resid_name) + delta[owner]
-    else:
-        at = lambda nm: _at_subject(model, requests, key_templates, nm)  # noqa: E731
-        z = at(resid_name) + delta
-
     saved = model.ffn
     work = DeltaFfn(saved)
     model.ffn = work
-    out: list[DownDelta] = []
+    parts: list[DownDelta] = []
     try:
-        for i, layer in enumerate(sorted(layers)):
-            report("layers", i, len(layers))
-            cur = at(resid_name)
-            resid = (z - cur) / (len(layers) - i)  # [n, H]
-            keys = at(f"blocks.{layer}.mlp.hook_post")  # [n, F]
-            cov = covariance(model, layer, p.cov_sentences)
-            a = p.mom2_weight * cov.double() + keys.double().T @ keys.double()
-            if p.preserve_weight:
-                a = a + p.preserve_weight * _preservation_term(
-                    model, layer, requests, prefixes if p.context_in_preserve else ())
-            if p.exact:
-                # minimum-‖ΔW‖_A update that writes every edit key's residual exactly
-                # (ΔW K = R): v = A⁻¹K (Kᵀ A⁻¹ K)⁻¹, A = λC + μP without the KKᵀ term
-                a = a - keys.double().T @ keys.double()
-                ak = torch.linalg.solve(a, keys.double().T)  # [F, n]
-                g = keys.double() @ ak
-                g = g + 1e-6 * g.diagonal().mean() * torch.eye(g.shape[0], dtype=g.dtype)
-                v = torch.linalg.solve(g, ak.T).T.float()  # [F, n]
-            else:
-                v = torch.linalg.solve(a, keys.double().T).float()  # [F, n]
-            d = DownDelta(layer, resid.T.contiguous(), v, tuple(requests))
-            work.add(d)
-            out.append(d)
+        pending = list(requests)
+        for i in range(max(1, p.rounds)):
+            report("rounds", i, p.rounds)
+            parts += _solve_round(model, work, pending, layers, key_templates, templates, prefixes, p)
+            pending = _unmet(model, pending, key_templates) if i + 1 < p.rounds else []
+            if not pending:
+                break
     finally:
         model.ffn = saved
-    return out
+    return [DownDelta(l, torch.cat([d.u for d in ds], 1), torch.cat([d.v for d in ds], 1), tuple(requests))
+            for l in sorted({d.layer for d in parts}) for ds in [[d for d in parts if d.layer == l]]]

@@ -463,9 +463,10 @@ class PatchSession:
             from ..ffn.patched import PatchedFfn
 
             base = self.base_runtime_model()
-            # memit caches its covariance statistics (base-weight statistics) on the model object:
-            # make every overlay copy share the base model's cache instead of recomputing it
-            base.__dict__.setdefault("_memit_covariance", {})
+            # memit caches its base-weight statistics on the model object: make every overlay copy
+            # share the base model's caches instead of recomputing them
+            for cache in ("_memit_covariance", "_memit_preserve"):
+                base.__dict__.setdefault(cache, {})
             m = copy.copy(base)
             m.ffn = PatchedFfn(base.spec, base.dense_ffn, self)
             self._model = m
