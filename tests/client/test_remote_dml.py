@@ -110,3 +110,24 @@ def test_edits_under_unsaved_inserts_are_refused(remote):
         remote.run('DELETE FROM EDGES WHERE entity = "Atlantis"')
     _run(remote, 'REMOVE PATCH "(unsaved edits)"')
     assert _run(remote, 'DELETE FROM EDGES WHERE entity = "Atlantis"') == "  (no matching features found)"
+
+
+def test_weight_level_facts_over_remote(remote, local, tmp_path):
+    """A patch of two default-mode (MEMIT) facts applied on the server: a remote DELETE of one
+    drops the batch (inline patch) and re-solves the other on the server, as local DELETE does."""
+    _run(local, 'INSERT INTO EDGES (entity, relation, target) VALUES ("Kenya", "capital", "Lima"), '
+                '("Norway", "capital", "Hanoi")')
+    _run(local, f'SAVE PATCH "{tmp_path / "two.vlp"}"')
+    _run(remote, f'APPLY PATCH "{tmp_path / "two.vlp"}"')
+
+    def top(ex, entity):
+        return _run(ex, f'INFER "The capital of {entity} is" TOP 1').splitlines()[1].split()[1]
+
+    assert [top(remote, e) for e in ("Kenya", "Norway")] == ["Lima", "Hanoi"]
+    out = _run(remote, 'DELETE FROM EDGES WHERE entity = "Kenya" AND relation = "capital"')
+    assert out.splitlines() == ["Deleted 1 weight-level fact(s) (patch overlay; their batches re-solved)",
+                                "  patch: delete-1 (server session overlay); 1 fact(s) of the edited batches "
+                                "re-solved into the session's unsaved edits"]
+    assert [top(remote, e) for e in ("Kenya", "Norway")] == ["Nairobi", "Hanoi"]
+    _run(local, 'DELETE FROM EDGES WHERE entity = "Kenya" AND relation = "capital"')
+    assert [top(local, e) for e in ("Kenya", "Norway")] == ["Nairobi", "Hanoi"]

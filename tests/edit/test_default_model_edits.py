@@ -123,3 +123,25 @@ def test_compiled_model_carries_the_edits_into_transformers(edited, kmodel):
         got = [int(hf(input_ids=tok(p, return_tensors="pt").input_ids).logits[0, -1].argmax()) for p in prompts]
     assert got == [top1(m, p) for p in prompts]  # survival: every top-1 of the patched session
     assert got[: len(EDITS)] == [first_id(m.tokenizer, new) for _, _, new in EDITS]
+
+
+def test_delete_and_update_reach_inserted_facts(kvindex, tmp_path):
+    """DELETE / UPDATE address default-mode (weight-level) facts by entity and relation: the
+    deleted fact goes back to what the model knew, the updated one takes its new target, the
+    rest of the batch stays edited."""
+    s = new_session(tmp_path, kvindex)
+    run(s, 'INSERT INTO EDGES (entity, relation, target) VALUES ("Kenya", "capital", "Lima"), '
+           '("Norway", "capital", "Hanoi")')
+    m = s.model("INFER")
+    assert [top1(m, f"The capital of {e} is") for e in ("Kenya", "Norway")] == \
+        [first_id(m.tokenizer, t) for t in ("Lima", "Hanoi")]
+    out = run(s, 'DELETE FROM EDGES WHERE entity = "Kenya" AND relation = "capital"')
+    assert out[-1] == "Deleted 1 weight-level fact(s) (patch overlay; their batches re-solved)"
+    m = s.model("INFER")
+    assert [top1(m, f"The capital of {e} is") for e in ("Kenya", "Norway")] == \
+        [first_id(m.tokenizer, t) for t in ("Nairobi", "Hanoi")]
+    out = run(s, 'UPDATE EDGES SET target = "Madrid" WHERE entity = "Norway" AND relation = "capital"')
+    assert out[-1] == "Updated 1 weight-level fact(s) (patch overlay; their batches re-solved)"
+    m = s.model("INFER")
+    assert [top1(m, f"The capital of {e} is") for e in ("Kenya", "Norway")] == \
+        [first_id(m.tokenizer, t) for t in ("Nairobi", "Madrid")]

@@ -153,6 +153,35 @@ def test_delete_entity_also_drops_its_knn_facts_and_update_retargets_them(sessio
     assert r.knn == 1 and session.knn_entries() == []
 
 
+def test_delete_and_update_reach_weight_level_facts(session, fast_memit):
+    """A MEMIT fact is addressed by entity / relation / target: DELETE drops its edit and
+    re-solves the batch's other facts; deleting a one-fact edit restores bit-identical logits."""
+    ids = session.base.tokenizer.encode(PROMPT)
+    base = session.model().forward(ids, logits="last").clone()
+    edit.insert_many(session, [("France", "capital", "Tokyo"), ("Spain", "capital", "Rome")])
+    first = session.recording.ops[0].edit_id
+    m = edit.match(session, [("entity", "=", "france"), ("relation", "=", "capital")])
+    assert [(e.edit_id, e.matched) for e in m.edits] == [(first, (0,))]
+    assert not edit.match(session, [("entity", "=", "France"), ("feature", "=", 1)]).edits  # facts have no slot
+    assert not edit.match(session, [("layer", "=", m.edits[0].layers[0])]).edits  # slots only
+    assert edit.match(session, [("target", "LIKE", "rom%")]).edits[0].matched == (1,)
+
+    r = edit.delete(session, [("entity", "=", "France"), ("relation", "=", "capital")])
+    assert r.facts == 1
+    ops = session.recording.ops
+    assert [o.op for o in ops] == ["down_delta", "delete_edit", "down_delta"] and ops[1].edit_id == first
+    left = {o.edit_id: o for d in session.state.deltas.values() for o in [x.op for x in d]}
+    assert first not in left and [o.facts() for o in left.values()][0] == [("Spain", "capital", "Rome")]
+
+    r = edit.update(session, [("entity", "=", "Spain")], {"target": "Paris"})
+    assert r.facts == 1
+    facts = [x.op.facts() for d in session.state.deltas.values() for x in d]
+    assert facts and all(f == [("Spain", "capital", "Paris")] for f in facts)
+    assert edit.delete(session, [("entity", "=", "Spain"), ("relation", "=", "capital")]).facts == 1
+    assert not any(session.state.deltas.values())
+    assert torch.equal(session.model().forward(ids, logits="last"), base)
+
+
 def test_merge_copies_metadata(session, vindex_dir, tmp_path):
     from modelql.vindex import Vindex
     from modelql.vindex.compile import compile_vindex

@@ -31,6 +31,7 @@ def all_ops() -> list:
         vlp.DeleteKnnOp("spain"),
         vlp.DownDeltaOp(2, vec(6, H * 2).reshape(H, 2), vec(7, 16 * 2).reshape(16, 2), entity=("A", "B"),
                         relation=("capital", "capital"), target=("X", "Y"), edit_id="e1", method="memit"),
+        vlp.DeleteEditOp("e1", reason="retracted"),
     ]
 
 
@@ -48,9 +49,10 @@ def test_round_trip_is_bit_exact(tmp_path):
     assert got.to_json() == p.to_json()
     assert [type(o) for o in got.operations] == [type(o) for o in p.operations]
     assert np.array_equal(got.operations[0].gate, all_ops()[0].gate)
-    d = got.operations[-1]
+    d = got.operations[-2]
     assert d.u.shape == (H, 2) and d.v.shape == (16, 2) and d.rank == 2
-    assert np.array_equal(d.v, all_ops()[-1].v)
+    assert np.array_equal(d.v, all_ops()[-2].v)
+    assert (got.operations[-1].edit_id, got.operations[-1].reason) == ("e1", "retracted")
     # writing again gives the same bytes; no temp file is left behind
     text = path.read_text()
     vlp.write_patch(path, got)
@@ -68,13 +70,14 @@ def test_document_is_pretty_json_with_spec_fields(tmp_path):
     ins = d["operations"][0]
     assert ins["op"] == "insert" and ins["down_meta"] == {"t": "Lyon", "i": 42, "c": 0.9}
     assert len(base64.b64decode(ins["gate_vector_b64"])) == 4 * H
-    assert d["operations"][-1]["op"] == "down_delta" and d["operations"][-1]["entity"] == ["A", "B"]
+    assert d["operations"][-2]["op"] == "down_delta" and d["operations"][-2]["entity"] == ["A", "B"]
+    assert d["operations"][-1] == {"op": "delete_edit", "edit_id": "e1", "reason": "retracted"}
 
 
 def test_counts():
     c = vlp.count_ops(all_ops())
-    # inserts: 2 insert + 1 insert_knn + 2 facts of the delta; updates 2; deletes: delete + delete_knn
-    assert (c.inserts, c.updates, c.deletes) == (5, 2, 2)
+    # inserts: 2 insert + 1 insert_knn + 2 facts of the delta; updates 2; deletes: delete + delete_knn + delete_edit
+    assert (c.inserts, c.updates, c.deletes) == (5, 2, 3)
 
 
 def _doc(ops, **top):
@@ -107,6 +110,7 @@ def test_invalid_vector_rejects_the_whole_patch(bad):
      "invalid vector in operation #1"),
     ([{"op": "update", "layer": 0, "feature": 0, "down_meta": {"t": "x"}}], "'down_meta' must be"),
     (["nope"], "operation #1 is not an object"),
+    ([{"op": "delete_edit"}], "operation #1: 'edit_id' must be a string"),
 ])
 def test_bad_operations(ops, message):
     with pytest.raises(PatchError, match=message):
@@ -146,11 +150,11 @@ def test_file_errors(tmp_path):
 
 
 def test_delta_shapes_are_checked():
-    op = vlp.op_to_json(all_ops()[-1])
+    op = vlp.op_to_json(all_ops()[-2])
     op["rank"] = 3  # u/v no longer hold H·3 / F·3 values
     with pytest.raises(PatchError, match="invalid vector in operation #1"):
         vlp.patch_from_json(_doc([op]), SHAPE)
-    op = vlp.op_to_json(all_ops()[-1])
+    op = vlp.op_to_json(all_ops()[-2])
     op["target"] = ["X"]
     with pytest.raises(PatchError, match="differ in length"):
         vlp.patch_from_json(_doc([op]), SHAPE)

@@ -246,7 +246,7 @@ from ..errors import CapabilityError, ModelqlError
 from ..vindex import patch as vlp
 from ..vindex.overlay import PatchSession
 from . import mutations as _mut
-from .mutations import MatchedKnn, MatchedSlot, Matches, delete_ops, update_ops
+from .mutations import MatchedEdit, MatchedKnn, MatchedSlot, Matches, delete_ops, update_ops
 
 #: Insert modes, and the default chosen by measurement (module docstring, bench/edit.py).
 MODES = ("memit", "knn", "compose")
@@ -325,6 +325,7 @@ class MutationResult:
     knn: int = 0
     slots: tuple[tuple[int, int], ...] = ()
     auto_patch: bool = False
+    facts: int = 0  # weight-level (MEMIT) facts deleted or updated
 
 
 @dataclass(frozen=True)
@@ -835,8 +836,8 @@ def candidates(ps: PatchSession, where: Iterable[Any]) -> list[tuple[int, int]]:
 
         labels = labels_for(vx)
         if not labels.probe and not labels.cluster_of and not any(s.relation for s in ps.state.slots.values()):
-            raise EditError("relation filters require relation labels for the active vindex; "
-                            "target by layer/feature or omit relation")
+            raise NoRelationLabels("relation filters require relation labels for the active vindex; "
+                                   "target by layer/feature or omit relation")
         for c in rel_conds:
             if c.op not in ("=", "!=", "LIKE"):
                 raise EditError(f"unsupported relation predicate operator: {c.op}")
@@ -883,6 +884,10 @@ def candidates(ps: PatchSession, where: Iterable[Any]) -> list[tuple[int, int]]:
     return out
 
 
+class NoRelationLabels(EditError):
+    """A relation filter on slots of a vindex without relation labels."""
+
+
 def _inserted_entity(ps: PatchSession, layer: int, feature: int) -> str | None:
     for _src, op in reversed(ps.state.writes.get((layer, feature), [])):
         if op.op == "insert":
@@ -909,6 +914,65 @@ def _knn_matches(ps: PatchSession, where: Iterable[Any]) -> list[str]:
     return out
 
 
+def _edit_matches(ps: PatchSession, where: Iterable[Any]) -> tuple[MatchedEdit, ...]:
+    """The weight-level edits of the overlay holding facts a WHERE selects. A fact matches on
+    its entity (`=` case-insensitive equality, `!=`, LIKE), relation (as slot labels do), target
+    (`=` containment, `!=`, LIKE), layer (the edit's layers) and confidence; a feature filter
+    never matches (the fact has no slot), and a WHERE without an entity, relation or target
+    condition addresses slots only."""
+    conds = _conds(where)
+    if not any(c.field in ("entity", "relation", "target", "token", "top_token") for c in conds):
+        return ()
+    if any(c.field == "feature" for c in conds):
+        return ()
+
+    def text_ok(c: Where, value: str, equal: bool) -> bool:
+        v = str(c.value)
+        if c.op == "LIKE":
+            return _like(v, value)
+        hit = value.casefold() == v.casefold() if equal else v.casefold() in value.casefold()
+        if c.op == "=":
+            return hit
+        if c.op == "!=":
+            return not hit
+        raise EditError(f"operator {c.op} is not valid for {c.field}")
+
+    ops: dict[str, list[vlp.DownDeltaOp]] = {}
+    for deltas in ps.state.deltas.values():
+        for d in deltas:
+            if d.op is not None and d.op.edit_id is not None:
+                ops.setdefault(d.op.edit_id, []).append(d.op)
+    out = []
+    for edit_id, group in ops.items():
+        first = group[0]
+        layers = tuple(sorted({o.layer for o in group}))
+        conf = 1.0 if first.confidence is None else float(first.confidence)
+        if not all(any(_num(c.op, l, c.value) for l in layers) for c in conds if c.field == "layer"):
+            continue
+        if not all(_num(c.op, conf, c.value) for c in conds if c.field in ("confidence", "c_score", "score")):
+            continue
+        hits = []
+        for i, (e, r, t) in enumerate(first.facts()):
+            if all(text_ok(c, e, True) for c in conds if c.field == "entity") and \
+                    all(text_ok(c, t, False) for c in conds if c.field in ("target", "token", "top_token")) and \
+                    all(_relation_match(c.op, r, c.value) for c in conds if c.field == "relation"):
+                hits.append(i)
+        if hits:
+            out.append(MatchedEdit(edit_id, layers, tuple(first.facts()), tuple(hits), first.confidence))
+    return tuple(out)
+
+
+def _reinsert(ps: PatchSession, edits: Sequence[MatchedEdit], target: str | None = None,
+              confidence: float | None = None, update: bool = False) -> None:
+    """After their `delete_edit`: re-insert each edit's remaining facts (DELETE) or its facts
+    with the matched ones changed (UPDATE) as a new weight-level batch in the same layers."""
+    for e in edits:
+        facts = e.updated(target) if update else e.kept()
+        if facts:
+            insert_many(ps, facts, mode="memit", layers=list(e.layers),
+                        confidence=confidence if confidence is not None else e.confidence)
+
+
 # ---------------------------------------------------------------------------------------------
 # DELETE / UPDATE / MERGE
 # ---------------------------------------------------------------------------------------------
@@ -920,37 +984,53 @@ def match(ps: PatchSession, where: Iterable[Any], keyword: str = "DELETE") -> Ma
     if not where:
         raise EditError(f"{keyword} needs a WHERE clause")
     vx = ps.view
+    ents = _knn_matches(ps, where)
+    edits = _edit_matches(ps, where)
+    try:
+        cands = candidates(ps, where)
+    except NoRelationLabels:
+        if not (ents or edits):
+            raise
+        cands = []  # the facts carry their relation; unlabelled slots just match nothing
     slots = []
-    for L, f in candidates(ps, where):
+    for L, f in cands:
         meta = vx.feature_meta(L, f)
         slots.append(MatchedSlot(L, f) if meta is None else
                      MatchedSlot(L, f, meta.top_token, int(meta.top_token_id), float(meta.c_score)))
-    ents = _knn_matches(ps, where)
     knn = tuple(MatchedKnn(e.entity, int(e.layer), e.relation, e.target_token, int(e.target_id),
                            float(e.confidence), tuple(float(x) for x in np.asarray(e.key, dtype=np.float32)))
                 for ent in ents for e in ps.state.knn if e.entity.casefold() == ent.casefold())
-    return Matches(ps.base_model_id, tuple(slots), tuple(ents), knn)
+    return Matches(ps.base_model_id, tuple(slots), tuple(ents), knn, edits=edits)
 
 
 def delete(ps: PatchSession, where: Iterable[Any], reason: str | None = None) -> MutationResult:
-    """DELETE FROM EDGES WHERE …: tombstone every matching slot (and drop matching KNN facts)."""
+    """DELETE FROM EDGES WHERE …: tombstone every matching slot, drop matching KNN facts, and
+    take matching weight-level facts out of their edits (the rest of each batch is re-solved)."""
     m = match(ps, where, "DELETE")
+    if m.edits:
+        _require_weights(ps, "DELETE of a weight-level fact")
     ops = delete_ops(m, reason)
     auto = ps.record(ops) if ops else False
+    _reinsert(ps, m.edits)
     return MutationResult("delete", len(m.slots), len(m.knn_entities), tuple((s.layer, s.feature) for s in m.slots),
-                          auto)
+                          auto, m.facts)
 
 
 def update(ps: PatchSession, where: Iterable[Any], assignments: Any) -> MutationResult:
     """UPDATE EDGES SET target|top_token = "x", confidence|c_score = n WHERE …: replace metadata
     (a new target is re-tokenised: `top_token_id` = first id of `encode(" " + x)`). KNN facts of a
-    matching entity get the new target too (their keys are kept)."""
+    matching entity get the new target too (their keys are kept); a weight-level edit holding a
+    matching fact is re-solved with the fact's new target."""
     sets = parse_assignments(assignments)
     m = match(ps, where, "UPDATE")
+    if m.edits:
+        _require_weights(ps, "UPDATE of a weight-level fact")
     vx = ps.view
     ops, knn = update_ops(m, sets, lambda t: target_id(vx, t))
     auto = ps.record(ops) if ops else False
-    return MutationResult("update", len(m.slots), knn, tuple((s.layer, s.feature) for s in m.slots), auto)
+    _reinsert(ps, m.edits, sets.get("target"), sets.get("confidence"), update=True)
+    return MutationResult("update", len(m.slots), knn, tuple((s.layer, s.feature) for s in m.slots), auto,
+                          m.facts)
 
 
 def parse_assignments(assignments: Any) -> dict[str, Any]:

@@ -45,6 +45,28 @@ class MatchedKnn:
 
 
 @dataclass(frozen=True)
+class MatchedEdit:
+    """A weight-level (MEMIT) edit of the overlay some of whose facts a WHERE selected: DELETE
+    drops the edit (`delete_edit`) and re-inserts the other facts as a new batch; UPDATE
+    re-inserts the whole batch with the matched facts changed."""
+
+    edit_id: str
+    layers: tuple[int, ...]
+    facts: tuple[tuple[str, str, str], ...]  # every fact of the batch: (entity, relation, target)
+    matched: tuple[int, ...]  # indices into `facts`
+    confidence: float | None = None
+
+    def kept(self) -> list[tuple[str, str, str]]:
+        """The facts a DELETE leaves (re-inserted as a new edit)."""
+        return [f for i, f in enumerate(self.facts) if i not in self.matched]
+
+    def updated(self, target: str | None) -> list[tuple[str, str, str]]:
+        """The batch after an UPDATE setting `target` (None: unchanged) on the matched facts."""
+        return [(e, r, target if i in self.matched and target is not None else t)
+                for i, (e, r, t) in enumerate(self.facts)]
+
+
+@dataclass(frozen=True)
 class Matches:
     """What a DELETE / UPDATE WHERE selects on the effective (overlay) state. The server's
     `POST /v1/edges/match` returns exactly this, so a remote LQL session edits the same slots."""
@@ -56,10 +78,16 @@ class Matches:
     #: unsaved (recording) ops that write a matched slot or KNN entity: a patch applied now stacks
     #: beneath the recording, so it would not override them (local edits record after them instead)
     recorded: int = 0
+    edits: tuple[MatchedEdit, ...] = ()
 
     @property
     def empty(self) -> bool:
-        return not self.slots and not self.knn_entities
+        return not self.slots and not self.knn_entities and not self.edits
+
+    @property
+    def facts(self) -> int:
+        """Weight-level facts matched."""
+        return sum(len(e.matched) for e in self.edits)
 
     def to_json(self) -> dict[str, Any]:
         return {"base_model": self.base_model, "recorded": self.recorded,
@@ -68,7 +96,9 @@ class Matches:
                 "knn_entities": list(self.knn_entities),
                 "knn": [{"entity": k.entity, "layer": k.layer, "relation": k.relation, "target": k.target_token,
                          "target_id": k.target_id, "confidence": k.confidence, "key": list(k.key)}
-                        for k in self.knn]}
+                        for k in self.knn],
+                "edits": [{"edit_id": e.edit_id, "layers": list(e.layers), "facts": [list(f) for f in e.facts],
+                           "matched": list(e.matched), "confidence": e.confidence} for e in self.edits]}
 
     @classmethod
     def from_json(cls, d: dict[str, Any]) -> Matches:
@@ -79,22 +109,30 @@ class Matches:
                    tuple(MatchedKnn(str(k["entity"]), int(k["layer"]), str(k["relation"]), str(k["target"]),
                                     int(k["target_id"]), float(k["confidence"]), tuple(float(x) for x in k["key"]))
                          for k in d.get("knn", ())),
-                   int(d.get("recorded", 0)))
+                   int(d.get("recorded", 0)),
+                   tuple(MatchedEdit(str(e["edit_id"]), tuple(int(x) for x in e["layers"]),
+                                     tuple((str(f[0]), str(f[1]), str(f[2])) for f in e["facts"]),
+                                     tuple(int(i) for i in e["matched"]), e.get("confidence"))
+                         for e in d.get("edits", ())))
 
 
 def recorded_overlap(m: Matches, recording_ops) -> int:
-    """How many of `recording_ops` write a slot or KNN entity `m` matched."""
+    """How many of `recording_ops` write a slot, KNN entity or weight-level edit `m` matched."""
     slots = {(s.layer, s.feature) for s in m.slots}
     ents = {e.casefold() for e in m.knn_entities}
+    edits = {e.edit_id for e in m.edits}
     return sum(1 for op in recording_ops
                if (vlp.is_feature_op(op) and (op.layer, op.feature) in slots)
-               or (op.op in ("insert_knn", "delete_knn") and op.entity.casefold() in ents))
+               or (op.op in ("insert_knn", "delete_knn") and op.entity.casefold() in ents)
+               or (op.op == "down_delta" and op.edit_id in edits))
 
 
 def delete_ops(m: Matches, reason: str | None = None) -> list[vlp.Op]:
-    """DELETE's `.vlp` operations: tombstone every matched slot, drop every matched KNN entity."""
+    """DELETE's `.vlp` operations: tombstone every matched slot, drop every matched KNN entity and
+    every weight-level edit holding a matched fact (the caller re-inserts the edit's other facts)."""
     ops: list[vlp.Op] = [vlp.DeleteOp(s.layer, s.feature, reason) for s in m.slots]
-    return ops + [vlp.DeleteKnnOp(e) for e in m.knn_entities]
+    ops += [vlp.DeleteKnnOp(e) for e in m.knn_entities]
+    return ops + [vlp.DeleteEditOp(e.edit_id, reason) for e in m.edits]
 
 
 def update_ops(m: Matches, sets: dict[str, Any], token_id: Callable[[str], int]) -> tuple[list[vlp.Op], int]:
@@ -114,6 +152,8 @@ def update_ops(m: Matches, sets: dict[str, Any], token_id: Callable[[str], int])
     ops += [vlp.InsertKnnOp(k.layer, k.entity, k.relation, new_target if new_target is not None else k.target_token,
                             new_id if new_id is not None else k.target_id, np.asarray(k.key, dtype=np.float32),
                             float(new_c) if new_c is not None else k.confidence) for k in m.knn]
+    # weight-level edits are dropped here and re-solved by the caller with the updated facts
+    ops += [vlp.DeleteEditOp(e.edit_id, "updated") for e in m.edits]
     return ops, len(m.knn)
 
 

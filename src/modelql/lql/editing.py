@@ -388,11 +388,15 @@ def _r_mutated(stmt, v: Mutated) -> list:
     r = v.result
     out = _auto(r.auto_patch)
     verb = "Deleted" if r.kind == "delete" else "Updated"
-    if not r.features and not r.knn:
+    if not r.features and not r.knn and not r.facts:
         return out + ["  (no matching features found)"]
-    out.append(f"{verb} {r.features} features (patch overlay)")
+    if r.features or r.knn:
+        out.append(f"{verb} {r.features} features (patch overlay)")
     if r.knn:
         out.append(f"  {verb.lower()} {r.knn} KNN fact(s)")
+    if r.facts:
+        text = f"{r.facts} weight-level fact(s) (patch overlay; their batches re-solved)"
+        out.append(f"  {verb.lower()} {text}" if r.features or r.knn else f"{verb} {text}")
     return out
 
 

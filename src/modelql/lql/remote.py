@@ -131,6 +131,7 @@ def _r_patches(stmt, v: RemotePatchList) -> list:
 class RemoteMutated:
     result: Any  # knowledge.edit.MutationResult
     patch: str | None  # the inline patch's name on the server (None: nothing matched, nothing sent)
+    resolved: int = 0  # facts of matched weight-level edits re-solved into the session's unsaved edits
 
 
 @_render.renders(RemoteMutated)
@@ -138,7 +139,10 @@ def _r_mutated(stmt, v: RemoteMutated) -> list:
     from modelql.lql.editing import Mutated
 
     out = list(_render.RENDERERS[Mutated](stmt, Mutated(v.result)))
-    if v.patch is not None:
+    if v.patch is not None and v.resolved:
+        out.append(f"  patch: {v.patch} (server session overlay); {v.resolved} fact(s) of the edited batches "
+                   "re-solved into the session's unsaved edits")
+    elif v.patch is not None:
         out.append(f'  patch: {v.patch} (server session overlay; REMOVE PATCH "{v.patch}" undoes it)')
     return out
 
@@ -318,10 +322,12 @@ def _where(where) -> list[tuple[str, str, Any]]:
     return [(c.field, c.op.value, list(c.value) if isinstance(c.value, tuple) else c.value) for c in where]
 
 
-def _mutation(ex, keyword: str, where, build):
+def _mutation(ex, keyword: str, where, build, refacts=None):
     """DELETE / UPDATE over the knowledge API: the server resolves the WHERE with the function local
     LQL runs (`POST /v1/edges/match` → `edit.match`), `build(matches)` makes the same `.vlp` ops
-    (`knowledge.mutations`), and they are applied as one inline patch in this session's overlay."""
+    (`knowledge.mutations`), and they are applied as one inline patch in this session's overlay.
+    A matched weight-level edit is dropped by that patch; `refacts(edit)` are the facts then
+    re-solved on the server (`POST /v1/insert`, into the session's unsaved edits), as locally."""
     from modelql.knowledge.edit import MutationResult
 
     c = client(ex)
@@ -331,9 +337,13 @@ def _mutation(ex, keyword: str, where, build):
             f"{keyword} on a remote backend: {m.recorded} unsaved edit(s) of this session write the matched "
             f"edges, and a patch sent now would stack beneath them (no effect); "
             f'REMOVE PATCH "(unsaved edits)" first, or run the {keyword} locally')
+    resolve = [(e, refacts(e)) for e in m.edits]
+    if any(facts and len(e.layers) != 1 for e, facts in resolve):
+        raise CapabilityError(f"{keyword} on a remote backend: a matched weight-level edit spans several "
+                              f"layers, which POST /v1/insert cannot re-solve; run the {keyword} locally")
     ops, knn = build(m)
     slots = tuple((s.layer, s.feature) for s in m.slots)
-    result = MutationResult(keyword.lower(), len(m.slots), knn, slots)
+    result = MutationResult(keyword.lower(), len(m.slots), knn, slots, facts=m.facts)
     if not ops:
         return RemoteMutated(result, None)
     ex.session.remote_edits = getattr(ex.session, "remote_edits", 0) + 1
@@ -341,14 +351,18 @@ def _mutation(ex, keyword: str, where, build):
     from modelql.knowledge.mutations import patch_json
 
     c.apply_patch(patch=patch_json(m, ops, f"LQL {keyword} (remote session {c.session_id})"), name=name)
-    return RemoteMutated(result, name)
+    for e, facts in resolve:
+        if facts:
+            c.insert_many(facts, mode="memit", layer=e.layers[0], confidence=e.confidence)
+    return RemoteMutated(result, name, resolved=sum(len(f) for _, f in resolve))
 
 
 @handles(ast.Delete)
 def _delete(ex, stmt: ast.Delete):
     from modelql.knowledge.mutations import delete_ops
 
-    return _mutation(ex, "DELETE", stmt.where, lambda m: (delete_ops(m), len(m.knn_entities)))
+    return _mutation(ex, "DELETE", stmt.where, lambda m: (delete_ops(m), len(m.knn_entities)),
+                     lambda e: e.kept())
 
 
 @handles(ast.Update)
@@ -363,7 +377,8 @@ def _update(ex, stmt: ast.Update):
         ids = c.encode(" " + text)
         return int(ids[0]) if ids else 0
 
-    return _mutation(ex, "UPDATE", stmt.where, lambda m: update_ops(m, sets, token_id))
+    return _mutation(ex, "UPDATE", stmt.where, lambda m: update_ops(m, sets, token_id),
+                     lambda e: e.updated(sets.get("target")))
 
 
 @handles(ast.ShowPatches)

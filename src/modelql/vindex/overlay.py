@@ -3,8 +3,8 @@
 * `OverlayState` — the *effective* edits: per `(layer, feature)` slot the metadata and gate /
   up / down overrides (each component last-wins independently) or a tombstone; the KNN store
   (the base `knn_store.bin` entries, then `insert_knn` / `delete_knn` in order); and the
-  low-rank down-projection deltas of weight-level edits (modelql `down_delta` ops), summed per
-  layer. It also keeps every feature-keyed write per slot, so COMPILE … ON CONFLICT can find
+  low-rank down-projection deltas of weight-level edits (modelql `down_delta` ops, dropped
+  again by `delete_edit`), summed per layer. It also keeps every feature-keyed write per slot, so COMPILE … ON CONFLICT can find
   collisions (`collisions()`) and resolve them by confidence (`resolve_highest_confidence()`).
 * `PatchSession` — the ordered list of applied patches plus the active *recording* (the
   implicit session patch, always applied last: BEGIN / SAVE PATCH, auto-patch). Mutations are
@@ -107,6 +107,9 @@ class OverlayState:
             self.knn = [k for k in self.knn if k.entity.casefold() != e]
         elif kind == "down_delta":
             self.deltas.setdefault(op.layer, []).append(Delta(op.layer, op.u, op.v, op))
+        elif kind == "delete_edit":
+            for layer, ds in self.deltas.items():
+                self.deltas[layer] = [d for d in ds if d.op is None or d.op.edit_id != op.edit_id]
         else:  # pragma: no cover - ops are validated on read
             raise PatchError(f"unknown op {kind!r}")
 

@@ -18,6 +18,9 @@ Operations (`op` tag), spec §12.2:
   optional `edit_id` (groups the per-layer deltas of one batch edit), `method` (e.g. "memit"),
   `confidence`. LARQL does not know this op and rejects or ignores it; modelql refuses patches
   with any other unknown op.
+* **modelql extension** `delete_edit`: `edit_id`, `reason` (str|null): removes every earlier
+  `down_delta` of that `edit_id` from the overlay (DELETE / UPDATE of a weight-level fact; the
+  batch's other facts are re-inserted after it as a new edit).
 
 Vectors are standard base64 (no line breaks) of raw little-endian f32. modelql validates
 strictly (LARQL silently skips bad vectors): a vector whose decoded length is not `4·H` (or
@@ -44,7 +47,7 @@ PATCH_VERSION = 1
 PATCH_SUFFIX = ".vlp"
 
 FEATURE_OPS = ("insert", "update", "delete")
-KNOWN_OPS = ("insert", "update", "delete", "insert_knn", "delete_knn", "down_delta")
+KNOWN_OPS = ("insert", "update", "delete", "insert_knn", "delete_knn", "down_delta", "delete_edit")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -139,7 +142,16 @@ class DownDeltaOp:
         return list(zip(self.entity, self.relation, self.target))
 
 
-Op = Union[InsertOp, UpdateOp, DeleteOp, InsertKnnOp, DeleteKnnOp, DownDeltaOp]
+@dataclass(frozen=True, eq=False)
+class DeleteEditOp:
+    """modelql extension: drop every earlier `down_delta` whose `edit_id` is this one."""
+
+    edit_id: str
+    reason: str | None = None
+    op: str = "delete_edit"
+
+
+Op = Union[InsertOp, UpdateOp, DeleteOp, InsertKnnOp, DeleteKnnOp, DownDeltaOp, DeleteEditOp]
 
 
 def is_feature_op(op: Op) -> bool:
@@ -168,7 +180,7 @@ class OpCounts:
 
 def count_ops(ops: Iterable[Op]) -> OpCounts:
     """Spec §12.2 counts: inserts = insert + insert_knn (+ each fact a down_delta edit carries,
-    counted once per `edit_id`); updates = update; deletes = delete + delete_knn."""
+    counted once per `edit_id`); updates = update; deletes = delete + delete_knn + delete_edit."""
     i = u = d = 0
     seen_edits: set[str] = set()
     for op in ops:
@@ -176,7 +188,7 @@ def count_ops(ops: Iterable[Op]) -> OpCounts:
             i += 1
         elif op.op == "update":
             u += 1
-        elif op.op in ("delete", "delete_knn"):
+        elif op.op in ("delete", "delete_knn", "delete_edit"):
             d += 1
         elif op.op == "down_delta":
             key = op.edit_id or f"#{id(op)}"
@@ -308,6 +320,8 @@ def op_to_json(op: Op) -> dict[str, Any]:
                 "key_vector_b64": encode_vector(op.key)}
     if isinstance(op, DeleteKnnOp):
         return {"op": "delete_knn", "entity": op.entity}
+    if isinstance(op, DeleteEditOp):
+        return {"op": "delete_edit", "edit_id": op.edit_id, "reason": op.reason}
     if isinstance(op, DownDeltaOp):
         d = {"op": "down_delta", "layer": op.layer, "rank": op.rank,
              "u_b64": encode_vector(op.u), "v_b64": encode_vector(op.v),
@@ -406,6 +420,8 @@ def op_from_json(d: Any, n: int, shape: PatchShape | None) -> Op:
 
     if kind == "delete_knn":
         return DeleteKnnOp(entity=_str(d, "entity", where))
+    if kind == "delete_edit":
+        return DeleteEditOp(_str(d, "edit_id", where), _str(d, "reason", where, nullable=True))
     layer = _int(d, "layer", where, 0, n_layers)
     if kind in FEATURE_OPS:
         f_hi = shape.num_features(layer) if shape is not None else None
