@@ -16,7 +16,8 @@ currency, ...) of edited and non-edited countries.
 For each mode, all edits are inserted into one fresh patch overlay (``insert_many``: MEMIT edits
 them as one batch; KNN and COMPOSE one after the other), then:
 
-* **efficacy** — new target top-1 on the edit prompt (the canonical template);
+* **efficacy** — new target top-1 on the edit prompt (the canonical template); ``full``: greedy
+  generation after it spells every token of the new target (most capitals are several tokens);
 * **generalisation** — new target top-1 on each held-out paraphrase (``HELDOUT_TEMPLATES``),
   two columns: ``gen all`` over every held-out paraphrase (CounterFact's paraphrase score: the
   edited facts are ones the model knows, the paraphrases are not filtered), and ``gen known``
@@ -57,6 +58,7 @@ class Row:
     mode: str
     edits: int
     efficacy: float
+    full: float  # greedy generation spells the whole new target
     generalisation: float
     gen_known: float
     known_paraphrases: int
@@ -120,6 +122,20 @@ def choose(model, n_edits: int, shift: int, n_local: int):
         if got in {_first_id(tok, t) for t in targets[(e, r)]}:
             local.append((p, got))
     return edits, local
+
+
+def full_target(model, prompt: str, target: str) -> bool:
+    """Does greedy generation after `prompt` spell all of `target` (every token, not just the
+    first)? Generation does not see KNN overrides."""
+    tok = model.tokenizer
+    want = tok.encode(" " + target, add_special_tokens=False)
+    ids = tok.encode(prompt)
+    for t in want:
+        got = int(model.forward(ids, logits="last")[0].argmax())
+        if got != t:
+            return False
+        ids.append(got)
+    return True
 
 
 def session_top1(model, knn, prompts: list[str]) -> list[int]:
@@ -188,10 +204,12 @@ def run_mode(vindex, base_model, mode: str, edits, local, threads: int, workdir:
     s_para = session_top1(model, knn, para_prompts)
     s_local = session_top1(model, knn, local_prompts)
     eff = sum(a == b for a, b in zip(s_edit, want_edit)) / len(edits)
+    full = sum(full_target(model, p, new) for p, (_, _, new) in zip(edit_prompts, edits)) / len(edits)
     gen, _ = hit_rate(s_para, want_para)
     gen_k, n_known = hit_rate(s_para, want_para, known)
     loc = sum(a == w for a, (_, w) in zip(s_local, local)) / len(local)
-    log(f"  {mode}: inserted {len(edits)} in {ins_s:.1f}s; eff {eff:.1%} gen {gen:.1%} (known {gen_k:.1%}) loc {loc:.1%}; compiling")
+    log(f"  {mode}: inserted {len(edits)} in {ins_s:.1f}s; eff {eff:.1%} (full {full:.1%}) gen {gen:.1%} "
+        f"(known {gen_k:.1%}) loc {loc:.1%}; compiling")
     out = workdir / f"compiled-{mode}"
     t1 = time.perf_counter()
     compile_model(ps, out, dtype=compile_dtype)
@@ -201,7 +219,7 @@ def run_mode(vindex, base_model, mode: str, edits, local, threads: int, workdir:
     mine = s_edit + s_para + s_local
     surv = sum(a == b for a, b in zip(h, mine)) / len(all_prompts)
     hf_eff = sum(a == b for a, b in zip(h[: len(edits)], want_edit)) / len(edits)
-    return Row(mode, len(edits), eff, gen, gen_k, n_known, loc, surv, hf_eff, ins_s, comp_s)
+    return Row(mode, len(edits), eff, full, gen, gen_k, n_known, loc, surv, hf_eff, ins_s, comp_s)
 
 
 @dataclass
@@ -209,6 +227,7 @@ class SingleRow:
     mode: str
     edits: int
     efficacy: float
+    full: float
     generalisation: float
     locality: float
     insert_s: float  # mean per edit
@@ -224,7 +243,7 @@ def run_single(vindex, base_model, mode: str, edits, local, log) -> SingleRow:
     tpl = D.TRAIN_TEMPLATES["capital"][0]
     heldout = D.HELDOUT_TEMPLATES["capital"]
     tok = base_model.tokenizer
-    eff = gen = loc = secs = 0.0
+    eff = full = gen = loc = secs = 0.0
     for i, (e, _, new) in enumerate(edits):
         ps = PatchSession(vindex, model=base_model)
         t0 = time.perf_counter()
@@ -233,21 +252,22 @@ def run_single(vindex, base_model, mode: str, edits, local, log) -> SingleRow:
         model, knn = ps.model(), ps.knn_entries()
         want = _first_id(tok, new)
         eff += session_top1(model, knn, [D.prompt(tpl, e)])[0] == want
+        full += full_target(model, D.prompt(tpl, e), new)
         gen += sum(t == want for t in session_top1(model, knn, [D.prompt(h, e) for h in heldout])) / len(heldout)
         got = session_top1(model, knn, [p for p, _ in local])
         loc += sum(a == w for a, (_, w) in zip(got, local)) / len(local)
         if (i + 1) % 10 == 0:
             log(f"  {mode}, one at a time: {i + 1}/{len(edits)} edits")
     n = len(edits)
-    return SingleRow(mode, n, eff / n, gen / n, loc / n, secs / n)
+    return SingleRow(mode, n, eff / n, full / n, gen / n, loc / n, secs / n)
 
 
 def single_table(rows: list[SingleRow]) -> str:
-    head = f"{'mode':<10}{'edits':>6}{'efficacy':>10}{'gen all':>9}{'locality':>10}{'insert':>9}"
+    head = f"{'mode':<10}{'edits':>6}{'efficacy':>10}{'full':>8}{'gen all':>9}{'locality':>10}{'insert':>9}"
     lines = ["one edit at a time (each in a fresh overlay; means over the edits):", head, "-" * len(head)]
     for r in rows:
-        lines.append(f"{r.mode:<10}{r.edits:>6}{r.efficacy:>10.1%}{r.generalisation:>9.1%}{r.locality:>10.1%}"
-                     f"{r.insert_s:>8.2f}s")
+        lines.append(f"{r.mode:<10}{r.edits:>6}{r.efficacy:>10.1%}{r.full:>8.1%}{r.generalisation:>9.1%}"
+                     f"{r.locality:>10.1%}{r.insert_s:>8.2f}s")
     return "\n".join(lines)
 
 
@@ -259,13 +279,14 @@ def _heldout() -> tuple[str, ...]:
 
 def table(rows: list[Row], n_local: int) -> str:
     n_para = rows[0].edits * len(_heldout()) if rows else 0
-    head = (f"{'mode':<10}{'edits':>6}{'efficacy':>10}{'gen all':>9}{'gen known':>11}{'locality':>10}{'survival':>10}"
-            f"{'hf eff':>9}{'insert':>9}{'compile':>9}")
+    head = (f"{'mode':<10}{'edits':>6}{'efficacy':>10}{'full':>8}{'gen all':>9}{'gen known':>11}{'locality':>10}"
+            f"{'survival':>10}{'hf eff':>9}{'insert':>9}{'compile':>9}")
     lines = [head, "-" * len(head)]
     for r in rows:
         name = r.mode + (" *" if r.default else "")
-        lines.append(f"{name:<10}{r.edits:>6}{r.efficacy:>10.1%}{r.generalisation:>9.1%}{r.gen_known:>11.1%}{r.locality:>10.1%}"
-                     f"{r.survival:>10.1%}{r.hf_efficacy:>9.1%}{r.insert_s:>8.1f}s{r.compile_s:>8.1f}s")
+        lines.append(f"{name:<10}{r.edits:>6}{r.efficacy:>10.1%}{r.full:>8.1%}{r.generalisation:>9.1%}"
+                     f"{r.gen_known:>11.1%}{r.locality:>10.1%}{r.survival:>10.1%}{r.hf_efficacy:>9.1%}"
+                     f"{r.insert_s:>8.1f}s{r.compile_s:>8.1f}s")
     if rows:
         lines.append(f"(gen known over the {rows[0].known_paraphrases} of {n_para} held-out paraphrases the unedited "
                      "model answers correctly; gen all over all of them)")

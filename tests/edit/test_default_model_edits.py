@@ -145,3 +145,44 @@ def test_delete_and_update_reach_inserted_facts(kvindex, tmp_path):
     m = s.model("INFER")
     assert [top1(m, f"The capital of {e} is") for e in ("Kenya", "Norway")] == \
         [first_id(m.tokenizer, t) for t in ("Nairobi", "Madrid")]
+
+
+def test_a_multi_token_target_is_generated_whole(kvindex, tmp_path):
+    """"Rio de Janeiro" is 8 tokens of this tokenizer: the edit writes each of them (one key per
+    target token), so greedy generation spells the whole name, in the session and in transformers
+    after COMPILE INTO MODEL."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    s = new_session(tmp_path, kvindex)
+    run(s, 'INSERT INTO EDGES (entity, relation, target) VALUES ("France", "capital", "Rio de Janeiro")')
+    m = s.model("INFER")
+    tok = m.tokenizer
+    want = tok.encode(" Rio de Janeiro", add_special_tokens=False)
+    assert len(want) > 3
+    prompt = "The capital of France is"
+    ids = tok.encode(prompt)
+    for _ in want:
+        ids.append(int(m.forward(ids, logits="last")[0].argmax()))
+    assert ids[-len(want):] == want
+    run(s, 'COMPILE CURRENT INTO MODEL "rio"')
+    hf = AutoModelForCausalLM.from_pretrained(str(tmp_path / "rio"), dtype=torch.float32).eval()
+    hf_tok = AutoTokenizer.from_pretrained(str(tmp_path / "rio"))
+    with torch.no_grad():
+        out = hf.generate(**hf_tok(prompt, return_tensors="pt"), max_new_tokens=len(want), do_sample=False)
+    assert hf_tok.decode(out[0, -len(want):]) == " Rio de Janeiro"
+
+
+def test_compose_installs_hold_together(kvindex, kmodel, tmp_path):
+    """MODE COMPOSE, several facts of one template in one layer: each install keeps its target
+    after the later ones (the reference's Gram–Schmidt gates lost every one of them) and the
+    locality facts keep theirs."""
+    s = new_session(tmp_path, kvindex)
+    facts = EDITS[:4]
+    values = ", ".join(f'("{e}", "capital", "{new}")' for e, _, new in facts)
+    out = run(s, f"INSERT INTO EDGES (entity, relation, target) VALUES {values} MODE COMPOSE")
+    assert sum(line.startswith("Inserted: ") for line in out) == 4
+    m = s.model("INFER")
+    assert [top1(m, f"The capital of {e} is") for e, _, _ in facts] == \
+        [first_id(m.tokenizer, new) for _, _, new in facts]
+    moved = [p for p, want in locality_facts(kmodel) if top1(m, p) != want]
+    assert len(moved) <= 1, moved

@@ -70,9 +70,11 @@ def test_compose_insert_installs_a_balanced_slot(session):
     assert op.layer == r.layer and op.feature == r.feature
     assert op.gate is not None and op.up is not None and op.down is not None
     assert op.down_meta == vlp.DownMeta("Tokyo", r.target_id, 0.9)
-    # the gate points at the prompt's residual made orthogonal to the decoys
-    assert abs(np.linalg.norm(op.gate) / np.linalg.norm(op.up) - edit.GATE_SCALE
-               * edit._norms(session, r.layer)[0] / edit._norms(session, r.layer)[1]) < 1e-2
+    # the key reads ≈ +1 on the fact's phrasings and ≈ -1 elsewhere; the gate is it times GATE_ON
+    assert np.allclose(op.gate, edit.GATE_ON * op.up)
+    x = edit._residuals(session.model(), [PROMPT, "Once upon a time", "The capital of Spain is"], r.layer).numpy()
+    read = x @ op.up
+    assert read[0] > 0.5 and read[1] < -0.5 and read[2] < 0, read
     meta = session.view.feature_meta(r.layer, r.feature)
     assert meta.top_token == "Tokyo"
     p = edit.target_probability(session.model(), PROMPT, "Tokyo")
@@ -95,13 +97,14 @@ def test_memit_insert_records_down_deltas(session, fast_memit):
     assert ops and all(isinstance(o, vlp.DownDeltaOp) for o in ops)
     from modelql.knowledge.memit import relation_templates
 
-    # one key per (fact, phrasing): rank 2 facts × the relation's training phrasings, once per
-    # round that fact took (the tiny random model needs more than one)
+    # one key per (fact, target token, phrasing): the relation's training phrasings × both
+    # targets' tokens, once per round a fact took (the tiny random model needs more than one)
     from modelql.knowledge.memit import MemitParams
 
     k = len(relation_templates("capital"))
+    tokens = sum(len(session.base.tokenizer.encode(" " + t, add_special_tokens=False)) for t in ("Tokyo", "Rome"))
     assert {o.edit_id for o in ops} == {ops[0].edit_id} and ops[0].rank % k == 0
-    assert 2 * k <= ops[0].rank <= 2 * k * MemitParams().rounds
+    assert k * tokens <= ops[0].rank <= k * tokens * MemitParams().rounds
     assert ops[0].entity == ("France", "Spain") and ops[0].target == ("Tokyo", "Rome")
     assert session.recording.counts.inserts == 2
     after = session.model().forward(ids, logits="last")

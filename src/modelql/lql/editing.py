@@ -366,8 +366,8 @@ def _r_inserted(stmt, v: Inserted) -> list:
         for i, (f, x) in enumerate(zip(facts, rs)):
             out.append(f"Inserted: {f} at L{x.layer}")
             if i == 0:
-                out.append(f"  mode: constellation (trace-guided gate + up + down, alpha_mul={r.alpha:.3f}, "
-                           "gate_scale=30, balanced)" if r.mode == "compose"
+                out.append(f"  mode: constellation (contrastive gate + up, optimised down, alpha_mul={r.alpha:.3f}, "
+                           "balanced)" if r.mode == "compose"
                            else "  mode: embedding (no model weights — gate only, no down override)")
             if x.mode == "compose" and x.feature is not None:
                 prob = f", target p={x.probability:.2f}" if x.probability is not None else ""

@@ -19,6 +19,39 @@ from .model import Model
 PromptLike = str | Sequence[int] | torch.Tensor
 
 
+def padded(seqs: Sequence[Sequence[int]]) -> torch.Tensor:
+    """Right-padded [B, T] ids. Causal attention never lets a pad token influence an earlier
+    position, so reading only real positions makes padding exact."""
+    width = max(len(s) for s in seqs)
+    out = torch.zeros(len(seqs), width, dtype=torch.long)
+    for i, s in enumerate(seqs):
+        out[i, : len(s)] = torch.tensor(s)
+    return out
+
+
+def batch_activations(model: Model, seqs: Sequence[Sequence[int]], name: str, hooks: Hooks | None = None,
+                      chunk: int = 64) -> list[torch.Tensor]:
+    """The activation at hook `name` for each token sequence ([len(seq), D] each, float32),
+    run `chunk` sequences per padded batch."""
+    out: list[torch.Tensor] = []
+    for i in range(0, len(seqs), chunk):
+        part = seqs[i : i + chunk]
+        got = {}
+
+        def cap(t, n):
+            got["t"] = t
+
+        model.forward(padded(part), hooks={**(hooks or {}), name: cap}, logits="none")
+        out += [got["t"][j, : len(s)].float() for j, s in enumerate(part)]
+    return out
+
+
+def last_activations(model: Model, prompts: Sequence[str | Sequence[int]], name: str) -> torch.Tensor:
+    """[len(prompts), D]: the activation at hook `name` at each prompt's last token."""
+    seqs = [model.tokenizer.encode(p) if isinstance(p, str) else list(p) for p in prompts]
+    return torch.stack([a[-1] for a in batch_activations(model, seqs, name)])
+
+
 def hook_names(model: Model) -> list[str]:
     """Every hook point of this model, in forward order."""
     spec = model.spec
