@@ -201,3 +201,30 @@ def test_highest_confidence_resolution(session):
     assert np.array_equal(st.slots[(0, 3)].down, hi.down)
     with pytest.raises(CompileError, match=r"ON CONFLICT FAIL: 1 colliding slot\(s\): L0/F3 \(2 writes\)"):
         effective_state(session, "fail")
+
+
+@pytest.mark.parametrize("family", ["gemma2", "gpt2"])
+def test_every_edit_kind_compiles_into_a_model_of_the_family(family, family_vindexes, tmp_path, fast_memit):
+    """A MEMIT batch, a COMPOSE slot, a KNN fact and a DELETE of a weight-level fact on a
+    non-Llama family (post-norms, embedding scale; GPT-2's biased, ungated FFN): COMPILE INTO
+    MODEL gives a directory transformers runs exactly as the patched session does."""
+    from transformers import AutoModelForCausalLM
+
+    from modelql.knowledge import edit
+    from modelql.vindex import Vindex
+    from modelql.vindex.compile import compile_model
+
+    ps = PatchSession(Vindex.load(family_vindexes[family]))
+    edit.insert_many(ps, [("France", "capital", "Tokyo"), ("Spain", "capital", "Rome")])
+    r = edit.insert(ps, "Italy", "capital", "Lima", mode="compose")
+    assert r.mode == "compose" and ps.state.slots[(r.layer, r.feature)].down is not None
+    edit.insert(ps, "Peru", "capital", "Oslo", mode="knn")
+    assert edit.delete(ps, [("entity", "=", "France"), ("relation", "=", "capital")]).facts == 1
+    compile_model(ps, tmp_path / "out", dtype="float32", materialise_knn=False)
+    hf = AutoModelForCausalLM.from_pretrained(str(tmp_path / "out"), dtype=torch.float32).eval()
+    m = ps.model()
+    for prompt in ("The capital of Spain is", "The capital of Italy is"):
+        ids = m.tokenizer.encode(prompt)
+        with torch.no_grad():
+            want = hf(input_ids=torch.tensor([ids])).logits[0, -1]
+        torch.testing.assert_close(m.forward(ids, logits="last")[0], want, rtol=1e-4, atol=1e-4)

@@ -322,7 +322,7 @@ class EditSites:
         new = {o: i for i, o in enumerate(o for o in range(len(self.want)) if o in keep)}
         rows = [k for k, o in enumerate(self.owner) if o in keep]
         return EditSites([self.seqs[k] for k in rows], [new[self.owner[k]] for k in rows],
-                      [self.want[o] for o in new], [self.fact[o] for o in new], [self.first[o] for o in new])
+                         [self.want[o] for o in new], [self.fact[o] for o in new], [self.first[o] for o in new])
 
     def conflicting(self) -> set[int]:
         """Later-token δs that no last-position key can satisfy together: two facts whose targets
@@ -348,6 +348,7 @@ class EditSites:
 
 
 def edit_sites(model: Model, requests: Sequence[EditRequest], templates) -> EditSites:
+    """The sites of `requests` in their phrasings (`templates[request]`), fact-major."""
     tok = model.tokenizer
     sites = EditSites([], [], [], [], [])
     for i, r in enumerate(requests):
