@@ -41,7 +41,7 @@ first weight-level INSERT on a model pays for them.
 from __future__ import annotations
 
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable, Sequence
 
 import torch

@@ -28,7 +28,6 @@ from modelql.lql.session import LqlExecutionError
 AUTO_PATCH_LINE = 'Auto-patch started (use SAVE PATCH "file.vlp" to persist, or edits are lost on exit)'
 
 
-
 # ---------------------------------------------------------------------------------------------
 # the session's overlay
 # ---------------------------------------------------------------------------------------------

@@ -217,8 +217,7 @@ def _layers(rng: ast.Range | None) -> list[int] | None:
 @handles(ast.Walk)
 def _walk(ex: Executor, stmt: ast.Walk):
     vx = ex.vindex(stmt)
-    return knowledge("walk")(vx, stmt.prompt, top=stmt.top or _DEFAULT_WALK_TOP,
-                                     layers=_layers(stmt.layers))
+    return knowledge("walk")(vx, stmt.prompt, top=stmt.top or _DEFAULT_WALK_TOP, layers=_layers(stmt.layers))
 
 
 @handles(ast.ExplainWalk)
