@@ -85,3 +85,27 @@ def test_unknown_hook_point_is_a_clear_error(pair):
 
     with pytest.raises(ModelqlError, match="unknown hook point"):
         interp.run_with_cache(model, IDS, ["blocks.0.nope"])
+
+
+def test_last_token_rerun_equals_the_full_forward_and_leaves_its_caches_as_they_were(pair):
+    hf, model = pair
+    g = torch.Generator().manual_seed(3)
+    seqs = [torch.randint(0, 211, (n,), generator=g).tolist() for n in (1, 5, 12, 9)]
+    rerun = interp.LastTokenRerun(model, seqs)
+    shift = torch.randn(model.spec.hidden_size, generator=g)
+    name = f"blocks.{model.spec.num_layers // 2}.hook_mlp_out"
+    for _ in range(2):  # the second call must see the same prefixes: nothing is left in the caches
+        got = rerun.logits({name: lambda t, _n: t + shift})
+        for i, s in enumerate(seqs):
+            ids = torch.tensor([s])
+
+            def at_last(t, _n, n=len(s)):
+                t = t.clone()
+                t[:, n - 1] += shift
+                return t
+
+            ref = model.forward(ids, hooks={name: at_last}, logits="last")[0]
+            assert (got[i] - ref).abs().max() < 1e-4, (i, len(s))
+    with torch.no_grad():  # and with no hook it is the model's own next-token prediction
+        hf_last = torch.stack([hf(torch.tensor([s])).logits[0, -1] for s in seqs])
+    assert (rerun.logits() - hf_last).abs().max() < 1e-3

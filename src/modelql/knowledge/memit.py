@@ -49,7 +49,7 @@ import torch.nn.functional as F
 
 from ..errors import CapabilityError, ModelqlError
 from ..ffn.base import FfnBackend, Hooks
-from ..runtime.interp import batch_activations, padded
+from ..runtime.interp import LastTokenRerun, batch_activations, padded
 from ..runtime.model import Model
 
 
@@ -341,9 +341,9 @@ class EditSites:
         bad: set[int] = set()
         for i in range(0, len(self.seqs), 64):
             part = self.seqs[i : i + 64]
-            logits = model.forward(padded(part))
-            bad |= {self.owner[i + j] for j, s in enumerate(part)
-                    if int(logits[j, len(s) - 1].argmax()) != self.want[self.owner[i + j]]}
+            h = model.forward(padded(part), logits="none")
+            top = model.unembed(h[torch.arange(len(part)), [len(s) - 1 for s in part]]).argmax(-1)
+            bad |= {self.owner[i + j] for j in range(len(part)) if int(top[j]) != self.want[self.owner[i + j]]}
         return bad
 
 
@@ -385,41 +385,32 @@ def target_deltas(model: Model, requests: Sequence[EditRequest], sites: EditSite
     distribution (KL, when `kl_weight`, first-token δs only), and ‖δ‖ stays bounded."""
     n = len(sites.want)
     rows = sites.rows
-    batch = padded(sites.seqs)
-    last = torch.tensor([len(s) - 1 for s in sites.seqs])
+    batch = LastTokenRerun(model, sites.seqs)
     want = torch.tensor(sites.want)[rows]
     weights = 1.0 / torch.bincount(rows, minlength=n)[rows].float()  # each δ's rows weigh 1 together
     h_norm = _at(model, sites, f"blocks.{layer}.hook_resid_post", per_row=False).norm(dim=-1)
     firsts = [o for o in range(n) if sites.first[o]]
     kl_on = bool(p.kl_weight and firsts)
     if kl_on:
-        ess_seqs = [_prompt_ids(model, "{X} is", requests[sites.fact[o]].entity) for o in firsts]
-        ess, ess_owner = padded(ess_seqs), torch.tensor(firsts)
-        ess_last = torch.tensor([len(x) - 1 for x in ess_seqs])
-        with torch.no_grad():
-            base_ess = torch.log_softmax(model.forward(ess)[torch.arange(len(firsts)), ess_last].float(), -1)
+        ess = LastTokenRerun(model, [_prompt_ids(model, "{X} is", requests[sites.fact[o]].entity) for o in firsts])
+        ess_owner = torch.tensor(firsts)
+        base_ess = torch.log_softmax(ess.logits(), -1)
     delta = torch.zeros(n, model.spec.hidden_size, requires_grad=True)
     opt = torch.optim.Adam([delta], lr=p.lr * float(h_norm.mean()))
     name = f"blocks.{layer}.hook_mlp_out"
 
-    def add(at: torch.Tensor, who: torch.Tensor) -> Callable:
-        def fn(t, _n):
-            i = torch.arange(len(at))
-            return t.index_put((i, at), t[i, at] + delta[who].to(t.dtype))
-
-        return fn
+    def add(who: torch.Tensor) -> Callable:
+        return lambda t, _n: t + delta[who].to(t.dtype)[:, None]
 
     for _ in range(p.steps):
         opt.zero_grad()
-        logits = model.forward(batch, hooks={name: add(last, rows)}, grad=True)
-        logp = torch.log_softmax(logits[torch.arange(len(rows)), last].float(), -1)
+        logp = torch.log_softmax(batch.logits({name: add(rows)}, grad=True), -1)
         got = logp.gather(-1, want[:, None])[:, 0]
         if p.stop_prob and float(got.detach().min().exp()) >= p.stop_prob:
             break  # every row already predicts its token confidently
         kl = torch.zeros(())
         if kl_on:
-            ess_logits = model.forward(ess, hooks={name: add(ess_last, ess_owner)}, grad=True)
-            ess_lp = torch.log_softmax(ess_logits[torch.arange(len(firsts)), ess_last].float(), -1)
+            ess_lp = torch.log_softmax(ess.logits({name: add(ess_owner)}, grad=True), -1)
             kl = F.kl_div(ess_lp, base_ess, log_target=True, reduction="sum")
         decay = (delta.norm(dim=-1) ** 2 / (h_norm**2 + 1e-8)).sum()
         (-(got * weights).sum() + p.kl_weight * kl + p.weight_decay * decay).backward()
@@ -439,10 +430,12 @@ def _solve_round(model: Model, work: DeltaFfn, requests: Sequence[EditRequest], 
     resid_name = f"blocks.{max(layers)}.hook_resid_post"
     delta = target_deltas(model, requests, sites, max(layers), p)
     at = lambda nm: _at(model, keyed, nm, p.per_phrasing)  # noqa: E731
-    z = at(resid_name) + (delta[keyed.rows] if p.per_phrasing else delta)
+    cur = at(resid_name)
+    z = cur + (delta[keyed.rows] if p.per_phrasing else delta)
     out: list[DownDelta] = []
     for i, layer in enumerate(sorted(layers)):
-        cur = at(resid_name)
+        if i:
+            cur = at(resid_name)  # the layers solved so far moved it
         resid = (z - cur) / (len(layers) - i)  # [k, H]
         keys = at(f"blocks.{layer}.mlp.hook_post")  # [k, F]
         cov = covariance(model, layer, p.cov_sentences)

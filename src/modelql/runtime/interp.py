@@ -46,6 +46,38 @@ def batch_activations(model: Model, seqs: Sequence[Sequence[int]], name: str, ho
     return out
 
 
+class LastTokenRerun:
+    """Sequences whose prefixes (all but the last token) run once into KV caches, so a loop that
+    changes only what happens at each sequence's last token (an edit vector added there, optimised
+    step by step) re-runs one token per sequence instead of the whole batch. Exact: causal
+    attention never lets the last token change an earlier position."""
+
+    def __init__(self, model: Model, seqs: Sequence[Sequence[int]]):
+        if any(len(s) < 1 for s in seqs):
+            raise ModelqlError("every sequence needs at least one token")
+        from .model import KVCache
+
+        self.model = model
+        self.lengths = [len(s) - 1 for s in seqs]
+        self.caches = [KVCache() for _ in seqs]
+        self.last = torch.tensor([[s[-1]] for s in seqs], dtype=torch.long)
+        if max(self.lengths) > 0:
+            # autograd mode (no graph) so that later in-graph writes may reuse these tensors
+            with torch.no_grad():
+                model.forward(padded([s[:-1] or [0] for s in seqs]), caches=self.caches, logits="none", grad=True)
+        for c, n in zip(self.caches, self.lengths):
+            c.truncate(n)
+
+    def logits(self, hooks: Hooks | None = None, grad: bool = False) -> torch.Tensor:
+        """[B, V] float32 logits at each sequence's last token (hooks see [B, 1, D] tensors)."""
+        try:
+            return self.model.forward(self.last, caches=self.caches, hooks=hooks, logits="last", grad=grad)
+        finally:
+            for c, n in zip(self.caches, self.lengths):
+                c.truncate(n)
+                c.k, c.v = [t.detach() for t in c.k], [t.detach() for t in c.v]
+
+
 def last_activations(model: Model, prompts: Sequence[str | Sequence[int]], name: str) -> torch.Tensor:
     """[len(prompts), D]: the activation at hook `name` at each prompt's last token."""
     seqs = [model.tokenizer.encode(p) if isinstance(p, str) else list(p) for p in prompts]
