@@ -59,16 +59,11 @@ def file_digests(directory: Path) -> dict[str, str]:
 
 @pytest.fixture
 def fast_memit(monkeypatch, tmp_path_factory):
-    """The real MEMIT solver with small hyper-parameters (seconds on the tiny model); its on-disk
-    statistics cache goes to a temporary MODELQL_CACHE."""
-    from modelql.knowledge import edit, memit
+    """The real MEMIT solver with small default hyper-parameters (seconds on the tiny model); its
+    on-disk statistics cache goes to a temporary MODELQL_CACHE."""
+    import functools
+
+    from modelql.knowledge import memit
 
     monkeypatch.setenv("MODELQL_CACHE", str(tmp_path_factory.mktemp("memit-cache")))
-    real = memit.memit_edit
-
-    def solve(model, requests, layers=None, params=None):
-        p = params or memit.MemitParams(steps=12, cov_sentences=120)
-        return real(model, requests, layers=layers, params=p)
-
-    monkeypatch.setattr(edit, "memit_edit", solve)
-    return solve
+    monkeypatch.setattr(memit, "MemitParams", functools.partial(memit.MemitParams, steps=12, cov_sentences=120))

@@ -78,6 +78,32 @@ def test_insert_auto_patch_save_apply_remove(work):
     assert s2.vindex.verify().ok
 
 
+def test_first_weight_level_insert_shows_progress_while_the_statistics_are_computed(work, fast_memit, capsys,
+                                                                                   monkeypatch):
+    """The one slow step of a model's first MEMIT edit is announced on stderr; later inserts (a
+    fresh session reads the disk cache) compute nothing and print nothing."""
+    from modelql.knowledge import edit, memit
+
+    note = "Computing the model's editing statistics (once per model, then cached) ..."
+    s = new_session(work)
+    run(s, INS + " MODE KNN")
+    assert note not in capsys.readouterr().err
+    assert not edit.memit_statistics_ready(s.patches())
+    run(s, INS.replace("Tokyo", "Rome"))
+    err = capsys.readouterr().err.splitlines()
+    assert err[0] == note and err[1].startswith("Done in ")
+
+    def boom(*a, **k):
+        raise AssertionError("recomputed")
+
+    monkeypatch.setattr(memit, "_covariance", boom)
+    s2 = new_session(work)
+    assert edit.memit_statistics_ready(s2.patches())
+    out = run(s2, INS.replace("France", "Spain"))
+    assert any(line.startswith("Inserted: Spain —[capital]→ Tokyo") for line in out)
+    assert note not in capsys.readouterr().err
+
+
 def test_memit_patch_save_fresh_session_apply_and_remove(work, fast_memit):
     """A weight-level (MEMIT down_delta) patch: saved, applied in a fresh session it gives the
     same INFER output (logits equal to float32 rounding); removing it restores bit-identical logits; base files unchanged."""

@@ -531,18 +531,9 @@ def _insert_memit(ps: PatchSession, items: list[tuple[str, str, str]], layer: in
     from . import memit as M
 
     model = ps.model()
-    layers = None
-    if layer is not None:
-        layers = [install_layer(ps.view, layer)]
-    if "layers" in hparams:
-        layers = list(hparams.pop("layers"))
-    params = hparams.pop("params", None)
-    if hparams:
-        import dataclasses
-
-        params = dataclasses.replace(params or M.MemitParams(), **hparams)
+    layers, params = _memit_args(ps, layer, hparams)
     requests = [M.EditRequest(e, r, t) for e, r, t in items]
-    deltas = memit_edit(model, requests, layers=layers, params=params)
+    deltas = M.memit_edit(model, requests, layers=layers, params=params)
     edit_id = uuid.uuid4().hex[:12]
     conf = None if confidence is None else float(confidence)
     ops = [vlp.DownDeltaOp(int(d.layer), d.u.detach().float().numpy().astype(np.float32),
@@ -561,11 +552,39 @@ def _insert_memit(ps: PatchSession, items: list[tuple[str, str, str]], layer: in
             for i, (e, r, t) in enumerate(items)]
 
 
-def memit_edit(model, requests, layers=None, params=None):
-    """Indirection so tests can substitute the weight-level solver."""
-    from .memit import memit_edit as _solve
+def _memit_args(ps: PatchSession, layer: int | None, hparams: dict):
+    """(edit layers, MemitParams) of an INSERT: `AT LAYER`, else the hyper-parameters' `layers`,
+    else MEMIT's default; the other hyper-parameters override `MemitParams` fields."""
+    from . import memit as M
 
-    return _solve(model, requests, layers=layers, params=params)
+    hparams = dict(hparams)
+    layers = [install_layer(ps.view, layer)] if layer is not None else None
+    if "layers" in hparams:
+        layers = list(hparams.pop("layers"))
+    params = hparams.pop("params", None)
+    if hparams:
+        import dataclasses
+
+        params = dataclasses.replace(params or M.MemitParams(), **hparams)
+    return layers, params
+
+
+def memit_statistics_ready(ps: PatchSession, layer: int | None = None, **hparams) -> bool:
+    """Whether a weight-level INSERT finds the model's statistics cached; the first one on a
+    model computes them (tens of seconds on the embedded model), so LQL shows progress around
+    `prepare_memit_statistics` first. True without weights (the INSERT will refuse anyway)."""
+    from . import memit as M
+
+    if not ps.has_weights:
+        return True
+    return M.statistics_ready(ps.model(), *_memit_args(ps, layer, hparams))
+
+
+def prepare_memit_statistics(ps: PatchSession, layer: int | None = None, **hparams) -> None:
+    from . import memit as M
+
+    _require_weights(ps, "a weight-level INSERT (MODE MEMIT)")
+    M.prepare_statistics(ps.model(), *_memit_args(ps, layer, hparams))
 
 
 # -- COMPOSE -------------------------------------------------------------------------------------

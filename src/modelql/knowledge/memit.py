@@ -186,14 +186,48 @@ def _fingerprint(model: Model) -> str:
     return fp
 
 
+def _stored_path(model: Model, name: str):
+    from ..lql.default_vindex import cache_dir
+
+    return cache_dir() / "memit" / f"{_fingerprint(model)}-{name}.pt"
+
+
+def _cov_name(layer: int, n: int) -> str:
+    return f"cov-L{layer}-n{n}"
+
+
+def _preserve_name(layer: int, n_prefixes: int) -> str:
+    return f"preserve-last-L{layer}" + (f"-c{n_prefixes}" if n_prefixes else "")
+
+
+def statistics_ready(model: Model, layers: Sequence[int] | None = None, params: MemitParams | None = None) -> bool:
+    """Whether an edit of `layers` finds its base-weight statistics cached (in memory or on disk);
+    if not, the model's first edit computes them, which takes a while (`prepare_statistics`)."""
+    p = params or MemitParams()
+    n_pre = p.context_prefixes if p.context_in_preserve else 0
+    mem_c, mem_p = model.__dict__.get("_memit_covariance", {}), model.__dict__.get("_memit_preserve", {})
+    return all(((l, p.cov_sentences) in mem_c or _stored_path(model, _cov_name(l, p.cov_sentences)).is_file())
+               and ((l, n_pre) in mem_p or _stored_path(model, _preserve_name(l, n_pre)).is_file())
+               for l in layers or p.layers or default_layers(model))
+
+
+def prepare_statistics(model: Model, layers: Sequence[int] | None = None, params: MemitParams | None = None) -> None:
+    """Compute (or load) the statistics an edit of `layers` needs, so that a caller can show
+    progress around the one slow step of a model's first edit."""
+    p = params or MemitParams()
+    prefixes = context_prefixes(p.context_prefixes) if p.context_in_preserve else ()
+    for l in layers or p.layers or default_layers(model):
+        covariance(model, l, p.cov_sentences)
+        preservation_moment(model, l, prefixes)
+
+
 def _stored(model: Model, name: str, compute: Callable[[], torch.Tensor]) -> torch.Tensor:
     """`compute()` cached in $MODELQL_CACHE/memit/<weights fingerprint>-<name>.pt, so a server or
     a new session pays for the base-weight statistics once per model, not once per INSERT
     (written to a temp file and renamed; an unreadable cache file is recomputed)."""
     from ..fsutil import atomic_open
-    from ..lql.default_vindex import cache_dir
 
-    path = cache_dir() / "memit" / f"{_fingerprint(model)}-{name}.pt"
+    path = _stored_path(model, name)
     try:
         return torch.load(path, weights_only=True)
     except Exception:  # noqa: BLE001 — a missing or damaged cache entry is simply recomputed
@@ -231,7 +265,7 @@ def covariance(model: Model, layer: int, n: int) -> torch.Tensor:
             with _base_ffn(model):
                 return _covariance(model, layer, n)
 
-        cache[(layer, n)] = _stored(model, f"cov-L{layer}-n{n}", compute)
+        cache[(layer, n)] = _stored(model, _cov_name(layer, n), compute)
     return cache[(layer, n)]
 
 
@@ -279,8 +313,7 @@ def preservation_moment(model: Model, layer: int, prefixes: Sequence[str] = ()) 
                 k = _keys_of(model, layer, rows).double()
             return torch.cat([(k.T @ k).flatten(), torch.tensor([float(k.shape[0])], dtype=torch.float64)])
 
-        tag = f"-c{len(prefixes)}" if prefixes else ""
-        flat = _stored(model, f"preserve-last-L{layer}{tag}", compute)
+        flat = _stored(model, _preserve_name(layer, len(prefixes)), compute)
         f = model.spec.intermediate_size
         cache[key] = (flat[:-1].reshape(f, f), int(flat[-1]))
     return cache[key]

@@ -146,6 +146,19 @@ def _insert(ex: Executor, stmt: ast.Insert):
 
     ps = patch_session(ex.session, "INSERT")
     mode = stmt.mode.value.lower() if stmt.mode is not None else None
+    if edit.resolve_mode(mode) == "memit" and not edit.memit_statistics_ready(ps, stmt.layer):
+        from modelql.lql.default_vindex import Progress
+
+        show = Progress("Computing the model's editing statistics (once per model, then cached) ...",
+                        ex.session.progress)
+        show.start()
+        show.stage("statistics")
+        try:
+            edit.prepare_memit_statistics(ps, stmt.layer)
+        except BaseException:
+            show.abort()
+            raise
+        show.done()
     rs = edit.insert_many(ps, [(f.entity, f.relation, f.target) for f in stmt.values], layer=stmt.layer,
                           confidence=stmt.confidence, alpha=stmt.alpha, mode=mode)
     return Inserted(tuple(rs), len(ps.state.knn))

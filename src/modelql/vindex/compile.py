@@ -510,8 +510,7 @@ def _compile_gguf(ps: PatchSession, state: OverlayState, extra: list, out: Path,
 
 def materialise_knn_facts(ps: PatchSession, entries, params=None) -> list:
     """Weight-level deltas (MEMIT, one batch) stating every KNN fact, for baking into weights."""
-    from ..knowledge import edit as _edit
-    from ..knowledge.memit import EditRequest
+    from ..knowledge.memit import EditRequest, memit_edit
 
     seen = set()
     reqs = []
@@ -521,7 +520,7 @@ def materialise_knn_facts(ps: PatchSession, entries, params=None) -> list:
             continue
         seen.add(key)
         reqs.append(EditRequest(e.entity, e.relation or "fact", e.target_token))
-    return list(_edit.memit_edit(ps.model(), reqs, layers=None, params=params))
+    return list(memit_edit(ps.model(), reqs, layers=None, params=params))
 
 
 def _compile_model_into(ps: PatchSession, state: OverlayState, extra: list, tmp: Path, out: Path,
