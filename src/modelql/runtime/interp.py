@@ -61,7 +61,7 @@ class LastTokenRerun:
         self.lengths = [len(s) - 1 for s in seqs]
         self.caches = [KVCache() for _ in seqs]
         self.last = torch.tensor([[s[-1]] for s in seqs], dtype=torch.long)
-        if max(self.lengths) > 0:
+        if any(self.lengths):
             # autograd mode (no graph) so that later in-graph writes may reuse these tensors
             with torch.no_grad():
                 model.forward(padded([s[:-1] or [0] for s in seqs]), caches=self.caches, logits="none", grad=True)
