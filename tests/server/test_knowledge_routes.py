@@ -10,6 +10,7 @@ the model-directory path (background extraction) and the modes.
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import struct
 
@@ -416,6 +417,31 @@ def test_model_directory_vindex_extracted_in_background(tiny_dir, tiny_model, tm
             assert src.wait(120)
             assert c.get("/v1/walk", params={"prompt": "hello"}).status_code == 200
     assert list((tmp_path / "cache" / "vindex").glob("*.vindex"))
+
+
+def test_warmup_computes_the_editing_statistics_on_request(tiny_dir, tiny_model, tmp_path, monkeypatch):
+    """`POST /v1/warmup {"editing": true}` (modelql) pays for a model's first weight-level insert
+    ahead of time; plain warmup does not, and a --no-infer server says why it cannot."""
+    from modelql.knowledge import memit
+    from modelql.server.knowledge_routes import VindexSource
+
+    monkeypatch.setenv("MODELQL_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(memit, "MemitParams", functools.partial(memit.MemitParams, cov_sentences=120))
+    for k in ("_memit_covariance", "_memit_preserve"):
+        monkeypatch.delitem(tiny_model.__dict__, k, raising=False)
+    src = VindexSource.extract(tiny_dir)
+    assert src.wait(120)
+    layer = memit.default_layers(tiny_model)[0]
+    with _serve(tiny_model, src) as srv, httpx.Client(base_url=srv.url, timeout=300) as c:
+        assert "edit_statistics" not in c.post("/v1/warmup", json={}).json()
+        assert not memit.statistics_ready(tiny_model)
+        r = c.post("/v1/warmup", json={"editing": True})
+        assert r.status_code == 200 and r.json()["edit_statistics"] == "ready"
+    stored = sorted(p.name.split("-", 1)[1] for p in (tmp_path / "cache" / "memit").glob("*.pt"))
+    assert stored == [f"cov-L{layer}-n{memit.MemitParams().cov_sentences}.pt", f"preserve-last-L{layer}.pt"]
+    with _serve(tiny_model, src, no_infer=True) as srv, httpx.Client(base_url=srv.url, timeout=60) as c:
+        r = c.post("/v1/warmup", json={"editing": True})
+        assert r.status_code == 503 and "without inference" in r.json()["error"]
 
 
 def test_gguf_or_unknown_ref_has_a_reason():

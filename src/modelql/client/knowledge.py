@@ -530,9 +530,10 @@ class KnowledgeClient:
         d = self._get("token/decode", ids=",".join(str(int(t)) for t in token_ids))
         return Decoded(str(d.get("text", "")), tuple(int(t) for t in d.get("token_ids", [])))
 
-    def warmup(self) -> float:
-        """`POST /v1/warmup`; returns the server's latency in ms."""
-        return _f(self._post("warmup", {}).get("latency_ms"))
+    def warmup(self, editing: bool = False) -> float:
+        """`POST /v1/warmup`; returns the server's latency in ms. `editing`: also compute the
+        statistics weight-level inserts need (once per model; tens of seconds the first time)."""
+        return _f(self._post("warmup", {"editing": True} if editing else {}).get("latency_ms"))
 
 
 def _json(resp: httpx.Response, route: str) -> dict:

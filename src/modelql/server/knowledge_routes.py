@@ -392,6 +392,8 @@ async def stats(request: Request):
 
 class WarmupRequest(BaseModel):
     model_config = ConfigDict(extra="ignore")
+    editing: bool = Field(False, description="modelql: also compute the statistics weight-level (MEMIT) inserts "
+                                             "need, once per model (else the first such insert pays for them)")
 
 
 @router.post("/v1/warmup", responses=ERRORS)
@@ -399,7 +401,17 @@ async def warmup(request: Request, body: WarmupRequest | None = None):
     t0 = time.perf_counter()
     vx = _vindex(request, "/v1/warmup")
     await run_in_threadpool(vx.warm)
-    return {"status": "ok", "latency_ms": _ms(t0)}
+    out: dict[str, Any] = {"status": "ok"}
+    if body is not None and body.editing:
+        st = _st(request)
+        if not _can_run_model(st):
+            raise ServiceUnavailable("editing statistics need the model's weights: this server runs without inference")
+        from ..knowledge import memit
+
+        await _on_model(st, memit.prepare_statistics)
+        out["edit_statistics"] = "ready"
+    out["latency_ms"] = _ms(t0)
+    return out
 
 
 # -- /v1/describe ---------------------------------------------------------------------------------------
