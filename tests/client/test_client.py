@@ -23,9 +23,14 @@ def test_stats(kc, kvindex):
     assert s.layer_bands == ref.layer_bands and s.mode == "full" and s.loaded["browse"] and s.loaded["inference"]
 
 
-def test_health_and_warmup(kc):
+def test_health_and_warmup(kc, kmodel):
+    from modelql.knowledge import memit
+
     assert kc.health().status == "ok"
     assert kc.warmup() >= 0
+    kc.set_timeout(300)
+    assert kc.warmup(editing=True) >= 0
+    assert memit.statistics_ready(kmodel)  # the next weight-level insert computes nothing
 
 
 def test_describe_equals_python_api(kc, kmodel, kvindex):
