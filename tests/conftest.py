@@ -47,3 +47,15 @@ def ksrv(kmodel, kvindex):
     cfg = ServerConfig(host="127.0.0.1", port=0, graceful_timeout=2.0)
     with background(None, cfg, model=kmodel, vindex_source=VindexSource.ready(kvindex)) as srv:
         yield srv
+
+
+@pytest.fixture
+def fast_memit(monkeypatch, tmp_path_factory):
+    """The real MEMIT solver with small default hyper-parameters (seconds on the tiny model); its
+    on-disk statistics cache goes to a temporary MODELQL_CACHE."""
+    import functools
+
+    from modelql.knowledge import memit
+
+    monkeypatch.setenv("MODELQL_CACHE", str(tmp_path_factory.mktemp("memit-cache")))
+    monkeypatch.setattr(memit, "MemitParams", functools.partial(memit.MemitParams, steps=12, cov_sentences=120))

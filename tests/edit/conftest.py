@@ -55,15 +55,3 @@ def session(vindex_dir, base_model):
 def file_digests(directory: Path) -> dict[str, str]:
     return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(Path(directory).iterdir())
             if p.is_file()}
-
-
-@pytest.fixture
-def fast_memit(monkeypatch, tmp_path_factory):
-    """The real MEMIT solver with small default hyper-parameters (seconds on the tiny model); its
-    on-disk statistics cache goes to a temporary MODELQL_CACHE."""
-    import functools
-
-    from modelql.knowledge import memit
-
-    monkeypatch.setenv("MODELQL_CACHE", str(tmp_path_factory.mktemp("memit-cache")))
-    monkeypatch.setattr(memit, "MemitParams", functools.partial(memit.MemitParams, steps=12, cov_sentences=120))

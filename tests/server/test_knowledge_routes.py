@@ -10,9 +10,10 @@ the model-directory path (background extraction) and the modes.
 from __future__ import annotations
 
 import asyncio
-import functools
 import json
+import os
 import struct
+from pathlib import Path
 
 import httpx
 import pytest
@@ -419,14 +420,12 @@ def test_model_directory_vindex_extracted_in_background(tiny_dir, tiny_model, tm
     assert list((tmp_path / "cache" / "vindex").glob("*.vindex"))
 
 
-def test_warmup_computes_the_editing_statistics_on_request(tiny_dir, tiny_model, tmp_path, monkeypatch):
+def test_warmup_computes_the_editing_statistics_on_request(tiny_dir, tiny_model, fast_memit, monkeypatch):
     """`POST /v1/warmup {"editing": true}` (modelql) pays for a model's first weight-level insert
     ahead of time; plain warmup does not, and a --no-infer server says why it cannot."""
     from modelql.knowledge import memit
     from modelql.server.knowledge_routes import VindexSource
 
-    monkeypatch.setenv("MODELQL_CACHE", str(tmp_path / "cache"))
-    monkeypatch.setattr(memit, "MemitParams", functools.partial(memit.MemitParams, cov_sentences=120))
     for k in ("_memit_covariance", "_memit_preserve"):
         monkeypatch.delitem(tiny_model.__dict__, k, raising=False)
     src = VindexSource.extract(tiny_dir)
@@ -437,7 +436,7 @@ def test_warmup_computes_the_editing_statistics_on_request(tiny_dir, tiny_model,
         assert not memit.statistics_ready(tiny_model)
         r = c.post("/v1/warmup", json={"editing": True})
         assert r.status_code == 200 and r.json()["edit_statistics"] == "ready"
-    stored = sorted(p.name.split("-", 1)[1] for p in (tmp_path / "cache" / "memit").glob("*.pt"))
+    stored = sorted(p.name.split("-", 1)[1] for p in (Path(os.environ["MODELQL_CACHE"]) / "memit").glob("*.pt"))
     assert stored == [f"cov-L{layer}-n{memit.MemitParams().cov_sentences}.pt", f"preserve-last-L{layer}.pt"]
     with _serve(tiny_model, src, no_infer=True) as srv, httpx.Client(base_url=srv.url, timeout=60) as c:
         r = c.post("/v1/warmup", json={"editing": True})

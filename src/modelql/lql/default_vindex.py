@@ -196,31 +196,27 @@ def _build(model_dir: Path, final: Path, model_id: str, progress: bool | None, l
         from modelql.vindex import extract as extract_fn
     staging = Path(tempfile.mkdtemp(prefix=f".{final.name}.staging.", dir=final.parent))
     out = staging / final.name
-    show = Progress(f"Extracting the vindex of {model_dir.name} (first use) into {final} ...", progress)
     try:
-        show.start()
-        extract_fn(model_dir, out, level=LEVEL, dtype=DTYPE, progress=False, model_id=model_id,
-                   on_layer=show.layer)
-        if label and _labeller() is not None:
-            show.stage("probe labels (default facts)")
-            _labeller()(out)
-        try:
-            os.rename(out, final)
-        except OSError:
-            if not _usable(final):  # not a lost race: a real failure
-                raise
-        show.done()
-    except BaseException:
-        show.abort()
-        raise
+        with Progress(f"Extracting the vindex of {model_dir.name} (first use) into {final} ...", progress) as show:
+            extract_fn(model_dir, out, level=LEVEL, dtype=DTYPE, progress=False, model_id=model_id,
+                       on_layer=show.layer)
+            if label and _labeller() is not None:
+                show.stage("probe labels (default facts)")
+                _labeller()(out)
+            try:
+                os.rename(out, final)
+            except OSError:
+                if not _usable(final):  # not a lost race: a real failure
+                    raise
     finally:
         shutil.rmtree(staging, ignore_errors=True)
 
 
 class Progress:
-    """Extraction progress on stderr: a rich bar on a terminal, two plain lines otherwise.
+    """Progress of a long step on stderr: a rich bar on a terminal, two plain lines otherwise.
 
     ``layer`` is extract's ``on_layer`` callback; ``enabled`` None = a bar when stderr is a tty.
+    As a context manager: started on entry, "Done in …" on success, the bar removed on error.
     """
 
     def __init__(self, message: str, enabled: bool | None):
@@ -229,6 +225,16 @@ class Progress:
         self.bar = None
         self.task = None
         self.t0 = time.perf_counter()
+
+    def __enter__(self) -> "Progress":
+        self.start()
+        return self
+
+    def __exit__(self, kind, _exc, _tb) -> None:
+        if kind is None:
+            self.done()
+        else:
+            self.abort()
 
     def _console(self):
         from rich.console import Console

@@ -149,16 +149,10 @@ def _insert(ex: Executor, stmt: ast.Insert):
     if edit.resolve_mode(mode) == "memit" and not edit.memit_statistics_ready(ps, stmt.layer):
         from modelql.lql.default_vindex import Progress
 
-        show = Progress("Computing the model's editing statistics (once per model, then cached) ...",
-                        ex.session.progress)
-        show.start()
-        show.stage("statistics")
-        try:
+        with Progress("Computing the model's editing statistics (once per model, then cached) ...",
+                      ex.session.progress) as show:
+            show.stage("statistics")
             edit.prepare_memit_statistics(ps, stmt.layer)
-        except BaseException:
-            show.abort()
-            raise
-        show.done()
     rs = edit.insert_many(ps, [(f.entity, f.relation, f.target) for f in stmt.values], layer=stmt.layer,
                           confidence=stmt.confidence, alpha=stmt.alpha, mode=mode)
     return Inserted(tuple(rs), len(ps.state.knn))

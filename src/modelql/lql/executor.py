@@ -171,14 +171,8 @@ def _extract(ex: Executor, stmt: ast.Extract):
     session = ex.session
     model_dir = session.model_path(stmt.model)
     out = session.resolve(stmt.output)
-    show = Progress(f"Extracting {stmt.model} into {out} ...", session.progress)
-    show.start()
-    try:
+    with Progress(f"Extracting {stmt.model} into {out} ...", session.progress) as show:
         result = extract(model_dir, out, level=stmt.level.value, on_layer=show.layer)
-    except BaseException:
-        show.abort()
-        raise
-    show.done()
     used = session.use_vindex(out)
     return Extracted(
         model=stmt.model, path=str(out), level=result.level, num_layers=result.num_layers,

@@ -4,8 +4,9 @@
   up / down overrides (each component last-wins independently) or a tombstone; the KNN store
   (the base `knn_store.bin` entries, then `insert_knn` / `delete_knn` in order); and the
   low-rank down-projection deltas of weight-level edits (modelql `down_delta` ops, dropped
-  again by `delete_edit`), summed per layer. It also keeps every feature-keyed write per slot, so COMPILE … ON CONFLICT can find
-  collisions (`collisions()`) and resolve them by confidence (`resolve_highest_confidence()`).
+  again by `delete_edit`), summed per layer. It also keeps every feature-keyed write per slot,
+  so COMPILE … ON CONFLICT can find collisions (`collisions()`) and resolve them by confidence
+  (`resolve_highest_confidence()`).
 * `PatchSession` — the ordered list of applied patches plus the active *recording* (the
   implicit session patch, always applied last: BEGIN / SAVE PATCH, auto-patch). Mutations are
   applied incrementally; removing a patch recomputes the state from the base by re-applying
