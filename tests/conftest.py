@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from tests.default_model import default_model_dir
+from tests.real_model import real_model_path, skip_reason
 
 
 @pytest.fixture(scope="session")
@@ -16,6 +17,23 @@ def kmodel_dir() -> Path:
     if d is None:
         pytest.skip("the embedded default model is not installed (src/modelql/data/default-model)")
     return d
+
+
+@pytest.fixture(scope="session")
+def real_model_file() -> Path:
+    """The real pretrained model (SmolLM2-135M-Instruct Q4_1 GGUF); skipped with the install hint when absent."""
+    p = real_model_path()
+    if p is None:
+        pytest.skip(skip_reason())
+    return p
+
+
+@pytest.fixture(scope="session")
+def real_model(real_model_file):
+    """The real model loaded once per test run (float32)."""
+    from modelql.runtime.loading import load_model
+
+    return load_model(real_model_file)
 
 
 @pytest.fixture(scope="session")
