@@ -106,9 +106,11 @@ def answer_token_id(model: Model, answer: str) -> int:
     return ids[0]
 
 
-def trace(model: Model, prompt: str, for_token: str | None = None, layers: range | None = None,
-          positions: str = "last") -> Trace:
-    """Per-layer residual trace of `prompt` at the last position (or all positions)."""
+def trace(model: Model, prompt: str | list[int], for_token: str | None = None, layers: range | None = None,
+          positions: str = "last", answer_id: int | None = None) -> Trace:
+    """Per-layer residual trace of `prompt` (text or token ids) at the last position (or all
+    positions). The answer is `for_token` (its first token, see `answer_token_id`) or, for a
+    token already generated (the web explanation of one token), its id `answer_id`."""
     if model.tokenizer is None:
         raise ModelqlError("TRACE needs a tokenizer")
     if positions not in ("last", "all"):
@@ -120,7 +122,12 @@ def trace(model: Model, prompt: str, for_token: str | None = None, layers: range
     for i in range(n):
         names += [f"blocks.{i}.hook_attn_out", f"blocks.{i}.hook_mlp_out", f"blocks.{i}.hook_resid_post"]
     _, cache = interp.run_with_cache(model, ids, names)
-    answer_id = answer_token_id(model, for_token) if for_token is not None else None
+    if for_token is not None:
+        answer_id = answer_token_id(model, for_token)
+    elif answer_id is not None:
+        if not 0 <= answer_id < model.spec.vocab_size:
+            raise ModelqlError(f"answer token id {answer_id} is outside the vocabulary")
+        for_token = model.tokenizer.decode([answer_id])
     t = ids.shape[1]
     pos_list = list(range(t)) if positions == "all" else [t - 1]
     wanted = set(layers) if layers is not None else None
@@ -161,7 +168,7 @@ def trace(model: Model, prompt: str, for_token: str | None = None, layers: range
                     attn_share=100 * an / (an + fn) if an + fn > 0 else 0.0, **extra,
                 ))
     return Trace(
-        prompt=prompt,
+        prompt=prompt if isinstance(prompt, str) else model.tokenizer.decode([int(i) for i in ids[0]]),
         tokens=[model.tokenizer.decode([int(i)]) for i in ids[0]],
         answer=for_token,
         answer_id=answer_id,

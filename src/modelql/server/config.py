@@ -59,6 +59,7 @@ class ServerConfig:
     log_level: str = "warning"
     i8_wire: bool = False         # walk-ffn may answer i8 (--enable-i8-wire)
     f16_wire: bool = True         # walk-ffn may answer f16 (--disable-f16-wire turns it off)
+    patch_dir: str | None = None  # .vlp files the web UI lists and applies by name (never a path outside it)
 
     def __post_init__(self) -> None:
         modes = [f for f, on in (("--no-infer", self.no_infer), ("--embed-only", self.embed_only),

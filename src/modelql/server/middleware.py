@@ -21,6 +21,8 @@ from .errors import error_bytes
 from .metrics import Metrics
 
 EXEMPT = frozenset({"/health", "/v1/health"})
+#: the web UI's page and assets: public (a browser cannot send the key on navigation; the page asks for it)
+PUBLIC = frozenset({"/", "/ui/app.js", "/ui/style.css", "/ui/charts.js"})
 BODY_METHODS = frozenset({"POST", "PUT", "PATCH", "DELETE"})
 IDLE_BUCKET_SECONDS = 300.0
 
@@ -143,7 +145,7 @@ class EdgeMiddleware:
                 await self._reply(send, 429, error_bytes(path, 429, "rate limit exceeded", "rate_limit_exceeded"),
                                   {"Retry-After": str(max(1, math.ceil(wait)))})
                 return
-        if self.key_digest is not None and not exempt and not self.authorized(scope):
+        if self.key_digest is not None and not exempt and path not in PUBLIC and not self.authorized(scope):
             self.metrics.auth_failures.inc()
             msg = "Incorrect or missing API key: pass it as 'Authorization: Bearer <key>'"
             await self._reply(send, 401, error_bytes(path, 401, msg, "invalid_api_key"),

@@ -51,7 +51,10 @@ def build(model_ref: str | Path | None, config: ServerConfig, dtype: str = "floa
         model = loader(model_ref, dtype)
     engine = Engine(model, max_batch=config.max_batch, max_queue=config.max_queue,
                     queue_full_status=config.queue_full_status)
-    app = create_app(config, engine, knowledge=[knowledge_routes.router, stream_routes.router, ffn_routes.router])
+    from . import web
+
+    app = create_app(config, engine, knowledge=[knowledge_routes.router, stream_routes.router, ffn_routes.router,
+                                                *web.routers()])
     if vindex_source is None:
         try:
             vindex_source = knowledge_routes.VindexSource.for_model_ref(model_ref)
