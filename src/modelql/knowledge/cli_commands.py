@@ -39,6 +39,8 @@ def explain_command(
     max_tokens: int = typer.Option(16, "--max-tokens", "-n", min=1, help="maximum tokens to generate (greedy)"),
     top: int = typer.Option(5, "--top", "-k", min=1, max=100, help="features shown per generated token"),
     as_json: bool = typer.Option(False, "--json", help="print the explanation as JSON"),
+    html_out: Optional[str] = typer.Option(None, "--html", metavar="FILE",
+                                           help="also write the explanation as a standalone HTML page"),
     knowledge_url: Optional[str] = typer.Option(
         None, "--knowledge-url", envvar="MODELQL_KNOWLEDGE_URL",
         help="look features up on this knowledge server (modelql or LARQL) instead of a local vindex"),
@@ -76,6 +78,10 @@ def explain_command(
         model = model_for(vx)
         source = VindexFeatures(vx)
     ex = explain(model, prompt, source, max_tokens=max_tokens, top=top)
+    if html_out:
+        from ..viz import explanation_html, write_html
+
+        write_html(html_out, explanation_html(ex))
     if as_json:
         print(json.dumps(ex.to_json(), ensure_ascii=False, indent=2))
     else:

@@ -359,7 +359,9 @@ def _trace(ex: Executor, stmt: ast.Trace):
     if stmt.save is None:
         return result
     path = ex.session.resolve(stmt.save)
-    result.save(path)
+    from modelql.viz import save_trace  # .png / .html pictures, else JSON
+
+    save_trace(result, path)
     return TraceSaved(result, str(path), len(result.tokens))
 
 

@@ -29,7 +29,7 @@
      text(r, c) -> cell text, title(r, c) -> tooltip, cell: px */
   function heatmap(opts) {
     var cw = opts.cellWidth || 56, ch = opts.cellHeight || 18, left = opts.left || 48, top = opts.top || 70;
-    var w = left + cw * opts.cols.length + 10, h = top + ch * opts.rows.length + 30;
+    var w = Math.max(left + cw * opts.cols.length + 10, left + 7 * (opts.caption || "").length), h = top + ch * opts.rows.length + 30;
     var s = svg(w, h, "chart heatmap");
     opts.cols.forEach(function (c, j) {
       var x = left + j * cw + cw / 2;
@@ -62,7 +62,7 @@
   function bars(opts) {
     var n = opts.labels.length, k = opts.series.length;
     var bw = opts.barWidth || 8, gap = 6, left = 56, top = 24, ph = opts.height || 160;
-    var w = Math.max(300, left + n * (k * bw + gap) + 20), h = top + ph + 50;
+    var w = Math.max(300, left + n * (k * bw + gap) + 20, left + 120 + 7 * (opts.caption || "").length), h = top + ph + 50;
     var s = svg(w, h, "chart bars");
     var lo = 0, hi = 0;
     opts.series.forEach(function (se) { se.values.forEach(function (v) { if (v !== null) { lo = Math.min(lo, v); hi = Math.max(hi, v); } }); });
