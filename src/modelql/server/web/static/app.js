@@ -225,7 +225,8 @@
     state.entity = entity;
     clear(out).appendChild(h("p", { cls: "muted", text: "DESCRIBE " + JSON.stringify(entity) + " …" }));
     try {
-      var d = await api("GET", "/v1/describe/rows?entity=" + encodeURIComponent(entity) + "&band=" + $("describe-band").value);
+      var d = await api("GET", "/v1/describe/rows?entity=" + encodeURIComponent(entity) + "&band=" + $("describe-band").value +
+                           "&mode=" + $("describe-mode").value);
       renderDescribe(clear(out), d);
     } catch (e) { fail(out)(e); }
   });
