@@ -214,9 +214,14 @@ def test_patch_files_apply_and_remove(client):
         # the patch is live: INFER on the inserted fact answers from the KNN store
         inf = client.post("/v1/infer", json={"prompt": "The capital of Atlantis is", "top": 3}).json()
         assert inf.get("knn_override", {}).get("token") == "Zorbu"
+        # ... and the LQL console sees what the server serves
+        out = client.post("/v1/lql", json={"statement": 'INFER "The capital of Atlantis is" TOP 3;'}).json()
+        assert "Zorbu" in out["results"][0]["output"], out
     finally:
         assert client.delete(f"/v1/patches/{PATCH}").status_code == 200
     assert PATCH not in [p["name"] for p in client.get("/v1/patches").json()["patches"]]
+    out = client.post("/v1/lql", json={"statement": 'INFER "The capital of Atlantis is" TOP 3;'}).json()
+    assert "Zorbu" not in out["results"][0]["output"]
 
 
 def test_no_patch_directory_is_503(kmodel, kvindex):
@@ -227,3 +232,13 @@ def test_no_patch_directory_is_503(kmodel, kvindex):
     with background(None, ServerConfig(port=0), model=kmodel, vindex_source=VindexSource.ready(kvindex)) as srv:
         r = httpx.get(srv.url + "/v1/patch-files")
         assert r.status_code == 503 and "--patch-dir" in r.json()["error"]
+
+
+def test_feature_page_scores_the_entitys_probe_templates(client, kvindex):
+    from modelql.knowledge.labels import probe_templates
+
+    want = {ts[0].replace("{X}", "France") for ts in probe_templates(kvindex).values() if ts}
+    assert want
+    got = client.get("/v1/feature", params={"layer": 0, "feature": 0, "entity": "France"}).json()
+    assert {p["prompt"] for p in got["prompts"]} == want
+    assert [p["gate_score"] for p in got["prompts"]] == sorted((p["gate_score"] for p in got["prompts"]), reverse=True)

@@ -224,12 +224,21 @@ async def describe_rows(request: Request, entity: str = Query(...),
 @router.get("/v1/feature")
 async def feature(request: Request, layer: int = Query(...), feature: int = Query(...),
                   prompt: list[str] = Query([], description="prompts to score (repeat the parameter)"),
+                  entity: str | None = Query(None, description="also score the vindex's probe templates filled "
+                                                               "with this entity"),
                   top: int = Query(10, ge=1, le=100)):
     from ...knowledge.feature import MAX_PROMPTS, feature_profile
+    from ...knowledge.labels import probe_templates
 
     st = _st(request)
     vx = _vindex(request, "/v1/feature")
     prompts = [_text(p, "prompt") for p in prompt if p.strip()]
+    if entity is not None and entity.strip():
+        _text(entity, "entity")
+        for templates in probe_templates(vx).values():
+            filled = templates[0].replace("{X}", entity.strip()) if templates else None
+            if filled and filled not in prompts and len(prompts) < MAX_PROMPTS:
+                prompts.append(filled)
     if len(prompts) > MAX_PROMPTS:
         raise HttpError(400, f"at most {MAX_PROMPTS} prompts")
     scope = _scope(request)
@@ -252,19 +261,39 @@ class LqlRequest(BaseModel):
 
 
 class WebLql:
-    """The LQL session behind the console: the served (base) vindex, statements one at a time."""
+    """The LQL session behind the console: what the server serves — the vindex with the request's
+    overlay, the engine's (overlay-aware) model, the overlay's KNN facts — one statement at a time."""
 
     def __init__(self, vindex):
         from ...lql import default_vindex as dv
         from ...lql.repl import LqlCompleter
-        from ...lql.session import Session
+        from ...lql.session import LqlExecutionError, Session
 
-        self.session = Session(default_vindex=False, progress=False)
+        class Served(Session):
+            served_model = None
+            served_knn = None
+
+            def model(self, keyword: str):
+                if self.served_model is None:
+                    raise LqlExecutionError(f"{keyword} needs inference: this server runs without it")
+                return self.served_model
+
+            def knn_entries(self):
+                return self.served_knn
+
+        self.base = vindex
+        self.session = Served(default_vindex=False, progress=False)
         self.session.backend = "vindex"
         self.session.vindex = vindex
         self.session.vindex_is_default = vindex.model == dv.DEFAULT_NAME
         self.completer = LqlCompleter(self.session)
         self.lock = threading.Lock()
+
+    def bind(self, scope, model) -> None:
+        """Point the session at one request's overlay and model (under `lock`)."""
+        self.session.vindex = scope.view()
+        self.session.served_model = None if model is None else scope.model(model)
+        self.session.served_knn = scope.knn()
 
 
 def _web_lql(request: Request) -> WebLql:
@@ -273,7 +302,7 @@ def _web_lql(request: Request) -> WebLql:
         raise ServiceUnavailable("this server has no vindex")
     base = src.require()
     cur = getattr(request.app.state, "web_lql", None)
-    if cur is None or cur.session.vindex is not base:
+    if cur is None or cur.base is not base:
         cur = request.app.state.web_lql = WebLql(base)
     return cur
 
@@ -315,11 +344,13 @@ async def lql(body: LqlRequest, request: Request):
         why = allowed(parsed)
         if why:
             raise HttpError(400, why)
+    scope = _scope(request)
     t0 = time.perf_counter()
 
-    def run(_m):
+    def run(m):
         outs = []
         with web.lock:
+            web.bind(scope, m)
             ex = Executor(web.session)
             for piece, stmt in pieces:
                 try:

@@ -180,6 +180,7 @@
     box.appendChild(h("p", { cls: "muted", text: "loading L" + layer + " F" + feature + " …" }));
     var q = "/v1/feature?layer=" + layer + "&feature=" + feature;
     state.prompts.forEach(function (p) { q += "&prompt=" + encodeURIComponent(p); });
+    if (state.entity) q += "&entity=" + encodeURIComponent(state.entity);
     try {
       var d = await api("GET", q);
       clear(box);
@@ -195,7 +196,7 @@
       box.appendChild(C.histogram(d.gate_histogram));
       box.appendChild(h("p", { cls: "muted", text: "strongest inputs: " + d.top_inputs.map(function (t) { return t.token + " " + fmt(t.gate_score, 2); }).join(", ") }));
       box.appendChild(h("h3", { text: "Prompts that fire it" }));
-      if (!d.prompts.length) box.appendChild(h("p", { cls: "muted", text: "prompts you use in chat, walk and trace are scored here" }));
+      if (!d.prompts.length) box.appendChild(h("p", { cls: "muted", text: "prompts you use in chat, walk and trace (and the relation templates of the entity you described) are scored here" }));
       else {
         var pt = h("table", {}, h("tr", {}, h("th", { text: "prompt" }), h("th", { text: "gate" }), h("th", { text: "z" }), h("th", { text: "rank" })));
         d.prompts.forEach(function (p) { pt.appendChild(h("tr", {}, h("td", { text: p.prompt }), h("td", { cls: "num", text: fmt(p.gate_score, 3) }),
