@@ -120,6 +120,19 @@ def test_web_ui_end_to_end(browser, web_srv, artifacts):
     assert "no patches applied" in page.inner_text("#patch-active")
     page.screenshot(path=str(artifacts / "08-patch-removed.png"))
 
+    # INSERT a fact, INFER before / after, then discard the unsaved edit
+    page.fill("#insert-entity", "Atlantis")
+    page.fill("#insert-relation", "capital")
+    page.fill("#insert-target", "Zorbu")
+    page.click("#insert-form button")
+    page.wait_for_selector("#insert-compare")
+    before, after = page.locator("#insert-compare table").all_inner_texts()
+    assert "Zorbu" not in before and "Zorbu" in after
+    page.screenshot(path=str(artifacts / "08b-insert.png"))
+    page.wait_for_selector("#active-patches tr[data-patch='(unsaved edits)']")
+    page.click("#active-patches tr[data-patch='(unsaved edits)'] button")
+    page.wait_for_selector("#active-patches", state="detached")
+
     # LQL console: completion, then a statement
     page.click("#tabs button[data-tab='lql']")
     page.fill("#lql-input", 'DESCRIBE "Fran')
