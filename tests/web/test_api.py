@@ -30,7 +30,7 @@ def test_page_is_public_and_the_api_needs_the_key(web_srv):
         assert httpx.get(f"{web_srv.url}/ui/{name}").status_code == 200
     assert httpx.get(web_srv.url + "/ui/other.js").status_code == 401  # only the shipped files are public
     assert httpx.get(web_srv.url + "/ui/other.js", headers={"Authorization": f"Bearer {KEY}"}).status_code == 404
-    for path in ("/v1/describe/rows?entity=France", "/v1/patch-files", "/v1/lql/complete?text=DE"):
+    for path in ("/v1/describe/rows?entity=France", "/v1/patch-files", "/v1/entities/complete?prefix=Fr"):
         r = httpx.get(web_srv.url + path)
         assert r.status_code == 401 and "error" in r.json()
 
@@ -178,7 +178,7 @@ def test_lql_completion_is_the_repl_completer(client, kvindex):
     comp = LqlCompleter(s)
     for text in ('DESCRIBE "Fra', "SEL", 'DESCRIBE "France" ', "SELECT * FROM "):
         want = [c.text for c in comp.get_completions(Document(text), None)][:50]
-        got = [c["text"] for c in client.get("/v1/lql/complete", params={"text": text}).json()["completions"]]
+        got = [c["text"] for c in client.post("/v1/lql/complete", json={"text": text}).json()["completions"]]
         assert got == want and got, text
     ents = client.get("/v1/entities/complete", params={"prefix": "Fr"}).json()["entities"]
     assert "France" in ents and all(e.lower().startswith("fr") for e in ents)

@@ -7,9 +7,9 @@
 * `GET /v1/describe/rows` — `knowledge.describe`'s full rows (feature ids, bands, relation
   labels) with the same arguments as `/v1/describe?variant=lql`;
 * `GET /v1/feature` — `knowledge.feature.feature_profile` (a feature's page);
-* `POST /v1/lql`, `GET /v1/lql/complete` — LQL statements in a server-side session over the
-  served vindex (read-only statements: nothing here opens or writes a file) and the REPL's
-  completion (`lql.repl.LqlCompleter`);
+* `POST /v1/lql`, `POST /v1/lql/complete` — LQL statements in a server-side session over what
+  the server serves (read-only statements: nothing here opens, writes or edits anything) and the
+  REPL's completion (`lql.repl.LqlCompleter`);
 * `GET /v1/patch-files`, `POST /v1/patch-files/apply` — the `.vlp` files of the server's patch
   directory (`ServerConfig.patch_dir`) and applying one by name (never a path outside it).
 
@@ -68,6 +68,7 @@ async def trace(body: TraceRequest, request: Request):
     st = _st(request)
     model = _model(request, "/v1/trace", "generate")
     prompt = _prompt(body.prompt)
+    _check_length(model, prompt)
     n = len(model.tokenizer.encode(prompt))
     if n > MAX_TRACE_TOKENS:
         raise HttpError(400, f"the prompt has {n} tokens; TRACE over HTTP takes at most {MAX_TRACE_TOKENS}")
@@ -241,6 +242,10 @@ async def feature(request: Request, layer: int = Query(...), feature: int = Quer
                 prompts.append(filled)
     if len(prompts) > MAX_PROMPTS:
         raise HttpError(400, f"at most {MAX_PROMPTS} prompts")
+    if prompts and st.config.inference and st.engine is not None:
+        model = _model(request, "/v1/feature", "generate")
+        for p in prompts:
+            _check_length(model, p)
     scope = _scope(request)
     t0 = time.perf_counter()
     if prompts and st.config.inference and st.engine is not None:
@@ -358,6 +363,9 @@ async def lql(body: LqlRequest, request: Request):
                 except ModelqlError as exc:
                     outs.append({"statement": piece.text, "error": str(exc)})
                     break
+                except Exception as exc:  # a bug: one line, as LQL batch mode reports it
+                    outs.append({"statement": piece.text, "error": f"{type(exc).__name__}: {exc}"})
+                    break
         return outs
 
     if st.engine is not None and st.config.inference:
@@ -367,14 +375,22 @@ async def lql(body: LqlRequest, request: Request):
     return {"results": results, "latency_ms": _ms(t0)}
 
 
-@router.get("/v1/lql/complete")
-async def lql_complete(request: Request, text: str = Query("", max_length=100_000),
-                       cursor: int | None = Query(None, ge=0), limit: int = Query(50, ge=1, le=500)):
+class CompleteRequest(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    text: str = Field("", max_length=100_000)
+    cursor: int | None = Field(None, ge=0, description="offset of the cursor in text (default: its end)")
+    limit: int = Field(50, ge=1, le=500)
+
+
+@router.post("/v1/lql/complete")
+async def lql_complete(body: CompleteRequest, request: Request):
+    """What Tab offers at `cursor` in the REPL (POST: a console's text can outgrow a URL)."""
     from prompt_toolkit.document import Document
 
     _vindex(request, "/v1/lql/complete")
     web = _web_lql(request)
-    pos = len(text) if cursor is None else min(cursor, len(text))
+    text, limit = _text(body.text, "text"), body.limit
+    pos = len(text) if body.cursor is None else min(body.cursor, len(text))
 
     def run():
         out = []

@@ -371,7 +371,7 @@
   async function complete() {
     var ta = $("lql-input");
     try {
-      var d = await api("GET", "/v1/lql/complete?limit=30&cursor=" + ta.selectionStart + "&text=" + encodeURIComponent(ta.value));
+      var d = await api("POST", "/v1/lql/complete", { text: ta.value, cursor: ta.selectionStart, limit: 30 });
       comp.items = d.completions; comp.active = 0;
       if (comp.items.length === 1) return accept(0);
       drawCompletions();
