@@ -224,14 +224,14 @@ def test_patch_files_apply_and_remove(client):
     assert "Zorbu" not in out["results"][0]["output"]
 
 
-def test_no_patch_directory_is_503(kmodel, kvindex):
+def test_no_patch_directory_is_403(kmodel, kvindex):
     from modelql.server.config import ServerConfig
     from modelql.server.knowledge_routes import VindexSource
     from modelql.server.serve import background
 
     with background(None, ServerConfig(port=0), model=kmodel, vindex_source=VindexSource.ready(kvindex)) as srv:
         r = httpx.get(srv.url + "/v1/patch-files")
-        assert r.status_code == 503 and "--patch-dir" in r.json()["error"]
+        assert r.status_code == 403 and "--patch-dir" in r.json()["error"]
 
 
 def test_feature_page_scores_the_entitys_probe_templates(client, kvindex):

@@ -428,7 +428,7 @@ async def entities_complete(request: Request, prefix: str = Query("", max_length
 def patch_dir(request: Request) -> Path:
     d = getattr(_st(request).config, "patch_dir", None)
     if not d:
-        raise ServiceUnavailable("this server has no patch directory (start it with --patch-dir DIR)")
+        raise HttpError(403, "this server has no patch directory (start it with --patch-dir DIR)")
     p = Path(d).expanduser().resolve()
     if not p.is_dir():
         raise ServiceUnavailable(f"the patch directory {d} does not exist")
@@ -445,6 +445,12 @@ def patch_file(directory: Path, name: str) -> Path:
     if not p.is_file():
         raise HttpError(404, f"patch file not found: {name}")
     return p
+
+
+def check_size(request: Request, path: Path) -> None:
+    limit = getattr(_st(request).config, "max_patch_bytes", None)
+    if limit is not None and path.stat().st_size > limit:
+        raise HttpError(413, f"patch file {path.name} is larger than the server's limit of {limit} bytes")
 
 
 @router.get("/v1/patch-files")
@@ -466,6 +472,7 @@ class PatchFileApply(BaseModel):
 @router.post("/v1/patch-files/apply")
 async def patch_files_apply(body: PatchFileApply, request: Request):
     path = patch_file(patch_dir(request), body.name)
+    check_size(request, path)
     editing()
 
     def run(ps):
