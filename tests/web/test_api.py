@@ -242,3 +242,28 @@ def test_feature_page_scores_the_entitys_probe_templates(client, kvindex):
     got = client.get("/v1/feature", params={"layer": 0, "feature": 0, "entity": "France"}).json()
     assert {p["prompt"] for p in got["prompts"]} == want
     assert [p["gate_score"] for p in got["prompts"]] == sorted((p["gate_score"] for p in got["prompts"]), reverse=True)
+
+
+def test_explain_logit_writers_by_brute_force(client, kmodel):
+    """The writers' contributions are activation × (down column · token direction): checked here by
+    brute force for the top writer (its down column, the final norm frozen at the final residual)."""
+    from modelql.knowledge.decode import token_direction
+    from modelql.runtime import interp
+
+    completion = "The capital of France is Paris."
+    got = client.post("/v1/explain", json={"prompt": "Q: What is the capital of France?\nA:", "completion": completion,
+                                           "offset": completion.index("Paris"), "top": 5}).json()
+    w = got["writers"]
+    assert len(w) == 5 and [x["contribution"] for x in w] == sorted((x["contribution"] for x in w), reverse=True)
+    ids = kmodel.tokenizer.encode("Q: What is the capital of France?\nA:")
+    comp = kmodel.tokenizer.encode(completion, add_special_tokens=False)
+    j = got["index"]
+    seq, tid = ids + comp[:j], comp[j]
+    n = kmodel.spec.num_layers
+    top = w[0]
+    _, cache = interp.run_with_cache(kmodel, seq, [f"blocks.{top['layer']}.mlp.hook_post", f"blocks.{n - 1}.hook_resid_post"])
+    a = float(cache[f"blocks.{top['layer']}.mlp.hook_post"][-1, top["feature"]])
+    v = token_direction(kmodel, cache[f"blocks.{n - 1}.hook_resid_post"][-1].float(), tid)
+    d = kmodel.weights[f"layers.{top['layer']}.down.weight"].float()[:, top["feature"]]
+    assert top["activation"] == pytest.approx(a, abs=1e-3)
+    assert top["contribution"] == pytest.approx(a * float(d @ v), rel=1e-3, abs=1e-4)

@@ -82,6 +82,7 @@ def test_web_ui_end_to_end(browser, web_srv, artifacts):
     title = page.inner_text("#explain-title")
     assert "Paris" in title
     assert page.locator("#explain-features tr").count() > 1
+    assert page.locator("#explain-writers tr").count() > 1
     assert page.locator("#side svg.bars rect.bar").count() > 0
     page.screenshot(path=str(artifacts / "03-explain-paris.png"))
 

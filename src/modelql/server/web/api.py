@@ -135,6 +135,33 @@ def _explain_prompt_ids(model, body: ExplainRequest) -> list[int]:
     return list(ids)
 
 
+def logit_writers(model, seq: list[int], token_id: int, features, top: int) -> list[dict[str, Any]]:
+    """The FFN features whose output adds most to `token_id`'s logit (relative to the mean logit)
+    at the last position of `seq`: activation × (down column · the token's direction), the
+    attribution DESCRIBE's decoded claims use (`knowledge.decode.attribute`)."""
+    import torch
+
+    from ...knowledge.decode import attribute as logit_attribution
+    from ...runtime import interp
+
+    n = model.spec.num_layers
+    names = [f"blocks.{L}.mlp.hook_post" for L in range(n)] + [f"blocks.{n - 1}.hook_resid_post"]
+    with torch.inference_mode():
+        _, cache = interp.run_with_cache(model, seq, names)
+        acts = {L: cache[f"blocks.{L}.mlp.hook_post"][-1:].float() for L in range(n)}
+        contribs = logit_attribution(model, acts, cache[f"blocks.{n - 1}.hook_resid_post"][-1:].float(), token_id)
+    ranked = sorted(((float(v), L, int(f)) for L, c in contribs.items()
+                     for v, f in zip(*c.topk(min(top, c.numel())))), reverse=True)[:top]
+    out = []
+    for v, L, f in ranked:
+        info = features.info(L, [f]).get(f)
+        out.append({"layer": L, "feature": f, "contribution": round(v, 4),
+                    "activation": round(float(acts[L][0, f]), 4),
+                    "top_tokens": list(info.top_tokens[:4]) if info else [],
+                    "relation": info.relation if info else None})
+    return out
+
+
 def token_at(tok, ids: list[int], offset: int) -> int:
     """The index of the token of `ids` whose decoded text covers character `offset`."""
     end = 0
@@ -174,15 +201,17 @@ async def explain(body: ExplainRequest, request: Request):
 
     def run(m):
         m = scope.model(m)
-        toks = attribute(m, prompt_ids, completion_ids, VindexFeatures(scope.view()), top=body.top)
-        layers = None
+        src = VindexFeatures(scope.view())
+        toks = attribute(m, prompt_ids, completion_ids, src, top=body.top)
+        layers = writers = None
         if index is not None:
             j = index
             seq = prompt_ids + completion_ids[:j]
             layers = k_trace(m, seq, answer_id=completion_ids[j], positions="last")
-        return toks, layers
+            writers = logit_writers(m, seq, completion_ids[j], src, top=body.top)
+        return toks, layers, writers
 
-    toks, tr = await st.engine.run(run)
+    toks, tr, writers = await st.engine.run(run)
     offset, rows = 0, []
     for t in toks:
         row = t.to_json()
@@ -192,6 +221,7 @@ async def explain(body: ExplainRequest, request: Request):
     out: dict[str, Any] = {"tokens": rows, "completion": body.completion, "prompt_tokens": len(prompt_ids)}
     if tr is not None:
         out["index"] = index
+        out["writers"] = writers
         out["layers"] = [{"layer": r.layer, "rank": r.answer_rank, "probability": r.answer_prob,
                           "attn_logit": r.attn_logit, "ffn_logit": r.ffn_logit, "attn_share": r.attn_share,
                           "who": r.who} for r in tr.rows]

@@ -151,7 +151,7 @@
     var t = d.tokens[d.index];
     box.setAttribute("data-token", t.token);
     box.appendChild(h("h2", { id: "explain-title", text: "Why " + JSON.stringify(t.token) + " (token " + (d.index + 1) + " of " + d.tokens.length + ")" }));
-    box.appendChild(h("p", { cls: "muted", text: "predicted at position " + t.position + "; features ranked by gate score g·x at that position" }));
+    box.appendChild(h("p", { cls: "muted", text: "predicted at position " + t.position + "; features that fired most (gate score g·x at that position)" }));
     var tb = h("table", { id: "explain-features" }, h("tr", {}, h("th", { text: "feature" }), h("th", { text: "gate" }),
       h("th", { text: "promotes" }), h("th", { text: "relation" })));
     t.features.forEach(function (f) {
@@ -159,6 +159,16 @@
         h("td", { text: f.top_tokens.slice(0, 4).join(", ") }), h("td", { text: f.relation || "" })));
     });
     box.appendChild(tb);
+    if (d.writers && d.writers.length) {
+      box.appendChild(h("h3", { text: "Features writing its logit" }));
+      var wt = h("table", { id: "explain-writers" }, h("tr", {}, h("th", { text: "feature" }), h("th", { text: "logit +" }),
+        h("th", { text: "activation" }), h("th", { text: "promotes" }), h("th", { text: "relation" })));
+      d.writers.forEach(function (f) {
+        wt.appendChild(h("tr", {}, h("td", {}, featureLink(f.layer, f.feature)), h("td", { cls: "num", text: fmt(f.contribution, 3) }),
+          h("td", { cls: "num", text: fmt(f.activation, 3) }), h("td", { text: f.top_tokens.join(", ") }), h("td", { text: f.relation || "" })));
+      });
+      box.appendChild(wt);
+    }
     if (d.layers) {
       var rows = d.layers.filter(function (r) { return r.layer >= 0; });
       var attn = 0, ffn = 0;
