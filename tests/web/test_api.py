@@ -261,7 +261,8 @@ def test_explain_logit_writers_by_brute_force(client, kmodel):
     seq, tid = ids + comp[:j], comp[j]
     n = kmodel.spec.num_layers
     top = w[0]
-    _, cache = interp.run_with_cache(kmodel, seq, [f"blocks.{top['layer']}.mlp.hook_post", f"blocks.{n - 1}.hook_resid_post"])
+    names = [f"blocks.{top['layer']}.mlp.hook_post", f"blocks.{n - 1}.hook_resid_post"]
+    _, cache = interp.run_with_cache(kmodel, seq, names)
     a = float(cache[f"blocks.{top['layer']}.mlp.hook_post"][-1, top["feature"]])
     v = token_direction(kmodel, cache[f"blocks.{n - 1}.hook_resid_post"][-1].float(), tid)
     d = kmodel.weights[f"layers.{top['layer']}.down.weight"].float()[:, top["feature"]]

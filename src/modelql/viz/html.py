@@ -12,7 +12,8 @@ from pathlib import Path
 from ..fsutil import atomic_write_bytes
 
 STYLE = """body{font:14px/1.4 system-ui,sans-serif;margin:16px;color:#1b1f24}
-table{border-collapse:collapse;margin:6px 0}th,td{border:1px solid #e1e4e8;padding:2px 8px;text-align:left;vertical-align:top}
+table{border-collapse:collapse;margin:6px 0}
+th,td{border:1px solid #e1e4e8;padding:2px 8px;text-align:left;vertical-align:top}
 th{background:#f1f3f5}.muted{color:#6a737d;font-size:12px}.chart text{font:11px system-ui,sans-serif;fill:#333}
 .chart .caption{fill:#6a737d}.chart .axis{stroke:#999}.tok{border-bottom:2px solid #3b6fb6;margin-right:1px}"""
 
