@@ -35,7 +35,9 @@ def browser():
     sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is in the test extra")
     profile = tempfile.mkdtemp(prefix="modelql-chromium-")
     with sync_api.sync_playwright() as p:
-        ctx = p.chromium.launch_persistent_context(profile, executable_path=CHROMIUM, headless=True, args=FLAGS,
+        # the network is off for everything but loopback: a dead proxy (port 9, discard) takes the rest
+        ctx = p.chromium.launch_persistent_context(profile, executable_path=CHROMIUM, headless=True,
+                                                   args=FLAGS + ["--proxy-server=http://127.0.0.1:9"],
                                                    viewport={"width": 1280, "height": 900})
         try:
             yield ctx
