@@ -40,7 +40,7 @@
     try { data = await r.json(); } catch (e) { data = null; }
     if (!r.ok) {
       var msg = data && (typeof data.error === "string" ? data.error : data.error && data.error.message) || (r.status + " " + r.statusText);
-      if (r.status === 401) showKey(msg);
+      if (r.status === 401) showKey(state.key ? "the key was not accepted: " + msg : "this server needs its API key");
       throw new ApiError(r.status, msg);
     }
     status(method + " " + path.split("?")[0] + " · " + Math.round(performance.now() - t0) + " ms");
