@@ -19,10 +19,9 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from .config import ServerConfig
 from .errors import error_bytes
 from .metrics import Metrics
+from .web import PUBLIC_PATHS as PUBLIC  # the web UI's page and assets
 
 EXEMPT = frozenset({"/health", "/v1/health"})
-#: the web UI's page and assets: public (a browser cannot send the key on navigation; the page asks for it)
-PUBLIC = frozenset({"/", "/ui/app.js", "/ui/style.css", "/ui/charts.js"})
 BODY_METHODS = frozenset({"POST", "PUT", "PATCH", "DELETE"})
 IDLE_BUCKET_SECONDS = 300.0
 

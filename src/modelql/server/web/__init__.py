@@ -25,6 +25,8 @@ ASSETS = {
     "charts.js": ("modelql.viz", "text/javascript; charset=utf-8"),
 }
 PAGE = "index.html"
+#: what the edge serves without the key (the page asks for it; a browser cannot send it on navigation)
+PUBLIC_PATHS = frozenset({"/"} | {f"/ui/{name}" for name in ASSETS})
 #: the security headers of every UI response: nothing loads from elsewhere, no framing
 CSP = ("default-src 'self'; script-src 'self'; style-src 'self' 'unsafe-inline'; img-src 'self' data:; "
        "connect-src 'self'; frame-ancestors 'none'; base-uri 'none'; form-action 'none'")
