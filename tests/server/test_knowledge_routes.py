@@ -263,7 +263,7 @@ def test_insert_knn_overrides_infer_and_patches_roundtrip(kmodel, kvindex, tmp_p
         assert c.post("/v1/infer", json={"prompt": prompt, "top": 3}).json()["predictions"] == before["predictions"]
         bad = c.post("/v1/patches/apply", json={"patch": {"x": 1}})
         assert bad.status_code == 400 and bad.json()["error"].startswith("failed to load patch")
-        assert c.post("/v1/patches/apply", json={"url": str(tmp_path / "none.vlp")}).status_code == 404
+        assert c.post("/v1/patches/apply", json={"url": str(tmp_path / "none.vlp")}).status_code == 403  # no --patch-dir
 
 
 # -- WebSocket /v1/stream -----------------------------------------------------------------------------------

@@ -43,9 +43,10 @@ from starlette.concurrency import run_in_threadpool
 from starlette.responses import JSONResponse, Response
 
 from ..errors import ModelqlError
+from .body import OFFLOAD_BYTES, BodyError, JsonRoute, read_json
 from .errors import HttpError, ServiceUnavailable
 
-router = APIRouter(tags=["knowledge"])
+router = APIRouter(tags=["knowledge"], route_class=JsonRoute)
 
 FFN_MEDIA = "application/x-larql-ffn"
 MAX_TOP = 1000
@@ -341,6 +342,13 @@ def _parse_layers(text: str | None) -> list[int] | None:
     return out
 
 
+def check_layer(layer: int | None, num_layers: int, name: str = "layer") -> None:
+    """A layer index from a client must name a layer of the served model (never clamped)."""
+    if layer is not None and not 0 <= layer < num_layers:
+        raise HttpError(400, f"{name} {layer} out of range: the model has {num_layers} layers (0-{num_layers - 1})",
+                        code="invalid_value", param=name)
+
+
 def _can_run_model(st) -> bool:
     return st.config.inference and st.engine is not None
 
@@ -508,6 +516,7 @@ async def describe(request: Request,
     else:
         kw = describe_args(band, limit, min_score, _mode_for(st, mode), relations_only)
     if layer is not None:
+        check_layer(layer, vx.num_layers)
         kw["layer"] = layer
     result = await run_describe(st, vx, entity, scope=scope, knn_entries=scope.knn(), **kw)
     body = describe_json(result, limit, verbose, bands=variant == "lql")
@@ -583,6 +592,7 @@ async def select(body: SelectRequest, request: Request):
     from .. import knowledge
 
     vx = _vindex(request, "/v1/select")
+    check_layer(body.layer, vx.num_layers)
     for name in ("entity", "relation"):
         if getattr(body, name) is not None:
             _text(getattr(body, name), name)
@@ -819,6 +829,7 @@ async def insert(body: InsertRequest, request: Request):
         v = getattr(body, name)
         if v is not None and not math.isfinite(v):
             raise HttpError(400, f"{name} must be a finite number")
+    check_layer(body.layer, _vindex(request, "/v1/insert").num_layers)
     t0 = time.perf_counter()
 
     def run(ps):
@@ -840,22 +851,24 @@ async def insert(body: InsertRequest, request: Request):
     return res
 
 
-@router.post("/v1/patches/apply", responses={**ERRORS, 404: {"description": "patch file not found", **_ERR}})
+@router.post("/v1/patches/apply", responses={
+    **ERRORS, 403: {"description": "no --patch-dir: only inline patches", **_ERR},
+    404: {"description": "no such patch in --patch-dir", **_ERR}, 413: {"description": "patch too large", **_ERR}})
 async def patches_apply(body: PatchApplyRequest, request: Request):
+    """`url`: a `.vlp` name inside the server's `--patch-dir` (`patch_files`); `patch`: an inline patch."""
+    from . import patch_files
+
     if body.url is None and body.patch is None:
         raise HttpError(400, "must provide 'url' or 'patch' in request body")
-    path = None
+    data = where = None
     if body.patch is None:
-        url = _text(body.url, "url")
-        if "://" in url and not url.startswith("file://"):
-            raise HttpError(400, f"only local patch files can be applied by this server, not {url!r}")
-        path = Path(url[len("file://"):] if url.startswith("file://") else url).expanduser()
-        if not path.is_file():
-            raise HttpError(404, f"patch file not found: {url}")
+        where = _text(body.url, "url")
+        path = patch_files.resolve(_st(request).config.patch_dir, where)
+        data = await run_in_threadpool(patch_files.read, path, where, _st(request).config.max_patch_bytes)
 
     def run(ps):
-        if path is not None:
-            ap = ps.apply(ps.load(path), name=body.name or body.url, path=path)
+        if data is not None:
+            ap = ps.apply(ps.validate(data, where=where), name=body.name or where)
         else:
             ap = ps.apply(ps.validate(body.patch), name=body.name)
         return {"applied": ap.name, "operations": len(ap.patch.operations), "active_patches": _active(ps)}
@@ -966,9 +979,9 @@ def _is_binary(request: Request) -> bool:
 async def _json_body(request: Request, cls):
     raw = await request.body()
     try:
-        data = json.loads(raw or b"null")
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise HttpError(400, f"We could not parse the JSON body of your request: {exc}") from None
+        data = read_json(raw or b"null") if len(raw) < OFFLOAD_BYTES else await run_in_threadpool(read_json, raw)
+    except BodyError as exc:
+        raise HttpError(400, f"We could not parse the JSON body of your request: {exc.msg}") from None
     if not isinstance(data, dict):
         raise HttpError(400, "the request body must be a JSON object (Content-Type: application/json)")
     from pydantic import ValidationError
