@@ -5,7 +5,8 @@
     modelql repl                                interactive
 
 Batch mode runs every statement in one session, prints each statement's output (a blank line
-between statements), prints `Error: <message>` for a failing statement and carries on, and
+between statements), prints `Error: <message>` for a failing statement and carries on (except after a
+failed USE: the script stops there), and
 exits 1 if any statement failed. With no USE (and no --vindex) statements run against the
 embedded default model's vindex, extracted into the cache on first use (progress on stderr).
 """

@@ -368,6 +368,9 @@ def _trace(ex: Executor, stmt: ast.Trace):
 # ---------------------------------------------------------------------------------------------
 
 
+USE_STATEMENTS = (ast.UseVindex, ast.UseModel, ast.UseRemote)
+
+
 @dataclass
 class Outcome:
     """One piece of a batch: its text, the statement (None if it did not parse), the results
@@ -391,7 +394,10 @@ def run_batch(
     on_outcome: Callable[[Outcome], None] | None = None,
     on_result: Callable[[Executed], None] | None = None,
 ) -> list[Outcome]:
-    """Run every statement of ``script`` in one session; continue after errors (spec §2).
+    """Run every statement of ``script`` in one session; continue after errors (spec §2), except
+    after a failed USE: what follows was written for the backend it names, and running it against
+    the previous one (the default model, at the start) would edit and COMPILE the wrong model. The
+    script then stops with one more outcome saying how many statements did not run.
 
     ``on_result`` sees each result as it is produced and ``on_outcome`` each finished piece
     (for streaming output). Errors are ``ModelqlError``s or, for bugs, any other ``Exception``
@@ -401,7 +407,17 @@ def run_batch(
 
     executor = Executor(session)
     outcomes = []
-    for piece, parsed in parse_pieces(script):
+    pieces = list(parse_pieces(script))
+    for i, (piece, parsed) in enumerate(pieces):
+        if outcomes and outcomes[-1].error is not None and isinstance(outcomes[-1].statement, USE_STATEMENTS):
+            failed = outcomes[-1].piece
+            outcome = Outcome(piece, None, error=LqlExecutionError(
+                f"script stopped: the USE at line {failed.line} failed, so the {len(pieces) - i} statement(s) "
+                f"after it were not run"))
+            outcomes.append(outcome)
+            if on_outcome is not None:
+                on_outcome(outcome)
+            break
         t0 = time.perf_counter()
         if isinstance(parsed, Exception):
             outcome = Outcome(piece, None, error=parsed)
