@@ -98,9 +98,12 @@ class JsonRoute(APIRoute):
 
 def use_json_reader(app) -> None:
     """Give every API route of `app` (whatever router declared it) the one JSON reader."""
-    from starlette.routing import request_response
+    from fastapi import routing
 
     for route in app.router.routes:
         if isinstance(route, APIRoute) and not isinstance(route, JsonRoute):
             route.__class__ = JsonRoute
-            route.app = request_response(route.get_route_handler())
+            asgi = routing.request_response(route.get_route_handler())  # as APIRoute.__init__ builds it
+            if hasattr(routing, "wrap_app_with_body_limit"):
+                asgi = routing.wrap_app_with_body_limit(asgi, getattr(route, "max_body_size", None))
+            route.app = asgi

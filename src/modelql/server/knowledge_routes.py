@@ -146,7 +146,9 @@ class VindexSource:
     def open_path(cls, path: str | Path) -> "VindexSource":
         from ..vindex import Vindex
 
-        return cls(Vindex.load(path))
+        vx = Vindex.load(path)
+        vx.check_integrity()
+        return cls(vx)
 
     @classmethod
     def extract(cls, model_dir: str | Path, *, default: bool = False, start: bool = True) -> "VindexSource":
