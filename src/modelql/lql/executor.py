@@ -237,13 +237,33 @@ def _conditions(where: Iterable[ast.Condition]):
     return [Condition(c.field, c.op.value, c.value) for c in where]
 
 
+#: SELECT ... FROM EDGES | FEATURES columns: the name → the row attribute it shows. `target` is the
+#: token a feature writes (the column INSERT INTO EDGES fills), `entity` / `token` the same column.
+SELECT_COLUMNS = {"layer": "layer", "feature": "feature", "token": "token", "entity": "token", "target": "token",
+                  "relation": "relation", "also": "also", "score": "score", "confidence": "c_score",
+                  "c_score": "c_score", "top_tokens": "top_tokens"}
+
+
+def select_where(where: Iterable[ast.Condition]):
+    """WHERE conditions for `knowledge.select`: `target` names the token column, as in INSERT."""
+    from modelql.knowledge.rows import Condition
+
+    return [Condition("token" if c.field == "target" else c.field, c.op.value, c.value) for c in where]
+
+
 @handles(ast.Select)
 def _select(ex: Executor, stmt: ast.Select):
+    from modelql.errors import SelectError
+
     vx = ex.vindex(stmt)
+    if stmt.source is not ast.SelectSource.ENTITIES:
+        unknown = [f for f in stmt.fields if f not in SELECT_COLUMNS]
+        if unknown:
+            raise SelectError(f"unknown column {unknown[0]!r} (use {', '.join(SELECT_COLUMNS)} or *)")
     nearest = (stmt.nearest.entity, stmt.nearest.layer) if stmt.nearest is not None else None
     order = stmt.order_by
     return knowledge("select")(
-        vx, stmt.source.value.lower(), _conditions(stmt.where),
+        vx, stmt.source.value.lower(), select_where(stmt.where),
         order_by=order.field if order is not None else None,
         descending=order.descending if order is not None else False,
         limit=stmt.limit, nearest=nearest,
@@ -407,6 +427,8 @@ def run_batch(
 
     executor = Executor(session)
     outcomes = []
+    from modelql.lql.reference import run_help
+
     pieces = list(parse_pieces(script))
     for i, (piece, parsed) in enumerate(pieces):
         if outcomes and outcomes[-1].error is not None and isinstance(outcomes[-1].statement, USE_STATEMENTS):
@@ -419,7 +441,15 @@ def run_batch(
                 on_outcome(outcome)
             break
         t0 = time.perf_counter()
-        if isinstance(parsed, Exception):
+        try:
+            helped = run_help(piece.text)  # HELP: a modelql meta-statement, not LQL (the parser stays LARQL's)
+        except ModelqlError as exc:
+            parsed, helped = exc, None
+        if helped is not None:
+            outcome = Outcome(piece, helped.statement, results=[helped])
+            if on_result is not None:
+                on_result(helped)
+        elif isinstance(parsed, Exception):
             outcome = Outcome(piece, None, error=parsed)
         else:
             outcome = Outcome(piece, parsed)

@@ -388,8 +388,10 @@ async def stats(request: Request):
                 "knn_entries": 0}
     else:
         raise ServiceUnavailable("model is still loading", headers={"Retry-After": "1"})
+    # LARQL's meaning: which services this server answers (a full server answers walk-ffn and embed too)
     body["loaded"] = {"browse": vx is not None and not cfg.embed_only, "inference": _can_run_model(st),
-                      "ffn_service": cfg.ffn_only, "embed_service": cfg.embed_only}
+                      "ffn_service": cfg.unavailable_reason("/v1/walk-ffn", "walk_ffn") is None,
+                      "embed_service": cfg.unavailable_reason("/v1/embed", "embed") is None}
     body["owned_layers"] = list(cfg.owned_layers) if cfg.owned_layers else None
     ps = src.patches
     body["patches_active"] = 0 if ps is None else len(ps.applied) + bool(ps.recording and ps.recording.ops)
@@ -401,18 +403,34 @@ async def stats(request: Request):
 
 
 class WarmupRequest(BaseModel):
+    """LARQL's `layers`, `skip_weights`, `warmup_hnsw`, and modelql's `editing`."""
+
     model_config = ConfigDict(extra="ignore")
+    layers: list[int] | None = Field(None, max_length=MAX_LIMIT, description="layers to prefetch (default: all)")
+    skip_weights: bool = False
+    warmup_hnsw: bool = Field(False, description="LARQL's HNSW index: modelql's gate KNN is exact (no index)")
     editing: bool = Field(False, description="modelql: also compute the statistics weight-level (MEMIT) inserts "
                                              "need, once per model (else the first such insert pays for them)")
 
 
 @router.post("/v1/warmup", responses=ERRORS)
 async def warmup(request: Request, body: WarmupRequest | None = None):
+    """LARQL's response (`model`, `weights_loaded`, `layers_prefetched`, the `*_ms` timings, ...); the
+    model's weights are loaded when the server starts, so `weights_load_ms` is 0."""
     t0 = time.perf_counter()
+    body = body or WarmupRequest()
     vx = _vindex(request, "/v1/warmup")
-    await run_in_threadpool(vx.warm)
-    out: dict[str, Any] = {"status": "ok"}
-    if body is not None and body.editing:
+    st = _st(request)
+    if body.layers is not None:
+        for layer in body.layers:
+            check_layer(layer, vx.num_layers)
+    warmed = await run_in_threadpool(vx.warm, body.layers)
+    prefetch_ms = int((time.perf_counter() - t0) * 1e3)
+    out: dict[str, Any] = {"model": st.model_id, "weights_loaded": not body.skip_weights and st.model is not None,
+                           "weights_load_ms": 0, "layers_prefetched": len(warmed), "prefetch_ms": prefetch_ms,
+                           "experts_prefetched": 0, "expert_prefetch_ms": 0, "hnsw_built": False,
+                           "hnsw_warmup_ms": 0, "status": "ok"}
+    if body.editing:
         st = _st(request)
         if not _can_run_model(st):
             raise ServiceUnavailable("editing statistics need the model's weights: this server runs without inference")
@@ -420,6 +438,7 @@ async def warmup(request: Request, body: WarmupRequest | None = None):
 
         await _on_model(st, memit.prepare_statistics)
         out["edit_statistics"] = "ready"
+    out["total_ms"] = int((time.perf_counter() - t0) * 1e3)
     out["latency_ms"] = _ms(t0)
     return out
 
@@ -435,11 +454,50 @@ def describe_args(band: str, limit: int, min_score: float | None, mode: str | No
                 token_filter="light", probe_only=True, relations_only=relations_only)
 
 
-def describe_json(result, limit: int | None, verbose: bool, bands: bool = False) -> dict[str, Any]:
+LARQL_MIN_SCORE = 5.0
+
+
+def describe_threshold(min_score: str | None, variant: str) -> float | None:
+    """`min_score` → `knowledge.describe`'s threshold: absent = LARQL's 5.0 (variant=server) or the
+    adaptive threshold (variant=lql); `adaptive` = None (modelql's scale-free per-layer z)."""
+    if min_score is None:
+        return LARQL_MIN_SCORE if variant == "server" else None
+    if min_score.strip().lower() == "adaptive":
+        return None
+    try:
+        value = float(min_score)
+    except ValueError:
+        raise HttpError(400, f"invalid value for 'min_score': {min_score!r} (a number, or 'adaptive')",
+                        code="invalid_value", param="min_score") from None
+    if not math.isfinite(value):
+        raise HttpError(400, "min_score must be a finite number", code="invalid_value", param="min_score")
+    return value
+
+
+def larql_edges(edges: list[dict]) -> list[dict]:
+    """LARQL's edge order: by gate score, highest first, one edge per target (compared lower-cased,
+    the highest-scoring kept) — labelled or not."""
+    seen: set[str] = set()
+    out = []
+    for e in sorted(edges, key=lambda e: -float(e["gate"])):
+        key = str(e["target"]).strip().lower()
+        if key in seen:
+            continue
+        seen.add(key)
+        out.append(e)
+    return out
+
+
+def describe_json(result, limit: int | None, verbose: bool, bands: bool = False,
+                  larql_order: bool = False) -> dict[str, Any]:
     """The spec's `/v1/describe` body from a `DescribeResult` (its rows' `to_json()`); `bands`
-    (variant=lql) adds each edge's section so a remote LQL DESCRIBE renders as a local one."""
+    (variant=lql) adds each edge's section so a remote LQL DESCRIBE renders as a local one;
+    `larql_order` sorts and dedupes as LARQL does (`larql_edges`)."""
     edges = []
-    for e in result.to_json()["edges"][:limit]:
+    rows = result.to_json()["edges"]
+    if larql_order:
+        rows = larql_edges(rows)
+    for e in rows[:limit]:
         row: dict[str, Any] = {"target": e["target"], "gate_score": _r(e["gate"], 1), "layer": e["layer"]}
         if e["relation"]:
             row["relation"] = e["relation"]
@@ -494,8 +552,9 @@ async def describe(request: Request,
                    band: Literal["syntax", "knowledge", "output", "all"] = "knowledge",
                    verbose: bool = False,
                    limit: int = Query(20, ge=1, le=MAX_LIMIT),
-                   min_score: float | None = Query(None, description="absolute signed gate threshold (LARQL: 5.0); "
-                                                   "absent: modelql's adaptive per-layer z threshold"),
+                   min_score: str | None = Query(None, description="absolute gate threshold; default 5.0 (LARQL); "
+                                                 "`adaptive` (modelql): the scale-free per-layer z threshold "
+                                                 "(the default of variant=lql)"),
                    mode: Literal["auto", "embedding", "residual"] = "auto",
                    relations_only: bool = False,
                    layer: int | None = Query(None, description="modelql: scan only this layer (LQL AT LAYER)"),
@@ -508,20 +567,19 @@ async def describe(request: Request,
     if not entity.strip():
         raise HttpError(400, "missing entity")
     _text(entity, "entity")
-    if min_score is not None and not math.isfinite(min_score):
-        raise HttpError(400, "min_score must be a finite number")
+    threshold = describe_threshold(min_score, variant)
     scope = _scope(request)
     if variant == "lql":
         b = band.lower()
-        kw = dict(band=None if b == "all" else b, threshold=min_score, mode=_mode_for(st, mode),
+        kw = dict(band=None if b == "all" else b, threshold=threshold, mode=_mode_for(st, mode),
                   relations_only=relations_only)
     else:
-        kw = describe_args(band, limit, min_score, _mode_for(st, mode), relations_only)
+        kw = describe_args(band, limit, threshold, _mode_for(st, mode), relations_only)
     if layer is not None:
         check_layer(layer, vx.num_layers)
         kw["layer"] = layer
     result = await run_describe(st, vx, entity, scope=scope, knn_entries=scope.knn(), **kw)
-    body = describe_json(result, limit, verbose, bands=variant == "lql")
+    body = describe_json(result, limit, verbose, bands=variant == "lql", larql_order=variant == "server")
     tag = _etag(body, scope.epoch)
     headers = {"ETag": tag, "Cache-Control": "no-cache" if scope.patched or scope.sid else DESCRIBE_CACHE}
     inm = request.headers.get("if-none-match")
@@ -759,7 +817,8 @@ class InsertRequest(BaseModel):
     """LARQL's one fact (`entity`, `relation`, `target`), or modelql's `facts`: several facts
     inserted as one batch (MEMIT solves them together)."""
 
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="ignore", json_schema_extra={"anyOf": [
+        {"required": ["entity", "relation", "target"]}, {"required": ["facts"]}]})
     entity: str | None = None
     relation: str | None = None
     target: str | None = None
@@ -767,7 +826,11 @@ class InsertRequest(BaseModel):
     layer: int | None = None
     confidence: float | None = None
     alpha: float | None = None
-    mode: Literal["knn", "compose", "memit", "constellation"] | None = None
+    mode: Literal["knn", "compose", "memit", "constellation"] | None = Field(
+        None, description="default: knn for one fact (LARQL's fast insert), memit for modelql's `facts` batch")
+
+
+LARQL_DEFAULT_ALPHA = 0.25  # what LARQL's /v1/insert reports as `alpha` when the request gives none
 
 
 class PatchApplyRequest(BaseModel):
@@ -833,13 +896,16 @@ async def insert(body: InsertRequest, request: Request):
             raise HttpError(400, f"{name} must be a finite number")
     check_layer(body.layer, _vindex(request, "/v1/insert").num_layers)
     t0 = time.perf_counter()
+    mode = body.mode or ("knn" if body.facts is None else "memit")
 
     def run(ps):
         edit, _ = editing()
         rs = edit.insert_many(ps, facts, layer=body.layer, confidence=body.confidence, alpha=body.alpha,
-                              mode=body.mode)
+                              mode=mode)
         if body.facts is None:
             out = rs[0].to_json()
+            if out.get("alpha") is None:  # LARQL always reports a number (modes without alpha: the request's)
+                out["alpha"] = body.alpha if body.alpha is not None else LARQL_DEFAULT_ALPHA
         else:  # modelql batch: the shared fields once, then every fact's own
             out = {**rs[0].to_json(), "inserted": len(rs), "facts": [r.to_json() for r in rs]}
             for name in ("entity", "relation", "target", "feature"):
