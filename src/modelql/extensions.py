@@ -25,8 +25,8 @@ EXTENSIONS: tuple[Extension, ...] = (
     Extension("LQL", "INSERT ... VALUES (...), (...)", "several facts in one statement, solved together as one "
               "batch (LARQL inserts one row)"),
     Extension("LQL", "INSERT ... MODE MEMIT", "a weight-level edit of the down projection (LARQL: KNN or COMPOSE)"),
-    Extension("LQL", "SAVE PATCH \"path\"", "save the recording to a path given at save time (LARQL: SAVE PATCH "
-              "saves to the BEGIN PATCH path)"),
+    Extension("LQL", "SAVE PATCH \"path\"", "save the recording to a path given at save time (without one: the "
+              "BEGIN PATCH path, as LARQL)"),
     Extension("LQL", "EXTRACT ... WITH ATTENTION", "extract the attention weights too (level attention)"),
     Extension("LQL", "EXPLAIN INFER ... WITH ATTENTION", "adds each layer's attended token and logit-lens top"),
     Extension("LQL", "SELECT col, ... FROM EDGES / WHERE target = ...", "the column list picks the output "
@@ -34,7 +34,8 @@ EXTENSIONS: tuple[Extension, ...] = (
     Extension("LQL", "USE REMOTE with DELETE / UPDATE", "matched on the server (POST /v1/edges/match), applied "
               "as an inline patch"),
     # -- HTTP (LARQL clients never send these; LARQL servers ignore them) --
-    Extension("HTTP", "POST /v1/insert {\"facts\": [...]}", "several facts as one batch (LARQL: one fact)"),
+    Extension("HTTP", "POST /v1/insert {\"facts\": [...]}", "several facts as one batch, by default one MEMIT "
+              "solve (LARQL: one fact)"),
     Extension("HTTP", "POST /v1/insert {\"mode\": \"memit\"}", "the weight-level edit; LARQL's modes are knn "
               "(the default) and compose"),
     Extension("HTTP", "POST /v1/insert → knn_total", "the overlay's KNN facts after the insert"),
@@ -56,7 +57,7 @@ EXTENSIONS: tuple[Extension, ...] = (
     Extension("HTTP", "/v1/{model_id}/... (multi-model mode)", "knowledge routes of several served models"),
     # -- .vlp patches --
     Extension("patch", "op \"down_delta\"", "a MEMIT weight edit (low-rank update of a layer's down "
-              "projection); LARQL rejects a patch holding one"),
+              "projection): not one of LARQL's ops, so only modelql applies a patch holding one"),
     # -- vindex files --
     Extension("vindex", "checksums of every file", "index.json lists a SHA-256 for every file, not only "
               "LARQL's ten (LARQL reads the ones it knows)"),
