@@ -23,10 +23,24 @@ app = typer.Typer(
     name="modelql",
     help="A local transformer model, served and queried like a database.",
     no_args_is_help=True,
-    add_completion=False,
+    add_completion=True,
     pretty_exceptions_enable=False,
     rich_markup_mode=None,
 )
+
+
+def _version(value: bool) -> None:
+    if value:
+        from . import __version__
+
+        print(f"modelql {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _main(version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True,
+                                                help="print the version and exit")] = False) -> None:
+    """A local transformer model, served and queried like a database."""
 
 
 # -- error mapping -----------------------------------------------------------------------------
@@ -172,8 +186,10 @@ def generate_cmd(
     if len(args) > 2:
         raise error("expected [MODEL] PROMPT (quote a prompt with spaces)")
     model_ref, prompt = (None, args[0]) if len(args) == 1 else (args[0], args[1])
-    if prompt == "-":
+    if prompt == "-":  # `echo "prompt" | modelql generate -`: the newline echo adds is not part of the prompt
         prompt = sys.stdin.read()
+        prompt = prompt[:-1] if prompt.endswith("\n") else prompt
+        prompt = prompt[:-1] if prompt.endswith("\r") else prompt
     params = sampling_params(max_tokens, temperature, top_k, top_p, min_p, repetition_penalty, frequency_penalty,
                              presence_penalty, seed, stop)
     if ffn:
@@ -187,6 +203,8 @@ def generate_cmd(
     if not text.endswith("\n"):
         sys.stdout.write("\n")
     sys.stdout.flush()
+    if not text.strip():
+        print(f"[the model generated no visible text: finish {reason}, {n} tokens]", file=sys.stderr)
     if verbose:
         secs = time.perf_counter() - start
         print(f"[finish: {reason}, {n} tokens in {secs:.2f}s, {n / secs if secs else 0:.1f} tok/s]", file=sys.stderr)

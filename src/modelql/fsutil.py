@@ -88,10 +88,52 @@ def atomic_write_json(path: str | Path, obj: Any, indent: int | None = None) -> 
 # -- directories -------------------------------------------------------------------------------
 
 
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OverflowError, ValueError):
+        return True  # someone else's process (or not a pid we can test): leave its files alone
+    return True
+
+
+def remove_stale(out: str | Path) -> list[Path]:
+    """Delete the staging directories and temporary files of `out` left by writers that died
+    (killed extract / COMPILE runs): `.<name>.<pid>.<random>.tmp|old` whose process is gone."""
+    out = Path(out)
+    removed = []
+    try:
+        candidates = list(out.parent.glob(f".{glob_escape(out.name)}.*.*.*"))
+    except OSError:
+        return removed
+    for p in candidates:
+        parts = p.name[len(out.name) + 2:].split(".")
+        if len(parts) != 3 or parts[2] not in ("tmp", "old") or not parts[0].isdigit():
+            continue
+        pid = int(parts[0])
+        if pid == os.getpid() or _pid_alive(pid):
+            continue
+        if p.is_dir() and not p.is_symlink():
+            shutil.rmtree(p, ignore_errors=True)
+        else:
+            p.unlink(missing_ok=True)
+        removed.append(p)
+    return removed
+
+
+def glob_escape(name: str) -> str:
+    import glob
+
+    return glob.escape(name)
+
+
 def staging_directory(out: str | Path) -> Path:
-    """Create and return an empty staging directory next to `out` (its parents are created)."""
+    """Create and return an empty staging directory next to `out` (its parents are created),
+    first removing the staging left next to it by killed runs (`remove_stale`)."""
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale(out)
     while True:
         tmp = _temp_name(out)
         try:

@@ -374,18 +374,26 @@ def test_batch_continues_after_errors(tiny_vindex):
     script = f'''
         SHOW LAYERS;
         WALK "x" BOGUS;        -- a parse error
-        USE "nope.vindex";     -- an execution error
-        SHOW FEATURES 99;      -- another execution error
+        SHOW FEATURES 99;      -- an execution error
         STATS
     '''
     outcomes = run_batch(script, session)
-    assert [o.ok for o in outcomes] == [True, False, False, False, True]
+    assert [o.ok for o in outcomes] == [True, False, False, True]
     assert outcomes[1].statement is None
     parse_err = render.error_lines(outcomes[1].error)
     assert parse_err[0].startswith("Error: Parse error at line 3, column ")
     assert parse_err[2].strip() == "^"
-    assert render.error_lines(outcomes[2].error) == ["Error: vindex not found: nope.vindex"]
-    assert render.error_lines(outcomes[3].error) == ["Error: no features at layer 99"]
+    assert render.error_lines(outcomes[2].error) == ["Error: no features at layer 99"]
+
+
+def test_batch_stops_after_a_failed_use(tiny_vindex):
+    session = session_on(tiny_vindex)
+    outcomes = run_batch('SHOW LAYERS; USE "nope.vindex"; SHOW FEATURES 0; STATS', session)
+    assert [o.ok for o in outcomes] == [True, False, False]
+    assert render.error_lines(outcomes[1].error) == ["Error: vindex not found: nope.vindex"]
+    assert str(outcomes[2].error) == "script stopped: the USE at line 1 failed, so the 2 statement(s) after it " \
+                                     "were not run"
+    assert outcomes[2].results == []
     assert session.vindex.path == tiny_vindex  # the failed USE left the backend alone
 
 

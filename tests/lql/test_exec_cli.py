@@ -33,18 +33,31 @@ def test_batch_success(runner, tiny_vindex):
 
 
 def test_batch_continues_after_errors(runner, tiny_vindex):
-    script = 'SHOW LAYERS 0-0; WALK "x" BOGUS; USE "nope.vindex"; SHOW FEATURES 99; SHOW LAYERS 1-1'
+    script = 'SHOW LAYERS 0-0; WALK "x" BOGUS; SHOW FEATURES 99; SHOW LAYERS 1-1'
     r = invoke(runner, ["lql", "--vindex", str(tiny_vindex), script])
     assert r.exit_code == 1
     out = r.output
     assert "Traceback" not in out
     lines = out.splitlines()
     assert any(line.startswith("Error: Parse error at line 1, column ") for line in lines)
-    assert "Error: vindex not found: nope.vindex" in lines
     assert "Error: no features at layer 99" in lines
     # the statements after the failures ran, in order
-    assert out.index("L0") < out.index("Error: Parse error") < out.index("Error: vindex not found") \
-        < out.index("Error: no features") < out.rindex("L1")
+    assert out.index("L0") < out.index("Error: Parse error") < out.index("Error: no features") < out.rindex("L1")
+
+
+def test_batch_stops_after_a_failed_use(runner, tiny_vindex, tmp_path):
+    """A failed USE stops the script: the INSERT and COMPILE after it would otherwise run on the
+    backend in use before (here the --vindex one) and write output."""
+    out_dir = tmp_path / "compiled.vindex"
+    script = (f'SHOW LAYERS 0-0;\nUSE "nope.vindex";\nSHOW LAYERS 1-1;\n'
+              f'INSERT INTO EDGES (entity, relation, target) VALUES ("a", "b", "c");\n'
+              f'COMPILE CURRENT INTO VINDEX "{out_dir}";')
+    r = invoke(runner, ["lql", "--vindex", str(tiny_vindex), script])
+    assert r.exit_code == 1 and "Traceback" not in r.output
+    lines = r.output.splitlines()
+    assert "Error: vindex not found: nope.vindex" in lines
+    assert "Error: script stopped: the USE at line 2 failed, so the 3 statement(s) after it were not run" in lines
+    assert "L1" not in r.output and not out_dir.exists()
 
 
 def test_file_and_stdin(runner, tiny_vindex, tmp_path):

@@ -516,6 +516,9 @@ def write_probe_labels(directory: str | Path, result: ProbeResult, templates: Ma
         "seconds": round(result.seconds, 2),
     }
     atomic_write_json(d / PROBE_META_FILE, meta, indent=2)
+    from ..vindex.checksums import record
+
+    record(d, [LABELS_FILE, PROBE_META_FILE])  # checksummed at write, like every vindex file
     return d / LABELS_FILE
 
 

@@ -5,7 +5,8 @@
     modelql repl                                interactive
 
 Batch mode runs every statement in one session, prints each statement's output (a blank line
-between statements), prints `Error: <message>` for a failing statement and carries on, and
+between statements), prints `Error: <message>` for a failing statement and carries on (except after a
+failed USE: the script stops there), and
 exits 1 if any statement failed. With no USE (and no --vindex) statements run against the
 embedded default model's vindex, extracted into the cache on first use (progress on stderr).
 """
@@ -40,6 +41,8 @@ def lql_command(
     file: Annotated[Optional[Path], typer.Option("-f", "--file", help="read the statements from FILE ('-' = stdin)",
                                                  show_default=False)] = None,
     vindex: VindexOpt = None,
+    json_out: Annotated[bool, typer.Option("--json", help="one JSON object per statement on stdout: "
+                                           "{statement, ok, results, error}")] = False,
 ) -> None:
     """Run LQL statements in batch mode."""
     from modelql.errors import ModelqlError
@@ -58,6 +61,9 @@ def lql_command(
         raise ModelqlError("no statements: give them as an argument, with -f FILE, or on stdin")
     session = _session(vindex)
     out = sys.stdout
+    if json_out:
+        _run_json(text, session, out)
+        return
     state = {"printed": False}
 
     def separate() -> None:
@@ -84,6 +90,48 @@ def lql_command(
             out.flush()
 
     run_batch(text, session, on_result=on_result, on_outcome=on_outcome)
+    if failed:
+        raise typer.Exit(1)
+
+
+def to_jsonable(value):
+    """A result value as JSON data: its `to_json()`, a dataclass's fields, else its text."""
+    import dataclasses
+    import enum
+
+    if hasattr(value, "to_json"):
+        return value.to_json()
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return {f.name: to_jsonable(getattr(value, f.name)) for f in dataclasses.fields(value)}
+    if isinstance(value, (list, tuple)):
+        return [to_jsonable(v) for v in value]
+    if isinstance(value, dict):
+        return {str(k): to_jsonable(v) for k, v in value.items()}
+    if isinstance(value, enum.Enum):
+        return value.value
+    if value is None or isinstance(value, (str, int, float, bool)):
+        return value
+    return str(value)
+
+
+def _run_json(text: str, session, out) -> None:
+    """`modelql lql --json`: each statement as one JSON line (results as data, errors as text)."""
+    import json
+
+    from modelql.lql import render
+    from modelql.lql.executor import run_batch
+
+    failed = 0
+
+    def on_outcome(o) -> None:
+        nonlocal failed
+        failed += not o.ok
+        line = {"statement": o.piece.text.strip(), "ok": o.ok, "results": [to_jsonable(r.value) for r in o.results],
+                "error": None if o.ok else render.error_lines(o.error)[0].removeprefix("Error: ")}
+        out.write(json.dumps(line, ensure_ascii=False, default=str) + "\n")
+        out.flush()
+
+    run_batch(text, session, on_outcome=on_outcome)
     if failed:
         raise typer.Exit(1)
 

@@ -237,13 +237,33 @@ def _conditions(where: Iterable[ast.Condition]):
     return [Condition(c.field, c.op.value, c.value) for c in where]
 
 
+#: SELECT ... FROM EDGES | FEATURES columns: the name → the row attribute it shows. `target` is the
+#: token a feature writes (the column INSERT INTO EDGES fills), `entity` / `token` the same column.
+SELECT_COLUMNS = {"layer": "layer", "feature": "feature", "token": "token", "entity": "token", "target": "token",
+                  "relation": "relation", "also": "also", "score": "score", "confidence": "c_score",
+                  "c_score": "c_score", "top_tokens": "top_tokens"}
+
+
+def select_where(where: Iterable[ast.Condition]):
+    """WHERE conditions for `knowledge.select`: `target` names the token column, as in INSERT."""
+    from modelql.knowledge.rows import Condition
+
+    return [Condition("token" if c.field == "target" else c.field, c.op.value, c.value) for c in where]
+
+
 @handles(ast.Select)
 def _select(ex: Executor, stmt: ast.Select):
+    from modelql.errors import SelectError
+
     vx = ex.vindex(stmt)
+    if stmt.source is not ast.SelectSource.ENTITIES:
+        unknown = [f for f in stmt.fields if f not in SELECT_COLUMNS]
+        if unknown:
+            raise SelectError(f"unknown column {unknown[0]!r} (use {', '.join(SELECT_COLUMNS)} or *)")
     nearest = (stmt.nearest.entity, stmt.nearest.layer) if stmt.nearest is not None else None
     order = stmt.order_by
     return knowledge("select")(
-        vx, stmt.source.value.lower(), _conditions(stmt.where),
+        vx, stmt.source.value.lower(), select_where(stmt.where),
         order_by=order.field if order is not None else None,
         descending=order.descending if order is not None else False,
         limit=stmt.limit, nearest=nearest,
@@ -370,6 +390,9 @@ def _trace(ex: Executor, stmt: ast.Trace):
 # ---------------------------------------------------------------------------------------------
 
 
+USE_STATEMENTS = (ast.UseVindex, ast.UseModel, ast.UseRemote)
+
+
 @dataclass
 class Outcome:
     """One piece of a batch: its text, the statement (None if it did not parse), the results
@@ -393,7 +416,10 @@ def run_batch(
     on_outcome: Callable[[Outcome], None] | None = None,
     on_result: Callable[[Executed], None] | None = None,
 ) -> list[Outcome]:
-    """Run every statement of ``script`` in one session; continue after errors (spec §2).
+    """Run every statement of ``script`` in one session; continue after errors (spec §2), except
+    after a failed USE: what follows was written for the backend it names, and running it against
+    the previous one (the default model, at the start) would edit and COMPILE the wrong model. The
+    script then stops with one more outcome saying how many statements did not run.
 
     ``on_result`` sees each result as it is produced and ``on_outcome`` each finished piece
     (for streaming output). Errors are ``ModelqlError``s or, for bugs, any other ``Exception``
@@ -403,9 +429,29 @@ def run_batch(
 
     executor = Executor(session)
     outcomes = []
-    for piece, parsed in parse_pieces(script):
+    from modelql.lql.reference import run_help
+
+    pieces = list(parse_pieces(script))
+    for i, (piece, parsed) in enumerate(pieces):
+        if outcomes and outcomes[-1].error is not None and isinstance(outcomes[-1].statement, USE_STATEMENTS):
+            failed = outcomes[-1].piece
+            outcome = Outcome(piece, None, error=LqlExecutionError(
+                f"script stopped: the USE at line {failed.line} failed, so the {len(pieces) - i} statement(s) "
+                f"after it were not run"))
+            outcomes.append(outcome)
+            if on_outcome is not None:
+                on_outcome(outcome)
+            break
         t0 = time.perf_counter()
-        if isinstance(parsed, Exception):
+        try:
+            helped = run_help(piece.text)  # HELP: a modelql meta-statement, not LQL (the parser stays LARQL's)
+        except ModelqlError as exc:
+            parsed, helped = exc, None
+        if helped is not None:
+            outcome = Outcome(piece, helped.statement, results=[helped])
+            if on_result is not None:
+                on_result(helped)
+        elif isinstance(parsed, Exception):
             outcome = Outcome(piece, None, error=parsed)
         else:
             outcome = Outcome(piece, parsed)

@@ -290,7 +290,8 @@ def _insert(ex, stmt: ast.Insert):
     from modelql.lql.editing import Inserted
 
     c = client(ex)
-    mode = stmt.mode.value.lower() if stmt.mode is not None else None
+    # LQL's default is the MEMIT edit; /v1/insert's (LARQL's) is a fast KNN insert: say which
+    mode = stmt.mode.value.lower() if stmt.mode is not None else "memit"
     kw = dict(layer=stmt.layer, confidence=stmt.confidence, alpha=stmt.alpha, mode=mode)
     if len(stmt.values) == 1:
         f = stmt.values[0]

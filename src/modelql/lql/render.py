@@ -411,6 +411,21 @@ def _score(row) -> str:
     return f"{row.score:.4f}"
 
 
+def _column(r, attr: str) -> str:
+    if attr == "layer":
+        return f"L{r.layer}"
+    if attr == "feature":
+        return f"F{r.feature}"
+    if attr == "score":
+        return _score(r)
+    if attr == "c_score":
+        return f"{r.c_score:.4f}"
+    if attr in ("also", "top_tokens"):
+        return ", ".join(getattr(r, attr, ()) or ())
+    v = getattr(r, attr, None)
+    return "" if v is None else str(v)
+
+
 def _select_footer(s) -> str:
     n = len(s.rows)
     if s.total > n:
@@ -442,6 +457,16 @@ def _select_blocks(stmt, s) -> list:
         return out
     if not s.rows:
         return ["  (no rows)"]
+    fields = getattr(stmt, "fields", ())
+    if fields:  # SELECT col, col FROM ...: exactly those columns, in that order
+        from modelql.lql.executor import SELECT_COLUMNS
+
+        t = Table([f.capitalize() for f in fields],
+                  align="".join("r" if SELECT_COLUMNS.get(f) in ("layer", "feature", "score", "c_score") else "l"
+                                for f in fields))
+        for r in s.rows:
+            t.rows.append([_column(r, SELECT_COLUMNS.get(f, f)) for f in fields])
+        return [t, _select_footer(s)]
     full = s.source == "features" or getattr(stmt, "nearest", None) is not None
     relation_filtered = any(c.field == "relation" for c in getattr(stmt, "where", ()))
     show_also = full or s.has_also

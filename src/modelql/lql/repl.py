@@ -41,22 +41,10 @@ CLEAR_WORDS = frozenset({"clear"})
 
 HELP = """\
 LQL statements end with ';' (STATS and SHOW MODELS may omit it); Enter continues an
-unfinished statement on a new line, Tab completes keywords and entity names.
-
-  USE "path.vindex";                     USE MODEL "dir" [AUTO_EXTRACT];
-  STATS ["path"];                        SHOW MODELS;  SHOW LAYERS [a-b];
-  DESCRIBE "France" [SYNTAX|KNOWLEDGE|OUTPUT|ALL LAYERS] [AT LAYER n] [VERBOSE|RAW] [RELATIONS ONLY];
-  WALK "prompt" [TOP n] [LAYERS a-b|ALL] [MODE HYBRID|PURE|DENSE] [COMPARE];
-  EXPLAIN WALK "prompt" [LAYERS a-b] [TOP n] [VERBOSE];
-  SELECT * FROM EDGES|FEATURES|ENTITIES [NEAREST TO "e" AT LAYER n]
-         [WHERE field op value AND ...] [ORDER BY field [ASC|DESC]] [LIMIT n];
-  SHOW RELATIONS [AT LAYER n] [WITH EXAMPLES] [VERBOSE|RAW];
-  SHOW FEATURES n [WHERE ...] [LIMIT k];  SHOW ENTITIES [n] [LIMIT k];
-  INFER "prompt" [TOP n] [COMPARE];       EXPLAIN INFER "prompt" ...;
-  TRACE "prompt" [FOR "token"] [DECOMPOSE] [LAYERS a-b] [POSITIONS ALL|LAST] [SAVE "file"];
-  A |> B                                  run A, then B
-
+unfinished statement on a new line, Tab completes keywords and entity names. A |> B runs A, then B.
 With no USE, statements run against the embedded default model's vindex.
+
+HELP <statement>;  its syntax and an example (HELP EXTENSIONS: what modelql adds to LARQL's LQL)
 help, \\h, \\?   this text      clear   clear the screen      exit, quit, \\q, Ctrl-D   leave
 Ctrl-C discards the statement being typed."""
 
@@ -263,7 +251,17 @@ class _Repl:
         """Parse and run one buffer (which may hold several statements), printing as it goes."""
         from modelql.lql.parser import parse_pieces
 
-        for _piece, parsed in parse_pieces(text):
+        from modelql.lql.reference import run_help
+
+        for piece, parsed in parse_pieces(text):
+            try:
+                helped = run_help(piece.text)
+            except Exception as exc:  # an unknown HELP topic
+                self.error(exc)
+                continue
+            if helped is not None:
+                self.show(helped)
+                continue
             if isinstance(parsed, Exception):
                 self.error(parsed)
                 continue
@@ -291,7 +289,9 @@ class _Repl:
         if word == "exit":
             return False
         if word == "help":
-            self.console.print(HELP, markup=False, highlight=False)
+            from modelql.lql.reference import help_text
+
+            self.console.print(HELP + "\n\n" + str(help_text()), markup=False, highlight=False)
         elif word == "clear":
             self.console.clear()
         return True

@@ -98,6 +98,7 @@ class Session:
         from modelql.vindex import Vindex
 
         vx = Vindex.load(p)
+        vx.check_integrity()  # corrupted files are an error here, not wrong answers later
         self.reset()
         self.backend = "vindex"
         self.vindex = vx

@@ -10,7 +10,6 @@ Every malformed input is a 400 `{"error": ...}`, never a 500. Features-only JSON
 
 from __future__ import annotations
 
-import json
 import time
 from typing import Sequence
 
@@ -20,10 +19,11 @@ from fastapi import APIRouter, Request
 from starlette.concurrency import run_in_threadpool
 from starlette.responses import JSONResponse, Response
 
+from ..server.body import OFFLOAD_BYTES, BodyError, JsonRoute, read_json
 from ..server.errors import ServiceUnavailable
 from . import wire
 
-router = APIRouter(tags=["remote ffn"])
+router = APIRouter(tags=["remote ffn"], route_class=JsonRoute)
 
 _BINARY_TYPES = (wire.MEDIA_F32, wire.MEDIA_F16, wire.MEDIA_I8)
 
@@ -33,6 +33,16 @@ def ffn_outputs(model, layers: Sequence[int], rows: np.ndarray) -> list[np.ndarr
     with torch.inference_mode():
         x = torch.from_numpy(np.ascontiguousarray(rows, dtype=np.float32)).to(model.dtype)
         return [model.ffn.forward(layer, x).float().numpy().reshape(-1) for layer in layers]
+
+
+def _parse(raw: bytes, binary: bool) -> wire.FfnRequest:
+    if binary:
+        return wire.decode_request(raw)
+    try:
+        data = read_json(raw or b"null")
+    except BodyError as exc:
+        raise wire.WireError(f"We could not parse the JSON body of your request: {exc.msg}") from None
+    return wire.parse_json_request(data)
 
 
 def owned_layers(st, model) -> tuple[int, int] | None:
@@ -54,7 +64,16 @@ def _features(request: Request, req: wire.FfnRequest, hidden: int):
 
     view = _scope(request).view()
     q = torch.from_numpy(req.residual[:hidden].copy())
-    return [[(h.feature, h.score) for h in view.gate_knn(layer, q, k=max(1, req.top_k))] for layer in req.layers]
+    out = [[(h.feature, h.score) for h in view.gate_knn(layer, q, k=max(1, req.top_k))] for layer in req.layers]
+    for layer, hits in zip(req.layers, out):
+        if not all(np.isfinite(s) for _f, s in hits):
+            raise _overflow(layer)
+    return out
+
+
+def _overflow(layer: int) -> wire.WireError:
+    return wire.WireError(f"the FFN of layer {layer} overflows float32 on this residual (non-finite output): "
+                          f"its values are too large for this model")
 
 
 @router.post("/v1/walk-ffn", responses={
@@ -72,14 +91,8 @@ async def walk_ffn(request: Request):
     model = st.require_model()
     raw = await request.body()
     binary = request.headers.get("content-type", "").split(";")[0].strip().lower() in _BINARY_TYPES
-    if binary:
-        req = wire.decode_request(raw)
-    else:
-        try:
-            data = json.loads(raw or b"null")
-        except (ValueError, UnicodeDecodeError) as exc:
-            raise wire.WireError(f"We could not parse the JSON body of your request: {exc}") from None
-        req = wire.parse_json_request(data)
+    offload = len(raw) >= OFFLOAD_BYTES  # a large frame is parsed and computed off the event loop
+    req = await run_in_threadpool(_parse, raw, binary) if offload else _parse(raw, binary)
     spec = model.spec
     hidden = spec.hidden_size
     wire.validate(req, hidden, spec.num_layers, owned_layers(st, model))
@@ -87,10 +100,13 @@ async def walk_ffn(request: Request):
         hits = await run_in_threadpool(_features, request, req, hidden)
         return JSONResponse(wire.json_features(req.layers, hits, (time.perf_counter() - t0) * 1e3))
     target = _model_for(request, model)
-    if st.config.ffn_only:  # a shard does nothing else: skip the thread hop (one layer is ~1 ms of work)
+    if st.config.ffn_only and not offload:  # a small frame on a shard: skip the thread hop (~1 ms of work)
         outs = ffn_outputs(target, req.layers, req.rows(hidden))
-    else:  # keep the event loop free for the streams of a full server
+    else:  # keep the event loop free (health checks, other clients, the streams of a full server)
         outs = await run_in_threadpool(ffn_outputs, target, req.layers, req.rows(hidden))
+    for layer, out in zip(req.layers, outs):
+        if not np.isfinite(out).all():
+            raise _overflow(layer)
     results = [wire.FfnResult(layer, req.seq_len, out) for layer, out in zip(req.layers, outs)]
     latency = (time.perf_counter() - t0) * 1e3
     if not binary:

@@ -24,6 +24,7 @@ from starlette.responses import JSONResponse, Response
 
 from .. import __version__
 from . import errors
+from .body import use_json_reader
 from .config import ServerConfig
 from .errors import ServiceUnavailable
 from .metrics import CONTENT_TYPE, Metrics
@@ -129,6 +130,7 @@ def create_app(config: ServerConfig, engine=None, *, model_id: str | None = None
     app.include_router(openai_routes.router)
     for router in knowledge:
         app.include_router(router)
+    use_json_reader(app)
     app.add_middleware(EdgeMiddleware, config=config, metrics=metrics_)
     if config.cors:
         app.add_middleware(CORSMiddleware, allow_origins=["*"], allow_methods=["*"], allow_headers=["*"],

@@ -30,6 +30,11 @@ def serve_command(
         "--trust-forwarded-for", help="rate-limit by the first X-Forwarded-For address")] = False,
     max_body: Annotated[int, typer.Option(
         "--max-body", "--max-body-bytes", min=1, help="request body limit in bytes (413 beyond)")] = 64 * 1024 * 1024,
+    patch_dir: Annotated[Optional[str], typer.Option(
+        "--patch-dir", help="directory of .vlp files clients may apply by name (POST /v1/patches/apply "
+                            "{\"url\": NAME}); without it only inline patches are accepted")] = None,
+    max_patch_bytes: Annotated[int, typer.Option(
+        "--max-patch-bytes", min=1, help="largest .vlp file read from --patch-dir")] = 64 * 1024 * 1024,
     cors: Annotated[bool, typer.Option("--cors", help="permissive CORS headers; preflights need no key")] = False,
     no_infer: Annotated[bool, typer.Option("--no-infer", help="serve no generation (503 on those routes)")] = False,
     embed_only: Annotated[bool, typer.Option("--embed-only", help="embedding service mode")] = False,
@@ -69,7 +74,8 @@ def serve_command(
         embed_only=embed_only, ffn_only=ffn_only, layers=layers, max_batch=max_batch, max_queue=max_queue,
         queue_full_status=queue_full_status, max_n=max_n, strict_model_name=strict_model_name,
         graceful_timeout=graceful_timeout, log_level=log_level, i8_wire=enable_i8_wire,
-        f16_wire=not disable_f16_wire)
+        f16_wire=not disable_f16_wire, patch_dir=patch_dir,
+        max_patch_bytes=max_patch_bytes)
     if ffn and ffn_only:
         raise ServerConfigError("--ffn and --ffn-only cannot be combined (a shard computes its FFN locally)")
     if ffn:

@@ -59,7 +59,8 @@ class ServerConfig:
     log_level: str = "warning"
     i8_wire: bool = False         # walk-ffn may answer i8 (--enable-i8-wire)
     f16_wire: bool = True         # walk-ffn may answer f16 (--disable-f16-wire turns it off)
-    patch_dir: str | None = None  # .vlp files the web UI lists and applies by name (never a path outside it)
+    patch_dir: str | None = None  # the only directory patches are read from by name (--patch-dir; /v1/patches/apply, the web UI)
+    max_patch_bytes: int = 64 * 1024 * 1024  # largest .vlp file /v1/patches/apply reads from patch_dir
 
     def __post_init__(self) -> None:
         modes = [f for f, on in (("--no-infer", self.no_infer), ("--embed-only", self.embed_only),
@@ -76,6 +77,11 @@ class ServerConfig:
             raise ServerConfigError("--max-batch must be >= 1 and --max-queue >= 0")
         if self.queue_full_status not in (429, 503):
             raise ServerConfigError("--queue-full-status must be 429 or 503")
+        if self.patch_dir is not None:
+            from pathlib import Path
+
+            if not Path(self.patch_dir).expanduser().is_dir():
+                raise ServerConfigError(f"--patch-dir {self.patch_dir}: not a directory")
         if not 0 <= self.port <= 65535:
             raise ServerConfigError(f"invalid --port {self.port}")
 

@@ -28,11 +28,13 @@ from fastapi import FastAPI, Request
 from fastapi.middleware.cors import CORSMiddleware
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.metrics_core import Metric
+from starlette.concurrency import run_in_threadpool
 from starlette.responses import JSONResponse, Response
 from starlette.types import Message, Receive, Scope, Send
 
 from .. import __version__
 from . import errors
+from .body import OFFLOAD_BYTES, BodyError, read_json, use_json_reader
 from .config import ServerConfig, ServerConfigError
 from .errors import HttpError, error_bytes
 from .metrics import CONTENT_TYPE, Metrics
@@ -148,8 +150,8 @@ class _Dispatch:
         body = b"".join(chunks)
         field = BODY_SELECTED[path]
         try:
-            doc = json.loads(body)
-        except (ValueError, UnicodeDecodeError):
+            doc = read_json(body) if len(body) < OFFLOAD_BYTES else await run_in_threadpool(read_json, body)
+        except BodyError:
             doc = None
         if not isinstance(doc, dict):  # not a JSON object: the model app says what is wrong with it
             if field == "model_id":
@@ -301,6 +303,7 @@ def create_multi_app(config: ServerConfig, hosted: list[Hosted], *, manage_engin
         return front.openapi_schema
 
     front.openapi = openapi  # type: ignore[method-assign]
+    use_json_reader(front)
     app: Any = _Dispatch(front, hosted)
     app = EdgeMiddleware(app, config=config, metrics=metrics_)
     if config.cors:

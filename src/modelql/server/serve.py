@@ -23,9 +23,13 @@ from .config import ServerConfig
 def _uvicorn_config(app, config: ServerConfig):
     import uvicorn
 
+    # Proxy headers (X-Forwarded-For rewriting the client address) only with --trust-forwarded-for:
+    # uvicorn trusts them from 127.0.0.1 by default, which let any local client pick its rate-limit key.
+    trust = config.trust_forwarded_for
     return uvicorn.Config(app, host=config.host, port=config.port, log_level=config.log_level,
                           timeout_graceful_shutdown=config.graceful_timeout, access_log=False,
-                          lifespan="on", http="h11", ws="websockets-sansio")
+                          lifespan="on", http="h11", ws="websockets-sansio", proxy_headers=trust,
+                          forwarded_allow_ips="*" if trust else None)
 
 
 def build(model_ref: str | Path | None, config: ServerConfig, dtype: str = "float32", model=None, loader=None,

@@ -17,6 +17,7 @@ from fastapi import APIRouter, WebSocket, WebSocketDisconnect
 
 from ..errors import ModelqlError
 from .engine import Failed, Finished, Token
+from .body import BodyError, read_json
 from .errors import modelql_error_parts
 
 router = APIRouter(tags=["knowledge"])
@@ -44,8 +45,8 @@ async def _reader(ws: WebSocket, inbox: asyncio.Queue) -> None:
             if text is None:
                 continue  # binary frames are ignored
             try:
-                data = json.loads(text)
-            except ValueError:
+                data = read_json(text)
+            except BodyError:
                 data = {"type": "__invalid__"}
             if not isinstance(data, dict):
                 data = {"type": "__invalid__"}

@@ -35,7 +35,7 @@ def extract_command(
 def verify_command(
     path: Path = typer.Argument(..., help="vindex directory"),
 ) -> None:
-    """Check a vindex's structure and re-hash every file listed in its checksums."""
+    """Check a vindex's structure, re-hash every file listed in its checksums and parse its JSON files."""
     from rich.console import Console
     from rich.markup import escape
 
@@ -48,6 +48,9 @@ def verify_command(
             console.print(f"[green]ok[/green]      {escape(name)}")
     for name, reason in report.failures.items():
         console.print(f"[red]FAILED[/red]  {escape(name)}: {escape(reason)}")
+    for name in report.unlisted:
+        console.print(f"[yellow]no sum[/yellow]  {escape(name)} (not listed in index.json's checksums: "
+                      f"structure checked only)")
     for problem in report.problems:
         console.print(f"[red]problem[/red] {escape(problem)}")
     if report.ok:

@@ -350,6 +350,9 @@ def write_clusters(directory: str | Path, clusters: Clusters) -> None:
     atomic_write_json(d / CLUSTERS_FILE, clusters.to_json())
     lines = "".join(json.dumps({"l": l, "f": f, "c": c}) + "\n" for l, f, c in clusters.assignments)
     atomic_write_text(d / FEATURE_CLUSTERS_FILE, lines)
+    from .checksums import record
+
+    record(d, [CLUSTERS_FILE, FEATURE_CLUSTERS_FILE])
 
 
 def read_clusters(directory: str | Path) -> Clusters | None:

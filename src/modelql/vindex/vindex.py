@@ -26,7 +26,7 @@ import torch
 from ..errors import CapabilityError, ModelqlError, VindexError
 from . import format as fmt
 from .bands import Bands, resolve_bands
-from .checksums import VerifyReport, verify_checksums
+from .checksums import VerifyReport, check_once, verify_checksums
 
 DEFAULT_CACHE_BYTES = 4 << 30
 
@@ -637,6 +637,16 @@ class Vindex:
         if not self.index.checksums:
             report.problems.append("index.json lists no checksums")
         return report
+
+    def check_integrity(self, workers: int = 2) -> None:
+        """Raise `VindexError` if a file listed in `checksums` is missing or altered (each file is
+        hashed once per size and mtime: `checksums.check_once`). For a vindex about to be used."""
+        failures = check_once(self.path, self.index.checksums, workers=workers)
+        if failures:
+            name, reason = next(iter(failures.items()))
+            more = f" (and {len(failures) - 1} more)" if len(failures) > 1 else ""
+            raise VindexError(f"{self.path.name}: {name}: {reason}{more}: the vindex is damaged; "
+                              f"run `modelql verify {self.path}`")
 
     def __repr__(self) -> str:
         return (f"Vindex({str(self.path)!r}, model={self.model!r}, layers={len(self._infos)}/{self.num_layers}, "
