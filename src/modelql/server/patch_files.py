@@ -28,7 +28,7 @@ def resolve(patch_dir: str | None, name: str) -> Path:
     if name.startswith("file://"):
         name = name[len("file://"):]
     if not name or "://" in name or "\x00" in name or "\\" in name or name.startswith(("/", "~")) \
-            or any(part in ("..", "") for part in name.split("/")) or not name.endswith(SUFFIX):
+            or any(part == "" or part.startswith(".") for part in name.split("/")) or not name.endswith(SUFFIX):
         raise HttpError(400, f"invalid patch name {name!r}: give a {SUFFIX} file name relative to the server's "
                              f"patch directory (no absolute paths, no '..')")
     root = Path(patch_dir).expanduser().resolve()
@@ -36,6 +36,20 @@ def resolve(patch_dir: str | None, name: str) -> Path:
     if not path.is_relative_to(root) or not path.is_file():
         raise HttpError(404, f"patch {name!r} not found in the server's patch directory")
     return path
+
+
+def listing(patch_dir: str | None) -> list[dict]:
+    """The `.vlp` files directly inside `patch_dir` (name, bytes, modified): what a client may apply by name."""
+    if patch_dir is None:
+        raise HttpError(403, "this server has no patch directory (start it with --patch-dir DIR)")
+    root = Path(patch_dir).expanduser().resolve()
+    rows = []
+    for p in sorted(root.iterdir()):
+        if p.name.endswith(SUFFIX) and not p.name.startswith(".") and p.is_file() \
+                and p.resolve().is_relative_to(root):
+            st = p.stat()
+            rows.append({"name": p.name, "bytes": st.st_size, "modified": int(st.st_mtime)})
+    return rows
 
 
 def read(path: Path, name: str, limit: int) -> Any:

@@ -22,24 +22,23 @@ from __future__ import annotations
 import threading
 import time
 from dataclasses import asdict
-from pathlib import Path
 from typing import Any, Literal
 
 from fastapi import APIRouter, Query, Request
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.concurrency import run_in_threadpool
 
+from .. import patch_files
 from ..errors import HttpError, ServiceUnavailable
-from ..knowledge_routes import (
-    MAX_LIMIT, _active, _check_length, _mode_for, _model, _mutate, _prompt, _scope, _st, _text, _vindex, editing,
-    run_describe,
-)
+from ..describe_routes import _mode_for, run_describe
+from ..edit_routes import _active, _mutate
+from ..knowledge_base import MAX_LIMIT, _model, _scope, _st, _text, _vindex, editing
+from ..knowledge_routes import _check_length, _prompt
 
 router = APIRouter(tags=["web"])
 
 MAX_TRACE_TOKENS = 64
 MAX_EXPLAIN_TOKENS = 512
-PATCH_SUFFIX = ".vlp"
 
 
 def _ms(t0: float) -> float:
@@ -455,43 +454,9 @@ async def entities_complete(request: Request, prefix: str = Query("", max_length
 
 # -- /v1/patch-files -------------------------------------------------------------------------------------
 
-def patch_dir(request: Request) -> Path:
-    d = getattr(_st(request).config, "patch_dir", None)
-    if not d:
-        raise HttpError(403, "this server has no patch directory (start it with --patch-dir DIR)")
-    p = Path(d).expanduser().resolve()
-    if not p.is_dir():
-        raise ServiceUnavailable(f"the patch directory {d} does not exist")
-    return p
-
-
-def patch_file(directory: Path, name: str) -> Path:
-    """`name` inside `directory` — a plain file name ending in .vlp, never a path out of it."""
-    if not name or "/" in name or "\\" in name or name.startswith(".") or not name.endswith(PATCH_SUFFIX):
-        raise HttpError(400, f"invalid patch file name {name!r}: expected NAME{PATCH_SUFFIX}")
-    p = (directory / name).resolve()
-    if p.parent != directory:
-        raise HttpError(400, f"invalid patch file name {name!r}")
-    if not p.is_file():
-        raise HttpError(404, f"patch file not found: {name}")
-    return p
-
-
-def check_size(request: Request, path: Path) -> None:
-    limit = getattr(_st(request).config, "max_patch_bytes", None)
-    if limit is not None and path.stat().st_size > limit:
-        raise HttpError(413, f"patch file {path.name} is larger than the server's limit of {limit} bytes")
-
-
 @router.get("/v1/patch-files")
-async def patch_files(request: Request):
-    d = patch_dir(request)
-    rows = []
-    for p in sorted(d.iterdir()):
-        if p.is_file() and p.name.endswith(PATCH_SUFFIX) and not p.name.startswith("."):
-            s = p.stat()
-            rows.append({"name": p.name, "bytes": s.st_size, "modified": int(s.st_mtime)})
-    return {"files": rows}
+async def patch_files_list(request: Request):
+    return {"files": await run_in_threadpool(patch_files.listing, _st(request).config.patch_dir)}
 
 
 class PatchFileApply(BaseModel):
@@ -501,15 +466,17 @@ class PatchFileApply(BaseModel):
 
 @router.post("/v1/patch-files/apply")
 async def patch_files_apply(body: PatchFileApply, request: Request):
-    path = patch_file(patch_dir(request), body.name)
-    check_size(request, path)
+    """Apply a `.vlp` of the server's patch directory by name (`server.patch_files`, as `/v1/patches/apply`)."""
+    cfg = _st(request).config
+    path = patch_files.resolve(cfg.patch_dir, body.name)
+    data = await run_in_threadpool(patch_files.read, path, body.name, cfg.max_patch_bytes)
     editing()
 
     def run(ps):
-        ap = ps.apply(ps.load(path), name=body.name, path=path)
+        ap = ps.apply(ps.validate(data, where=body.name), name=body.name)
         return {"applied": ap.name, "operations": len(ap.patch.operations), "active_patches": _active(ps)}
 
     return await _mutate(request, "/v1/patch-files/apply", run)
 
 
-__all__ = ["router", "allowed", "patch_file", "trace_json", "WebLql"]
+__all__ = ["router", "allowed", "trace_json", "WebLql"]
