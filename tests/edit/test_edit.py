@@ -39,6 +39,9 @@ def test_knn_insert_overrides_infer_on_the_prompt(session):
     res = infer(session.model(), PROMPT, top=3, knn=session.knn_entries())
     assert res.override is not None and res.predictions[0].token_id == r.target_id
     assert res.override.cosine > 0.99
+    # keyed on the entity: another country's prompt of the same relation does not fire it
+    other = infer(session.model(), PROMPT.replace("France", "Germany"), top=3, knn=session.knn_entries())
+    assert other.override is None
 
 
 def test_knn_insert_without_weights_uses_the_entity_embedding(browse_dir):

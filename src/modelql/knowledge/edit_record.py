@@ -238,4 +238,44 @@ figures at 50 edits and lose 2.5 points of locality at 100. COMPOSE, redesigned 
 (contrastive key, optimised value, cross-fact check counting only installs this one broke):
 50 together 0 → 100% efficacy, paraphrases 0 → 76%, locality 99.2 → 91.7%; alone 80 → 100%,
 73.3 → 65%, 91.3 → 99.5%.
+
+
+SmolLM2-135M-Instruct (Llama, 30 layers, GGUF Q4_1 dequantised to float32)
+=========================================================================
+
+The embedded model's configuration (last-token key, last layer, statistics and preservation keys
+from the facts table) failed here (issue 17: 10 capital edits, efficacy 70%, locality 0–4%,
+generic text broken, > 1 h of statistics). What replaced it, each part measured:
+
+* **Edit site, traced** (`edit_site`): restoring a 5-layer window of clean FFN outputs at the
+  subject's last token (subject embeddings noised) brings back, of the clean answer probability,
+  26% at layers 5–9 (the best window), 15–20% at 3–7 / 4–8 / 6–10, < 5% beyond layer 14; at the
+  prompt's last token at most 14% (layers 21–25). So: subject key, layers 5–9. (The window
+  holding layer 0 restores 98% — FFN 0 rebuilds the token's identity — and is never chosen.) On
+  the embedded model the same trace gives the last token (layer 3, 42%; subject ≤ 0.02%), i.e.
+  the configuration it was tuned with: its figures are unchanged.
+* **Statistics** from text the model samples itself (`generic_text`: 24 openers × 4 samples ×
+  64 tokens, seconds to sample; no facts table). Cold: trace + sampling + covariance of 5 layers
+  134 s on this loaded machine (2 cores shared by six sessions), cached after that.
+* **Solver** (6 capital edits, 6 other known capitals, 10 generic prompts' first 10 greedy tokens;
+  ``chat`` = "Q: What is the capital of X?\nA: The capital is", never in the solve):
+
+=============================================  ========  ====  ========  =======
+configuration (6 edits, layers 5–9)            efficacy  chat  locality  fluency
+=============================================  ========  ====  ========  =======
+ridge λ = 1.5e4, 5 contexts, 2 rounds            6/6     6/6   3/3 *     1/3 *
+ridge λ = 5e4, 2 contexts, 1 round               0/6     0/6    5/6     10/10
+ridge λ = 1.5e4, 2 contexts, 1 round, clamp .75  0/6     1/6    6/6      9/10
+exact (ΔW K = R, least E‖ΔW k‖²), 2 contexts     6/6     6/6    4/6      7/10
+  + 8 encyclopedic openers in the corpus         6/6     5/6    5/6      6/10
+ridge λ = 1.5e4, 5 contexts, 2 rounds, same      4/6     4/6    6/6      6/10
+=============================================  ========  ====  ========  =======
+
+(* an earlier probe: 4 locality prompts, 3 guard prompts.) The ridge form trades efficacy for
+fluency along one curve (λ); the exact form (the update of least generic-key disturbance that
+writes every edit key) reaches every target for the same fluency, so it is the subject default.
+The fluency changes are near ties in the unedited model's greedy path (an oven at 400°F vs
+325°F, a recipe step) that any update of layers 5–9 moves; a zero or 1e-3 random delta changes
+none of 20 (checked), so the measure itself is exact.
+
 """

@@ -9,7 +9,7 @@ code, recipes, letters and lists. It is by construction the activation distribut
 lives in, needs nothing shipped or downloaded, and takes seconds (one batched decode). Cached as
 token ids per model weights fingerprint.
 
-Sampled from 24 openers (16 generic, 8 encyclopedic), 4 samples of 64 tokens each.
+Sampled from 24 openers (16 generic, 8 encyclopedic), 16 samples of 64 tokens each.
 
 The fluency guard's prompts (`GUARD_PROMPTS`) are separate from the sampling openers and from
 the benchmark's fluency prompts, so neither statistics nor guard are fitted to what is measured.
@@ -34,7 +34,7 @@ OPENERS = (
     "The country is known for", "The city was founded", "According to the encyclopedia,", "The president of the",
     "The river flows through", "The university is located in", "During the war,", "The company was founded in",
 )
-SAMPLES_PER_OPENER = 4
+SAMPLES_PER_OPENER = 16
 SAMPLE_TOKENS = 64
 
 GUARD_PROMPTS = (
@@ -43,6 +43,11 @@ GUARD_PROMPTS = (
     "The main reason people exercise is", "def add(a, b):",
 )
 GUARD_TOKENS = 10
+
+
+def corpus_tag() -> str:
+    """Names the sampling configuration in the cache file names (a change re-samples)."""
+    return f"o{len(OPENERS)}s{SAMPLES_PER_OPENER}t{SAMPLE_TOKENS}"
 
 
 def _encode(model: Model, text: str) -> list[int]:
@@ -87,7 +92,7 @@ def corpus(model: Model) -> list[list[int]]:
     got = state.get("corpus")
     if got is not None:
         return got
-    path = _stored_path(model, "corpus").with_suffix(".json")
+    path = _stored_path(model, f"corpus-{corpus_tag()}").with_suffix(".json")
     try:
         got = [list(map(int, s)) for s in json.loads(path.read_text())]
     except Exception:  # noqa: BLE001 — missing or damaged: sample again

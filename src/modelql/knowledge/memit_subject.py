@@ -87,7 +87,7 @@ def generic_covariance(model: Model, layers: Sequence[int]) -> dict[int, torch.T
         if l in cache:
             continue
         try:
-            cache[l] = torch.load(_stored_path(model, f"gcov-L{l}"), weights_only=True)
+            cache[l] = torch.load(_stored_path(model, f"gcov-{G.corpus_tag()}-L{l}"), weights_only=True)
         except Exception:  # noqa: BLE001 — not computed yet
             missing.append(l)
     if missing:
@@ -99,7 +99,7 @@ def generic_covariance(model: Model, layers: Sequence[int]) -> dict[int, torch.T
         for l in missing:
             k = torch.cat(acts[f"blocks.{l}.mlp.hook_post"]).double()
             cache[l] = (k.T @ k / k.shape[0]).float()
-            path = _stored_path(model, f"gcov-L{l}")
+            path = _stored_path(model, f"gcov-{G.corpus_tag()}-L{l}")
             try:
                 path.parent.mkdir(parents=True, exist_ok=True)
                 with atomic_open(path, "wb", encoding=None) as f:
@@ -113,7 +113,7 @@ def generic_ready(model: Model, layers: Sequence[int]) -> bool:
     from .memit import _stored_path
 
     cache = model.__dict__.get("_memit_gcov", {})
-    return all(l in cache or _stored_path(model, f"gcov-L{l}").is_file() for l in layers)
+    return all(l in cache or _stored_path(model, f"gcov-{G.corpus_tag()}-L{l}").is_file() for l in layers)
 
 
 def _resid_after(model: Model, seqs: list[list[int]], layer: int) -> torch.Tensor:
