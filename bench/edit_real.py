@@ -50,6 +50,9 @@ PARAPHRASES = {
                  "Q: What language do people in {X} speak?\nA: They speak"),
     "currency": ("In {X}, you pay with the", "The money of {X} is the", "Q: What is the currency of {X}?\nA: It is the"),
 }
+# the relation as INSERT names it (its canonical prompt "The <name> of X is"), where the facts
+# table's short name reads badly ("The language of France is": the model answers it for no country)
+RELATION_NAMES = {"language": "official language"}
 CHAT_QUESTIONS = {"capital": "What is the capital of {X}?", "language": "What language is spoken in {X}?",
                   "currency": "What is the currency of {X}?"}
 GENERIC_PROMPTS = (
@@ -136,7 +139,7 @@ class Runner:
 def canonical(relation: str, entity: str) -> str:
     from modelql.knowledge.memit import canonical_text
 
-    return canonical_text(relation, entity)
+    return canonical_text(RELATION_NAMES.get(relation, relation), entity)
 
 
 def known_facts(runner: Runner, relation: str) -> list[tuple[str, str]]:
@@ -155,10 +158,14 @@ def known_facts(runner: Runner, relation: str) -> list[tuple[str, str]]:
     return got
 
 
+class NotEnoughFacts(Exception):
+    pass
+
+
 def choose(runner: Runner, relation: str, n_edits: int, shift: int, n_local: int):
     known = known_facts(runner, relation)
     if len(known) < n_edits + 5:
-        raise SystemExit(f"the model states only {len(known)} {relation} facts correctly; need {n_edits + 5}")
+        raise NotEnoughFacts(f"the model states only {len(known)} {relation} facts correctly; need {n_edits + 5}")
     step = len(known) / n_edits
     picked = [known[int(i * step)] for i in range(n_edits)]
     edits = []
@@ -277,7 +284,11 @@ def main(argv: list[str] | None = None) -> int:
     hf_tok = AutoTokenizer.from_pretrained(str(vx.path))
     chat_runner = Runner(None, None, hf_tok)
     for ri, relation in enumerate(r.strip() for r in args.relations.split(",") if r.strip()):
-        known, edits, local = choose(base, relation, args.edits, args.shift, args.locality)
+        try:
+            known, edits, local = choose(base, relation, args.edits, args.shift, args.locality)
+        except NotEnoughFacts as exc:
+            _log(f"{relation}: skipped, {exc}")
+            continue
         chat = [chat_runner.hf_tok.apply_chat_template([{"role": "user", "content": CHAT_QUESTIONS.get(
             relation, f"What is the {relation} of {{X}}?").replace("{X}", e)}], tokenize=False,
             add_generation_prompt=True) for e, _, _ in edits]
@@ -288,7 +299,7 @@ def main(argv: list[str] | None = None) -> int:
         if ri == 0:
             ps = PatchSession(vx, model=base_model)
             t0 = time.perf_counter()
-            reqs = [memit.EditRequest(e, relation, n) for e, _, n in edits]
+            reqs = [memit.EditRequest(e, RELATION_NAMES.get(relation, relation), n) for e, _, n in edits]
             ready = edit.memit_statistics_ready(ps, **hp)
             memit.prepare_statistics(ps.model(), None, memit.MemitParams(**hp) if hp else None, reqs)
             timings["statistics_s"] = time.perf_counter() - t0
@@ -297,7 +308,7 @@ def main(argv: list[str] | None = None) -> int:
             probe = base_model.tokenizer.encode(canonical(relation, e0))
             before = ps.model().forward(probe, logits="all")
             t0 = time.perf_counter()
-            edit.insert(ps, e0, relation, n0, **hp)
+            edit.insert(ps, e0, RELATION_NAMES.get(relation, relation), n0, **hp)
             timings["one_edit_s"] = time.perf_counter() - t0
             edit.delete(ps, [("entity", "=", e0)])
             after = ps.model().forward(probe, logits="all")
@@ -307,7 +318,7 @@ def main(argv: list[str] | None = None) -> int:
         ps = PatchSession(vx, model=base_model)
         t0 = time.perf_counter()
         try:
-            edit.insert_many(ps, [(e, relation, n) for e, _, n in edits], **hp)
+            edit.insert_many(ps, [(e, RELATION_NAMES.get(relation, relation), n) for e, _, n in edits], **hp)
         except memit.FluencyGuardError as exc:
             _log(f"  {relation}: the fluency guard refused the batch: {exc}")
             rows.append(Row(relation, "refused", len(edits), 0, 0, 0, 0, 0, 0, len(local), 0, 0))

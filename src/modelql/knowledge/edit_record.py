@@ -278,4 +278,30 @@ The fluency changes are near ties in the unedited model's greedy path (an oven a
 325°F, a recipe step) that any update of layers 5–9 moves; a zero or 1e-3 random delta changes
 none of 20 (checked), so the measure itself is exact.
 
+A wider window (layers 3–12, exact) did not help: 6/6, 6/6, 5/6 locality (Norway → " London"),
+6/10 fluency.
+
+20 counterfactual capital edits together (``python bench/edit.py --model SmolLM2-135M-Instruct.Q4_1.gguf
+--edits 20 --relations capital --threads 1 --hparams fluency_bound=1.0``; the model states 59
+capitals of the facts table's countries, so 20 edits and the 39 others as locality; paraphrases:
+three phrasings plus the chat template's question, none in the solve; fluency: 20 generic
+prompts' first 10 greedy tokens; perplexity of a held-out paragraph; machine loaded by five
+other sessions):
+
+==============================  ========  ========  ==========  ========  =======  =========
+stage (exact, layers 5–9)       efficacy  para all  para known  locality  fluency  ppl ratio
+==============================  ========  ========  ==========  ========  =======  =========
+session                           100.0%     70.0%       82.8%     51.3%    40.0%     1.0624
+COMPILE → transformers            100.0%     70.0%       82.8%     51.3%    40.0%     1.0624
+3 edits, ridge λ = 1.5e4, 2 rds   100.0%     75.0%       81.8%     89.3%    70.0%     1.0073
+==============================  ========  ========  ==========  ========  =======  =========
+
+Statistics (trace + sampling + covariance, cold) 134 s; one edit 34.7 s (cached statistics,
+fluency guard included, loaded machine); DELETE of that edit restores bit-identical logits.
+Efficacy, paraphrases and the transformers round trip meet the targets; locality and fluency
+do not: at 20 edits the exact update writes along what the countries' subject keys share, and
+text sampled from generic openers holds too few entity names for C to protect that direction
+(MEMIT's Wikipedia statistics do). Next to measure: a larger sampled corpus (16 samples per
+opener was started, not finished), shrinkage of C, the ridge form with more rounds at 20 edits.
+
 """

@@ -9,7 +9,7 @@ code, recipes, letters and lists. It is by construction the activation distribut
 lives in, needs nothing shipped or downloaded, and takes seconds (one batched decode). Cached as
 token ids per model weights fingerprint.
 
-Sampled from 24 openers (16 generic, 8 encyclopedic), 16 samples of 64 tokens each.
+Sampled from 24 openers (16 generic, 8 encyclopedic), 4 samples of 64 tokens each.
 
 The fluency guard's prompts (`GUARD_PROMPTS`) are separate from the sampling openers and from
 the benchmark's fluency prompts, so neither statistics nor guard are fitted to what is measured.
@@ -34,7 +34,7 @@ OPENERS = (
     "The country is known for", "The city was founded", "According to the encyclopedia,", "The president of the",
     "The river flows through", "The university is located in", "During the war,", "The company was founded in",
 )
-SAMPLES_PER_OPENER = 16
+SAMPLES_PER_OPENER = 4
 SAMPLE_TOKENS = 64
 
 GUARD_PROMPTS = (
