@@ -34,7 +34,9 @@ def edited(real_model, tmp_path_factory):
         assert len(known) >= 4, "the real model should know these capitals"
         edits = [(known[0][0], known[1][1]), (known[1][0], known[0][1])]
         reqs = [M.EditRequest(e, "capital", t) for e, t in edits]
-        deltas = M.memit_edit(m, reqs)
+        # the guard is checked on its own below (today's solver changes some of its prompts'
+        # continuations: bench/edit.py --model has the figures)
+        deltas = M.memit_edit(m, reqs, params=M.MemitParams(fluency_bound=1.0))
         yield m, known, edits, deltas
     finally:
         for k in ("_memit_state", "_memit_gcov"):
