@@ -3,7 +3,7 @@
 
     python bench/edit.py                         # 50 edits, modes memit, knn, compose
     python bench/edit.py --edits 20 --modes memit,knn
-    python bench/edit.py --model DIR --json out.json
+    python bench/edit.py --model DIR_OR_GGUF --edits 20   # any model: bench/edit_real.py (facts it knows, measured first)
 
 Setup (deterministic): among the countries whose capital the *unedited* model states correctly
 (canonical template ``"The capital of {X} is"``, top-1 = the capital's first token), take
@@ -309,7 +309,18 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--compile-dtype", default=None,
                     help="dtype of the COMPILE INTO MODEL output (default: what LQL's COMPILE writes)")
     ap.add_argument("--json", type=Path, default=None)
-    args = ap.parse_args(argv)
+    args, rest = ap.parse_known_args(argv)
+    if args.model is not None and args.vindex is None:
+        # any model (a real pretrained one): edit and locality sets from the facts it states
+        sys.path.insert(0, str(Path(__file__).resolve().parent))
+        import edit_real
+
+        fwd = ["--model", str(args.model), "--edits", str(args.edits), "--threads", str(args.threads)] + rest
+        if args.json is not None:
+            fwd += ["--json", str(args.json)]
+        return edit_real.main(fwd)
+    if rest:
+        ap.error(f"unrecognized arguments: {' '.join(rest)}")
 
     import torch
 

@@ -431,18 +431,25 @@ def test_warmup_computes_the_editing_statistics_on_request(tiny_dir, tiny_model,
     from modelql.knowledge import memit
     from modelql.server.knowledge_routes import VindexSource
 
-    for k in ("_memit_covariance", "_memit_preserve"):
+    for k in ("_memit_covariance", "_memit_preserve", "_memit_gcov", "_memit_state"):
         monkeypatch.delitem(tiny_model.__dict__, k, raising=False)
     src = VindexSource.extract(tiny_dir)
     assert src.wait(120)
-    layer = memit.default_layers(tiny_model)[0]
     with _serve(tiny_model, src) as srv, httpx.Client(base_url=srv.url, timeout=300) as c:
         assert "edit_statistics" not in c.post("/v1/warmup", json={}).json()
         assert not memit.statistics_ready(tiny_model)
         r = c.post("/v1/warmup", json={"editing": True})
         assert r.status_code == 200 and r.json()["edit_statistics"] == "ready"
-    stored = sorted(p.name.split("-", 1)[1] for p in (Path(os.environ["MODELQL_CACHE"]) / "memit").glob("*.pt"))
-    assert stored == [f"cov-L{layer}-n{memit.MemitParams().cov_sentences}.pt", f"preserve-last-L{layer}.pt"]
+    # the traced edit site and the statistics of its key position, on disk: a new process computes nothing
+    stored = sorted(p.name.split("-", 1)[1] for p in (Path(os.environ["MODELQL_CACHE"]) / "memit").glob("*"))
+    site = memit.site_for(tiny_model)
+    from modelql.knowledge.generic_text import corpus_tag
+
+    tag = corpus_tag()
+    want = ([f"gcov-{tag}-L{l}.pt" for l in site[1]] + [f"corpus-{tag}.json"] if site[0] == "subject" else
+            [f"cov-L{l}-n{memit.MemitParams().cov_sentences}.pt" for l in site[1]]
+            + [f"preserve-last-L{l}.pt" for l in site[1]])
+    assert sorted(want + ["site.json"]) == stored
     with _serve(tiny_model, src, no_infer=True) as srv, httpx.Client(base_url=srv.url, timeout=60) as c:
         r = c.post("/v1/warmup", json={"editing": True})
         assert r.status_code == 503 and "without inference" in r.json()["error"]

@@ -94,10 +94,24 @@ def _unit(v: torch.Tensor) -> torch.Tensor:
     return v / n if n >= 1e-8 else v
 
 
-def knn_override(residuals: dict[int, torch.Tensor], entries: Iterable) -> tuple[object, float, int] | None:
-    """(entry, cosine, layer) of the first layer (ascending) whose best key beats the threshold."""
+def _mentions(text: str, entity: str) -> bool:
+    import re
+
+    return re.search(r"(?<!\w)" + re.escape(entity.casefold()) + r"(?!\w)", text.casefold()) is not None
+
+
+def knn_override(residuals: dict[int, torch.Tensor], entries: Iterable, text: str | None = None,
+                 ) -> tuple[object, float, int] | None:
+    """(entry, cosine, layer) of the first layer (ascending) whose best key beats the threshold.
+
+    With `text` (the prompt), only the facts of entities the prompt names take part: the key is
+    the last residual of "The <relation> of <entity> is", which every entity's prompt of that
+    relation shares (on SmolLM2-135M a France fact fired on "The capital of Germany is"), so the
+    cosine says which relation is asked and the entity's name says about whom."""
     by_layer: dict[int, list] = {}
     for e in entries:
+        if text is not None and not _mentions(text, e.entity):
+            continue
         by_layer.setdefault(int(e.layer), []).append(e)
     for layer in sorted(by_layer):
         if layer not in residuals:
@@ -109,6 +123,12 @@ def knn_override(residuals: dict[int, torch.Tensor], entries: Iterable) -> tuple
         if float(cos[best]) > KNN_COSINE:
             return by_layer[layer][best], float(cos[best]), layer
     return None
+
+
+def _text(model: Model, prompt) -> str:
+    if isinstance(prompt, str):
+        return prompt
+    return model.tokenizer.decode(interp.to_ids(model, prompt)[0].tolist()) if model.tokenizer else ""
 
 
 def _fired(vindex, labels, layer: int, x: torch.Tensor, n: int, relations_only: bool = False) -> list[FiredFeature]:
@@ -179,7 +199,7 @@ def infer(model: Model | None, prompt: str, top: int = 5, mode: str = "walk", co
     residuals = {i: cache[f"blocks.{i}.ln2.hook_normalized"][-1] for i in range(n)}
     override = None
     if knn is not None and mode == "walk":
-        hit = knn_override(residuals, knn)
+        hit = knn_override(residuals, knn, _text(model, prompt))
         if hit is not None:
             entry, cos, layer = hit
             target = Prediction(entry.target_token, int(entry.target_id), 1.0)
@@ -245,7 +265,7 @@ def explain_infer(model: Model | None, prompt: str, vindex=None, layers: Iterabl
     residuals = {i: cache[f"blocks.{i}.ln2.hook_normalized"][-1] for i in range(n)}
     override = None
     if knn is not None:
-        hit = knn_override(residuals, knn)
+        hit = knn_override(residuals, knn, _text(model, prompt))
         if hit is not None:
             entry, cos, layer = hit
             override = Override(entry.target_token, int(entry.target_id), cos, layer, entry.entity,

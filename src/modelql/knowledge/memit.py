@@ -75,24 +75,57 @@ class DownDelta:
 
 @dataclass(frozen=True)
 class MemitParams:
-    """Hyper-parameters, chosen by the editing benchmark on the embedded model (bench/edit.py)."""
+    """Hyper-parameters. `None` fields take the default of the edit site's key position
+    (`KEY_DEFAULTS`): the last-token values were chosen by the editing benchmark on the embedded
+    model, the subject values by the same benchmark on SmolLM2-135M-Instruct (bench/edit.py)."""
 
-    layers: tuple[int, ...] | None = None  # None: the model's default edit layers
-    steps: int = 30
-    stop_prob: float = 0.99  # stop optimising δ once every row predicts its token with at least this probability
-    lr: float = 0.1  # Adam step size as a fraction of the mean residual norm ‖h_L‖
-    kl_weight: float = 0.0  # ROME's essence-drift KL (for subject keys, e.g. 0.0625); off for last-token keys
-    weight_decay: float = 1e-3
-    clamp_norm: float = 4.0  # ‖δ‖ ≤ clamp_norm · ‖h_L‖
-    mom2_weight: float = 1000.0  # λ
+    layers: tuple[int, ...] | None = None  # None: the layers the causal trace chose (`edit_site`)
+    key: str | None = None  # "subject" | "last"; None: the causal trace's choice
+    steps: int | None = None
+    stop_prob: float | None = None  # stop optimising δ once every row predicts its token(s) with at least this probability
+    lr: float | None = None  # Adam step size as a fraction of the mean residual norm ‖h_L‖
+    kl_weight: float | None = None  # ROME's essence-drift KL; off for last-token keys
+    weight_decay: float | None = None
+    clamp_norm: float | None = None  # ‖δ‖ ≤ clamp_norm · ‖h_L‖
+    mom2_weight: float | None = None  # λ
     cov_sentences: int = 4000
-    preserve_weight: float = 25000.0  # μ: weight of the known facts' keys (preservation_moment)
-    exact: bool = False  # solve ΔW K = R exactly (min-norm under λC + μP) instead of the ridge form
+    preserve_weight: float | None = None  # μ: weight of the known facts' keys (preservation_moment; last-token keys)
+    exact: bool | None = None  # solve ΔW K = R exactly (min-norm under λC + μP, subject keys: under C) instead of the ridge form
     per_phrasing: bool = True  # one key per (fact, phrasing) instead of the mean key per fact
     context_prefixes: int = 0  # also every phrasing after this many generic sentences (ROME's contexts)
     context_in_delta: bool = True  # the prefixed phrasings are in δ's loss too (else only key columns)
     context_in_preserve: bool = True  # the known facts' keys are taken after the same prefixes too
-    rounds: int = 3  # re-solve, from the edited model, the requests whose phrasings do not all predict the target yet
+    rounds: int | None = None  # re-solve, from the edited model, the requests whose phrasings do not all predict the target yet
+    contexts: int | None = None  # subject keys: sampled generic prefixes per prompt (MEMIT's context templates)
+    # refuse a batch changing more than this share of the guard prompts' continuations (≥ 1: off);
+    # None: $MODELQL_EDIT_FLUENCY_BOUND, else the key's default: FLUENCY_BOUND for subject keys, off
+    # for last-token keys (the embedded model, trained on the facts table only, continues any text
+    # with facts, which an edit rightly changes: 5 of the 8 guard prompts after its 2-fact test batch)
+    fluency_bound: float | None = None
+
+    def resolved(self, key: str) -> MemitParams:
+        import dataclasses
+
+        import os
+
+        d = dict(KEY_DEFAULTS[key])
+        if self.fluency_bound is None and os.environ.get("MODELQL_EDIT_FLUENCY_BOUND"):
+            try:
+                d["fluency_bound"] = float(os.environ["MODELQL_EDIT_FLUENCY_BOUND"])
+            except ValueError:
+                raise ModelqlError("MODELQL_EDIT_FLUENCY_BOUND must be a number (a share, e.g. 0.25)") from None
+        return dataclasses.replace(self, key=key, **{k: v for k, v in d.items() if getattr(self, k) is None})
+
+
+
+FLUENCY_BOUND = 0.25
+KEY_DEFAULTS: dict[str, dict] = {
+    "last": dict(contexts=0, steps=30, stop_prob=0.99, lr=0.1, kl_weight=0.0, weight_decay=1e-3, clamp_norm=4.0,
+                 mom2_weight=1000.0, preserve_weight=25000.0, rounds=3, fluency_bound=1.0, exact=False),
+    "subject": dict(steps=20, stop_prob=0.9, lr=0.1, kl_weight=0.0625, weight_decay=0.5, clamp_norm=1.0,
+                    mom2_weight=15000.0, preserve_weight=0.0, rounds=1, fluency_bound=FLUENCY_BOUND, exact=True,
+                    contexts=2),
+}
 
 
 class DeltaFfn:
@@ -200,23 +233,62 @@ def _preserve_name(layer: int, n_prefixes: int) -> str:
     return f"preserve-last-L{layer}" + (f"-c{n_prefixes}" if n_prefixes else "")
 
 
-def statistics_ready(model: Model, layers: Sequence[int] | None = None, params: MemitParams | None = None) -> bool:
-    """Whether an edit of `layers` finds its base-weight statistics cached (in memory or on disk);
-    if not, the model's first edit computes them, which takes a while (`prepare_statistics`)."""
+WARMUP_PROMPTS = tuple((f"The capital of {x} is", x) for x in ("France", "Japan", "Canada", "Italy", "Egypt", "Peru"))
+
+
+def site_for(model: Model, requests: Sequence[EditRequest] = (), layers: Sequence[int] | None = None,
+             params: MemitParams | None = None) -> tuple[str, tuple[int, ...]]:
+    """(key position, layers) of an edit: explicit layers/key win; else the model's causal trace
+    (`edit_site`, measured once per model over the first edit's own prompts; `WARMUP_PROMPTS`
+    when statistics are prepared before any edit)."""
+    from .edit_site import edit_site
+
     p = params or MemitParams()
+    explicit = tuple(layers or p.layers or ())
+    if explicit and p.key:
+        return p.key, explicit
+    prompts = [(canonical_text(r.relation, r.entity), r.entity) for r in requests] or list(WARMUP_PROMPTS)
+    site = edit_site(model, prompts)
+    return (p.key or site.key), (explicit or site.layers)
+
+
+def canonical_text(relation: str, entity: str) -> str:
+    return "The " + relation.replace("-", " ").replace("_", " ") + " of " + entity + " is"
+
+
+def statistics_ready(model: Model, layers: Sequence[int] | None = None, params: MemitParams | None = None) -> bool:
+    """Whether an edit finds its base-weight statistics (and the model's traced edit site)
+    cached in memory or on disk; if not, the model's first edit computes them, which takes a
+    while (`prepare_statistics`)."""
+    from .edit_site import site_cached
+    from .memit_subject import generic_ready
+
+    p = params or MemitParams()
+    if not (layers or p.layers) and not site_cached(model):
+        return False
+    key, layers = site_for(model, (), layers, p)
+    if key == "subject":
+        return generic_ready(model, layers)
     n_pre = p.context_prefixes if p.context_in_preserve else 0
     mem_c, mem_p = model.__dict__.get("_memit_covariance", {}), model.__dict__.get("_memit_preserve", {})
     return all(((l, p.cov_sentences) in mem_c or _stored_path(model, _cov_name(l, p.cov_sentences)).is_file())
                and ((l, n_pre) in mem_p or _stored_path(model, _preserve_name(l, n_pre)).is_file())
-               for l in layers or p.layers or default_layers(model))
+               for l in layers)
 
 
-def prepare_statistics(model: Model, layers: Sequence[int] | None = None, params: MemitParams | None = None) -> None:
-    """Compute (or load) the statistics an edit of `layers` needs, so that a caller can show
-    progress around the one slow step of a model's first edit."""
+def prepare_statistics(model: Model, layers: Sequence[int] | None = None, params: MemitParams | None = None,
+                       requests: Sequence[EditRequest] = ()) -> None:
+    """Compute (or load) the edit site and the statistics an edit needs, so that a caller can
+    show progress around the one slow step of a model's first edit."""
+    from .memit_subject import generic_covariance
+
     p = params or MemitParams()
+    key, layers = site_for(model, requests, layers, p)
+    if key == "subject":
+        generic_covariance(model, layers)
+        return
     prefixes = context_prefixes(p.context_prefixes) if p.context_in_preserve else ()
-    for l in layers or p.layers or default_layers(model):
+    for l in layers:
         covariance(model, l, p.cov_sentences)
         preservation_moment(model, l, prefixes)
 
@@ -513,9 +585,14 @@ def memit_edit(model: Model, requests: Sequence[EditRequest], layers: Sequence[i
     if model.tokenizer is None:
         raise CapabilityError("weight-level edits need the model's tokenizer")
     p = params or MemitParams()
-    layers = tuple(layers or p.layers or default_layers(model))
+    key, layers = site_for(model, requests, layers, p)
+    p = p.resolved(key)
     if any(not 0 <= l < model.spec.num_layers for l in layers):
         raise ModelqlError(f"edit layers {layers} are outside 0..{model.spec.num_layers - 1}")
+    if key == "subject":
+        from .memit_subject import subject_edit
+
+        return fluency_guard(model, subject_edit(model, requests, layers, p, progress), p.fluency_bound)
     prefixes = context_prefixes(p.context_prefixes)
     key_templates = {r: with_contexts(relation_templates(r.relation), prefixes) for r in requests}
     templates = key_templates if p.context_in_delta else {r: relation_templates(r.relation) for r in requests}
@@ -541,5 +618,41 @@ def memit_edit(model: Model, requests: Sequence[EditRequest], layers: Sequence[i
                 break
     finally:
         model.ffn = saved
-    return [DownDelta(l, torch.cat([d.u for d in ds], 1), torch.cat([d.v for d in ds], 1), tuple(requests))
-            for l in sorted({d.layer for d in parts}) for ds in [[d for d in parts if d.layer == l]]]
+    return fluency_guard(model, [DownDelta(l, torch.cat([d.u for d in ds], 1), torch.cat([d.v for d in ds], 1),
+                                           tuple(requests))
+                                 for l in sorted({d.layer for d in parts})
+                                 for ds in [[d for d in parts if d.layer == l]]], p.fluency_bound)
+
+
+class FluencyGuardError(ModelqlError):
+    """A weight-level edit batch would change the model's continuations of generic text beyond
+    the bound: reported, not applied."""
+
+    def __init__(self, changed: int, total: int, bound: float, examples: Sequence[tuple[str, str, str]]):
+        self.changed, self.total, self.bound, self.examples = changed, total, bound, tuple(examples)
+        ex = "; ".join(f"{p!r}: {a!r} → {b!r}" for p, a, b in self.examples[:2])
+        super().__init__(f"edit not applied: it changes the greedy continuation of {changed} of {total} generic "
+                         f"prompts (bound {bound:.0%}; raise it with fluency_bound): {ex}")
+
+
+def fluency_guard(model: Model, deltas: list[DownDelta], bound: float) -> list[DownDelta]:
+    """`deltas` if, installed on the model as it is, they change the first `GUARD_TOKENS` greedy
+    tokens of at most `bound` of the guard prompts (`generic_text.GUARD_PROMPTS`: stories, code,
+    recipes); else `FluencyGuardError`. A bound ≥ 1 switches the guard off."""
+    if bound >= 1 or not deltas:
+        return deltas
+    from .generic_text import GUARD_PROMPTS, greedy
+
+    before = greedy(model)
+    saved = model.ffn
+    model.ffn = DeltaFfn(saved, deltas)
+    try:
+        after = greedy(model)
+    finally:
+        model.ffn = saved
+    diff = [i for i, (a, b) in enumerate(zip(before, after)) if a != b]
+    if len(diff) > bound * len(before):
+        dec = model.tokenizer.decode
+        raise FluencyGuardError(len(diff), len(before), bound,
+                                [(GUARD_PROMPTS[i], dec(before[i]), dec(after[i])) for i in diff])
+    return deltas

@@ -152,7 +152,7 @@ def _insert(ex: Executor, stmt: ast.Insert):
         with Progress("Computing the model's editing statistics (once per model, then cached) ...",
                       ex.session.progress) as show:
             show.stage("statistics")
-            edit.prepare_memit_statistics(ps, stmt.layer)
+            edit.prepare_memit_statistics(ps, stmt.layer, facts=[(f.entity, f.relation, f.target) for f in stmt.values])
     rs = edit.insert_many(ps, [(f.entity, f.relation, f.target) for f in stmt.values], layer=stmt.layer,
                           confidence=stmt.confidence, alpha=stmt.alpha, mode=mode)
     return Inserted(tuple(rs), len(ps.state.knn))

@@ -469,7 +469,7 @@ class PatchSession:
             base = self.base_runtime_model()
             # memit caches its base-weight statistics on the model object: make every overlay copy
             # share the base model's caches instead of recomputing them
-            for cache in ("_memit_covariance", "_memit_preserve"):
+            for cache in ("_memit_covariance", "_memit_preserve", "_memit_gcov", "_memit_state"):
                 base.__dict__.setdefault(cache, {})
             m = copy.copy(base)
             m.ffn = PatchedFfn(base.spec, base.dense_ffn, self)
