@@ -1,0 +1,230 @@
+"""Tool calling and structured output through the official `openai` client, against the embedded
+default model served by the batched engine. The model was trained on facts, not on tools: every
+assertion here is about what constrained decoding guarantees (well-formed calls whose arguments
+validate against the declared schema, documents valid for the requested schema), checked with the
+independent `jsonschema` validator."""
+
+from __future__ import annotations
+
+import json
+from concurrent.futures import ThreadPoolExecutor
+
+import jsonschema
+import openai
+import pytest
+
+WEATHER = {"type": "object", "properties": {"city": {"type": "string", "maxLength": 24},
+                                            "unit": {"type": "string", "enum": ["celsius", "fahrenheit"]}},
+           "required": ["city", "unit"], "additionalProperties": False}
+TIME = {"type": "object", "properties": {"hours": {"type": "integer", "minimum": 0, "maximum": 23}},
+        "required": ["hours"], "additionalProperties": False}
+TOOLS = [{"type": "function", "function": {"name": "get_weather", "description": "current weather of a city",
+                                           "parameters": WEATHER}},
+         {"type": "function", "function": {"name": "get_time", "parameters": TIME}}]
+SCHEMAS = {"get_weather": WEATHER, "get_time": TIME}
+PERSON = {"type": "object", "properties": {
+    "name": {"type": "string", "maxLength": 16},
+    "age": {"type": "integer", "minimum": 0, "maximum": 120},
+    "tags": {"type": "array", "items": {"type": "string", "enum": ["a", "b", "c"]}, "maxItems": 3},
+    "capital": {"type": ["string", "null"], "maxLength": 12}},
+    "required": ["name", "age", "tags", "capital"], "additionalProperties": False}
+ASK = [{"role": "user", "content": "What is the weather in Paris?"}]
+
+
+@pytest.fixture(scope="module")
+def default_server():
+    """The embedded model with every route group (the knowledge group without a vindex: its routes
+    answer errors, which is what the envelope test needs)."""
+    from modelql.remote import routes as ffn_routes
+    from modelql.runtime.loading import load_model
+    from modelql.server import knowledge_routes, stream_routes
+    from modelql.server.app import create_app
+    from modelql.server.config import ServerConfig
+    from modelql.server.engine import Engine
+    from modelql.server.serve import BackgroundServer
+
+    cfg = ServerConfig(host="127.0.0.1", port=0, graceful_timeout=2.0, max_n=4)
+    engine = Engine(load_model(None), max_batch=cfg.max_batch, max_queue=cfg.max_queue)
+    app = create_app(cfg, engine, knowledge=[knowledge_routes.router, stream_routes.router, ffn_routes.router])
+    knowledge_routes.attach(app, knowledge_routes.VindexSource.unavailable("no vindex in this test"))
+    with BackgroundServer(app, cfg) as srv:
+        yield srv
+    engine.stop()
+
+
+@pytest.fixture(scope="module")
+def client(default_server):
+    with openai.OpenAI(base_url=default_server.url + "/v1", api_key="unused", max_retries=0, timeout=120) as c:
+        yield c
+
+
+def check_calls(calls, allowed=SCHEMAS):
+    assert calls, "no tool call"
+    for call in calls:
+        assert call.type == "function" and call.id.startswith("call_")
+        assert call.function.name in allowed
+        jsonschema.validate(json.loads(call.function.arguments), allowed[call.function.name])
+
+
+def test_required_tool_call_carries_valid_arguments(client):
+    for seed in range(3):
+        r = client.chat.completions.create(model="m", messages=ASK, tools=TOOLS, tool_choice="required",
+                                           parallel_tool_calls=False, temperature=1, seed=seed, max_tokens=150)
+        choice = r.choices[0]
+        assert choice.finish_reason == "tool_calls" and choice.message.content is None
+        assert len(choice.message.tool_calls) == 1
+        check_calls(choice.message.tool_calls)
+
+
+def test_named_function_is_the_one_called(client):
+    r = client.chat.completions.create(model="m", messages=ASK, tools=TOOLS, temperature=1, seed=5, max_tokens=150,
+                                       tool_choice={"type": "function", "function": {"name": "get_time"}})
+    calls = r.choices[0].message.tool_calls
+    assert [c.function.name for c in calls] == ["get_time"] * len(calls)
+    check_calls(calls)
+
+
+def test_none_and_auto(client):
+    r = client.chat.completions.create(model="m", messages=ASK, tools=TOOLS, tool_choice="none", temperature=0,
+                                       max_tokens=30)
+    assert r.choices[0].message.tool_calls is None and r.choices[0].finish_reason in ("stop", "length")
+    plain = client.chat.completions.create(model="m", messages=ASK, temperature=0, max_tokens=30)
+    assert r.choices[0].message.content == plain.choices[0].message.content  # tools are not shown
+    for seed in range(4):  # auto: text or calls, and a call is always well-formed
+        r = client.chat.completions.create(model="m", messages=ASK, tools=TOOLS, temperature=1, seed=seed,
+                                           max_tokens=150)
+        m = r.choices[0].message
+        if m.tool_calls:
+            check_calls(m.tool_calls)
+            assert r.choices[0].finish_reason == "tool_calls"
+        else:
+            assert not m.content.startswith("<tool_call>")
+
+
+def test_streamed_tool_call_deltas_reassemble_to_the_same_call(client):
+    kw = dict(model="m", messages=ASK, tools=TOOLS, tool_choice="required", temperature=1, seed=11, max_tokens=200,
+              parallel_tool_calls=False)
+    whole = client.chat.completions.create(**kw).choices[0].message.tool_calls
+    calls, finish = reassemble(client.chat.completions.create(stream=True, **kw))
+    assert finish == "tool_calls"
+    assert [(c["name"], c["arguments"]) for c in calls] == [(c.function.name, c.function.arguments) for c in whole]
+    check_calls(whole)
+
+
+def reassemble(stream) -> tuple[list[dict], str | None]:
+    calls: dict[int, dict] = {}
+    finish = None
+    for chunk in stream:
+        assert not chunk.choices[0].delta.content
+        for d in chunk.choices[0].delta.tool_calls or []:
+            c = calls.setdefault(d.index, {"id": None, "name": "", "arguments": ""})
+            if d.id:
+                assert c["id"] is None  # the id and name come once, in the call's first delta
+                c["id"], c["name"] = d.id, d.function.name
+            c["arguments"] += d.function.arguments or ""
+        finish = chunk.choices[0].finish_reason or finish
+    return [c for _, c in sorted(calls.items())], finish
+
+
+def test_parallel_tool_calls_stream_as_separate_indices(client):
+    """With parallel calls the small model rarely stops calling: every call it closed is valid."""
+    calls, finish = reassemble(client.chat.completions.create(
+        model="m", messages=ASK, tools=TOOLS, tool_choice="required", temperature=1, seed=3, max_tokens=160,
+        stream=True))
+    assert len(calls) >= 2 and len({c["id"] for c in calls}) == len(calls)
+    closed = calls if finish == "tool_calls" else calls[:-1]
+    for c in closed:
+        jsonschema.validate(json.loads(c["arguments"]), SCHEMAS[c["name"]])
+
+
+def test_tool_results_are_rendered_and_answered(client, default_server):
+    first = client.chat.completions.create(model="m", messages=ASK, tools=TOOLS, tool_choice="required",
+                                           parallel_tool_calls=False, temperature=0, max_tokens=150)
+    call = first.choices[0].message.tool_calls[0]
+    history = ASK + [first.choices[0].message.model_dump(exclude_none=True),
+                     {"role": "tool", "tool_call_id": call.id, "content": '{"temperature": 21}'}]
+    r = client.chat.completions.create(model="m", messages=history, tools=TOOLS, tool_choice="none",
+                                       temperature=0, max_tokens=20)
+    assert r.choices[0].message.tool_calls is None
+    from modelql.server import tools as t
+
+    tok = default_server.app.state.modelql.model.tokenizer
+    msgs, _ = t.render_messages([dict(m) for m in history], t.plan(t.parse_tools(TOOLS), "auto", None),
+                                t.template_handles_tools(tok))
+    text = tok.apply_chat_template(msgs)
+    assert '<tool_response>\n{"temperature": 21}\n</tool_response>' in text
+    assert f'"name": "{call.function.name}", "arguments": {call.function.arguments}' in text
+    assert "<tools>" in text
+    shown_none, _ = t.render_messages([dict(m) for m in history], t.plan(t.parse_tools(TOOLS), "none", None), False)
+    assert "<tools>" not in tok.apply_chat_template(shown_none)
+    assert r.usage.prompt_tokens == len(tok.encode_chat(shown_none))
+
+
+def test_legacy_functions(client):
+    r = client.chat.completions.create(model="m", messages=ASK, functions=[TOOLS[1]["function"]],
+                                       function_call={"name": "get_time"}, temperature=1, seed=2, max_tokens=100)
+    fc = r.choices[0].message.function_call
+    assert r.choices[0].finish_reason == "function_call" and fc.name == "get_time"
+    jsonschema.validate(json.loads(fc.arguments), TIME)
+
+
+def test_json_object(client):
+    for seed in range(3):
+        r = client.chat.completions.create(model="m", messages=ASK, response_format={"type": "json_object"},
+                                           temperature=0.7, seed=seed, max_tokens=120)
+        if r.choices[0].finish_reason == "stop":
+            assert isinstance(json.loads(r.choices[0].message.content), dict)
+
+
+def test_json_schema_100_samples_at_temperature_1_are_all_valid(client):
+    fmt = {"type": "json_schema", "json_schema": {"name": "person", "strict": True, "schema": PERSON}}
+
+    def one(seed):
+        r = client.chat.completions.create(model="m", messages=[{"role": "user", "content": f"Person {seed}?"}],
+                                           response_format=fmt, temperature=1, seed=seed, max_tokens=200)
+        return r.choices[0]
+
+    with ThreadPoolExecutor(8) as pool:
+        choices = list(pool.map(one, range(100)))
+    valid = 0
+    for c in choices:
+        assert c.finish_reason == "stop", c.message.content
+        jsonschema.validate(json.loads(c.message.content), PERSON)
+        valid += 1
+    assert valid == 100
+
+
+def test_structured_errors_are_400s(client):
+    with pytest.raises(openai.BadRequestError) as e:
+        client.chat.completions.create(model="m", messages=ASK, tools=[{"type": "function",
+                                                                         "function": {"name": "bad name"}}])
+    assert e.value.body["param"] == "tools[0].name"
+    with pytest.raises(openai.BadRequestError) as e:
+        client.chat.completions.create(model="m", messages=ASK, tools=TOOLS,
+                                       tool_choice={"type": "function", "function": {"name": "nope"}})
+    assert e.value.body["param"] == "tool_choice"
+    with pytest.raises(openai.BadRequestError) as e:
+        client.chat.completions.create(model="m", messages=ASK, response_format={
+            "type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "object", "properties": {
+                "a": {"type": "string", "pattern": "(?<=x)y"}}}}})
+    assert e.value.body["param"] == "response_format"
+
+
+@pytest.mark.parametrize("method, path, status", [
+    ("get", "/v1/nope", 404), ("post", "/v1/models", 405), ("get", "/v1/describe?entity=France", 503),
+    ("post", "/v1/walk-ffn", 400), ("get", "/v1/models/unknown", 404), ("get", "/nothing/here", 404),
+])
+def test_every_route_error_is_an_openai_error(default_server, method, path, status):
+    """The client parses the envelope: a typed exception whose message is the server's message."""
+    import httpx
+
+    client = openai.OpenAI(base_url=default_server.url, api_key="unused", max_retries=0, timeout=30)
+    call = client.get if method == "get" else client.post
+    kw = {} if method == "get" else {"body": {}}
+    with pytest.raises(openai.APIStatusError) as e:
+        call(path, cast_to=httpx.Response, **kw)
+    err = e.value
+    assert err.status_code == status
+    assert isinstance(err.body, dict) and set(err.body) == {"message", "type", "param", "code"}
+    assert err.message == f"Error code: {status} - {err.body['message']}"  # the client found the envelope
+    assert err.body["message"] and err.code == err.body["code"] and err.type == err.body["type"]
