@@ -228,3 +228,75 @@ def test_every_route_error_is_an_openai_error(default_server, method, path, stat
     assert isinstance(err.body, dict) and set(err.body) == {"message", "type", "param", "code"}
     assert err.message == f"Error code: {status} - {err.body['message']}"  # the client found the envelope
     assert err.body["message"] and err.code == err.body["code"] and err.type == err.body["type"]
+
+
+# -- the Responses API -----------------------------------------------------------------------------
+
+FLAT_TOOLS = [{"type": "function", "name": t["function"]["name"], "parameters": t["function"]["parameters"],
+               "strict": True} for t in TOOLS]
+
+
+def test_responses_text_and_previous_response_id(client):
+    first = client.responses.create(model="m", input="What is the capital of France?", temperature=0,
+                                    max_output_tokens=20)
+    assert first.object == "response" and first.status in ("completed", "incomplete")
+    chat = client.chat.completions.create(model="m", messages=[{"role": "user",
+                                                                "content": "What is the capital of France?"}],
+                                          temperature=0, max_tokens=20)
+    assert first.output_text == chat.choices[0].message.content  # the same engine path
+    assert first.usage.input_tokens == chat.usage.prompt_tokens
+    second = client.responses.create(model="m", input="And of Spain?", previous_response_id=first.id,
+                                     temperature=0, max_output_tokens=20)
+    history = [{"role": "user", "content": "What is the capital of France?"},
+               {"role": "assistant", "content": first.output_text}, {"role": "user", "content": "And of Spain?"}]
+    chat2 = client.chat.completions.create(model="m", messages=history, temperature=0, max_tokens=20)
+    assert second.output_text == chat2.choices[0].message.content
+    assert second.usage.input_tokens == chat2.usage.prompt_tokens
+    with pytest.raises(openai.NotFoundError) as e:
+        client.responses.create(model="m", input="x", previous_response_id="resp_nope")
+    assert e.value.body["param"] == "previous_response_id"
+
+
+def test_responses_stream_events(client):
+    kw = dict(model="m", input="Where is Nairobi?", temperature=0, max_output_tokens=20)
+    whole = client.responses.create(**kw)
+    kinds, text, done = [], "", None
+    for ev in client.responses.create(stream=True, **kw):
+        kinds.append(ev.type)
+        if ev.type == "response.output_text.delta":
+            text += ev.delta
+        if ev.type == "response.completed":
+            done = ev.response
+    assert kinds[:2] == ["response.created", "response.in_progress"] and kinds[-1] == "response.completed"
+    assert "response.output_item.added" in kinds and "response.output_text.done" in kinds
+    assert text == whole.output_text == done.output_text
+
+
+def test_responses_function_tools_and_outputs(client):
+    r = client.responses.create(model="m", input="What is the weather in Paris?", tools=FLAT_TOOLS,
+                                tool_choice="required", parallel_tool_calls=False, temperature=1, extra_body={"seed": 4},
+                                max_output_tokens=150)
+    calls = [o for o in r.output if o.type == "function_call"]
+    assert len(calls) == 1
+    jsonschema.validate(json.loads(calls[0].arguments), SCHEMAS[calls[0].name])
+    streamed = {}
+    for ev in client.responses.create(model="m", input="What is the weather in Paris?", tools=FLAT_TOOLS,
+                                      tool_choice={"type": "function", "name": "get_time"}, temperature=1, extra_body={"seed": 4},
+                                      max_output_tokens=150, stream=True):
+        if ev.type == "response.function_call_arguments.delta":
+            streamed[ev.item_id] = streamed.get(ev.item_id, "") + ev.delta
+        if ev.type == "response.output_item.done" and ev.item.type == "function_call":
+            assert streamed[ev.item.id] == ev.item.arguments and ev.item.name == "get_time"
+            jsonschema.validate(json.loads(ev.item.arguments), TIME)
+    follow = client.responses.create(model="m", previous_response_id=r.id, tools=FLAT_TOOLS, temperature=0,
+                                     max_output_tokens=10, tool_choice="none",
+                                     input=[{"type": "function_call_output", "call_id": calls[0].call_id,
+                                             "output": '{"temperature": 21}'}])
+    assert follow.output[0].type == "message"
+
+
+def test_responses_structured_output(client):
+    r = client.responses.create(model="m", input="A person?", temperature=1, extra_body={"seed": 9}, max_output_tokens=200,
+                                text={"format": {"type": "json_schema", "name": "person", "schema": PERSON,
+                                                 "strict": True}})
+    jsonschema.validate(json.loads(r.output_text), PERSON)

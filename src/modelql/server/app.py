@@ -103,7 +103,7 @@ def create_app(config: ServerConfig, engine=None, *, model_id: str | None = None
                knowledge: Iterable[APIRouter] = (), manage_engine: bool = True) -> FastAPI:
     """Build the app. With `manage_engine`, the app's lifespan starts the engine's worker thread
     and stops it at shutdown."""
-    from . import openai_routes
+    from . import openai_routes, responses_routes
 
     mid = config.model_id or model_id or (default_model_id(engine.model) if engine is not None else "modelql")
     metrics_ = Metrics(mid, __version__)
@@ -127,6 +127,7 @@ def create_app(config: ServerConfig, engine=None, *, model_id: str | None = None
     errors.install(app)
     app.include_router(ops)
     app.include_router(openai_routes.router)
+    app.include_router(responses_routes.router)
     for router in knowledge:
         app.include_router(router)
     app.add_middleware(EdgeMiddleware, config=config, metrics=metrics_)
