@@ -32,27 +32,6 @@ ASK = [{"role": "user", "content": "What is the weather in Paris?"}]
 
 
 @pytest.fixture(scope="module")
-def default_server():
-    """The embedded model with every route group (the knowledge group without a vindex: its routes
-    answer errors, which is what the envelope test needs)."""
-    from modelql.remote import routes as ffn_routes
-    from modelql.runtime.loading import load_model
-    from modelql.server import knowledge_routes, stream_routes
-    from modelql.server.app import create_app
-    from modelql.server.config import ServerConfig
-    from modelql.server.engine import Engine
-    from modelql.server.serve import BackgroundServer
-
-    cfg = ServerConfig(host="127.0.0.1", port=0, graceful_timeout=2.0, max_n=4)
-    engine = Engine(load_model(None), max_batch=cfg.max_batch, max_queue=cfg.max_queue)
-    app = create_app(cfg, engine, knowledge=[knowledge_routes.router, stream_routes.router, ffn_routes.router])
-    knowledge_routes.attach(app, knowledge_routes.VindexSource.unavailable("no vindex in this test"))
-    with BackgroundServer(app, cfg) as srv:
-        yield srv
-    engine.stop()
-
-
-@pytest.fixture(scope="module")
 def client(default_server):
     with openai.OpenAI(base_url=default_server.url + "/v1", api_key="unused", max_retries=0, timeout=120) as c:
         yield c
@@ -154,9 +133,9 @@ def test_tool_results_are_rendered_and_answered(client, default_server):
     text = tok.apply_chat_template(msgs)
     assert '<tool_response>\n{"temperature": 21}\n</tool_response>' in text
     assert f'"name": "{call.function.name}", "arguments": {call.function.arguments}' in text
-    assert "<tools>" in text
+    assert "Tools:\nget_weather(city: string" in text
     shown_none, _ = t.render_messages([dict(m) for m in history], t.plan(t.parse_tools(TOOLS), "none", None), False)
-    assert "<tools>" not in tok.apply_chat_template(shown_none)
+    assert "Tools:" not in tok.apply_chat_template(shown_none)
     assert r.usage.prompt_tokens == len(tok.encode_chat(shown_none))
 
 

@@ -18,6 +18,9 @@ Decoding is constrained (`runtime.constrain`) by a Lark grammar built from the d
   opens a call the call is forced to be well-formed (as vLLM / llama.cpp do);
 * `"none"` → plain text; the tools are not shown to the model.
 
+Objects that list properties are closed (`additionalProperties: false` unless the schema says
+otherwise), as llama.cpp does: a sampled model would otherwise invent keys.
+
 Prompt rendering: a chat template that handles tools itself (it reads `tools` and `tool_calls`)
 gets them as transformers passes them (arguments as objects). Otherwise the tools are described in a
 system message in the same format, assistant `tool_calls` are rendered as `<tool_call>` blocks and
@@ -125,8 +128,26 @@ def plan(tools: list[Tool], tool_choice: Any, parallel: bool | None, param: str 
 
 # -- grammars -------------------------------------------------------------------------------------
 
+def _closed(schema: Any) -> Any:
+    """`schema` with `additionalProperties: false` on every object that lists properties and does
+    not say otherwise (as llama.cpp's grammar converter does): JSON Schema would allow any extra key,
+    and a sampled model takes that freedom to write keys nobody declared."""
+    if isinstance(schema, list):
+        return [_closed(s) for s in schema]
+    if not isinstance(schema, dict):
+        return schema
+    out = {k: (_closed(v) if k in ("items", "anyOf", "oneOf", "allOf", "prefixItems", "not") else v)
+           for k, v in schema.items()}
+    for key in ("properties", "$defs", "definitions", "patternProperties"):
+        if isinstance(schema.get(key), dict):
+            out[key] = {k: _closed(v) for k, v in schema[key].items()}
+    if isinstance(schema.get("properties"), dict) and "additionalProperties" not in schema:
+        out["additionalProperties"] = False
+    return out
+
+
 def _guided(schema: dict, strict: bool) -> dict:
-    out = dict(schema)
+    out = _closed(schema)
     opts = dict(out.get("x-guidance") or {})
     opts.setdefault("whitespace_flexible", False)
     if not strict:
@@ -196,14 +217,39 @@ def _args_object(arguments: Any) -> Any:
     return arguments
 
 
-def tools_system_text(tools: list[Tool]) -> str:
-    """The generic tool prompt (compact: small models have short contexts)."""
-    def sig(t: Tool) -> str:
-        d = {"name": t.name, **({"description": t.description} if t.description else {}), "parameters": t.parameters}
-        return json.dumps(d, ensure_ascii=False, separators=(",", ":"))
+def _type_text(schema: Any) -> str:
+    """A short TypeScript-like rendering of a JSON schema (prompt text only: the grammar enforces
+    the exact schema)."""
+    if not isinstance(schema, dict):
+        return "any"
+    if "enum" in schema:
+        return "|".join(json.dumps(v) for v in schema["enum"])
+    if "const" in schema:
+        return json.dumps(schema["const"])
+    for key in ("anyOf", "oneOf"):
+        if isinstance(schema.get(key), list):
+            return "|".join(_type_text(s) for s in schema[key])
+    t = schema.get("type")
+    if isinstance(t, list):
+        return "|".join(_type_text({**schema, "type": x}) for x in t)
+    if t == "array":
+        return _type_text(schema.get("items")) + "[]"
+    if t == "object" and isinstance(schema.get("properties"), dict):
+        required = set(schema.get("required") or [])
+        return "{" + ", ".join(f"{k}{'' if k in required else '?'}: {_type_text(v)}"
+                               for k, v in schema["properties"].items()) + "}"
+    return {"integer": "int", "number": "number", "boolean": "bool", "null": "null"}.get(t, t or "any")
 
-    return ("Tools:\n<tools>\n" + "\n".join(sig(t) for t in tools) + "\n</tools>\nTo call a tool, answer "
-            + _call_block("<name>", "<arguments>"))
+
+def tools_system_text(tools: list[Tool]) -> str:
+    """The generic tool prompt: one signature line per tool (compact: small models have short
+    contexts), then the call format."""
+    lines = []
+    for t in tools:
+        args = _type_text(t.parameters)
+        args = "(" + args[1:-1] + ")" if args.startswith("{") else "()"
+        lines.append(t.name + args + (f" - {t.description}" if t.description else ""))
+    return "Tools:\n" + "\n".join(lines) + "\nTo call a tool, answer " + _call_block("<name>", "<arguments>")
 
 
 def render_messages(messages: list[dict], p: ToolPlan, native: bool) -> tuple[list[dict], list[dict] | None]:
