@@ -279,3 +279,20 @@ def test_responses_structured_output(client):
                                 text={"format": {"type": "json_schema", "name": "person", "schema": PERSON,
                                                  "strict": True}})
     jsonschema.validate(json.loads(r.output_text), PERSON)
+
+
+def test_docs_pages_load_nothing_from_the_network(default_server):
+    """/docs and /redoc reference only assets the server itself serves (it works offline)."""
+    import re
+
+    import httpx
+
+    for page in ("/docs", "/redoc"):
+        html = httpx.get(default_server.url + page, timeout=30).text
+        urls = re.findall(r'(?:src|href)="([^"]+)"|url: *[\'"]([^\'"]+)', html)
+        urls = [a or b for a, b in urls]
+        assert urls and not [u for u in urls if u.startswith(("http:", "https:", "//"))], (page, urls)
+        for u in urls:
+            r = httpx.get(default_server.url + u, timeout=30)
+            assert r.status_code == 200 and len(r.content) > 0, u
+        assert "cdn" not in html.lower()

@@ -23,7 +23,7 @@ from fastapi.middleware.cors import CORSMiddleware
 from starlette.responses import JSONResponse, Response
 
 from .. import __version__
-from . import errors
+from . import docs, errors
 from .config import ServerConfig
 from .errors import ServiceUnavailable
 from .metrics import CONTENT_TYPE, Metrics
@@ -121,10 +121,11 @@ def create_app(config: ServerConfig, engine=None, *, model_id: str | None = None
             if manage_engine and state.engine is not None:
                 state.engine.stop(config.graceful_timeout)
 
-    app = FastAPI(title="modelql", version=__version__, lifespan=lifespan,
+    app = FastAPI(title="modelql", version=__version__, lifespan=lifespan, docs_url=None, redoc_url=None,
                   description="OpenAI-compatible API and knowledge API of a local transformer model.")
     app.state.modelql = state
     errors.install(app)
+    docs.install(app)  # /docs and /redoc from packaged assets (no CDN)
     app.include_router(ops)
     app.include_router(openai_routes.router)
     app.include_router(responses_routes.router)
