@@ -296,3 +296,27 @@ def test_docs_pages_load_nothing_from_the_network(default_server):
             r = httpx.get(default_server.url + u, timeout=30)
             assert r.status_code == 200 and len(r.content) > 0, u
         assert "cdn" not in html.lower()
+
+
+@pytest.mark.parametrize("text, content, calls", [
+    ("plain answer", "plain answer", []),
+    ("<tool", "<tool", []),  # a prefix of the opening tag that never became one is text
+    ('<tool_call>\n{"name": "f", "arguments": {"a":"}{\\"x","b":[1,{"c":2}]}}\n</tool_call>', None,
+     [("f", '{"a":"}{\\"x","b":[1,{"c":2}]}')]),
+    ('<tool_call>\n{"name": "f", "arguments": {}}\n</tool_call>\n<tool_call>\n{"name": "g_2", "arguments": '
+     '{"z":null}}\n</tool_call>', None, [("f", "{}"), ("g_2", '{"z":null}')]),
+])
+def test_tool_call_parser_is_incremental(text, content, calls):
+    """Fed one character at a time or all at once, the parser finds the same content and calls."""
+    from modelql.server.tools import ToolCallParser, parse_answer
+
+    got_content, got_calls = parse_answer(text, True)
+    assert got_content == content and [(c.name, c.arguments) for c in got_calls] == calls
+    p = ToolCallParser()
+    events = [ev for ch in text for ev in p.feed(ch)] + p.finish()
+    args: dict[int, str] = {}
+    for ev in events:
+        if ev[0] == "arguments":
+            args[ev[1]] = args.get(ev[1], "") + ev[2]
+    assert [(c.name, args.get(i, "")) for i, c in enumerate(p.calls)] == calls
+    assert "".join(ev[1] for ev in events if ev[0] == "content") == (content or "")

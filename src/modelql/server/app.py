@@ -1,9 +1,10 @@
 """The app factory: `create_app(config, engine)` → one FastAPI app serving every route group.
 
-Routers: `openai_routes.router` (chat/completions, completions, embeddings, models), the operational
+Routers: `openai_routes.router` (chat/completions, completions, embeddings, models),
+`responses_routes.router` (/v1/responses), /docs and /redoc from packaged assets (`docs.py`), the operational
 routes below (/health, /v1/health, /metrics), and a slot for the knowledge group: pass its routers
-as `knowledge=[...]` (they get the `{"error": msg}` envelope and the mode checks in
-`ServerConfig.unavailable_reason`). Middleware, outermost first: CORS (when enabled) → the edge
+as `knowledge=[...]` (they get the mode checks in `ServerConfig.unavailable_reason`); every route
+answers errors in OpenAI's envelope (`errors.py`). Middleware, outermost first: CORS (when enabled) → the edge
 (metrics, rate limit, auth, body limit) → FastAPI's exception handlers (`errors.install`).
 
 `engine` may be None while the model loads (`serve` starts listening first): /health then answers
