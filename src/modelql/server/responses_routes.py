@@ -17,7 +17,7 @@ import time
 from typing import Any, AsyncIterator, Union
 
 from fastapi import APIRouter, Request
-from pydantic import Field
+from pydantic import Field, ValidationError
 from starlette.responses import JSONResponse
 
 from ..runtime.generate import Sequence
@@ -114,10 +114,15 @@ def _chat_request(body: ResponsesRequest, messages: list[dict]) -> ChatCompletio
     fmt = (body.text or {}).get("format")
     if isinstance(fmt, dict) and fmt.get("type") == "json_schema":
         fmt = {"type": "json_schema", "json_schema": {k: v for k, v in fmt.items() if k != "type"}}
-    return ChatCompletionRequest(messages=messages, tools=tools or None, tool_choice=choice,
-                                 parallel_tool_calls=body.parallel_tool_calls, max_tokens=body.max_output_tokens,
-                                 temperature=body.temperature, top_p=body.top_p, seed=body.seed,
-                                 response_format=fmt)
+    try:
+        return ChatCompletionRequest(messages=messages, tools=tools or None, tool_choice=choice,
+                                     parallel_tool_calls=body.parallel_tool_calls,
+                                     max_tokens=body.max_output_tokens, temperature=body.temperature,
+                                     top_p=body.top_p, seed=body.seed, response_format=fmt)
+    except ValidationError as exc:  # a field valid for Responses but not as its chat equivalent
+        err = exc.errors()[0]
+        where = {"messages": "input", "response_format": "text.format"}.get(str(err["loc"][0]), str(err["loc"][0]))
+        raise InvalidValue(where, f"invalid value for '{where}': {err['msg']}") from None
 
 
 def _usage(prompt: int, completion: int) -> dict:
