@@ -116,18 +116,19 @@ def test_chat_keeps_the_conversation(model_dir, monkeypatch):
     import modelql.runtime.generate as gen
 
     seen = []
-    real = gen.stream
+    real = gen.Sequence
 
     def spy(model, prompt, params=None, **kw):
         seen.append([dict(m) for m in prompt])
         return real(model, prompt, params, **kw)
 
-    monkeypatch.setattr(gen, "stream", spy)
-    r = run("chat", model_dir, "-n", "4", "--system", "Be brief.", input="Hi\nAnd then?\n/reset\nAgain\n")
+    monkeypatch.setattr(gen, "Sequence", spy)
+    r = run("chat", model_dir, "-n", "4", "--system", "Be brief.", input="Hi\nAnd then?\n/help\n/reset\nAgain\n")
     assert r.exit_code == 0, r.output + r.stderr
     assert [len(s) for s in seen] == [2, 4, 2]
     assert seen[1][2]["role"] == "assistant" and seen[1][3] == {"role": "user", "content": "And then?"}
     assert seen[2][1]["content"] == "Again"
+    assert "/save FILE" in r.stderr  # /help is answered, not sent to the model
 
 
 def test_info_reports_the_model(model_dir):

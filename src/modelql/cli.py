@@ -116,6 +116,17 @@ FrequencyOpt = Annotated[float, typer.Option("--frequency-penalty", help="OpenAI
 PresenceOpt = Annotated[float, typer.Option("--presence-penalty", help="OpenAI presence penalty")]
 SeedOpt = Annotated[Optional[int], typer.Option("--seed", help="RNG seed: same seed, same text")]
 StopOpt = Annotated[Optional[list[str]], typer.Option("--stop", help="stop string (repeatable), never printed")]
+PatchOpt = Annotated[Optional[list[str]], typer.Option("--patch", help="apply a .vlp patch to the model's FFN "
+                                                                       "(repeatable, stacked in order)")]
+
+
+def with_patches(model, patches: list[str] | None):
+    """`model` with the .vlp patches applied (the model directory's vindex is extracted on first use)."""
+    from .chat_repl import apply_patch
+
+    for path in patches or []:
+        model = apply_patch(model, path)
+    return model
 
 
 def load(model: str | None, dtype: str = "float32"):
@@ -178,6 +189,7 @@ def generate_cmd(
     ffn: FfnOpt = None,
     wire: WireOpt = "f32",
     ffn_api_key: FfnApiKeyOpt = None,
+    patch: PatchOpt = None,
 ) -> None:
     import time
 
@@ -198,6 +210,7 @@ def generate_cmd(
         model = load_remote_model(model_ref, ffn, wire, dtype, api_key=ffn_api_key)
     else:
         model = load(model_ref, dtype)
+    model = with_patches(model, patch)
     start = time.perf_counter()
     text, reason, n = stream_out(stream(model, [{"role": "user", "content": prompt}] if chat else prompt, params))
     if not text.endswith("\n"):
@@ -214,7 +227,8 @@ def generate_cmd(
                   f"on the wire per token, {st.failovers} failovers]", file=sys.stderr)
 
 
-@command("chat", help="Chat interactively with the model's chat template (/reset clears, /exit or Ctrl-D quits).")
+@command("chat", help="Chat interactively with the model's chat template: history, multi-line input, "
+                      "Ctrl-C stops an answer; /help lists the commands (/reset, /save, /patch, /explain).")
 def chat_cmd(
     model: ModelArg = None,
     system: Annotated[Optional[str], typer.Option("--system", "-s", help="system prompt")] = None,
@@ -229,45 +243,19 @@ def chat_cmd(
     seed: SeedOpt = None,
     stop: StopOpt = None,
     dtype: DtypeOpt = "float32",
+    patch: PatchOpt = None,
 ) -> None:
-    from .errors import ContextLengthError, ModelFormatError
-    from .runtime.generate import stream
+    from . import chat_repl
+    from .errors import ModelFormatError
 
     params = sampling_params(max_tokens, temperature, top_k, top_p, min_p, repetition_penalty, frequency_penalty,
                              presence_penalty, seed, stop)
     m = load(model, dtype)
     if m.tokenizer is None:
         raise ModelFormatError("chat needs a tokenizer (tokenizer.json)")
-    interactive = sys.stdin.isatty()
-    if interactive:
-        print("modelql chat — /reset clears the conversation, /exit or Ctrl-D quits", file=sys.stderr)
-    base = [{"role": "system", "content": system}] if system else []
-    messages = list(base)
-    while True:
-        try:
-            line = input(">>> " if interactive else "")
-        except EOFError:
-            if interactive:
-                print(file=sys.stderr)
-            return
-        text = line.strip()
-        if not text:
-            continue
-        if text in ("/exit", "/quit"):
-            return
-        if text == "/reset":
-            messages = list(base)
-            continue
-        messages.append({"role": "user", "content": line})
-        try:
-            reply, _, _ = stream_out(stream(m, messages, params))
-        except ContextLengthError as exc:
-            messages.pop()
-            print(f"error: {exc} (use /reset)", file=sys.stderr, flush=True)
-            continue
-        sys.stdout.write("\n")
-        sys.stdout.flush()
-        messages.append({"role": "assistant", "content": reply})
+    m = with_patches(m, patch)
+    session = chat_repl.ChatSession(m, params, system=system, patcher=chat_repl.apply_patch)
+    chat_repl.run(session, interactive=sys.stdin.isatty() and sys.stdout.isatty())
 
 
 def model_memory_bytes(model) -> int:

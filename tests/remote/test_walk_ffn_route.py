@@ -152,7 +152,7 @@ def test_malformed_binary_is_a_400_with_a_message(shard, body, status, message):
     r = post_binary(shard, body)
     assert r.status_code == status, r.text
     assert r.headers["content-type"].startswith("application/json")
-    assert r.json() == {"error": message}
+    assert r.json()["error"]["message"] == message
 
 
 @pytest.mark.parametrize("body, message", [
@@ -164,7 +164,7 @@ def test_malformed_binary_is_a_400_with_a_message(shard, body, status, message):
 ])
 def test_malformed_json_is_a_400_with_a_message(shard, body, message):
     r = shard.post("/v1/walk-ffn", content=body, headers={"Content-Type": "application/json"})
-    assert r.status_code == 400 and message in r.json()["error"]
+    assert r.status_code == 400 and message in r.json()["error"]["message"]
 
 
 def test_random_bodies_never_500(shard):

@@ -60,3 +60,24 @@ def server(tiny_model):
 def make_server(tiny_model):
     """Start servers with specific flags: `with make_server(api_key="k") as srv: ...`."""
     return lambda **config: running_server(tiny_model, **config)
+
+
+@pytest.fixture(scope="session")
+def default_server():
+    """The embedded model with every route group (the knowledge group without a vindex: its routes
+    answer errors, which is what the envelope test needs)."""
+    from modelql.remote import routes as ffn_routes
+    from modelql.runtime.loading import load_model
+    from modelql.server import knowledge_routes, stream_routes
+    from modelql.server.app import create_app
+    from modelql.server.config import ServerConfig
+    from modelql.server.engine import Engine
+    from modelql.server.serve import BackgroundServer
+
+    cfg = ServerConfig(host="127.0.0.1", port=0, graceful_timeout=2.0, max_n=4)
+    engine = Engine(load_model(None), max_batch=cfg.max_batch, max_queue=cfg.max_queue)
+    app = create_app(cfg, engine, knowledge=[knowledge_routes.router, stream_routes.router, ffn_routes.router])
+    knowledge_routes.attach(app, knowledge_routes.VindexSource.unavailable("no vindex in this test"))
+    with BackgroundServer(app, cfg) as srv:
+        yield srv
+    engine.stop()

@@ -215,26 +215,26 @@ def test_logits_and_tokens(client, kmodel):
     ("post", "/v1/patches/apply", {"json": {}}, 400, "must provide 'url' or 'patch' in request body"),
     ("get", "/v1/nope", {}, 404, None),
 ])
-def test_errors_use_the_knowledge_envelope(client, method, path, kw, status, message):
+def test_errors_use_the_openai_envelope(client, method, path, kw, status, message):
     r = getattr(client, method)(path, **kw)
     assert r.status_code == status, r.text
     body = r.json()
-    assert set(body) == {"error"} and isinstance(body["error"], str)
+    assert set(body) == {"error"} and set(body["error"]) == {"message", "type", "param", "code"}
     if message:
-        assert message in body["error"]
+        assert message in body["error"]["message"]
 
 
 def test_editing_routes_without_edits(client):
     assert client.get("/v1/patches").json()["patches"] == []
-    assert client.delete("/v1/patches/none").json() == {"error": "patch 'none' not found"}
+    assert client.delete("/v1/patches/none").json()["error"]["message"] == "patch 'none' not found"
     r = client.post("/v1/insert", json={"entity": "France", "relation": "capital", "target": "Lyon",
                                         "mode": "constellation"})
-    assert r.status_code == 400 and "constellation" in r.json()["error"]
+    assert r.status_code == 400 and "constellation" in r.json()["error"]["message"]
     for body, msg in [({"entity": "France", "relation": "capital"}, "must provide 'entity', 'relation' and 'target'"),
                       ({"entity": "France", "relation": "capital", "target": "Lyon",
                         "facts": [{"entity": "Spain", "relation": "capital", "target": "Porto"}]}, "not both")]:
         r = client.post("/v1/insert", json=body)
-        assert r.status_code == 400 and msg in r.json()["error"], r.text
+        assert r.status_code == 400 and msg in r.json()["error"]["message"], r.text
     assert client.post("/v1/insert", json={"facts": []}).status_code == 400
     assert client.get("/v1/patches").json()["patches"] == []  # nothing was recorded
 
@@ -267,7 +267,7 @@ def test_insert_knn_overrides_infer_and_patches_roundtrip(kmodel, kvindex, tmp_p
         assert rm == {"removed": RECORDING_NAME, "active_patches": 0}
         assert c.post("/v1/infer", json={"prompt": prompt, "top": 3}).json()["predictions"] == before["predictions"]
         bad = c.post("/v1/patches/apply", json={"patch": {"x": 1}})
-        assert bad.status_code == 400 and bad.json()["error"].startswith("failed to load patch")
+        assert bad.status_code == 400 and bad.json()["error"]["message"].startswith("failed to load patch")
         assert c.post("/v1/patches/apply", json={"url": str(tmp_path / "none.vlp")}).status_code == 403  # no --patch-dir
 
 
@@ -386,7 +386,7 @@ def test_no_infer_mode(kmodel, kvindex):
     with _serve(kmodel, VindexSource.ready(kvindex), no_infer=True) as srv:
         with httpx.Client(base_url=srv.url, timeout=60) as c:
             r = c.post("/v1/infer", json={"prompt": "x"})
-            assert r.status_code == 503 and r.json() == {"error": "inference disabled (--no-infer)"}
+            assert r.status_code == 503 and r.json()["error"]["message"] == "inference disabled (--no-infer)"
             d = c.get("/v1/describe", params={"entity": "France"}).json()
             assert d["mode"] == "embedding"  # no forward passes without inference
             assert c.get("/v1/stats").json()["loaded"]["inference"] is False
@@ -399,7 +399,7 @@ def test_embed_only_mode_refuses_browse(kmodel, kvindex):
     with _serve(kmodel, VindexSource.ready(kvindex), embed_only=True) as srv:
         with httpx.Client(base_url=srv.url, timeout=60) as c:
             r = c.get("/v1/describe", params={"entity": "France"})
-            assert r.status_code == 503 and r.json()["error"] == "/v1/describe is not served in embed-service mode"
+            assert r.status_code == 503 and r.json()["error"]["message"] == "/v1/describe is not served in embed-service mode"
             assert c.post("/v1/embed", json={"token_ids": [1]}).status_code == 200
             assert c.get("/v1/stats").json()["mode"] == "embed-service"
 
@@ -414,7 +414,7 @@ def test_model_directory_vindex_extracted_in_background(tiny_dir, tiny_model, tm
     with _serve(tiny_model, src) as srv:
         with httpx.Client(base_url=srv.url, timeout=60) as c:
             r = c.get("/v1/walk", params={"prompt": "hello"})
-            assert r.status_code == 503 and "being extracted" in r.json()["error"] and r.headers["retry-after"]
+            assert r.status_code == 503 and "being extracted" in r.json()["error"]["message"] and r.headers["retry-after"]
             assert c.get("/v1/token/encode", params={"text": "hello"}).status_code == 200
             stats = c.get("/v1/stats").json()  # answered from the model meanwhile
             assert stats["loaded"]["browse"] is False and stats["layer_bands"] is None
@@ -452,7 +452,7 @@ def test_warmup_computes_the_editing_statistics_on_request(tiny_dir, tiny_model,
     assert sorted(want + ["site.json"]) == stored
     with _serve(tiny_model, src, no_infer=True) as srv, httpx.Client(base_url=srv.url, timeout=60) as c:
         r = c.post("/v1/warmup", json={"editing": True})
-        assert r.status_code == 503 and "without inference" in r.json()["error"]
+        assert r.status_code == 503 and "without inference" in r.json()["error"]["message"]
 
 
 def test_gguf_or_unknown_ref_has_a_reason():
@@ -482,4 +482,4 @@ def test_sessions_isolate_edits(kmodel, kvindex):
         assert listed["session"] == "alice.1" and [p["name"] for p in listed["patches"]] == [RECORDING_NAME]
         assert c.get("/v1/patches").json() == {"patches": []}
         bad = c.get("/v1/patches", headers={"X-Session-Id": "no spaces"})
-        assert bad.status_code == 400 and bad.json() == {"error": "invalid X-Session-Id"}
+        assert bad.status_code == 400 and bad.json()["error"]["message"] == "invalid X-Session-Id"

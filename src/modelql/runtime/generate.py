@@ -150,7 +150,10 @@ class StopMatcher:
 class Sequence:
     """One request's decode state. Create it, `prefill(model)`, then pass it to `step` until finished."""
 
-    def __init__(self, model, prompt: Prompt, params: SamplingParams | None = None, *, request_id: Any = None):
+    def __init__(self, model, prompt: Prompt, params: SamplingParams | None = None, *, request_id: Any = None,
+                 grammar: str | None = None):
+        """`grammar` (an llguidance grammar, see `runtime.constrain`) restricts every sampled token to
+        the ones the grammar admits; the sequence stops when the grammar is complete."""
         self.request_id = request_id
         self.params = params or SamplingParams()
         self.prompt_ids = encode_prompt(model, prompt)
@@ -176,6 +179,13 @@ class Sequence:
         self.generated = 0
         self.finish_reason: str | None = None
         self.logits: torch.Tensor | None = None  # next-token logits [V], pending a choice
+        self.constraint = None
+        if grammar is not None:
+            if self.tokenizer is None:
+                raise InvalidParamsError("structured output needs a tokenizer", "response_format")
+            from .constrain import Constraint
+
+            self.constraint = Constraint(self.tokenizer, grammar, self.stop_ids, model.spec.vocab_size)
 
     @property
     def finished(self) -> bool:
@@ -218,6 +228,8 @@ class Sequence:
         self.output_ids.append(token)
         self.choices.append(choice)
         self.sampler.observe(token)
+        if self.constraint is not None:
+            self.constraint.consume(token)
         text, hit = ("", False)
         if self.decoder is not None:
             text, hit = self._release(self.decoder.push(token))
@@ -225,6 +237,8 @@ class Sequence:
         if hit:
             self.finish_reason = "stop"
             self.logits = None
+        elif self.constraint is not None and self.constraint.stopped:
+            delta.text = self._finish("stop", text)
         elif (self.params.max_tokens is not None and self.generated >= self.params.max_tokens) or (
             len(self.prompt_ids) + len(self.output_ids) >= self.max_position
         ):
@@ -247,7 +261,14 @@ def step(model, sequences: Seq[Sequence]) -> list[Delta]:
     if not active:
         return []
     logits = torch.stack([s.logits for s in active])  # type: ignore[misc]
-    choices = choose_batch([s.sampler for s in active], logits)
+    constrained = [i for i, s in enumerate(active) if s.constraint is not None]
+    if constrained:
+        from .constrain import mask_logits
+
+        masked = mask_logits(logits, constrained, [active[i].constraint.allowed() for i in constrained])
+        choices = choose_batch([s.sampler for s in active], masked, raw=logits)
+    else:
+        choices = choose_batch([s.sampler for s in active], logits)
     deltas = [s.accept(c) for s, c in zip(active, choices)]
     running = [s for s in active if not s.finished]
     if running:

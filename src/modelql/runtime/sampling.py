@@ -285,11 +285,13 @@ def _with_logprobs(samplers: Sequence[Sampler], logits: torch.Tensor, tokens: li
     return choices
 
 
-def choose_batch(samplers: Sequence[Sampler], logits: torch.Tensor) -> list[TokenChoice]:
+def choose_batch(samplers: Sequence[Sampler], logits: torch.Tensor, raw: torch.Tensor | None = None
+                 ) -> list[TokenChoice]:
     """One token per row of raw logits [B, V], the batch processed together: plain-greedy rows share
     one argmax; the other rows get their own bias/penalties, then rows with the same warping
     parameters are warped (temperature, top-k, top-p, min-p) and drawn as one [G, V] tensor. Every
-    row's result equals what the row alone would give."""
+    row's result equals what the row alone would give. `raw`, when given, is the model's distribution
+    before a grammar mask (`logits` then has the disallowed tokens at -inf): logprobs are of `raw`."""
     tokens: list[int] = [0] * len(samplers)
     fast = [i for i, s in enumerate(samplers) if s.plain_greedy]
     if fast:
@@ -311,4 +313,4 @@ def choose_batch(samplers: Sequence[Sampler], logits: torch.Tensor) -> list[Toke
             picked = draw(torch.softmax(x, dim=-1), [samplers[i].uniform() for i in rows])
         for i, t in zip(rows, picked):
             tokens[i] = t
-    return _with_logprobs(samplers, logits, tokens)
+    return _with_logprobs(samplers, logits if raw is None else raw, tokens)

@@ -1,9 +1,10 @@
 """The app factory: `create_app(config, engine)` → one FastAPI app serving every route group.
 
-Routers: `openai_routes.router` (chat/completions, completions, embeddings, models), the operational
+Routers: `openai_routes.router` (chat/completions, completions, embeddings, models),
+`responses_routes.router` (/v1/responses), /docs and /redoc from packaged assets (`docs.py`), the operational
 routes below (/health, /v1/health, /metrics), and a slot for the knowledge group: pass its routers
-as `knowledge=[...]` (they get the `{"error": msg}` envelope and the mode checks in
-`ServerConfig.unavailable_reason`). Middleware, outermost first: CORS (when enabled) → the edge
+as `knowledge=[...]` (they get the mode checks in `ServerConfig.unavailable_reason`); every route
+answers errors in OpenAI's envelope (`errors.py`). Middleware, outermost first: CORS (when enabled) → the edge
 (metrics, rate limit, auth, body limit) → FastAPI's exception handlers (`errors.install`).
 
 `engine` may be None while the model loads (`serve` starts listening first): /health then answers
@@ -23,7 +24,7 @@ from fastapi.middleware.cors import CORSMiddleware
 from starlette.responses import JSONResponse, Response
 
 from .. import __version__
-from . import errors
+from . import docs, errors
 from .body import use_json_reader
 from .config import ServerConfig
 from .errors import ServiceUnavailable
@@ -104,7 +105,7 @@ def create_app(config: ServerConfig, engine=None, *, model_id: str | None = None
                knowledge: Iterable[APIRouter] = (), manage_engine: bool = True) -> FastAPI:
     """Build the app. With `manage_engine`, the app's lifespan starts the engine's worker thread
     and stops it at shutdown."""
-    from . import openai_routes
+    from . import openai_routes, responses_routes
 
     mid = config.model_id or model_id or (default_model_id(engine.model) if engine is not None else "modelql")
     metrics_ = Metrics(mid, __version__)
@@ -122,12 +123,14 @@ def create_app(config: ServerConfig, engine=None, *, model_id: str | None = None
             if manage_engine and state.engine is not None:
                 state.engine.stop(config.graceful_timeout)
 
-    app = FastAPI(title="modelql", version=__version__, lifespan=lifespan,
+    app = FastAPI(title="modelql", version=__version__, lifespan=lifespan, docs_url=None, redoc_url=None,
                   description="OpenAI-compatible API and knowledge API of a local transformer model.")
     app.state.modelql = state
     errors.install(app)
+    docs.install(app)  # /docs and /redoc from packaged assets (no CDN)
     app.include_router(ops)
     app.include_router(openai_routes.router)
+    app.include_router(responses_routes.router)
     for router in knowledge:
         app.include_router(router)
     use_json_reader(app)

@@ -63,8 +63,10 @@ def serve_command(
         "--enable-i8-wire", envvar="MODELQL_I8_WIRE", help="walk-ffn may answer i8 when asked")] = False,
     disable_f16_wire: Annotated[bool, typer.Option(
         "--disable-f16-wire", envvar="MODELQL_F16_WIRE_DISABLE", help="walk-ffn never answers f16")] = False,
+    patch: Annotated[Optional[list[str]], typer.Option(
+        "--patch", help="apply a .vlp patch to the served model's FFN before serving (repeatable)")] = None,
 ) -> None:
-    from ..cli import load
+    from ..cli import load, with_patches
     from .config import ServerConfig, ServerConfigError
     from .serve import serve
 
@@ -83,6 +85,14 @@ def serve_command(
 
         def load(ref, dtype):  # noqa: F811 - the client half of a split model
             return load_remote_model(ref, ffn, wire, dtype, api_key=ffn_api_key)
+    if patch:
+        if ffn or ffn_only or model_dir is not None or (models and len(models) > 1):
+            raise ServerConfigError("--patch applies to one locally computed model: not with --ffn, --ffn-only, "
+                                    "--dir or several models")
+        base_load = load
+
+        def load(ref, dtype):  # noqa: F811 - the model with its patches, as generation sees it
+            return with_patches(base_load(ref, dtype), patch)
     if threads:
         import torch
 

@@ -233,8 +233,11 @@ class Engine:
                     except BaseException as exc:  # noqa: BLE001 - handed to the awaiting request
                         fut.set_exception(exc)
             try:
-                self._admit()
-                self._decode()
+                # caches are grown inside the decode forward (inference mode); packing them into the
+                # batch block must run in inference mode too, or torch refuses the in-place copy
+                with torch.inference_mode():
+                    self._admit()
+                    self._decode()
             except Exception as exc:  # a bug in a decode step: fail the batch, keep serving
                 log.exception("decode step failed")
                 for seq in self._active:

@@ -1,10 +1,8 @@
 """Error mapping at the HTTP edge, done once.
 
-Every failure leaves the server as one of two envelopes, chosen by route group:
-
-* OpenAI group (`/v1/chat/completions`, `/v1/completions`, `/v1/embeddings`, `/v1/models*`):
-  `{"error": {"message", "type", "param", "code"}}`;
-* everything else (knowledge group, health, metrics): `{"error": "message"}`.
+Every failure, on every route (OpenAI group, knowledge group, operations, unknown paths), leaves
+the server in OpenAI's envelope `{"error": {"message", "type", "param", "code"}}`, so the official
+clients raise a typed error carrying the message, and LARQL-shaped clients read `error.message`.
 
 `ModelqlError.http_status` / `.code` (and an optional `.param`) decide the status; request
 validation failures (FastAPI's 422) become 400 naming the offending parameter; an unexpected
@@ -70,13 +68,8 @@ def openai_error_body(status: int, message: str, code: str | None = None, param:
 
 
 def error_body(path: str, status: int, message: str, code: str | None = None, param: str | None = None) -> dict:
-    if is_openai_path(path):
-        return openai_error_body(status, message, code, param)
-    if status == 401:
-        message = "unauthorized"
-    elif status == 429 and code == "rate_limit_exceeded":
-        message = "rate limit exceeded"
-    return {"error": message}
+    """The one error envelope (`path` is kept for callers that answer before routing)."""
+    return openai_error_body(status, message, code, param)
 
 
 def error_response(path: str, status: int, message: str, code: str | None = None, param: str | None = None,

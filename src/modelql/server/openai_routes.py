@@ -22,6 +22,7 @@ from .. import __version__
 from ..errors import ModelqlError
 from ..runtime.generate import Sequence, encode_prompt, generation_config
 from ..runtime.sampling import SamplingParams
+from . import tools as tools_mod
 from .app import ServerState
 from .engine import Failed, Finished, Token
 from .errors import HttpError, InvalidValue, ServiceUnavailable, modelql_error_parts, openai_error_body
@@ -269,15 +270,52 @@ def _chat_messages(req: ChatCompletionRequest) -> list[dict]:
     return out
 
 
-def _chat_prompt(model, req: ChatCompletionRequest) -> list[int]:
+def _tool_plan(req: ChatCompletionRequest) -> tools_mod.ToolPlan:
+    if req.functions is not None and req.tools is None:
+        fns = tools_mod.parse_tools(req.functions, "functions")
+        choice = req.function_call
+        if isinstance(choice, dict):
+            choice = {"type": "function", "function": choice}
+        return tools_mod.plan(fns, choice, False, "function_call")
+    return tools_mod.plan(tools_mod.parse_tools(req.tools), req.tool_choice, req.parallel_tool_calls)
+
+
+def _chat_prompt(model, req: ChatCompletionRequest, plan: tools_mod.ToolPlan) -> list[int]:
     messages = _chat_messages(req)
-    tools = req.tools if req.tools and req.tool_choice != "none" else None
+    native = tools_mod.template_handles_tools(model.tokenizer)
+    messages, tools = tools_mod.render_messages(messages, plan, native)
     try:
         return model.tokenizer.encode_chat(messages, add_generation_prompt=True, tools=tools)
     except ModelqlError as exc:
         raise InvalidValue("messages", str(exc)) from None
     except Exception as exc:  # a template that breaks on unusual input is the request's problem
         raise InvalidValue("messages", f"could not render the chat template: {exc}") from None
+
+
+def _grammar(plan: tools_mod.ToolPlan, response_format) -> str | None:
+    fmt = response_format.as_dict() if response_format is not None else None
+    if plan.active:
+        if fmt and fmt.get("type") != "text":
+            raise InvalidValue("response_format", "response_format cannot be combined with tools "
+                                                  "(set tool_choice: 'none' or drop one)")
+        return tools_mod.tool_grammar(plan)
+    return tools_mod.response_format_grammar(fmt)
+
+
+def _message(c, plan: tools_mod.ToolPlan, legacy: bool) -> tuple[dict, str]:
+    """(assistant message, finish_reason) of a finished choice."""
+    content, calls = tools_mod.parse_answer(c.text, plan.active)
+    msg: dict[str, Any] = {"role": "assistant", "content": content, "tool_calls": None}
+    finish = c.finish_reason
+    if calls:
+        if legacy:
+            msg["function_call"] = {"name": calls[0].name, "arguments": calls[0].arguments}
+            finish = "function_call"
+        else:
+            msg["tool_calls"] = [{"id": k.id, "type": "function",
+                                  "function": {"name": k.name, "arguments": k.arguments}} for k in calls]
+            finish = "tool_calls"
+    return msg, finish
 
 
 def _sse_response(gen: AsyncIterator[bytes]) -> StreamingResponse:
@@ -294,17 +332,18 @@ async def chat_completions(body: ChatCompletionRequest, request: Request):
     n = _n(st, body.n)
     if body.top_logprobs and not body.logprobs:
         raise InvalidValue("top_logprobs", "top_logprobs requires logprobs: true")
-    if body.response_format is not None and body.response_format.type != "text":
-        raise InvalidValue("response_format", f"response_format type '{body.response_format.type}' is not "
-                                              "supported yet")
+    plan = _tool_plan(body)
+    legacy = body.functions is not None and body.tools is None
+    grammar = _grammar(plan, body.response_format)
     stops = _stops(body.stop)
-    prompt = _chat_prompt(model, body)
+    prompt = _chat_prompt(model, body, plan)
     _check_context(model, prompt, "messages")
     explain = _explain_request(request, body)
     max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
     want_lp = bool(body.logprobs)
     seqs = [Sequence(model, prompt, _params(model, body, choice=i, max_tokens=max_tokens, stops=stops,
-                                            logprobs=want_lp, top_logprobs=body.top_logprobs or 0))
+                                            logprobs=want_lp, top_logprobs=body.top_logprobs or 0),
+                     grammar=grammar)
             for i in range(n)]
     handle = st.engine.submit(seqs)
     rid, created = "chatcmpl-" + secrets.token_hex(12), int(time.time())
@@ -321,10 +360,32 @@ async def chat_completions(body: ChatCompletionRequest, request: Request):
             return _sse({**base, "choices": [{"index": index, "delta": delta, "logprobs": logprobs,
                                               "finish_reason": finish}], **extra})
 
+        parsers = [tools_mod.ToolCallParser(enabled=plan.active) for _ in range(n)]
+
+        def deltas(index: int, events: list, lp: Any) -> list[bytes]:
+            out = []
+            for ev in events:
+                if ev[0] == "content":
+                    out.append(chunk(index, {"content": ev[1]}, None, lp))
+                elif legacy:
+                    fc = {"name": ev[3], "arguments": ""} if ev[0] == "call" else {"arguments": ev[2]}
+                    if ev[0] == "call" and ev[1] > 0:
+                        continue
+                    out.append(chunk(index, {"function_call": fc}, None, lp))
+                elif ev[0] == "call":
+                    out.append(chunk(index, {"tool_calls": [{"index": ev[1], "id": ev[2], "type": "function",
+                                                             "function": {"name": ev[3], "arguments": ""}}]},
+                                     None, lp))
+                else:
+                    out.append(chunk(index, {"tool_calls": [{"index": ev[1], "function": {"arguments": ev[2]}}]},
+                                     None, lp))
+                lp = None
+            return out
+
         async def stream() -> AsyncIterator[bytes]:
             completion = 0
             for i in range(n):
-                yield chunk(i, {"role": "assistant", "content": ""})
+                yield chunk(i, {"role": "assistant", "content": None if plan.active else ""})
             try:
                 async for item in _stream_items(handle, choices, st.config.keepalive_seconds):
                     kind = item[0]
@@ -335,10 +396,16 @@ async def chat_completions(body: ChatCompletionRequest, request: Request):
                         lp = None
                         if want_lp:
                             lp = {"content": [_entry(tok, *e) for e in entries], "refusal": None}
-                        yield chunk(index, {"content": text}, None, lp)
+                        for data in deltas(index, parsers[index].feed(text), lp):
+                            yield data
                     elif kind == "finish":
                         completion += item[3]
-                        yield chunk(item[1], {}, item[2])
+                        index, finish = item[1], item[2]
+                        for data in deltas(index, parsers[index].finish(), None):
+                            yield data
+                        if parsers[index].complete:
+                            finish = "function_call" if legacy else "tool_calls"
+                        yield chunk(index, {}, finish)
                     else:
                         if isinstance(item[1], asyncio.CancelledError):
                             return
@@ -364,9 +431,12 @@ async def chat_completions(body: ChatCompletionRequest, request: Request):
             completion += ev.completion_tokens
         elif isinstance(ev, Failed):
             _raise_failed(ev)
-    out = [{"index": i, "message": {"role": "assistant", "content": c.text, "tool_calls": None},
-            "logprobs": {"content": [_entry(tok, *e) for e in c.logprobs], "refusal": None} if want_lp else None,
-            "finish_reason": c.finish_reason} for i, c in enumerate(choices)]
+    out = []
+    for i, c in enumerate(choices):
+        msg, finish = _message(c, plan, legacy)
+        out.append({"index": i, "message": msg, "finish_reason": finish,
+                    "logprobs": {"content": [_entry(tok, *e) for e in c.logprobs], "refusal": None} if want_lp
+                    else None})
     if explain is not None:
         for row, ex in zip(out, await _explain_choices(st, explain, prompt, choices)):
             row["modelql"] = {"explain": ex}

@@ -44,6 +44,9 @@ class ResponseFormat(_Req):
     type: Literal["text", "json_object", "json_schema"] = "text"
     json_schema: dict[str, Any] | None = None
 
+    def as_dict(self) -> dict:
+        return self.model_dump(exclude_none=True)
+
 
 class _SamplingFields(_Req):
     model: str | None = Field(None, description="model id; optional in single-model mode")
@@ -85,6 +88,8 @@ class ChatCompletionRequest(_SamplingFields):
     tools: list[dict[str, Any]] | None = None
     tool_choice: Union[str, dict[str, Any], None] = None
     parallel_tool_calls: bool | None = None
+    functions: list[dict[str, Any]] | None = Field(None, description="deprecated form of tools")
+    function_call: Union[str, dict[str, Any], None] = Field(None, description="deprecated form of tool_choice")
     modelql: ModelqlExtensions | None = None
 
 
@@ -141,7 +146,7 @@ class ChatChoice(_Resp):
     index: int
     message: AssistantMessage
     logprobs: ChoiceLogprobs | None
-    finish_reason: Literal["stop", "length", "tool_calls"]
+    finish_reason: Literal["stop", "length", "tool_calls", "function_call"]
 
 
 class ChatCompletion(_Resp):
