@@ -316,13 +316,101 @@ def describe(
     edges = _aggregate(vindex, entity, hits, thr, unit, token_filter, labs, probe_only)
     if decoded:
         edges = _merge_claims(vindex, entity, edges, claims, decoded, unit)
-    edges += _knn_edges(vindex, entity, knn_entries, labs)
+    verdict = _calibrated(vindex, entity, m_ if m == "residual" and ctx_rel else None, edges) if m == "residual" else None
+    if verdict is not None:
+        edges = verdict.pop("edges")
+    edges = _overlay_edges(vindex, entity, edges)
+    if knn_entries is None and hasattr(vindex, "session"):
+        knn_entries = vindex.knn_entries()
+    edges += _knn_edges(vindex, entity, knn_entries, labs, skip={(e.relation, e.target.lower()) for e in edges})
     if relations_only:
         edges = [e for e in edges if e.relation]
-    edges.sort(key=lambda e: (not e.decoded, -e.gate, e.layer, e.feature))
+    edges.sort(key=lambda e: (e.source != "patch", not e.decoded, e.confident is False, -e.gate, e.layer, e.feature))
     max_gate = max([0.0] + [e.gate for e in edges])
-    return DescribeResult(found=True, edges=tuple(edges), max_gate=max_gate, signal=signal_label(max_gate, unit),
-                          contexts=used_contexts, latency_ms=(time.perf_counter() - t0) * 1e3, **base)
+    signal = signal_label(max_gate, unit)
+    if verdict is not None and not any(e.relation and e.confident for e in edges):
+        signal = "unknown" if verdict.get("known") is False else "diffuse"
+    return DescribeResult(found=True, edges=tuple(edges), max_gate=max_gate, signal=signal,
+                          contexts=used_contexts, latency_ms=(time.perf_counter() - t0) * 1e3,
+                          **(verdict or {}), **base)
+
+
+def suggest(entity: str, subjects: Sequence[str]) -> str | None:
+    """A known subject `entity` may mean: the same name in another case, else a close spelling."""
+    import difflib
+
+    e = entity.strip()
+    if not e or e in subjects:
+        return None
+    low = {s.lower(): s for s in subjects}
+    if e.lower() in low:
+        return low[e.lower()]
+    got = difflib.get_close_matches(e.lower(), list(low), n=1, cutoff=0.75)
+    return low[got[0]] if got else None
+
+
+def _calibrated(vindex, entity: str, model, edges: list[Edge]) -> dict | None:
+    """Mark the claims confident / low-confidence by the vindex's calibration (module
+    `knowledge.calibrate`) and say in one line when the model does not seem to know the entity.
+    None when the vindex was labelled without a calibration (then nothing is marked)."""
+    from .calibrate import familiarity
+    from .labels import calibration_for
+
+    cal = calibration_for(vindex)
+    if cal is None or model is None:
+        return None
+    tok = model.tokenizer if model.tokenizer is not None else vindex.tokenizer
+    fam = familiarity(model, tok, [entity])[0]
+    known = cal.familiar(fam)
+    out = []
+    for e in edges:
+        if e.decoded:
+            conf = float(e.c_score)
+            e = replace(e, confidence=conf, confident=cal.confident(e.relation or "", conf, fam))
+        elif e.relation and not known:
+            e = replace(e, confident=False)
+        out.append(e)
+    sugg = suggest(entity, cal.subjects)
+    note = None
+    if not known:
+        note = (f"the model does not seem to know {entity!r} (familiarity {fam:.1f} < {cal.min_familiarity:.1f}, "
+                "measured on made-up names): no confident claims")
+    elif not any(e.decoded and e.confident for e in out):
+        note = f"no confident claim about {entity!r} (answers below the floors measured on made-up names)"
+    if sugg and note:
+        note += f"; did you mean {sugg!r}?"
+    elif sugg:
+        note = f"did you mean {sugg!r}?"
+    return {"edges": out, "known": known, "note": note, "suggestion": sugg, "familiarity": round(fam, 3)}
+
+
+def _overlay_edges(vindex, entity: str, edges: list[Edge]) -> list[Edge]:
+    """The facts the overlay's patches inserted for `entity` (any mode: feature, KNN, weight-level
+    edits), as edges whose source is the patch; a fact deleted again is not listed, and a claim of
+    the same relation decoded from the model gives way to the patch's fact."""
+    from ..vindex.patch_facts import overlay_facts
+
+    facts = [f for f in overlay_facts(vindex) if _same_entity(f.entity, entity)]
+    if not facts:
+        return edges
+    rels = {f.relation for f in facts if f.relation}
+    targets = {f.target.strip().lower() for f in facts}
+    kept = [e for e in edges if not (e.decoded and e.relation in rels) and e.target.strip().lower() not in targets]
+    out = []
+    for f in facts:
+        layer = f.layer if f.layer is not None else -1
+        conf = 1.0 if f.confidence is None else float(f.confidence)
+        gate = conf * KNN_GATE_PER_CONFIDENCE
+        out.append(Edge(target=f.target.strip(), target_id=int(f.target_id or 0), gate=gate, score=gate, z=gate,
+                        layer=layer, feature=-1 if f.feature is None else f.feature,
+                        layers=(layer,) if layer >= 0 else (), count=1, c_score=conf, relation=f.relation or None,
+                        source="patch", band=section_of(vindex, max(layer, 0)), confidence=conf, confident=True,
+                        patch=f"{f.patch} ({f.mode})"))
+    return out + kept
+
+
+def _same_entity(a: str, b: str) -> bool:
+    return a.strip().lower() == b.strip().lower()
 
 
 def _aggregate(vindex, entity: str, hits: list[_Hit], thr: float, unit: str, token_filter: str,
@@ -411,7 +499,8 @@ def _merge_claims(vindex, entity: str, edges: list[Edge], claims: list[Claim], d
     return out
 
 
-def _knn_edges(vindex, entity: str, entries: Iterable | None, labs: FeatureLabels) -> list[Edge]:
+def _knn_edges(vindex, entity: str, entries: Iterable | None, labs: FeatureLabels,
+               skip: set | frozenset = frozenset()) -> list[Edge]:
     if not entries:
         return []
     out = []
@@ -420,6 +509,8 @@ def _knn_edges(vindex, entity: str, entries: Iterable | None, labs: FeatureLabel
             continue
         conf = float(getattr(e, "confidence", 1.0))
         target = str(getattr(e, "target_token", None) or getattr(e, "target", ""))
+        if ((str(getattr(e, "relation", "") or "") or None), target.strip().lower()) in skip:
+            continue  # already listed as its patch's fact
         layer = int(getattr(e, "layer", 0))
         rel = str(getattr(e, "relation", "") or "")
         gate = conf * KNN_GATE_PER_CONFIDENCE

@@ -64,6 +64,8 @@ PRED_TOP = 20
 PRED_SCAN = 10
 PRED_MIN_PROB = 0.01
 PRED_LAST_LAYERS = 4
+#: Subjects per relation probed by `label_vindex` (None: all).
+MAX_PROBE_SUBJECTS = 64
 
 _KEY_RE = None
 
@@ -179,10 +181,22 @@ def labels_for(vindex) -> FeatureLabels:
     return labels
 
 
+def calibration_for(vindex):
+    """The vindex's per-model DESCRIBE calibration (`knowledge.calibrate.Calibration`, from
+    probe_meta.json), or None for a vindex labelled without one."""
+    from .calibrate import Calibration
+
+    return Calibration.from_json(_probe_meta(vindex).get("calibration"))
+
+
 def probe_templates(vindex) -> dict[str, list[str]]:
-    """{relation: templates} the vindex was probe-labelled with (probe_meta.json), for the
-    relations that actually got labels; {} when it was never labelled."""
+    """{relation: templates} DESCRIBE probes: the calibrated template of each relation the model
+    answers (probe_meta.json "calibration"), else the templates the vindex was probe-labelled
+    with, for the relations that actually got labels; {} when it was never labelled."""
     meta = _probe_meta(vindex)
+    cal = calibration_for(vindex)
+    if cal is not None:
+        return {r: [t] for r, t in cal.templates.items()}
     tm = meta.get("templates")
     labelled = set(labels_for(vindex).probe.values())
     got: dict[str, list[str]] = {}
@@ -491,7 +505,8 @@ def objects_per_subject(triples: Mapping[str, Any]) -> dict[str, float]:
 
 
 def write_probe_labels(directory: str | Path, result: ProbeResult, templates: Mapping[str, Sequence[str]],
-                       model_id: str, min_z: float = DEFAULT_MIN_Z, replace: bool = False) -> Path:
+                       model_id: str, min_z: float = DEFAULT_MIN_Z, replace: bool = False,
+                       calibration: Mapping[str, Any] | None = None, extra: Mapping[str, Any] | None = None) -> Path:
     """Merge `result.labels` into `feature_labels.json` (new keys overwrite; `replace` drops the
     old ones) and write `probe_meta.json`; both atomically."""
     d = Path(directory)
@@ -515,6 +530,10 @@ def write_probe_labels(directory: str | Path, result: ProbeResult, templates: Ma
         "min_z": min_z,
         "seconds": round(result.seconds, 2),
     }
+    if calibration is not None:
+        meta["calibration"] = dict(calibration)
+    if extra:
+        meta.update(extra)
     atomic_write_json(d / PROBE_META_FILE, meta, indent=2)
     return d / LABELS_FILE
 
@@ -541,6 +560,13 @@ def relabel_clusters(vindex, triples: Mapping[str, Any]) -> int:
     return sum(1 for s in sources if s == "triples")
 
 
+def replace_labels(result: ProbeResult, labels: dict[tuple[int, int], str]) -> ProbeResult:
+    """`result` with only `labels` kept (per-relation counts recomputed)."""
+    from dataclasses import replace as _replace
+
+    return _replace(result, labels=labels, per_relation=dict(Counter(labels.values())))
+
+
 @dataclass(frozen=True)
 class LabelReport:
     path: Path
@@ -555,9 +581,18 @@ class LabelReport:
 def label_vindex(path: str | Path, triples: str | Path | Mapping[str, Any] | None = None,
                  templates: str | Path | Mapping[str, Sequence[str]] | None = None, *,
                  min_z: float = DEFAULT_MIN_Z, replace: bool = False, clusters: bool = True,
-                 layers: Sequence[int] | None = None) -> LabelReport:
+                 layers: Sequence[int] | None = None, max_subjects: int | None = MAX_PROBE_SUBJECTS,
+                 causal_check: bool = True, progress=None) -> LabelReport:
     """`modelql label VINDEX --triples FILE`: probe-label a vindex with weights and write
-    `feature_labels.json` + `probe_meta.json`; also re-label its clusters from the triples."""
+    `feature_labels.json` + `probe_meta.json`; also re-label its clusters from the triples.
+
+    First the relation probes are calibrated on the model (`knowledge.calibrate`: each relation's
+    most accurate template, the confidence floors DESCRIBE uses); features are then probed with the
+    chosen templates only, over at most `max_subjects` subjects per relation, and every new label
+    is checked causally (`knowledge.label_check`): labels whose ablation does not hurt their
+    relation's right answers more than a random feature's are dropped (`causal_check=False` keeps
+    them); the pass rate is recorded in probe_meta.json.
+    `progress(message)` is called at each step."""
     from ..vindex import Vindex
 
     t0 = time.perf_counter()
@@ -578,8 +613,33 @@ def label_vindex(path: str | Path, triples: str | Path | Mapping[str, Any] | Non
         tmpl = load_templates(templates)
         for r, ts in default_templates(tri.keys()).items():
             tmpl.setdefault(r, ts)
-    result = probe_features(vx, tri, tmpl, min_z=min_z, layers=layers)
-    written = write_probe_labels(vx.path, result, tmpl, vx.model, min_z=min_z, replace=replace)
+    from .calibrate import calibrate
+    from .queries import model_for
+
+    m = model_for(vx)
+    tok = m.tokenizer if m.tokenizer is not None else vx.tokenizer
+    say = progress or (lambda _msg: None)
+    say("calibrating the relation probes (templates, confidence floors)")
+    cal = calibrate(m, tok, tri, tmpl, progress=lambda i, n, r: say(f"  calibration {i}/{n}: {r}"))
+    say(f"probing features ({', '.join(f'{r}: {t!r}' for r, t in cal.templates.items()) or 'no relation answered'})")
+    probe_tmpl = {r: [t] for r, t in cal.templates.items()} or tmpl
+    result = probe_features(vx, {r: tri[r] for r in probe_tmpl if r in tri} or tri, probe_tmpl, model=m,
+                            min_z=min_z, layers=layers, max_subjects=max_subjects)
+    say(f"probed {result.prompts} prompts in {result.seconds:.1f}s: {len(result.labels)} labels")
+    check = None
+    if causal_check and result.labels:
+        from .label_check import check_labels
+
+        say(f"causal check of {len(result.labels)} labels (ablation vs a random feature of the layer)")
+        chk = check_labels(m, tok, result.labels, cal.templates, cal.right)
+        failed = [k for k, ok in chk.passed.items() if not ok]
+        check = {"checked": chk.checked, "passed": chk.checked - len(failed),
+                 "pass_rate": None if chk.pass_rate is None else round(chk.pass_rate, 4),
+                 "unchecked": len(chk.unchecked), "dropped": len(failed)}
+        say(f"causal check: {check['passed']}/{chk.checked} pass; {len(failed)} failing labels dropped")
+        result = replace_labels(result, {k: r for k, r in result.labels.items() if k not in set(failed)})
+    written = write_probe_labels(vx.path, result, tmpl, vx.model, min_z=min_z, replace=replace,
+                                 calibration=cal.to_json(), extra={"causal_check": check} if check else None)
     n_cl = relabel_clusters(vx, tri) if clusters else 0
     total = len(read_probe_labels(vx.path))
     return LabelReport(path=written, probes=result.prompts, new_labels=len(result.labels), total_labels=total,
