@@ -37,9 +37,9 @@ import torch
 from ..vindex.clusters import forms
 
 #: Subjects per relation measured when choosing templates and thresholds.
-MAX_SUBJECTS = 48
+MAX_SUBJECTS = 32
 #: Made-up names used as negatives.
-N_NEGATIVES = 48
+N_NEGATIVES = 40
 #: A relation whose best template answers fewer than this fraction right is not probed.
 MIN_ACCURACY = 0.1
 #: Absolute margin added above the largest negative's probability.
@@ -77,18 +77,22 @@ def _encode(tok, text: str) -> list[int]:
     return tok.encode(text, add_special_tokens=True)
 
 
+def _padded(model, prompts: Sequence[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+    """One forward of prompts of any lengths, padded at the end by repeating their last token
+    (causal attention keeps the padding out of the real positions): the final residual [B, T, H]
+    and each prompt's last index."""
+    lens = torch.tensor([len(p) for p in prompts])
+    width = int(lens.max())
+    ids = torch.tensor([list(p) + [p[-1]] * (width - len(p)) for p in prompts])
+    return model.forward(ids, logits="none"), lens - 1
+
+
 def _forward_last(model, prompts: Sequence[list[int]], batch: int = 64) -> list[torch.Tensor]:
-    """Last-position logits of each prompt (equal lengths batched: the runtime does not pad)."""
-    by_len: dict[int, list[int]] = {}
-    for i, p in enumerate(prompts):
-        by_len.setdefault(len(p), []).append(i)
-    out: list[Any] = [None] * len(prompts)
-    for idxs in by_len.values():
-        for b in range(0, len(idxs), batch):
-            chunk = idxs[b:b + batch]
-            lg = model.forward(torch.tensor([prompts[i] for i in chunk]), logits="last")
-            for r, i in enumerate(chunk):
-                out[i] = lg[r].float()
+    """Last-position logits of each prompt."""
+    out: list[torch.Tensor] = []
+    for b in range(0, len(prompts), batch):
+        h, last = _padded(model, prompts[b:b + batch])
+        out += list(model.unembed(h[torch.arange(len(last)), last]).float())
     return out
 
 
@@ -96,28 +100,34 @@ def _forward_last(model, prompts: Sequence[list[int]], batch: int = 64) -> list[
 FAMILIARITY_CONTEXT = "about {X}"
 
 
+def _prefix_len(tok) -> int:
+    return len(_encode(tok, FAMILIARITY_CONTEXT.split("{X}")[0].rstrip()))
+
+
+def familiarity_from(tok, logprobs: Sequence[float]) -> float:
+    """`familiarity` from the log-probabilities of the context's tokens after the first (what
+    `queries.residual_query(..., token_logprobs=...)` keeps): the entity's tokens after its first."""
+    got = list(logprobs)[_prefix_len(tok):]
+    return sum(got) / len(got) if got else 0.0
+
+
 def familiarity(model, tok, names: Sequence[str], batch: int = 64) -> list[float]:
     """Mean log-probability of each name's tokens after its first, in `FAMILIARITY_CONTEXT`;
     0.0 for a name of one token (a vocabulary word)."""
     enc = [_encode(tok, FAMILIARITY_CONTEXT.replace("{X}", n)) for n in names]
-    pre = len(_encode(tok, FAMILIARITY_CONTEXT.split("{X}")[0].rstrip()))
+    pre = _prefix_len(tok)
     plain = [ids[pre:] for ids in enc]
-    by_len: dict[int, list[int]] = {}
-    for i, ids in enumerate(enc):
-        by_len.setdefault(len(ids), []).append(i)
     out = [0.0] * len(names)
-    for L, idxs in by_len.items():
-        for b in range(0, len(idxs), batch):
-            chunk = idxs[b:b + batch]
-            ids = torch.tensor([enc[i] for i in chunk])
-            lp = torch.log_softmax(model.forward(ids, logits="all").double(), dim=-1)
-            for r, i in enumerate(chunk):
-                n = len(plain[i])
-                if n <= 1:
-                    continue
-                start = L - n + 1  # positions of the name's 2nd.. tokens
-                got = [float(lp[r, p - 1, enc[i][p]]) for p in range(start, L)]
-                out[i] = sum(got) / len(got) if got else 0.0
+    for b in range(0, len(enc), batch):
+        chunk = list(range(b, min(b + batch, len(enc))))
+        h, _last = _padded(model, [enc[i] for i in chunk])
+        for r, i in enumerate(chunk):
+            L, n = len(enc[i]), len(plain[i])
+            if n <= 1:
+                continue
+            lp = torch.log_softmax(model.unembed(h[r, pre:L - 1]).double(), dim=-1)  # predicts tokens pre+1..L-1
+            got = lp[torch.arange(L - 1 - pre), torch.tensor(enc[i][pre + 1:L])]
+            out[i] = float(got.mean())
     return out
 
 

@@ -25,6 +25,19 @@ Two query modes:
     that was decoded (its static token names what the feature promotes for every input, not
     what this entity's context writes); one naming a claimed target is dropped for the claim.
 
+Calibrated claims (a vindex labelled with a calibration, `knowledge.calibrate`): the probes are
+the one template per relation the labeller chose by measured accuracy on this model (relations it
+cannot answer are not probed), and every claim carries `confidence` (its answer's probability)
+and `confident` (the entity's familiarity and the probability clear the floors measured on
+made-up names at labelling time). An entity below the familiarity floor ("asdfgh", "Frnace")
+gets no confident claim, signal "unknown" and a one-line `note`; a lower-case or misspelt name of
+a labelling subject gets a `suggestion`. Why: a probe template decodes to *some* answer for any
+string (the embedded model gave "asdfgh" the capital Harare with signal "clean").
+
+Overlay facts: on an overlay view, the facts its patches insert (any mode: feature, KNN,
+weight-level MEMIT edits; `vindex.patch_facts`) come first, source "patch" and `patch` naming
+the patch; a decoded claim of the same relation gives way to them, and a deleted fact is gone.
+
 Thresholds (``threshold=None``, the default) are scale-free (§15.1): each candidate is scored by
 its z-score within its own layer, `z = (s_f − mean(s)) / std(s)` over *all* F features of the
 layer for this query (s = gate scores in embedding mode, activations in residual mode), and
@@ -81,15 +94,19 @@ the band sections of their best layer.
 
 from __future__ import annotations
 
+import threading
 import time
+import weakref
+from collections import OrderedDict
 from dataclasses import dataclass, replace
+from pathlib import Path
 from typing import Iterable, Sequence
 
 import torch
 
 from ..errors import DescribeError
 from .decode import Claim, decode_claims
-from .labels import FeatureLabels, labels_for, relation_cardinality
+from .labels import FeatureLabels, calibration_for, labels_for, relation_cardinality
 from .queries import entity_vector, model_for, residual_query
 from .rows import DescribeResult, Edge
 from .tokens import content, readable, same_token
@@ -255,6 +272,44 @@ def describe(
       confidence, layer) appended as edges when their entity matches.
     """
     t0 = time.perf_counter()
+    key = None
+    if contexts is None and knn_entries is None and labels is None:
+        session = getattr(vindex, "session", None)
+        key = (entity, mode, band, layer, tuple(layers) if layers is not None else None, relations_only, threshold,
+               min_z, k, token_filter, probe_only, combine, score, id(model), getattr(session, "epoch", None),
+               labels_for(vindex).stamp)
+        got = _result_cache(vindex).get(key)
+        if got is not None:
+            return replace(got, latency_ms=(time.perf_counter() - t0) * 1e3)
+    result = _describe(vindex, entity, t0, mode=mode, band=band, layer=layer, layers=layers,
+                       relations_only=relations_only, threshold=threshold, min_z=min_z, k=k,
+                       token_filter=token_filter, probe_only=probe_only, model=model, contexts=contexts,
+                       combine=combine, score=score, knn_entries=knn_entries, labels=labels)
+    if key is not None:
+        cache = _result_cache(vindex)
+        with _results_lock:
+            cache[key] = result
+            while len(cache) > RESULT_CACHE:
+                cache.popitem(last=False)
+    return result
+
+
+#: DESCRIBE results kept per vindex (keyed by the query, the overlay epoch and the label files)
+RESULT_CACHE = 256
+_results: "weakref.WeakKeyDictionary[object, OrderedDict]" = weakref.WeakKeyDictionary()
+_results_lock = threading.Lock()
+
+
+def _result_cache(vindex) -> "OrderedDict":
+    with _results_lock:
+        got = _results.get(vindex)
+        if got is None:
+            got = _results[vindex] = OrderedDict()
+        return got
+
+
+def _describe(vindex, entity: str, t0: float, *, mode, band, layer, layers, relations_only, threshold, min_z, k,
+              token_filter, probe_only, model, contexts, combine, score, knn_entries, labels) -> DescribeResult:
     if k < 1:
         raise DescribeError("k must be at least 1")
     if combine not in ("mean", "max"):
@@ -286,7 +341,15 @@ def describe(
     else:
         ctx_list, ctx_rel = _contexts(vindex, contexts)
         m_ = model_for(vindex, model) if ctx_rel else model
-        rq = residual_query(vindex, entity, model=m_, contexts=ctx_list, layers=scanned, with_logits=bool(ctx_rel))
+        fam_idx: list[int] = []
+        if ctx_rel and calibration_for(vindex) is not None:
+            from .calibrate import FAMILIARITY_CONTEXT
+
+            if FAMILIARITY_CONTEXT not in ctx_list:
+                ctx_list.append(FAMILIARITY_CONTEXT)
+            fam_idx = [ctx_list.index(FAMILIARITY_CONTEXT)]
+        rq = residual_query(vindex, entity, model=m_, contexts=ctx_list, layers=scanned, with_logits=bool(ctx_rel),
+                            token_logprobs=fam_idx)
         if rq is None:
             return DescribeResult(found=False, edges=(), max_gate=0.0, signal="diffuse",
                                   latency_ms=(time.perf_counter() - t0) * 1e3, **base)
@@ -316,7 +379,8 @@ def describe(
     edges = _aggregate(vindex, entity, hits, thr, unit, token_filter, labs, probe_only)
     if decoded:
         edges = _merge_claims(vindex, entity, edges, claims, decoded, unit)
-    verdict = _calibrated(vindex, entity, m_ if m == "residual" and ctx_rel else None, edges) if m == "residual" else None
+    verdict = (_calibrated(vindex, entity, m_ if ctx_rel else None, edges, rq.token_logprobs)
+               if m == "residual" else None)
     if verdict is not None:
         edges = verdict.pop("edges")
     edges = _overlay_edges(vindex, entity, edges)
@@ -325,14 +389,30 @@ def describe(
     edges += _knn_edges(vindex, entity, knn_entries, labs, skip={(e.relation, e.target.lower()) for e in edges})
     if relations_only:
         edges = [e for e in edges if e.relation]
-    edges.sort(key=lambda e: (e.source != "patch", not e.decoded, e.confident is False, -e.gate, e.layer, e.feature))
+    edges.sort(key=lambda e: (e.source != "patch", not e.decoded, -e.gate, e.layer, e.feature))
     max_gate = max([0.0] + [e.gate for e in edges])
     signal = signal_label(max_gate, unit)
     if verdict is not None and not any(e.relation and e.confident for e in edges):
         signal = "unknown" if verdict.get("known") is False else "diffuse"
+    if verdict is None:
+        verdict = {"note": capability_note(vindex, m, bool(decoded))}
     return DescribeResult(found=True, edges=tuple(edges), max_gate=max_gate, signal=signal,
                           contexts=used_contexts, latency_ms=(time.perf_counter() - t0) * 1e3,
-                          **(verdict or {}), **base)
+                          **verdict, **base)
+
+
+def capability_note(vindex, mode: str, decoded: bool) -> str | None:
+    """What this vindex cannot answer and how to get it (None when DESCRIBE ran in full)."""
+    name = Path(getattr(vindex, "path", "vindex")).name
+    if mode == "embedding" and not getattr(vindex, "has_weights", False):
+        level = getattr(vindex, "extract_level", "browse")
+        return (f"{name} is a {level}-level vindex: without model weights DESCRIBE only compares the entity's "
+                "embedding with the gates (no relation claims, no context); for claims re-extract with "
+                "`modelql extract MODEL -o OUT --level inference` and `modelql label OUT`")
+    if mode == "residual" and not decoded:
+        return (f"{name} is not probe-labelled: DESCRIBE shows feature edges only, no relation claims "
+                f"(run `modelql label {name}`)")
+    return None
 
 
 def suggest(entity: str, subjects: Sequence[str]) -> str | None:
@@ -349,18 +429,18 @@ def suggest(entity: str, subjects: Sequence[str]) -> str | None:
     return low[got[0]] if got else None
 
 
-def _calibrated(vindex, entity: str, model, edges: list[Edge]) -> dict | None:
+def _calibrated(vindex, entity: str, model, edges: list[Edge], token_logprobs: dict | None = None) -> dict | None:
     """Mark the claims confident / low-confidence by the vindex's calibration (module
     `knowledge.calibrate`) and say in one line when the model does not seem to know the entity.
     None when the vindex was labelled without a calibration (then nothing is marked)."""
-    from .calibrate import familiarity
-    from .labels import calibration_for
+    from .calibrate import FAMILIARITY_CONTEXT, familiarity, familiarity_from
 
     cal = calibration_for(vindex)
     if cal is None or model is None:
         return None
     tok = model.tokenizer if model.tokenizer is not None else vindex.tokenizer
-    fam = familiarity(model, tok, [entity])[0]
+    lps = (token_logprobs or {}).get(FAMILIARITY_CONTEXT)
+    fam = familiarity_from(tok, lps) if lps is not None else familiarity(model, tok, [entity])[0]
     known = cal.familiar(fam)
     out = []
     for e in edges:

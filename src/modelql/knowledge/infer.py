@@ -1,9 +1,13 @@
 """INFER and EXPLAIN INFER: next-token predictions plus the FFN features that produced them.
 
 The forward pass is the model's own (whatever FFN backend is installed: dense, walk, patched),
-so the predictions are exactly what generation would sample from. The per-layer trace queries
+so the predictions are exactly what generation would sample from. INFER's per-layer trace queries
 each layer's gates with that layer's real FFN input `x_L` (algorithms §7.3), so "features that
-fired" means features whose gate scores were largest in this very computation.
+fired" means features whose gate scores were largest in this very computation. EXPLAIN INFER
+ranks each layer's features by their direct contribution to the predicted token's logit instead
+(`FiredFeature.contribution`, the exact split of `knowledge.decode.attribute`): a large gate says a
+feature fired, not that it wrote the prediction (on SmolLM2-135M the same late-layer features
+have the largest gates for every token).
 
 The KNN override (algorithms §8) is applied after the logits when a retrieval store is given:
 the first layer whose captured residual is within cosine 0.75 of a stored key replaces the top

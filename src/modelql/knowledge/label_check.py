@@ -5,9 +5,9 @@ model uses it to answer R. The check: for each labelled feature (L, f, R), run R
 template on subjects the model answers right, once with feature f of layer L zeroed (its
 activation after the nonlinearity, at every position) and once with a random feature of the same
 layer zeroed; the label passes when zeroing f lowers the mean probability of the right first
-tokens more than zeroing the random one. All ablated runs of one prompt length go through the
-model as one batch (each row zeroes its own feature), so checking a few hundred labels costs a
-handful of forward passes.
+tokens more than zeroing the random one. All ablated runs go through the model in padded batches
+(each row zeroes its own feature), so checking a few hundred labels costs a handful of forward
+passes.
 """
 
 from __future__ import annotations
@@ -76,33 +76,34 @@ def check_labels(model, tok, labels: Mapping[tuple[int, int], str], templates: M
             rows.append((ids, right, L, rnd, key, "random"))
             rows.append((ids, right, -1, -1, key, "base"))
     probs: list[float] = [0.0] * len(rows)
-    by_len: dict[int, list[int]] = {}
-    for i, r in enumerate(rows):
-        by_len.setdefault(len(r[0]), []).append(i)
-    for idxs in by_len.values():
-        for b in range(0, len(idxs), batch):
-            chunk = idxs[b:b + batch]
-            per_layer: dict[int, list[tuple[int, int]]] = {}
-            for row, i in enumerate(chunk):
-                if rows[i][2] >= 0:
-                    per_layer.setdefault(rows[i][2], []).append((row, rows[i][3]))
+    order = sorted(range(len(rows)), key=lambda i: len(rows[i][0]))
+    for b in range(0, len(order), batch):
+        chunk = order[b:b + batch]
+        per_layer: dict[int, list[tuple[int, int]]] = {}
+        for row, i in enumerate(chunk):
+            if rows[i][2] >= 0:
+                per_layer.setdefault(rows[i][2], []).append((row, rows[i][3]))
 
-            def make(pairs):
-                r_idx = torch.tensor([p[0] for p in pairs])
-                f_idx = torch.tensor([p[1] for p in pairs])
+        def make(pairs):
+            r_idx = torch.tensor([p[0] for p in pairs])
+            f_idx = torch.tensor([p[1] for p in pairs])
 
-                def fn(t: torch.Tensor, n: str) -> torch.Tensor:
-                    t = t.clone()
-                    t[r_idx, :, f_idx] = 0
-                    return t
+            def fn(t: torch.Tensor, n: str) -> torch.Tensor:
+                t = t.clone()
+                t[r_idx, :, f_idx] = 0
+                return t
 
-                return fn
+            return fn
 
-            hooks = {f"blocks.{L}.mlp.hook_post": make(p) for L, p in per_layer.items()}
-            lg = model.forward(torch.tensor([rows[i][0] for i in chunk]), hooks=hooks, logits="last")
-            p = torch.softmax(lg.double(), dim=-1)
-            for row, i in enumerate(chunk):
-                probs[i] = float(sum(p[row, t] for t in rows[i][1]))
+        hooks = {f"blocks.{L}.mlp.hook_post": make(p) for L, p in per_layer.items()}
+        lens = [len(rows[i][0]) for i in chunk]
+        width = max(lens)
+        ids = torch.tensor([rows[i][0] + [rows[i][0][-1]] * (width - n) for i, n in zip(chunk, lens)])
+        h = model.forward(ids, hooks=hooks, logits="none")  # padded at the end: causal, so harmless
+        lg = model.unembed(h[torch.arange(len(chunk)), torch.tensor(lens) - 1])
+        p = torch.softmax(lg.double(), dim=-1)
+        for row, i in enumerate(chunk):
+            probs[i] = float(sum(p[row, t] for t in rows[i][1]))
     acc: dict[tuple[int, int], dict[str, list[float]]] = {}
     for (ids, _r, _L, _f, key, kind), pr in zip(rows, probs):
         acc.setdefault(key, {}).setdefault(kind, []).append(pr)

@@ -231,8 +231,10 @@ class FeatureRow:
     also: tuple[str, ...] = ()  # up to 3 other top-k tokens
     top_tokens: tuple[str, ...] = ()  # the full decoded top-k list
     relation: str | None = None
-    source: str | None = None  # "probe" | "cluster" | None
+    source: str | None = None  # "probe" | "cluster" | "patch" | None
     gate_score: float | None = None  # set when walked
+    entity: str | None = None  # source "patch": the fact's entity
+    patch: str | None = None  # source "patch": the patch (and edit mode) that inserted the fact
 
     def to_json(self) -> dict[str, Any]:
         d = _json(self)

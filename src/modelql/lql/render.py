@@ -590,8 +590,9 @@ _OVERRIDE_NOTE = ("  note: the KNN override is a post-logits sidecar ({entity} â
 
 def _fired_line(f, ndown: int = 3) -> str:
     label = f"[{f.relation}] " if f.relation else ""
+    contrib = getattr(f, "contribution", None)
     return (f"  L{f.layer}: {label}F{f.feature} gate={_gate(f.gate)} â†’ {f.top_token} "
-            f"{_list(f.top_tokens, ndown)}")
+            f"{_list(f.top_tokens, ndown)}" + (f" logit+={contrib:.2f}" if contrib is not None else ""))
 
 
 def _infer_blocks(stmt, r) -> list:
