@@ -87,6 +87,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--calibrated", action="store_true",
                     help="only the calibrated report (ground truth measured first, made-up names, latency); "
                          "the default with --model")
+    ap.add_argument("--relations", default=None, help="calibrated report: score only these relations (comma-separated)")
     ap.add_argument("--explain", type=int, default=0, metavar="N",
                     help="also check `explain` on N prompts (ablate its top-5 features vs random ones)")
     args = ap.parse_args(argv)
@@ -288,6 +289,8 @@ def calibrated_report(vx, triples, args) -> None:
         print(f"  label causal check (at labelling): {chk['passed']}/{chk['checked']} pass "
               f"({100 * (chk['pass_rate'] or 0):.1f}%), {chk['dropped']} dropped, {chk['unchecked']} unchecked")
     rels = [r for r in cal.templates if r in triples]
+    if args.relations:
+        rels = [r for r in rels if r in args.relations.split(",")]
     plain = default_templates(rels)
     subjects = sorted({s for r in rels for s, _o in triples[r]["pairs"]})
     if args.sample:

@@ -31,8 +31,10 @@ cannot answer are not probed), and every claim carries `confidence` (its answer'
 and `confident` (the entity's familiarity and the probability clear the floors measured on
 made-up names at labelling time). An entity below the familiarity floor ("asdfgh", "Frnace")
 gets no confident claim, signal "unknown" and a one-line `note`; a lower-case or misspelt name of
-a labelling subject gets a `suggestion`. Why: a probe template decodes to *some* answer for any
-string (the embedded model gave "asdfgh" the capital Harare with signal "clean").
+a labelling subject gets a `suggestion`. Per-feature edges that carry a (cluster) label are
+marked not confident: a feature's label names what it promotes for every input, not a claim about
+this entity. Why: a probe template decodes to *some* answer for any string (the embedded model
+gave "asdfgh" the capital Harare with signal "clean").
 
 Overlay facts: on an overlay view, the facts its patches insert (any mode: feature, KNN,
 weight-level MEMIT edits; `vindex.patch_facts`) come first, source "patch" and `patch` naming
@@ -447,8 +449,8 @@ def _calibrated(vindex, entity: str, model, edges: list[Edge], token_logprobs: d
         if e.decoded:
             conf = float(e.c_score)
             e = replace(e, confidence=conf, confident=cal.confident(e.relation or "", conf, fam))
-        elif e.relation and not known:
-            e = replace(e, confident=False)
+        elif e.relation:
+            e = replace(e, confident=False)  # a feature's label names what it promotes everywhere, not a claim
         out.append(e)
     sugg = suggest(entity, cal.subjects)
     note = None

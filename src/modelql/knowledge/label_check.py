@@ -54,7 +54,9 @@ def check_labels(model, tok, labels: Mapping[tuple[int, int], str], templates: M
     rng = random.Random(seed)
     res = CheckResult()
     n_feat = {}
-    rows: list[tuple[list[int], set[int], int, int, tuple[int, int], str]] = []  # ids, right, layer, feat, key, kind
+    rows: list[tuple[list[int], set[int], int, int, tuple, str]] = []  # ids, right, layer, feat, key, kind
+    base_rows: dict[tuple[str, str], int] = {}
+    uses: dict[tuple[int, int], list[int]] = {}  # label → its prompts' base rows
     for key, rel in sorted(labels.items()):
         L, f = key
         pairs = list(subjects.get(rel, ()))[:n_subjects]
@@ -74,7 +76,10 @@ def check_labels(model, tok, labels: Mapping[tuple[int, int], str], templates: M
             right = set().union(*[_first_ids(tok, o) for o in objs])
             rows.append((ids, right, L, f, key, "feature"))
             rows.append((ids, right, L, rnd, key, "random"))
-            rows.append((ids, right, -1, -1, key, "base"))
+            if (rel, s) not in base_rows:  # the unablated run, once per prompt
+                base_rows[(rel, s)] = len(rows)
+                rows.append((ids, right, -1, -1, (rel, s), "base"))
+            uses.setdefault(key, []).append(base_rows[(rel, s)])
     probs: list[float] = [0.0] * len(rows)
     order = sorted(range(len(rows)), key=lambda i: len(rows[i][0]))
     for b in range(0, len(order), batch):
@@ -106,9 +111,10 @@ def check_labels(model, tok, labels: Mapping[tuple[int, int], str], templates: M
             probs[i] = float(sum(p[row, t] for t in rows[i][1]))
     acc: dict[tuple[int, int], dict[str, list[float]]] = {}
     for (ids, _r, _L, _f, key, kind), pr in zip(rows, probs):
-        acc.setdefault(key, {}).setdefault(kind, []).append(pr)
+        if kind != "base":
+            acc.setdefault(key, {}).setdefault(kind, []).append(pr)
     for key, d in acc.items():
-        base = sum(d["base"]) / len(d["base"])
+        base = sum(probs[i] for i in uses[key]) / len(uses[key])
         drop_f = base - sum(d["feature"]) / len(d["feature"])
         drop_r = base - sum(d["random"]) / len(d["random"])
         res.drop[key] = drop_f - drop_r
