@@ -374,7 +374,7 @@ _SECTION_TITLES = {"syntax": "Syntax", "knowledge": "Edges", "output": "Output"}
 def _edge_where(e) -> str:
     """L<layer>, the patch of an overlay fact, and a low-confidence mark."""
     where = f"patch {e.patch}" if getattr(e, "patch", None) else f"L{e.layer}"
-    if getattr(e, "confident", None) is False:
+    if getattr(e, "confident", None) is False and getattr(e, "decoded", False):
         where += f" (low confidence, p={e.confidence:.2f})" if getattr(e, "confidence", None) is not None \
             else " (low confidence)"
     return where
