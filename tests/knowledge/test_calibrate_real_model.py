@@ -15,8 +15,7 @@ from modelql.knowledge.labels import default_templates, default_triples
 def capital_calibration(real_model):
     torch.set_num_threads(1)
     tri = {"capital": default_triples()["capital"]}
-    return calibrate(real_model, real_model.tokenizer, tri, default_templates(tri), max_subjects=24,
-                     negatives=made_up_names(24))
+    return calibrate(real_model, real_model.tokenizer, tri, default_templates(tri))  # what `modelql label` runs
 
 
 def _claim(model, template, name):
@@ -35,7 +34,7 @@ def test_template_chosen_by_accuracy_and_floors_exclude_negatives(capital_calibr
 
 def test_unseen_made_up_names_are_not_confident(capital_calibration, real_model):
     cal = capital_calibration
-    seen = {n.lower() for n in made_up_names(24)}
+    seen = {n.lower() for n in made_up_names()}
     names = [n for n in made_up_names(30, seed=99) if n.lower() not in seen][:12] + ["asdfgh", "Frnace"]
     fams = familiarity(real_model, real_model.tokenizer, names)
     t = cal.templates["capital"]

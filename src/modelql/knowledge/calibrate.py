@@ -20,8 +20,10 @@ Negatives are `made_up_names()` (deterministic pseudo-names, seeded: a syllable 
 keyboard runs), positives the subjects whose answer was right. The thresholds are chosen by that
 measurement: for every candidate familiarity floor, each relation's probability floor is set just
 above the largest probability any familiar-enough negative reached; the pair with the best mean
-recall of the positives wins. A claim is *confident* when its entity is familiar and its
-probability clears its relation's floor; DESCRIBE shows the others marked low-confidence and says
+recall of the positives wins; then a relation may take a stricter familiarity floor of its own
+when that raises its recall (a made-up name the model answers confidently for one relation only).
+A claim is *confident* when its entity is familiar enough and its probability clears its
+relation's floor; DESCRIBE shows the others marked low-confidence and says
 in one line when the entity looks unknown.
 """
 
@@ -153,6 +155,7 @@ class Calibration:
     accuracy: dict[str, dict[str, float]] = field(default_factory=dict)  # relation → template → accuracy
     min_prob: dict[str, float] = field(default_factory=dict)
     min_familiarity: float = -math.inf
+    min_familiarity_rel: dict[str, float] = field(default_factory=dict)  # stricter floors per relation
     recall: dict[str, float] = field(default_factory=dict)  # positives passing, per relation
     negatives_passing: int = 0
     negatives: int = 0
@@ -164,6 +167,7 @@ class Calibration:
         return {"templates": self.templates, "accuracy": self.accuracy,
                 "min_prob": {r: round(v, 4) for r, v in self.min_prob.items()},
                 "min_familiarity": None if self.min_familiarity == -math.inf else round(self.min_familiarity, 4),
+                "min_familiarity_by_relation": {r: round(v, 4) for r, v in self.min_familiarity_rel.items()},
                 "recall": {r: round(v, 4) for r, v in self.recall.items()},
                 "negatives": self.negatives, "negatives_passing": self.negatives_passing,
                 "subjects": self.subjects}
@@ -177,13 +181,16 @@ class Calibration:
                    accuracy={str(k): dict(v) for k, v in (d.get("accuracy") or {}).items()},
                    min_prob={str(k): float(v) for k, v in (d.get("min_prob") or {}).items()},
                    min_familiarity=-math.inf if mf is None else float(mf),
+                   min_familiarity_rel={str(k): float(v)
+                                        for k, v in (d.get("min_familiarity_by_relation") or {}).items()},
                    recall={str(k): float(v) for k, v in (d.get("recall") or {}).items()},
                    negatives=int(d.get("negatives") or 0), negatives_passing=int(d.get("negatives_passing") or 0),
                    subjects=[str(s) for s in d.get("subjects") or []])
 
     def confident(self, relation: str, prob: float, fam: float) -> bool:
         floor = self.min_prob.get(relation)
-        return floor is not None and fam >= self.min_familiarity and prob >= floor
+        fam_floor = max(self.min_familiarity, self.min_familiarity_rel.get(relation, -math.inf))
+        return floor is not None and fam >= fam_floor and prob >= floor
 
     def familiar(self, fam: float) -> bool:
         return fam >= self.min_familiarity
@@ -266,8 +273,19 @@ def calibrate(model, tok, triples: Mapping[str, Any], templates: Mapping[str, Se
         _s, tf, floors, recalls = best_choice
         cal.min_familiarity = tf
         cal.min_prob, cal.recall = floors, recalls
+        # each relation may ask for a stricter familiarity floor when that lets its probability
+        # floor drop (a made-up name the model answers confidently for one relation only)
+        for rel, pos in pos_probs.items():
+            for tf_r in choices:
+                if tf_r <= tf:
+                    continue
+                over = [p for p, f in zip(neg_probs[rel], neg_fam) if f >= tf_r]
+                floor = (max(over) + PROB_MARGIN) if over else 0.0
+                rec = sum(1 for s, p in pos if fam[s] >= tf_r and p >= floor) / max(1, len(pos))
+                if rec > cal.recall[rel]:
+                    cal.min_prob[rel], cal.recall[rel], cal.min_familiarity_rel[rel] = floor, rec, tf_r
         cal.negatives_passing = sum(1 for rel in pos_probs for p, f in zip(neg_probs[rel], neg_fam)
-                                    if f >= cal.min_familiarity and p >= floors[rel])
+                                    if cal.confident(rel, p, f))
     return cal
 
 
