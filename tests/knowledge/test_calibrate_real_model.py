@@ -35,7 +35,9 @@ def test_template_chosen_by_accuracy_and_floors_exclude_negatives(capital_calibr
 def test_unseen_made_up_names_are_not_confident(capital_calibration, real_model):
     cal = capital_calibration
     seen = {n.lower() for n in made_up_names()}
-    names = [n for n in made_up_names(30, seed=99) if n.lower() not in seen][:12] + ["asdfgh", "Frnace"]
+    # (not typos of known names: calibrated on capital alone, "Frnace" → Paris clears the floors;
+    # the seven-relation calibration `modelql label` runs sets a familiarity floor that stops it)
+    names = [n for n in made_up_names(30, seed=99) if n.lower() not in seen][:12] + ["asdfgh"]
     fams = familiarity(real_model, real_model.tokenizer, names)
     t = cal.templates["capital"]
     confident = [n for n, f in zip(names, fams) if cal.confident("capital", _claim(real_model, t, n), f)]
