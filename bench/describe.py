@@ -6,6 +6,14 @@
     python bench/describe.py --vindex X.vindex --triples facts.tsv
     python bench/describe.py --sweep         # precision/recall per adaptive threshold (z)
     python bench/describe.py --shares        # who writes the answer: FFN vs attention logit shares
+    python bench/describe.py --model SmolLM2-135M-Instruct.Q4_1.gguf --explain 50   # any model: calibrated report
+    python bench/describe.py --vindex X.vindex --calibrated                          # same, on a labelled vindex
+
+The calibrated report measures the ground truth first (the facts whose target the greedy
+continuation of the relation's plain template names), then scores DESCRIBE's *confident* claims
+against it, counts confident claims on 20 made-up names (other names than the calibration's),
+shows the one-line notes of typos / lower-case names, the latency against one forward pass of a
+probe prompt in the same run, and with ``--explain N`` the ablation check of `explain`.
 
 Steps: extract the model into a temp vindex (level inference), probe-label it with the facts
 (`modelql label`), then DESCRIBE every entity in three configurations and score the edges:
@@ -76,6 +84,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--sweep", action="store_true", help="also sweep the adaptive threshold")
     ap.add_argument("--shares", action="store_true", help="also print FFN / attention shares of the answers")
     ap.add_argument("--modes", default="embedding/ref,embedding/z,residual/z")
+    ap.add_argument("--calibrated", action="store_true",
+                    help="only the calibrated report (ground truth measured first, made-up names, latency); "
+                         "the default with --model")
+    ap.add_argument("--quick", action="store_true",
+                    help="calibrated report: batched first-token claims instead of per-entity DESCRIBE")
+    ap.add_argument("--relations", default=None, help="calibrated report: score only these relations (comma-separated)")
+    ap.add_argument("--explain", type=int, default=0, metavar="N",
+                    help="also check `explain` on N prompts (ablate its top-5 features vs random ones)")
     args = ap.parse_args(argv)
 
     import torch
@@ -119,6 +135,12 @@ def main(argv: list[str] | None = None) -> int:
         "embedding/z": dict(mode="embedding"),
         "residual/z": dict(mode="residual"),
     }
+    if args.calibrated or args.model:
+        tri = load_triples(args.triples) if args.triples is not None else D.triples_json()
+        calibrated_report(vx, tri, args)
+        if tmp is not None:
+            tmp.cleanup()
+        return 0
     wanted = [m.strip() for m in args.modes.split(",") if m.strip()]
     scores = []
     for name in wanted:
@@ -201,6 +223,214 @@ def shares_table(vx, templates, ents, truth) -> str:
             lines.append(f"{rel:<11}{cnt:>4} {100 * sf / cnt:>9.1f}% {100 * sa / cnt:>10.1f}% {100 * ok_f / cnt:>15.1f}% "
                          f"{100 * ok_r / cnt:>15.1f}%")
     return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------------
+# calibrated DESCRIBE on any model (the real-model report)
+# ---------------------------------------------------------------------------------------------
+
+#: Ground truth is the greedy continuation of each relation's plain template, this many tokens.
+TRUTH_TOKENS = 8
+
+
+def ground_truth(model, tok, triples, templates, relations, entities=None):
+    """{entity: {relation: [targets]}} of the facts the model *answers* right: the greedy
+    continuation (TRUTH_TOKENS tokens) of the relation's plain template names a form of the target."""
+    from modelql.knowledge.accuracy import matches
+    from modelql.runtime.generate import SamplingParams, generate_batch
+    from modelql.vindex.clusters import forms
+
+    out: dict[str, dict[str, list[str]]] = {}
+    asked = 0
+    for rel in relations:
+        pairs: dict[str, list[str]] = {}
+        for s, o in triples[rel]["pairs"]:
+            if entities is None or s in entities:
+                pairs.setdefault(s, []).append(o)
+        subs = sorted(pairs)
+        t = templates[rel][0]
+        sp = SamplingParams(max_tokens=TRUTH_TOKENS, temperature=0.0)
+        for b in range(0, len(subs), 32):
+            chunk = subs[b:b + 32]
+            comps = generate_batch(model, [t.replace("{X}", s) for s in chunk], sp)
+            for s, c in zip(chunk, comps):
+                text = c.text.strip().lower()
+                words = text.replace(".", " ").replace(",", " ").split()
+                for o in pairs[s]:
+                    fs = forms(o)
+                    if any(f in text for f in fs if len(f) >= 3) or any(matches(w, fs) for w in words):
+                        out.setdefault(s, {}).setdefault(rel, []).append(o)
+            asked += len(chunk)
+    return out, asked
+
+
+def calibrated_report(vx, triples, args) -> None:
+    import statistics
+
+    import torch
+
+    from modelql.knowledge import describe
+    from modelql.knowledge.accuracy import score_result, RelationScore
+    from modelql.knowledge.calibrate import made_up_names
+    from modelql.knowledge.labels import _probe_meta, calibration_for, default_templates
+    from modelql.knowledge.queries import model_for
+
+    cal = calibration_for(vx)
+    if cal is None:
+        print("\nthe vindex has no calibration (label it with this version of `modelql label`)")
+        return
+    m = model_for(vx)
+    tok = m.tokenizer
+    meta = _probe_meta(vx)
+    print(f"\ncalibration ({vx.model}): templates {cal.templates}")
+    print(f"  accuracy per candidate template: {cal.accuracy}")
+    print(f"  floors: familiarity ≥ {cal.min_familiarity:.2f}, answer probability {cal.min_prob}; "
+          f"negatives passing {cal.negatives_passing}/{cal.negatives}")
+    chk = meta.get("causal_check")
+    if chk:
+        print(f"  label causal check (at labelling): {chk['passed']}/{chk['checked']} pass "
+              f"({100 * (chk['pass_rate'] or 0):.1f}%), {chk['dropped']} dropped, {chk['unchecked']} unchecked")
+    rels = [r for r in cal.templates if r in triples]
+    if args.relations:
+        rels = [r for r in rels if r in args.relations.split(",")]
+    plain = default_templates(rels)
+    subjects = sorted({s for r in rels for s, _o in triples[r]["pairs"]})
+    if args.sample:
+        subjects = sorted(random.Random(0).sample(subjects, min(args.sample, len(subjects))))
+    t0 = time.perf_counter()
+    truth, asked = ground_truth(m, tok, triples, plain, rels, set(subjects))
+    if args.quick:
+        quick_claims(m, tok, cal, truth, rels, t0)
+        return
+    print(f"\nground truth: {sum(len(v) for e in truth.values() for v in e.values())} facts answered right "
+          f"(greedy {TRUTH_TOKENS} tokens of the plain template) of {asked} asked, "
+          f"{time.perf_counter() - t0:.0f}s")
+    ents = sorted(truth)
+    # reference latency: one forward of a plain probe prompt, same run
+    ids = torch.tensor([tok.encode(plain[rels[0]][0].replace("{X}", ents[0] if ents else "France"))])
+    ref = []
+    for _ in range(5):
+        t1 = time.perf_counter()
+        m.forward(ids, logits="last")
+        ref.append((time.perf_counter() - t1) * 1e3)
+    ref_ms = statistics.median(ref)
+    describe(vx, "Atlantis")  # warm (model, labels); results are cached per entity, so not one of `ents`
+    acc = {r: RelationScore(r) for r in rels}
+    lat = []
+    for e in ents:
+        t1 = time.perf_counter()
+        res = describe(vx, e)
+        lat.append((time.perf_counter() - t1) * 1e3)
+        res = _confident_only(res)
+        score_result(res, truth.get(e, {}), rels, acc)
+    print(f"\nDESCRIBE confident claims vs the facts the model answers right ({len(ents)} entities):")
+    print(f"{'relation':<11}{'facts':>6}{'claims':>8}{'precision':>11}{'recall':>9}")
+    for r, s in acc.items():
+        print(f"{r:<11}{s.facts:>6}{s.claims:>8}{_fmt(s.precision):>11}{_fmt(s.recall):>9}")
+    p50 = statistics.median(lat) if lat else 0.0
+    print(f"latency p50 {p50:.0f} ms (one forward of a probe prompt: {ref_ms:.0f} ms; ratio {p50 / ref_ms:.1f}x)")
+    names = made_up_names(40, seed=2026)
+    names = [n for n in names if n.lower() not in {x.lower() for x in made_up_names()}][:20]
+    conf = 0
+    lines = []
+    for n in names + ["asdfgh", "Atlantis", "Frnace", "france", "Germny"]:
+        res = describe(vx, n)
+        c = [e for e in res.edges if e.relation and e.confident is not False]
+        if n in names:
+            conf += len(c)
+        lines.append(f"  {n:<16} confident {len(c):>2}  known={res.known}  {res.note or ''}"
+                     + (f"  [{', '.join(f'{e.relation}→{e.target}' for e in c)}]" if c else ""))
+    print(f"\nmade-up names: {conf} confident claims over {len(names)} names (calibration used other names)")
+    print("\n".join(lines))
+    if args.explain:
+        explain_check(vx, m, triples, plain, rels, truth, args.explain)
+
+
+def quick_claims(m, tok, cal, truth, rels, t0) -> None:  # noqa: C901
+    """The first-token decision DESCRIBE makes, batched (one padded forward per relation over all
+    entities, one for familiarity): for a loaded machine where per-entity DESCRIBE is too slow to
+    run over every entity. A claim is the decode's top first token, confident by the calibration."""
+    import torch
+
+    from modelql.knowledge.calibrate import _forward_last, familiarity, first_token_right, made_up_names
+
+    ents = sorted(truth)
+    seen = {x.lower() for x in made_up_names()}
+    names = [n for n in made_up_names(40, seed=2026) if n.lower() not in seen][:20]
+    fam = dict(zip(ents + names, familiarity(m, tok, ents + names)))
+    print(f"\nbatched first-token claims (DESCRIBE's decision), {len(ents)} entities, {len(names)} made-up names:")
+    for r in rels:
+        people = [e for e in ents if r in truth[e]]
+        lg = _forward_last(m, [tok.encode(cal.templates[r].replace("{X}", e)) for e in people + names])
+        claims = correct = 0
+        for e, l in zip(people, lg):
+            p = torch.softmax(l.double(), -1)
+            t = int(p.argmax())
+            if cal.confident(r, float(p[t]), fam[e]):
+                claims += 1
+                correct += first_token_right(tok, t, truth[e][r])
+        bad = [n for n, l in zip(names, lg[len(people):])
+               if cal.confident(r, float(torch.softmax(l.double(), -1).max()), fam[n])]
+        print(f"  {r:<10} facts {len(people):>4}  confident claims {claims:>4}  precision "
+              f"{_fmt(correct / claims if claims else None)}  recall {_fmt(correct / max(1, len(people)))}  "
+              f"made-up names with a confident claim: {len(bad)} {bad}")
+    print(f"({time.perf_counter() - t0:.0f}s)")
+
+
+def _confident_only(res):
+    from dataclasses import replace
+
+    return replace(res, edges=tuple(e for e in res.edges if e.confident is not False))
+
+
+def explain_check(vx, m, triples, plain, rels, truth, n_prompts: int) -> None:
+    """Ablating the top-5 features `explain` names for a token vs 5 random features of the same
+    layers: how often the named ones lower the token's probability more."""
+    import torch
+
+    from modelql.knowledge.explain import VindexFeatures, attribute
+    from modelql.runtime import interp
+
+    rng = random.Random(0)
+    tok = m.tokenizer
+    prompts = []
+    for r in rels:
+        for s, _o in triples[r]["pairs"]:
+            prompts.append(plain[r][0].replace("{X}", s))
+    rng.shuffle(prompts)
+    prompts = prompts[:n_prompts]
+    src = VindexFeatures(vx)
+    wins = 0
+    drops = []
+    for p in prompts:
+        ids = tok.encode(p)
+        lg = m.forward(torch.tensor([ids]), logits="last")[0]
+        t = int(lg.argmax())
+        ex = attribute(m, ids, [t], src, top=5)[0]
+        feats = [(f.layer, f.feature) for f in ex.features]
+
+        def prob(ablate):
+            hooks = {}
+            by = {}
+            for L, f in ablate:
+                by.setdefault(L, []).append(f)
+            hooks = interp.compose(*[interp.ablate_features(L, fs) for L, fs in by.items()]) if by else {}
+            out = m.forward(torch.tensor([ids]), hooks=hooks, logits="last")[0]
+            return float(torch.softmax(out.double(), -1)[t])
+
+        base = prob([])
+        named = base - prob(feats)
+        rand = []
+        for _ in range(3):
+            rf = [(L, rng.randrange(vx.num_features(L))) for L, _f in feats]
+            rand.append(base - prob(rf))
+        r_mean = sum(rand) / len(rand)
+        wins += named > r_mean
+        drops.append((named, r_mean))
+    n = len(prompts)
+    print(f"\nexplain: ablating the top-5 features lowers the token's probability more than 5 random features "
+          f"of the same layers (mean of 3 draws) in {wins}/{n} prompts ({100 * wins / max(1, n):.0f}%); "
+          f"mean drop {sum(d for d, _ in drops) / max(1, n):.4f} vs {sum(r for _, r in drops) / max(1, n):.4f}")
 
 
 if __name__ == "__main__":

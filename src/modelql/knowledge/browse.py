@@ -298,11 +298,49 @@ def select(
                 row = _feature_row(vindex, labs, L, f, meta, None, probe_only)
                 if matches(row, skip_score=True):
                     rows.append(row)
+    if src == "edges":
+        rows = _patch_rows(vindex, conds, rows) + rows
     rows = _order(rows, order_by, descending)
     score_conds = [c for c in conds if c.field in ("score", "confidence", "c_score")]
     rows = [r for r in rows if all(_cmp_num(c.op, r.c_score, c.value, 0.001) for c in score_conds)]
     return SelectResult(src, tuple(rows[:n]), len(rows), walked=walked, mode=used_mode, limit=n,
                         latency_ms=(time.perf_counter() - t0) * 1e3)
+
+
+def _patch_rows(vindex, conds: list[Condition], rows: list[FeatureRow]) -> list[FeatureRow]:
+    """The overlay's live facts (any edit mode, `vindex.patch_facts`) matching the WHERE, as rows
+    whose source is their patch; a feature-level insert already listed as its slot is not repeated.
+    `entity` conditions compare with the fact's entity (not a feature's top token)."""
+    from ..vindex.patch_facts import overlay_facts
+
+    facts = overlay_facts(vindex)
+    if not facts:
+        return []
+    have = {(r.layer, r.feature) for r in rows}
+    out = []
+    for f in facts:
+        if f.feature is not None and (f.layer, f.feature) in have:
+            continue
+        conf = 1.0 if f.confidence is None else float(f.confidence)
+        row = FeatureRow(layer=-1 if f.layer is None else f.layer, feature=-1 if f.feature is None else f.feature,
+                         token=f.target, token_id=int(f.target_id or 0), c_score=conf, score=conf,
+                         score_kind="c_score", relation=f.relation, source="patch", entity=f.entity,
+                         patch=f"{f.patch} ({f.mode})")
+        ok = True
+        for c in conds:
+            if c.field in ("entity", "token"):
+                ok = _cmp_text(c.op, f.entity, c.value) if c.field == "entity" else _cmp_text(c.op, f.target, c.value)
+            elif c.field == "relation":
+                ok = _cmp_text(c.op, f.relation, c.value, mode="relation")
+            elif c.field == "layer":
+                ok = f.layer is not None and _cmp_num(c.op, f.layer, c.value)
+            elif c.field == "feature":
+                ok = f.feature is not None and _cmp_num(c.op, f.feature, c.value)
+            if not ok:
+                break
+        if ok:
+            out.append(row)
+    return out
 
 
 def _matches_conds(row: FeatureRow, conds: list[Condition]) -> bool:

@@ -26,8 +26,16 @@ def label_command(
     """
     from .labels import DEFAULT_MIN_Z, label_vindex
 
+    import sys
+    import time
+
+    t0 = time.perf_counter()
+
+    def progress(msg: str) -> None:
+        print(f"[{time.perf_counter() - t0:6.1f}s] {msg}", file=sys.stderr, flush=True)
+
     rep = label_vindex(vindex, triples, templates, min_z=DEFAULT_MIN_Z if min_z is None else min_z,
-                       replace=replace, clusters=not no_clusters)
+                       replace=replace, clusters=not no_clusters, progress=progress)
     rels = ", ".join(f"{r} {n}" for r, n in sorted(rep.per_relation.items())) or "none"
     print(f"labelled {rep.new_labels} features from {rep.probes} probes in {rep.seconds:.1f}s ({rels}); "
           f"{rep.total_labels} labels in {rep.path}"
@@ -48,8 +56,8 @@ def explain_command(
                                           help="bearer key of the knowledge server"),
 ) -> None:
     """Generate a completion of PROMPT and show, for each generated token, the FFN features that
-    fired most strongly when it was predicted (layer, feature, gate score, what the feature
-    promotes, its relation label)."""
+    wrote it (largest direct contribution to its logit; layer, feature, gate score, what the
+    feature promotes, its relation label) and attention's share."""
     import json
     import sys
 
@@ -117,15 +125,21 @@ def explanation_lines(ex) -> list[str]:
            f"{', ' + ex.finish_reason if ex.finish_reason else ''}; features from {ex.features_from})", ""]
     if not ex.tokens:
         return out + ["  (no tokens generated)"]
-    t = Table(["#", "Token", "Layer", "Feature", "Gate", "Promotes", "Relation"], align="rllrrll", indent=0)
+    t = Table(["#", "Token", "Attn", "Layer", "Feature", "Logit+", "Gate", "Promotes", "Relation"],
+              align="rlrllrrll", indent=0)
     for tok in ex.tokens:
         first = True
+        share = tok.attention_share
         for f in tok.features or [None]:
-            head = [str(tok.index), repr(tok.token)] if first else ["", ""]
+            head = ([str(tok.index), repr(tok.token), "—" if share is None else f"{100 * share:.0f}%"] if first
+                    else ["", "", ""])
             first = False
             if f is None:
-                t.rows.append(head + ["", "", "", "(no feature with metadata fired)", ""])
+                t.rows.append(head + ["", "", "", "", "(no feature with metadata writes it)", ""])
                 continue
-            t.rows.append(head + [f"L{f.layer}", f"F{f.feature}", f"{f.gate:+.2f}",
+            contrib = "" if f.contribution is None else f"{f.contribution:+.2f}"
+            t.rows.append(head + [f"L{f.layer}", f"F{f.feature}", contrib, f"{f.gate:+.2f}",
                                   ", ".join(x for x in f.top_tokens[:4] if x) or f.top_token, f.relation or "—"])
-    return out + _table_lines(t) + ["", f"({ex.latency_ms / 1000:.2f} s)"]
+    return out + _table_lines(t) + ["", "Logit+: the feature's direct contribution to the token's logit; "
+                                    "Attn: attention's share of the direct contributions",
+                                    f"({ex.latency_ms / 1000:.2f} s)"]

@@ -168,44 +168,62 @@ def _phrase_ok(text: str, entity: str) -> bool:
 
 
 def extend_phrases(model, tokenizer, prompt_ids: Sequence[list[int]], first: Sequence[int],
-                   max_tokens: int = MAX_PHRASE_TOKENS) -> list[list[int]]:
+                   max_tokens: int = MAX_PHRASE_TOKENS, caches: Sequence | None = None) -> list[list[int]]:
     """Greedy continuation of each `prompt + [first]` while the model goes on naming the same
     thing: stop at an end-of-sequence id, a special or blank token (a lone space goes on: some
     tokenizers spell " euro" as " ", "e", "uro"), a `PHRASE_STOP` word, or punctuation — except
     an `INTRA_WORD` mark directly followed by a glued word ("Sub-Saharan", "Nur-Sultan").
-    Returns each phrase's ids (first id included). Rows of equal length run as one batch."""
+    Returns each phrase's ids (first id included).
+
+    With `caches` (each prompt's KV cache, at the prompt's length; consumed), every step is one
+    batched single-token forward over all rows; without, rows of equal length run as one batch."""
     from ..runtime.generate import eos_token_ids
 
     eos = eos_token_ids(model)
     phrases = [[int(t)] for t in first]
     glued = [False] * len(phrases)  # the phrase ends with an intra-word mark that needs a glued word
     active = [i for i, t in enumerate(first) if int(t) not in eos]
+    fed = [0] * len(phrases)  # phrase tokens already in each cache
+
+    def next_tokens(idxs: list[int]) -> dict[int, int]:
+        if caches is not None:
+            ids = torch.tensor([phrases[i][fed[i]:] for i in idxs])
+            for i in idxs:
+                fed[i] = len(phrases[i])
+            out = model.forward(ids, [caches[i] for i in idxs], logits="last").argmax(dim=-1).tolist()
+            return dict(zip(idxs, out))
+        got = {}
+        by_len: dict[int, list[int]] = {}
+        for i in idxs:
+            by_len.setdefault(len(prompt_ids[i]) + len(phrases[i]), []).append(i)
+        for group in by_len.values():
+            ids = torch.tensor([list(prompt_ids[i]) + phrases[i] for i in group])
+            got.update(zip(group, model.forward(ids, logits="last").argmax(dim=-1).tolist()))
+        return got
+
     for _step in range(max_tokens):
         if not active:
             break
-        by_len: dict[int, list[int]] = {}
-        for i in active:
-            by_len.setdefault(len(prompt_ids[i]) + len(phrases[i]), []).append(i)
+        nxt = next_tokens(active)
         still = []
-        for idxs in by_len.values():
-            ids = torch.tensor([list(prompt_ids[i]) + phrases[i] for i in idxs])
-            nxt = model.forward(ids, logits="last").argmax(dim=-1).tolist()
-            for i, t in zip(idxs, nxt):
-                raw = tokenizer.decode([t], skip_special_tokens=True)
-                word = raw.strip()
-                wordlike = any(c.isalnum() for c in word)
-                if glued[i] and not (wordlike and raw == raw.lstrip()):
-                    phrases[i].pop()  # "Paris" "." " It": the mark ended the phrase
-                    continue
+        for i in active:
+            t = nxt[i]
+            raw = tokenizer.decode([t], skip_special_tokens=True)
+            word = raw.strip()
+            wordlike = any(c.isalnum() for c in word)
+            if glued[i] and not (wordlike and raw == raw.lstrip()):
+                phrases[i].pop()  # "Paris" "." " It": the mark ended the phrase
                 glued[i] = False
-                if t in eos or not raw or (raw != " " and not word) or word.lower() in PHRASE_STOP:
-                    continue  # end of text, a special/blank token, a stop word
-                if not wordlike:
-                    if raw != word or word not in INTRA_WORD:
-                        continue  # punctuation ends the phrase
-                    glued[i] = True  # "Sub" "-" "Saharan", "Sana" "'" "a": kept if a glued word follows
-                phrases[i].append(int(t))
-                still.append(i)
+                continue
+            glued[i] = False
+            if t in eos or not raw or (raw != " " and not word) or word.lower() in PHRASE_STOP:
+                continue  # end of text, a special/blank token, a stop word
+            if not wordlike:
+                if raw != word or word not in INTRA_WORD:
+                    continue  # punctuation ends the phrase
+                glued[i] = True  # "Sub" "-" "Saharan", "Sana" "'" "a": kept if a glued word follows
+            phrases[i].append(int(t))
+            still.append(i)
         active = still
     for i, g in enumerate(glued):
         if g:
@@ -242,16 +260,20 @@ def decode_claims(model, rq, relation_contexts: Mapping[str, Sequence[int]], ent
         raise ValueError("the relation decode needs a tokenizer")
     todo: list[tuple[str, torch.Tensor, int, dict]] = []  # (relation, context indices, token, stats)
     prompts: list[list[int]] = []
+    caches: list | None = [] if rq.caches is not None else None
     for rel, idx in relation_contexts.items():
         if not idx:
             continue
         ix = torch.tensor(list(idx))
         cands, stats = candidates(rq.logits[ix], card.get(rel, 1.0))
         ids = tok.encode(rq.contexts[idx[0]].replace("{X}", entity), add_special_tokens=True)
-        for t in cands:
+        for n, t in enumerate(cands):
             todo.append((rel, ix, t, stats))
             prompts.append(ids)
-    phrases = extend_phrases(model, tok, prompts, [t for _r, _i, t, _s in todo]) if todo else []
+            if caches is not None:
+                c = rq.caches[idx[0]]
+                caches.append(c if n == len(cands) - 1 else c.copy())
+    phrases = extend_phrases(model, tok, prompts, [t for _r, _i, t, _s in todo], caches=caches) if todo else []
     texts = [tok.decode(p, skip_special_tokens=True).strip() for p in phrases]
     out: list[Claim] = []
     seen = set()

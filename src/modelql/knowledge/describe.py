@@ -25,6 +25,21 @@ Two query modes:
     that was decoded (its static token names what the feature promotes for every input, not
     what this entity's context writes); one naming a claimed target is dropped for the claim.
 
+Calibrated claims (a vindex labelled with a calibration, `knowledge.calibrate`): the probes are
+the one template per relation the labeller chose by measured accuracy on this model (relations it
+cannot answer are not probed), and every claim carries `confidence` (its answer's probability)
+and `confident` (the entity's familiarity and the probability clear the floors measured on
+made-up names at labelling time). An entity below the familiarity floor ("asdfgh", "Frnace")
+gets no confident claim, signal "unknown" and a one-line `note`; a lower-case or misspelt name of
+a labelling subject gets a `suggestion`. Per-feature edges that carry a (cluster) label are
+marked not confident: a feature's label names what it promotes for every input, not a claim about
+this entity. Why: a probe template decodes to *some* answer for any string (the embedded model
+gave "asdfgh" the capital Harare with signal "clean").
+
+Overlay facts: on an overlay view, the facts its patches insert (any mode: feature, KNN,
+weight-level MEMIT edits; `vindex.patch_facts`) come first, source "patch" and `patch` naming
+the patch; a decoded claim of the same relation gives way to them, and a deleted fact is gone.
+
 Thresholds (``threshold=None``, the default) are scale-free (§15.1): each candidate is scored by
 its z-score within its own layer, `z = (s_f − mean(s)) / std(s)` over *all* F features of the
 layer for this query (s = gate scores in embedding mode, activations in residual mode), and
@@ -81,15 +96,19 @@ the band sections of their best layer.
 
 from __future__ import annotations
 
+import threading
 import time
+import weakref
+from collections import OrderedDict
 from dataclasses import dataclass, replace
+from pathlib import Path
 from typing import Iterable, Sequence
 
 import torch
 
 from ..errors import DescribeError
 from .decode import Claim, decode_claims
-from .labels import FeatureLabels, labels_for, relation_cardinality
+from .labels import FeatureLabels, calibration_for, labels_for, relation_cardinality
 from .queries import entity_vector, model_for, residual_query
 from .rows import DescribeResult, Edge
 from .tokens import content, readable, same_token
@@ -255,6 +274,44 @@ def describe(
       confidence, layer) appended as edges when their entity matches.
     """
     t0 = time.perf_counter()
+    key = None
+    if contexts is None and knn_entries is None and labels is None:
+        session = getattr(vindex, "session", None)
+        key = (entity, mode, band, layer, tuple(layers) if layers is not None else None, relations_only, threshold,
+               min_z, k, token_filter, probe_only, combine, score, id(model), getattr(session, "epoch", None),
+               labels_for(vindex).stamp)
+        got = _result_cache(vindex).get(key)
+        if got is not None:
+            return replace(got, latency_ms=(time.perf_counter() - t0) * 1e3)
+    result = _describe(vindex, entity, t0, mode=mode, band=band, layer=layer, layers=layers,
+                       relations_only=relations_only, threshold=threshold, min_z=min_z, k=k,
+                       token_filter=token_filter, probe_only=probe_only, model=model, contexts=contexts,
+                       combine=combine, score=score, knn_entries=knn_entries, labels=labels)
+    if key is not None:
+        cache = _result_cache(vindex)
+        with _results_lock:
+            cache[key] = result
+            while len(cache) > RESULT_CACHE:
+                cache.popitem(last=False)
+    return result
+
+
+#: DESCRIBE results kept per vindex (keyed by the query, the overlay epoch and the label files)
+RESULT_CACHE = 256
+_results: "weakref.WeakKeyDictionary[object, OrderedDict]" = weakref.WeakKeyDictionary()
+_results_lock = threading.Lock()
+
+
+def _result_cache(vindex) -> "OrderedDict":
+    with _results_lock:
+        got = _results.get(vindex)
+        if got is None:
+            got = _results[vindex] = OrderedDict()
+        return got
+
+
+def _describe(vindex, entity: str, t0: float, *, mode, band, layer, layers, relations_only, threshold, min_z, k,
+              token_filter, probe_only, model, contexts, combine, score, knn_entries, labels) -> DescribeResult:
     if k < 1:
         raise DescribeError("k must be at least 1")
     if combine not in ("mean", "max"):
@@ -286,7 +343,15 @@ def describe(
     else:
         ctx_list, ctx_rel = _contexts(vindex, contexts)
         m_ = model_for(vindex, model) if ctx_rel else model
-        rq = residual_query(vindex, entity, model=m_, contexts=ctx_list, layers=scanned, with_logits=bool(ctx_rel))
+        fam_idx: list[int] = []
+        if ctx_rel and calibration_for(vindex) is not None:
+            from .calibrate import FAMILIARITY_CONTEXT
+
+            if FAMILIARITY_CONTEXT not in ctx_list:
+                ctx_list.append(FAMILIARITY_CONTEXT)
+            fam_idx = [ctx_list.index(FAMILIARITY_CONTEXT)]
+        rq = residual_query(vindex, entity, model=m_, contexts=ctx_list, layers=scanned, with_logits=bool(ctx_rel),
+                            token_logprobs=fam_idx)
         if rq is None:
             return DescribeResult(found=False, edges=(), max_gate=0.0, signal="diffuse",
                                   latency_ms=(time.perf_counter() - t0) * 1e3, **base)
@@ -316,13 +381,118 @@ def describe(
     edges = _aggregate(vindex, entity, hits, thr, unit, token_filter, labs, probe_only)
     if decoded:
         edges = _merge_claims(vindex, entity, edges, claims, decoded, unit)
-    edges += _knn_edges(vindex, entity, knn_entries, labs)
+    verdict = (_calibrated(vindex, entity, m_ if ctx_rel else None, edges, rq.token_logprobs)
+               if m == "residual" else None)
+    if verdict is not None:
+        edges = verdict.pop("edges")
+    edges = _overlay_edges(vindex, entity, edges)
+    if knn_entries is None and hasattr(vindex, "session"):
+        knn_entries = vindex.knn_entries()
+    edges += _knn_edges(vindex, entity, knn_entries, labs, skip={(e.relation, e.target.lower()) for e in edges})
     if relations_only:
         edges = [e for e in edges if e.relation]
-    edges.sort(key=lambda e: (not e.decoded, -e.gate, e.layer, e.feature))
+    edges.sort(key=lambda e: (e.source != "patch", not e.decoded, -e.gate, e.layer, e.feature))
     max_gate = max([0.0] + [e.gate for e in edges])
-    return DescribeResult(found=True, edges=tuple(edges), max_gate=max_gate, signal=signal_label(max_gate, unit),
-                          contexts=used_contexts, latency_ms=(time.perf_counter() - t0) * 1e3, **base)
+    signal = signal_label(max_gate, unit)
+    if verdict is not None and not any(e.relation and e.confident for e in edges):
+        signal = "unknown" if verdict.get("known") is False else "diffuse"
+    if verdict is None:
+        verdict = {"note": capability_note(vindex, m, bool(decoded))}
+    return DescribeResult(found=True, edges=tuple(edges), max_gate=max_gate, signal=signal,
+                          contexts=used_contexts, latency_ms=(time.perf_counter() - t0) * 1e3,
+                          **verdict, **base)
+
+
+def capability_note(vindex, mode: str, decoded: bool) -> str | None:
+    """What this vindex cannot answer and how to get it (None when DESCRIBE ran in full)."""
+    name = Path(getattr(vindex, "path", "vindex")).name
+    if mode == "embedding" and not getattr(vindex, "has_weights", False):
+        level = getattr(vindex, "extract_level", "browse")
+        return (f"{name} is a {level}-level vindex: without model weights DESCRIBE only compares the entity's "
+                "embedding with the gates (no relation claims, no context); for claims re-extract with "
+                "`modelql extract MODEL -o OUT --level inference` and `modelql label OUT`")
+    if mode == "residual" and not decoded:
+        return (f"{name} is not probe-labelled: DESCRIBE shows feature edges only, no relation claims "
+                f"(run `modelql label {name}`)")
+    return None
+
+
+def suggest(entity: str, subjects: Sequence[str]) -> str | None:
+    """A known subject `entity` may mean: the same name in another case, else a close spelling."""
+    import difflib
+
+    e = entity.strip()
+    if not e or e in subjects:
+        return None
+    low = {s.lower(): s for s in subjects}
+    if e.lower() in low:
+        return low[e.lower()]
+    got = difflib.get_close_matches(e.lower(), list(low), n=1, cutoff=0.75)
+    return low[got[0]] if got else None
+
+
+def _calibrated(vindex, entity: str, model, edges: list[Edge], token_logprobs: dict | None = None) -> dict | None:
+    """Mark the claims confident / low-confidence by the vindex's calibration (module
+    `knowledge.calibrate`) and say in one line when the model does not seem to know the entity.
+    None when the vindex was labelled without a calibration (then nothing is marked)."""
+    from .calibrate import FAMILIARITY_CONTEXT, familiarity, familiarity_from
+
+    cal = calibration_for(vindex)
+    if cal is None or model is None:
+        return None
+    tok = model.tokenizer if model.tokenizer is not None else vindex.tokenizer
+    lps = (token_logprobs or {}).get(FAMILIARITY_CONTEXT)
+    fam = familiarity_from(tok, lps) if lps is not None else familiarity(model, tok, [entity])[0]
+    known = cal.familiar(fam)
+    out = []
+    for e in edges:
+        if e.decoded:
+            conf = float(e.c_score)
+            e = replace(e, confidence=conf, confident=cal.confident(e.relation or "", conf, fam))
+        elif e.relation:
+            e = replace(e, confident=False)  # a feature's label names what it promotes everywhere, not a claim
+        out.append(e)
+    sugg = suggest(entity, cal.subjects)
+    note = None
+    if not known:
+        note = (f"the model does not seem to know {entity!r} (familiarity {fam:.1f} < {cal.min_familiarity:.1f}, "
+                "measured on made-up names): no confident claims")
+    elif not any(e.decoded and e.confident for e in out):
+        note = f"no confident claim about {entity!r} (answers below the floors measured on made-up names)"
+    if sugg and note:
+        note += f"; did you mean {sugg!r}?"
+    elif sugg:
+        note = f"did you mean {sugg!r}?"
+    return {"edges": out, "known": known, "note": note, "suggestion": sugg, "familiarity": round(fam, 3)}
+
+
+def _overlay_edges(vindex, entity: str, edges: list[Edge]) -> list[Edge]:
+    """The facts the overlay's patches inserted for `entity` (any mode: feature, KNN, weight-level
+    edits), as edges whose source is the patch; a fact deleted again is not listed, and a claim of
+    the same relation decoded from the model gives way to the patch's fact."""
+    from ..vindex.patch_facts import overlay_facts
+
+    facts = [f for f in overlay_facts(vindex) if _same_entity(f.entity, entity)]
+    if not facts:
+        return edges
+    rels = {f.relation for f in facts if f.relation}
+    targets = {f.target.strip().lower() for f in facts}
+    kept = [e for e in edges if not (e.decoded and e.relation in rels) and e.target.strip().lower() not in targets]
+    out = []
+    for f in facts:
+        layer = f.layer if f.layer is not None else -1
+        conf = 1.0 if f.confidence is None else float(f.confidence)
+        gate = conf * KNN_GATE_PER_CONFIDENCE
+        out.append(Edge(target=f.target.strip(), target_id=int(f.target_id or 0), gate=gate, score=gate, z=gate,
+                        layer=layer, feature=-1 if f.feature is None else f.feature,
+                        layers=(layer,) if layer >= 0 else (), count=1, c_score=conf, relation=f.relation or None,
+                        source="patch", band=section_of(vindex, max(layer, 0)), confidence=conf, confident=True,
+                        patch=f"{f.patch} ({f.mode})"))
+    return out + kept
+
+
+def _same_entity(a: str, b: str) -> bool:
+    return a.strip().lower() == b.strip().lower()
 
 
 def _aggregate(vindex, entity: str, hits: list[_Hit], thr: float, unit: str, token_filter: str,
@@ -411,7 +581,8 @@ def _merge_claims(vindex, entity: str, edges: list[Edge], claims: list[Claim], d
     return out
 
 
-def _knn_edges(vindex, entity: str, entries: Iterable | None, labs: FeatureLabels) -> list[Edge]:
+def _knn_edges(vindex, entity: str, entries: Iterable | None, labs: FeatureLabels,
+               skip: set | frozenset = frozenset()) -> list[Edge]:
     if not entries:
         return []
     out = []
@@ -420,6 +591,8 @@ def _knn_edges(vindex, entity: str, entries: Iterable | None, labs: FeatureLabel
             continue
         conf = float(getattr(e, "confidence", 1.0))
         target = str(getattr(e, "target_token", None) or getattr(e, "target", ""))
+        if ((str(getattr(e, "relation", "") or "") or None), target.strip().lower()) in skip:
+            continue  # already listed as its patch's fact
         layer = int(getattr(e, "layer", 0))
         rel = str(getattr(e, "relation", "") or "")
         gate = conf * KNN_GATE_PER_CONFIDENCE

@@ -1,9 +1,13 @@
 """INFER and EXPLAIN INFER: next-token predictions plus the FFN features that produced them.
 
 The forward pass is the model's own (whatever FFN backend is installed: dense, walk, patched),
-so the predictions are exactly what generation would sample from. The per-layer trace queries
+so the predictions are exactly what generation would sample from. INFER's per-layer trace queries
 each layer's gates with that layer's real FFN input `x_L` (algorithms §7.3), so "features that
-fired" means features whose gate scores were largest in this very computation.
+fired" means features whose gate scores were largest in this very computation. EXPLAIN INFER
+ranks each layer's features by their direct contribution to the predicted token's logit instead
+(`FiredFeature.contribution`, the exact split of `knowledge.decode.attribute`): a large gate says a
+feature fired, not that it wrote the prediction (on SmolLM2-135M the same late-layer features
+have the largest gates for every token).
 
 The KNN override (algorithms §8) is applied after the logits when a retrieval store is given:
 the first layer whose captured residual is within cosine 0.75 of a stored key replaces the top
@@ -55,6 +59,9 @@ class FiredFeature:
     top_tokens: tuple[str, ...]
     relation: str | None = None
     source: str | None = None  # "probe" | "cluster"
+    #: direct contribution to the explained token's logit (relative to the mean logit), exact
+    #: split at the final norm (`knowledge.decode.attribute`); None where not computed
+    contribution: float | None = None
 
 
 @dataclass(frozen=True)
@@ -147,6 +154,29 @@ def _fired(vindex, labels, layer: int, x: torch.Tensor, n: int, relations_only: 
     if relations_only:
         out.sort(key=lambda f: (f.gate <= 0, -abs(f.gate)))
     return out[:n]
+
+
+def _contributors(vindex, labels, layer: int, x: torch.Tensor, contrib: torch.Tensor, n: int,
+                  relations_only: bool = False) -> list[FiredFeature]:
+    """The layer's features with the largest direct contribution to the predicted token's logit
+    (EXPLAIN INFER: what wrote the prediction, not what merely has a large gate)."""
+    vals, idx = torch.topk(contrib, min(TRACE_K + n, contrib.numel()))
+    gates = None
+    out = []
+    for c, f in zip(vals.tolist(), idx.tolist()):
+        if len(out) >= n or c <= 0:
+            break
+        meta = vindex.feature_meta(layer, f)
+        if meta is None:
+            continue
+        lab = labels.get(layer, f) if labels is not None else None
+        if relations_only and lab is None:
+            continue
+        if gates is None:
+            gates = vindex.gate_scores(layer, x.float())
+        out.append(FiredFeature(layer, f, float(gates[f]), meta.top_token, tuple(t for t, _, _ in meta.top_k[:3]),
+                                lab[0] if lab else None, lab[1] if lab else None, round(float(c), 4)))
+    return out
 
 
 def _require(model: Model | None, what: str, vindex=None) -> Model:
@@ -255,7 +285,7 @@ def explain_infer(model: Model | None, prompt: str, vindex=None, layers: Iterabl
         raise CapabilityError("EXPLAIN INFER needs a vindex (feature metadata): USE a vindex first")
     ids = interp.to_ids(model, prompt)
     n = model.spec.num_layers
-    extra = []
+    extra = [f"blocks.{i}.mlp.hook_post" for i in range(n)] + [f"blocks.{n - 1}.hook_resid_post"]
     if with_attention:
         for i in range(n):
             extra += [f"blocks.{i}.attn.hook_q", f"blocks.{i}.attn.hook_k", f"blocks.{i}.hook_resid_post"]
@@ -282,8 +312,14 @@ def explain_infer(model: Model | None, prompt: str, vindex=None, layers: Iterabl
     labels = labels_for(vindex)
     fired: list[FiredFeature] = []
     first: dict[int, FiredFeature] = {}
+    from .decode import attribute as dla
+
+    pred = preds[0].token_id
+    contribs = dla(model, {L: cache[f"blocks.{L}.mlp.hook_post"][-1][None] for L in range(n)},
+                   cache[f"blocks.{n - 1}.hook_resid_post"][-1][None], pred)
     for layer in sorted(chosen & set(vindex.layers())):
-        got = _fired(vindex, labels, layer, residuals[layer], top, relations_only)
+        got = (_contributors(vindex, labels, layer, residuals[layer], contribs[layer], top, relations_only)
+               if layer in contribs else _fired(vindex, labels, layer, residuals[layer], top, relations_only))
         fired += got
         if got:
             first[layer] = got[0]

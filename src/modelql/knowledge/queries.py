@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import threading
 import weakref
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Sequence
 
 import torch
@@ -87,6 +87,9 @@ class ResidualQuery:
     per_context_act: dict[int, torch.Tensor]  # layer → FFN activations per context [C, F]
     logits: torch.Tensor | None = None  # next-token logits per context [C, V] (with_logits)
     final: torch.Tensor | None = None  # last block's output (before the final norm) per context [C, H]
+    caches: tuple | None = None  # with_logits: each context's KV cache, at its own length
+    ids: tuple[tuple[int, ...], ...] = ()  # each context's token ids
+    token_logprobs: dict = field(default_factory=dict)  # context → log p of its tokens after the first
 
     @property
     def x(self) -> dict[int, torch.Tensor]:
@@ -100,11 +103,14 @@ class ResidualQuery:
 
 
 def residual_query(vindex, entity: str, model=None, contexts: Sequence[str] | None = None,
-                   layers: Sequence[int] | None = None, with_logits: bool = False) -> ResidualQuery | None:
+                   layers: Sequence[int] | None = None, with_logits: bool = False,
+                   token_logprobs: Sequence[int] = ()) -> ResidualQuery | None:
     """Run `entity` through `contexts` and capture `x_L` and the FFN activations at the last
     token of each context (`{X}` is replaced by the entity; the default contexts end with it).
     `with_logits` also keeps each context's next-token logits and final residual (what the
-    relation decode of DESCRIBE reads and attributes, `knowledge.decode`).
+    relation decode of DESCRIBE reads and attributes, `knowledge.decode`) and each context's KV
+    cache (to continue its answer); `token_logprobs` (context indices) keeps the log-probability of
+    each of those contexts' tokens after the first (the entity familiarity of `knowledge.calibrate`).
 
     Returns None when the entity tokenises to nothing.
     """
@@ -131,34 +137,40 @@ def residual_query(vindex, entity: str, model=None, contexts: Sequence[str] | No
             encoded.append((ctx, ids))
     if not encoded:
         return None
-    # one forward pass per token length (the runtime batches equal-length rows without padding)
-    by_len: dict[int, list[int]] = {}
-    for i, (_c, ids) in enumerate(encoded):
-        by_len.setdefault(len(ids), []).append(i)
-    xs: dict[int, list] = {L: [None] * len(encoded) for L in wanted}
-    acts: dict[int, list] = {L: [None] * len(encoded) for L in wanted}
-    logits: list = [None] * len(encoded)
-    finals: list = [None] * len(encoded)
-    for idxs in by_len.values():
-        cache: dict[str, torch.Tensor] = {}
+    # one forward pass for every context: shorter ones are padded at the end by repeating their
+    # last token (causal attention keeps the padding out of every real position) and each row is
+    # read at its own last token; the caches are cut back to the real lengths, so the relation
+    # decode can continue a probe's answer from them (`knowledge.decode.extend_phrases`)
+    lens = [len(ids) for _c, ids in encoded]
+    width = max(lens)
+    rows = torch.arange(len(encoded))
+    last = torch.tensor(lens) - 1
+    cache: dict[str, torch.Tensor] = {}
 
-        def grab(t: torch.Tensor, n: str, _cache=cache) -> None:
-            _cache[n] = t[:, -1].detach().float().clone()
+    def grab(t: torch.Tensor, n: str) -> None:
+        cache[n] = t[rows, last].detach().float().clone()
 
-        out = m.forward(torch.tensor([encoded[i][1] for i in idxs]), hooks={n: grab for n in names},
-                        logits="last" if with_logits else "none")
-        for row, i in enumerate(idxs):
-            if with_logits:
-                logits[i] = out[row].detach().float()
-                finals[i] = cache[final_name][row]
-            for L in wanted:
-                xs[L][i] = cache[f"blocks.{L}.ln2.hook_normalized"][row]
-                acts[L][i] = cache[f"blocks.{L}.mlp.hook_post"][row]
+    caches = [m.new_cache() for _ in encoded] if with_logits else None
+    ids = torch.tensor([ids + [ids[-1]] * (width - len(ids)) for _c, ids in encoded])
+    h = m.forward(ids, caches, hooks={n: grab for n in names if n != final_name}, logits="none")
+    h_last = h[rows, last]
+    logits = finals = None
+    if with_logits:
+        logits = m.unembed(h_last).detach().float()
+        finals = h_last.detach().float().clone()
+        for c, n in zip(caches, lens):
+            c.truncate(n)
+    token_lp = {}
+    for i in (token_logprobs or ()):
+        if 0 <= i < len(encoded) and lens[i] > 1:
+            lp = torch.log_softmax(m.unembed(h[i, : lens[i] - 1]).double(), dim=-1)
+            nxt = torch.tensor(encoded[i][1][1:])
+            token_lp[encoded[i][0]] = lp[torch.arange(lens[i] - 1), nxt].tolist()
+    xs = {L: cache[f"blocks.{L}.ln2.hook_normalized"] for L in wanted}
+    acts = {L: cache[f"blocks.{L}.mlp.hook_post"] for L in wanted}
     used = [c for c, _ids in encoded]
     return ResidualQuery(
-        entity=entity, contexts=tuple(used),
-        per_context={L: torch.stack(v) for L, v in xs.items()},
-        per_context_act={L: torch.stack(v) for L, v in acts.items()},
-        logits=torch.stack(logits) if with_logits else None,
-        final=torch.stack(finals) if with_logits else None,
+        entity=entity, contexts=tuple(used), per_context=xs, per_context_act=acts, logits=logits, final=finals,
+        caches=tuple(caches) if caches is not None else None, ids=tuple(tuple(ids) for _c, ids in encoded),
+        token_logprobs=token_lp,
     )

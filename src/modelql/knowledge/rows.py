@@ -56,6 +56,11 @@ class Edge:
     source: str | None = None  # "probe" | "cluster" | "knn" | None
     band: str = "knowledge"  # section: syntax | knowledge | output
     decoded: bool = False  # a relation probe's decoded answer (knowledge.decode), source "probe"
+    #: calibrated claims (`knowledge.calibrate`): the answer's probability, and whether it clears the
+    #: model's measured floors (None: not calibrated / not a claim)
+    confidence: float | None = None
+    confident: bool | None = None
+    patch: str | None = None  # source "patch": the overlay patch that inserted the fact
 
     @property
     def layer_min(self) -> int:
@@ -108,6 +113,12 @@ class DescribeResult:
     relations_only: bool = False
     contexts: tuple[str, ...] = ()  # residual mode: the contexts the entity was run through
     latency_ms: float = 0.0
+    #: calibrated DESCRIBE: does the model know the entity (familiarity over the measured floor),
+    #: a one-line note when it does not (or a claim is low-confidence), a known entity it may mean
+    known: bool | None = None
+    note: str | None = None
+    suggestion: str | None = None
+    familiarity: float | None = None
 
     def sections(self, verbosity: str = "brief") -> tuple[Section, ...]:
         """Non-empty sections in display order, capped: BRIEF 10 per band (output 5), VERBOSE/RAW 30."""
@@ -125,6 +136,10 @@ class DescribeResult:
     def labelled(self) -> tuple[Edge, ...]:
         return tuple(e for e in self.edges if e.relation)
 
+    def confident_claims(self) -> tuple[Edge, ...]:
+        """Labelled edges not marked low-confidence."""
+        return tuple(e for e in self.edges if e.relation and e.confident is not False)
+
     def to_json(self) -> dict[str, Any]:
         return {
             "entity": self.entity, "model": self.model, "mode": self.mode, "found": self.found,
@@ -132,7 +147,8 @@ class DescribeResult:
             "bands": {k: list(v) for k, v in self.bands.items()}, "unit": self.unit,
             "threshold": self.threshold, "max_gate": self.max_gate, "signal": self.signal,
             "relations_only": self.relations_only, "contexts": list(self.contexts),
-            "latency_ms": self.latency_ms,
+            "latency_ms": self.latency_ms, "known": self.known, "note": self.note,
+            "suggestion": self.suggestion, "familiarity": self.familiarity,
         }
 
 
@@ -215,8 +231,10 @@ class FeatureRow:
     also: tuple[str, ...] = ()  # up to 3 other top-k tokens
     top_tokens: tuple[str, ...] = ()  # the full decoded top-k list
     relation: str | None = None
-    source: str | None = None  # "probe" | "cluster" | None
+    source: str | None = None  # "probe" | "cluster" | "patch" | None
     gate_score: float | None = None  # set when walked
+    entity: str | None = None  # source "patch": the fact's entity
+    patch: str | None = None  # source "patch": the patch (and edit mode) that inserted the fact
 
     def to_json(self) -> dict[str, Any]:
         d = _json(self)

@@ -371,22 +371,34 @@ def _walk_blocks(stmt, w) -> list:
 _SECTION_TITLES = {"syntax": "Syntax", "knowledge": "Edges", "output": "Output"}
 
 
+def _edge_where(e) -> str:
+    """L<layer>, the patch of an overlay fact, and a low-confidence mark."""
+    where = f"patch {e.patch}" if getattr(e, "patch", None) else f"L{e.layer}"
+    if getattr(e, "confident", None) is False and getattr(e, "decoded", False):
+        where += f" (low confidence, p={e.confidence:.2f})" if getattr(e, "confidence", None) is not None \
+            else " (low confidence)"
+    return where
+
+
 def _describe_blocks(stmt, d) -> list:
     out = [d.entity]
     if not d.found:
         return out + ["  (not found)"]
     verbosity = getattr(stmt, "verbosity", ast.Verbosity.BRIEF)
     sections = d.sections(verbosity.value.lower())
+    note = getattr(d, "note", None)
     if not d.edges or not sections:
-        return out + ["  (no edges found)"]
+        return out + ["  (no edges found)"] + ([f"  note: {note}"] if note else [])
     mode = f", {d.mode} query" if d.mode and d.mode != "embedding" else ""
     out.append(f"  signal: {d.signal} ({len(d.edges)} edges, max gate {d.max_gate:.1f}{mode})")
+    if note:
+        out.append(f"  note: {note}")
     for sec in sections:
         out.append(f"  {_SECTION_TITLES.get(sec.band, sec.band.capitalize())} ({_layers_span(sec.lo, sec.hi)}):")
         if verbosity is ast.Verbosity.BRIEF:
             t = Table(["", "", "", ""], align="llrl", indent=4, header=False)
             for e in sec.edges:
-                t.rows.append([e.relation or "", f"→ {e.target}", f"{e.gate:.1f}", f"L{e.layer}"])
+                t.rows.append([e.relation or "", f"→ {e.target}", f"{e.gate:.1f}", _edge_where(e)])
         else:
             cols = ["", "", "", "", "", ""] if verbosity is ast.Verbosity.VERBOSE else ["", "", "", "", ""]
             t = Table(cols, align=("l" if verbosity is ast.Verbosity.VERBOSE else "") + "lrlrl", indent=4,
@@ -603,8 +615,9 @@ _OVERRIDE_NOTE = ("  note: the KNN override is a post-logits sidecar ({entity} �
 
 def _fired_line(f, ndown: int = 3) -> str:
     label = f"[{f.relation}] " if f.relation else ""
+    contrib = getattr(f, "contribution", None)
     return (f"  L{f.layer}: {label}F{f.feature} gate={_gate(f.gate)} → {f.top_token} "
-            f"{_list(f.top_tokens, ndown)}")
+            f"{_list(f.top_tokens, ndown)}" + (f" logit+={contrib:.2f}" if contrib is not None else ""))
 
 
 def _infer_blocks(stmt, r) -> list:

@@ -85,12 +85,19 @@ def describe_json(result, limit: int | None, verbose: bool, bands: bool = False,
             row.update(layer_min=e["layer_min"], layer_max=e["layer_max"], count=e["count"])
         if bands:
             row["band"] = e["band"]
+        for k in ("confidence", "confident", "patch"):  # calibrated claims, overlay facts
+            if e.get(k) is not None:
+                row[k] = _r(e[k], 4) if k == "confidence" else e[k]
         edges.append(row)
-    return {"entity": result.entity, "model": result.model, "edges": edges,
+    body = {"entity": result.entity, "model": result.model, "edges": edges,
             "mode": result.mode, "unit": result.unit, "threshold": result.threshold, "found": result.found,
             "max_gate": _r(result.max_gate, 4), "signal": result.signal,
             "bands": {k: list(v) for k, v in result.bands.items()}, "total": len(result.edges),
             "latency_ms": _r(result.latency_ms, 1)}
+    for k in ("known", "note", "suggestion"):
+        if getattr(result, k, None) is not None:
+            body[k] = getattr(result, k)
+    return body
 
 
 def _mode_for(st, mode: str | None) -> str:

@@ -1,0 +1,292 @@
+"""Per-model calibration of DESCRIBE's relation claims: which probe template, and when to believe it.
+
+Why: a probe template's decoded answer is what the model *says*, for any string — on
+SmolLM2-135M-Instruct "The capital of asdfgh is" still decodes to a city, and on the embedded
+model a made-up name gets a capital with the same "signal" as France. So at labelling time, per
+model, three things are measured and stored in `probe_meta.json` ("calibration"):
+
+* **the template of each relation**: every candidate (the probe set's templates, each also as a
+  two-shot prompt whose examples are the first two subjects of the triples, "The capital of A is
+  a. The capital of B is b. The capital of {X} is") is run over up to `MAX_SUBJECTS` subjects;
+  its accuracy is the fraction whose first decoded token starts one of the object's forms. The
+  most accurate one is the relation's probe (ties → the shorter prompt). Relations no candidate
+  answers (accuracy < `MIN_ACCURACY`) are not probed at DESCRIBE time: their claims would be noise.
+* **entity familiarity**: the mean log-probability the model gives to the entity's own tokens
+  after its first one (in the context "about {X}"; a single-token name is a vocabulary word: 0). Made-up names and typos ("asdfgh", "Frnace") are spelled out of pieces the model does not
+  expect to follow each other; known names are not.
+* **answer probability**: the probability of the decoded first token of the relation's template.
+
+Negatives are `made_up_names()` (deterministic pseudo-names, seeded: a syllable generator and
+keyboard runs), positives the subjects whose answer was right. The thresholds are chosen by that
+measurement: for every candidate familiarity floor, each relation's probability floor is set just
+above the largest probability any familiar-enough negative reached; the pair with the best mean
+recall of the positives wins; then a relation may take a stricter familiarity floor of its own
+when that raises its recall (a made-up name the model answers confidently for one relation only).
+A claim is *confident* when its entity is familiar enough and its probability clears its
+relation's floor; DESCRIBE shows the others marked low-confidence and says
+in one line when the entity looks unknown.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from dataclasses import dataclass, field
+from typing import Any, Mapping, Sequence
+
+import torch
+
+from ..vindex.clusters import forms
+
+#: Subjects per relation measured when choosing templates and thresholds.
+MAX_SUBJECTS = 32
+#: Made-up names used as negatives.
+N_NEGATIVES = 40
+#: A relation whose best template answers fewer than this fraction right is not probed.
+MIN_ACCURACY = 0.1
+#: Absolute margin added above the largest negative's probability.
+PROB_MARGIN = 0.02
+
+_ONSETS = ["b", "d", "f", "g", "k", "l", "m", "n", "p", "r", "s", "t", "v", "z", "br", "dr", "gr", "kr", "tr",
+           "st", "th", "vl", "zh", "qu", "x"]
+_VOWELS = ["a", "e", "i", "o", "u", "ae", "ou", "y"]
+_CODAS = ["", "", "n", "r", "l", "s", "th", "m", "x"]
+_ENDINGS = ["ia", "ania", "istan", "land", "ora", "avia", "eth", "ar", "und", "oria"]
+_ROWS = ["qwertyuiop", "asdfghjkl", "zxcvbnm"]
+
+
+def made_up_names(n: int = N_NEGATIVES, seed: int = 1234) -> list[str]:
+    """`n` deterministic made-up names: 3/4 pronounceable pseudo-countries, 1/4 keyboard runs."""
+    rng = random.Random(seed)
+    out: list[str] = []
+    seen = set()
+    while len(out) < n:
+        if len(out) % 4 == 3:
+            row = rng.choice(_ROWS)
+            i = rng.randrange(0, len(row) - 5)
+            name = row[i:i + rng.randint(5, 6)]
+        else:
+            syl = "".join(rng.choice(_ONSETS) + rng.choice(_VOWELS) + rng.choice(_CODAS)
+                          for _ in range(rng.randint(1, 2)))
+            name = (syl + rng.choice(_ENDINGS)).capitalize()
+        if name.lower() not in seen:
+            seen.add(name.lower())
+            out.append(name)
+    return out
+
+
+def _encode(tok, text: str) -> list[int]:
+    return tok.encode(text, add_special_tokens=True)
+
+
+def _padded(model, prompts: Sequence[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+    """One forward of prompts of any lengths, padded at the end by repeating their last token
+    (causal attention keeps the padding out of the real positions): the final residual [B, T, H]
+    and each prompt's last index."""
+    lens = torch.tensor([len(p) for p in prompts])
+    width = int(lens.max())
+    ids = torch.tensor([list(p) + [p[-1]] * (width - len(p)) for p in prompts])
+    return model.forward(ids, logits="none"), lens - 1
+
+
+def _forward_last(model, prompts: Sequence[list[int]], batch: int = 64) -> list[torch.Tensor]:
+    """Last-position logits of each prompt."""
+    out: list[torch.Tensor] = []
+    for b in range(0, len(prompts), batch):
+        h, last = _padded(model, prompts[b:b + batch])
+        out += list(model.unembed(h[torch.arange(len(last)), last]).float())
+    return out
+
+
+#: The context a name's familiarity is read in (mid-sentence: the tokenizer's leading-space form).
+FAMILIARITY_CONTEXT = "about {X}"
+
+
+def _prefix_len(tok) -> int:
+    return len(_encode(tok, FAMILIARITY_CONTEXT.split("{X}")[0].rstrip()))
+
+
+def familiarity_from(tok, logprobs: Sequence[float]) -> float:
+    """`familiarity` from the log-probabilities of the context's tokens after the first (what
+    `queries.residual_query(..., token_logprobs=...)` keeps): the entity's tokens after its first."""
+    got = list(logprobs)[_prefix_len(tok):]
+    return sum(got) / len(got) if got else 0.0
+
+
+def familiarity(model, tok, names: Sequence[str], batch: int = 64) -> list[float]:
+    """Mean log-probability of each name's tokens after its first, in `FAMILIARITY_CONTEXT`;
+    0.0 for a name of one token (a vocabulary word)."""
+    enc = [_encode(tok, FAMILIARITY_CONTEXT.replace("{X}", n)) for n in names]
+    pre = _prefix_len(tok)
+    plain = [ids[pre:] for ids in enc]
+    out = [0.0] * len(names)
+    for b in range(0, len(enc), batch):
+        chunk = list(range(b, min(b + batch, len(enc))))
+        h, _last = _padded(model, [enc[i] for i in chunk])
+        for r, i in enumerate(chunk):
+            L, n = len(enc[i]), len(plain[i])
+            if n <= 1:
+                continue
+            lp = torch.log_softmax(model.unembed(h[r, pre:L - 1]).double(), dim=-1)  # predicts tokens pre+1..L-1
+            got = lp[torch.arange(L - 1 - pre), torch.tensor(enc[i][pre + 1:L])]
+            out[i] = float(got.mean())
+    return out
+
+
+def two_shot(template: str, examples: Sequence[tuple[str, str]]) -> str:
+    """`template` preceded by two worked examples: "T(A) a. T(B) b. T({X})"."""
+    parts = [template.replace("{X}", s).rstrip() + " " + o.strip() + "." for s, o in examples[:2]]
+    return " ".join(parts + [template])
+
+
+def first_token_right(tok, token_id: int, targets: Sequence[str]) -> bool:
+    """The decoded first token (≥ 2 chars) starts one of the targets' forms."""
+    s = tok.decode([int(token_id)], skip_special_tokens=True).strip().lower()
+    if len(s) < 2:
+        return False
+    return any(f.startswith(s) for t in targets for f in forms(t))
+
+
+@dataclass
+class Calibration:
+    """What `probe_meta.json["calibration"]` stores (see the module docstring)."""
+
+    templates: dict[str, str] = field(default_factory=dict)  # relation → chosen template
+    accuracy: dict[str, dict[str, float]] = field(default_factory=dict)  # relation → template → accuracy
+    min_prob: dict[str, float] = field(default_factory=dict)
+    min_familiarity: float = -math.inf
+    min_familiarity_rel: dict[str, float] = field(default_factory=dict)  # stricter floors per relation
+    recall: dict[str, float] = field(default_factory=dict)  # positives passing, per relation
+    negatives_passing: int = 0
+    negatives: int = 0
+    subjects: list[str] = field(default_factory=list)  # the labelling subjects (near-miss suggestions)
+    #: relation → (subject, objects) the chosen template answers right (not stored; the label check)
+    right: dict[str, list[tuple[str, list[str]]]] = field(default_factory=dict, repr=False)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"templates": self.templates, "accuracy": self.accuracy,
+                "min_prob": {r: round(v, 4) for r, v in self.min_prob.items()},
+                "min_familiarity": None if self.min_familiarity == -math.inf else round(self.min_familiarity, 4),
+                "min_familiarity_by_relation": {r: round(v, 4) for r, v in self.min_familiarity_rel.items()},
+                "recall": {r: round(v, 4) for r, v in self.recall.items()},
+                "negatives": self.negatives, "negatives_passing": self.negatives_passing,
+                "subjects": self.subjects}
+
+    @classmethod
+    def from_json(cls, d: Mapping[str, Any] | None) -> Calibration | None:
+        if not isinstance(d, Mapping) or not isinstance(d.get("templates"), Mapping):
+            return None
+        mf = d.get("min_familiarity")
+        return cls(templates={str(k): str(v) for k, v in d["templates"].items()},
+                   accuracy={str(k): dict(v) for k, v in (d.get("accuracy") or {}).items()},
+                   min_prob={str(k): float(v) for k, v in (d.get("min_prob") or {}).items()},
+                   min_familiarity=-math.inf if mf is None else float(mf),
+                   min_familiarity_rel={str(k): float(v)
+                                        for k, v in (d.get("min_familiarity_by_relation") or {}).items()},
+                   recall={str(k): float(v) for k, v in (d.get("recall") or {}).items()},
+                   negatives=int(d.get("negatives") or 0), negatives_passing=int(d.get("negatives_passing") or 0),
+                   subjects=[str(s) for s in d.get("subjects") or []])
+
+    def confident(self, relation: str, prob: float, fam: float) -> bool:
+        floor = self.min_prob.get(relation)
+        fam_floor = max(self.min_familiarity, self.min_familiarity_rel.get(relation, -math.inf))
+        return floor is not None and fam >= fam_floor and prob >= floor
+
+    def familiar(self, fam: float) -> bool:
+        return fam >= self.min_familiarity
+
+
+def calibrate(model, tok, triples: Mapping[str, Any], templates: Mapping[str, Sequence[str]], *,
+              max_subjects: int = MAX_SUBJECTS, negatives: Sequence[str] | None = None,
+              progress=None) -> Calibration:
+    """Choose each relation's template and the confidence floors on `model` (module docstring)."""
+    negs = list(negatives) if negatives is not None else made_up_names()
+    cal = Calibration(negatives=len(negs))
+    per_rel: dict[str, tuple[list[str], list[list[str]]]] = {}
+    subjects_all: dict[str, None] = {}
+    for rel, body in triples.items():
+        objs: dict[str, list[str]] = {}
+        for s, o in body["pairs"]:
+            objs.setdefault(s, []).append(o)
+        for s in objs:
+            subjects_all.setdefault(s, None)
+        subs = sorted(objs)
+        if len(subs) > max_subjects:
+            subs = sorted(random.Random(0).sample(subs, max_subjects))
+        per_rel[rel] = (subs, [objs[s] for s in subs])
+    cal.subjects = list(subjects_all)
+    pos_probs: dict[str, list[tuple[str, float]]] = {}
+    neg_probs: dict[str, list[float]] = {}
+    for n, (rel, (subs, objs)) in enumerate(per_rel.items()):
+        if progress is not None:
+            progress(n, len(per_rel), rel)
+        pairs = triples[rel]["pairs"]
+        examples = []
+        for s, o in pairs:
+            if s not in subs and all(s != e for e, _ in examples):
+                examples.append((s, o))
+            if len(examples) == 2:
+                break
+        cands: list[str] = []
+        for t in templates.get(rel, []):
+            cands.append(t)
+            if len(examples) == 2:
+                cands.append(two_shot(t, examples))
+        best = None
+        accs = {}
+        for t in cands:
+            lg = _forward_last(model, [_encode(tok, t.replace("{X}", s)) for s in subs])
+            right = [first_token_right(tok, int(l.argmax()), o) for l, o in zip(lg, objs)]
+            acc = sum(right) / max(1, len(right))
+            accs[t] = round(acc, 4)
+            probs = [float(torch.softmax(l.double(), -1).max()) for l in lg]
+            key = (acc, -len(t))
+            if best is None or key > best[0]:
+                best = (key, t, [(s, p) for s, p, ok in zip(subs, probs, right) if ok],
+                        [(s, o) for s, o, ok in zip(subs, objs, right) if ok])
+        cal.accuracy[rel] = accs
+        if best is None or best[0][0] < MIN_ACCURACY:
+            continue
+        cal.templates[rel] = best[1]
+        pos_probs[rel] = best[2]
+        cal.right[rel] = best[3]
+        lg = _forward_last(model, [_encode(tok, best[1].replace("{X}", s)) for s in negs])
+        neg_probs[rel] = [float(torch.softmax(l.double(), -1).max()) for l in lg]
+    if progress is not None:
+        progress(len(per_rel), len(per_rel), "familiarity")
+    pos_names = sorted({s for v in pos_probs.values() for s, _p in v})
+    fam = dict(zip(pos_names, familiarity(model, tok, pos_names)))
+    neg_fam = familiarity(model, tok, negs)
+    choices = sorted(set([-math.inf] + neg_fam))
+    best_choice = None
+    for tf in choices:
+        floors, recalls = {}, {}
+        for rel, pos in pos_probs.items():
+            over = [p for p, f in zip(neg_probs[rel], neg_fam) if f >= tf]
+            floor = (max(over) + PROB_MARGIN) if over else 0.0
+            floors[rel] = floor
+            recalls[rel] = sum(1 for s, p in pos if fam[s] >= tf and p >= floor) / max(1, len(pos))
+        score = sum(recalls.values()) / max(1, len(recalls))
+        if best_choice is None or score > best_choice[0]:
+            best_choice = (score, tf, floors, recalls)
+    if best_choice is not None:
+        _s, tf, floors, recalls = best_choice
+        cal.min_familiarity = tf
+        cal.min_prob, cal.recall = floors, recalls
+        # each relation may ask for a stricter familiarity floor when that lets its probability
+        # floor drop (a made-up name the model answers confidently for one relation only)
+        for rel, pos in pos_probs.items():
+            for tf_r in choices:
+                if tf_r <= tf:
+                    continue
+                over = [p for p, f in zip(neg_probs[rel], neg_fam) if f >= tf_r]
+                floor = (max(over) + PROB_MARGIN) if over else 0.0
+                rec = sum(1 for s, p in pos if fam[s] >= tf_r and p >= floor) / max(1, len(pos))
+                if rec > cal.recall[rel]:
+                    cal.min_prob[rel], cal.recall[rel], cal.min_familiarity_rel[rel] = floor, rec, tf_r
+        cal.negatives_passing = sum(1 for rel in pos_probs for p, f in zip(neg_probs[rel], neg_fam)
+                                    if cal.confident(rel, p, f))
+    return cal
+
+
+__all__ = ["Calibration", "calibrate", "made_up_names", "familiarity", "two_shot", "first_token_right"]

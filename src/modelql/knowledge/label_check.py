@@ -1,0 +1,125 @@
+"""Causal check of relation labels: does ablating a feature labelled R hurt R's right answers?
+
+A probe label says a feature *fires* on R's prompts and *promotes* R's objects; neither says the
+model uses it to answer R. The check: for each labelled feature (L, f, R), run R's calibrated
+template on subjects the model answers right, once with feature f of layer L zeroed (its
+activation after the nonlinearity, at every position) and once with a random feature of the same
+layer zeroed; the label passes when zeroing f lowers the mean probability of the right first
+tokens more than zeroing the random one. All ablated runs go through the model in padded batches
+(each row zeroes its own feature), so checking a few hundred labels costs a handful of forward
+passes.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass, field
+from typing import Mapping, Sequence
+
+import torch
+
+#: Subjects per relation the check runs on (answered right by the model).
+CHECK_SUBJECTS = 6
+
+
+@dataclass
+class CheckResult:
+    passed: dict[tuple[int, int], bool] = field(default_factory=dict)
+    drop: dict[tuple[int, int], float] = field(default_factory=dict)  # feature's drop − random's drop
+    unchecked: list[tuple[int, int]] = field(default_factory=list)  # relation without right answers
+
+    @property
+    def checked(self) -> int:
+        return len(self.passed)
+
+    @property
+    def pass_rate(self) -> float | None:
+        return sum(self.passed.values()) / len(self.passed) if self.passed else None
+
+
+def _first_ids(tok, target: str) -> set[int]:
+    out = set()
+    for t in (" " + target.strip(), target.strip()):
+        ids = tok.encode(t, add_special_tokens=False)
+        if ids:
+            out.add(int(ids[0]))
+    return out
+
+
+def check_labels(model, tok, labels: Mapping[tuple[int, int], str], templates: Mapping[str, str],
+                 subjects: Mapping[str, Sequence[tuple[str, Sequence[str]]]], *, seed: int = 0,
+                 n_subjects: int = CHECK_SUBJECTS, batch: int = 96) -> CheckResult:
+    """Check `labels` {(layer, feature): relation}; `subjects[R]` are (subject, objects) pairs the
+    model answers right with `templates[R]` (the first `n_subjects` are used)."""
+    rng = random.Random(seed)
+    res = CheckResult()
+    n_feat = {}
+    rows: list[tuple[list[int], set[int], int, int, tuple, str]] = []  # ids, right, layer, feat, key, kind
+    base_rows: dict[tuple[str, str], int] = {}
+    uses: dict[tuple[int, int], list[int]] = {}  # label → its prompts' base rows
+    for key, rel in sorted(labels.items()):
+        L, f = key
+        pairs = list(subjects.get(rel, ()))[:n_subjects]
+        if rel not in templates or not pairs:
+            res.unchecked.append(key)
+            continue
+        if L not in n_feat:
+            w = model.weights.get(f"layers.{L}.down.weight")
+            n_feat[L] = int(w.shape[1]) if w is not None else 0
+        if not n_feat[L]:
+            res.unchecked.append(key)
+            continue
+        rnd = rng.randrange(n_feat[L] - 1)
+        rnd = rnd + 1 if rnd >= f else rnd
+        for s, objs in pairs:
+            ids = tok.encode(templates[rel].replace("{X}", s), add_special_tokens=True)
+            right = set().union(*[_first_ids(tok, o) for o in objs])
+            rows.append((ids, right, L, f, key, "feature"))
+            rows.append((ids, right, L, rnd, key, "random"))
+            if (rel, s) not in base_rows:  # the unablated run, once per prompt
+                base_rows[(rel, s)] = len(rows)
+                rows.append((ids, right, -1, -1, (rel, s), "base"))
+            uses.setdefault(key, []).append(base_rows[(rel, s)])
+    probs: list[float] = [0.0] * len(rows)
+    order = sorted(range(len(rows)), key=lambda i: len(rows[i][0]))
+    for b in range(0, len(order), batch):
+        chunk = order[b:b + batch]
+        per_layer: dict[int, list[tuple[int, int]]] = {}
+        for row, i in enumerate(chunk):
+            if rows[i][2] >= 0:
+                per_layer.setdefault(rows[i][2], []).append((row, rows[i][3]))
+
+        def make(pairs):
+            r_idx = torch.tensor([p[0] for p in pairs])
+            f_idx = torch.tensor([p[1] for p in pairs])
+
+            def fn(t: torch.Tensor, n: str) -> torch.Tensor:
+                t = t.clone()
+                t[r_idx, :, f_idx] = 0
+                return t
+
+            return fn
+
+        hooks = {f"blocks.{L}.mlp.hook_post": make(p) for L, p in per_layer.items()}
+        lens = [len(rows[i][0]) for i in chunk]
+        width = max(lens)
+        ids = torch.tensor([rows[i][0] + [rows[i][0][-1]] * (width - n) for i, n in zip(chunk, lens)])
+        h = model.forward(ids, hooks=hooks, logits="none")  # padded at the end: causal, so harmless
+        lg = model.unembed(h[torch.arange(len(chunk)), torch.tensor(lens) - 1])
+        p = torch.softmax(lg.double(), dim=-1)
+        for row, i in enumerate(chunk):
+            probs[i] = float(sum(p[row, t] for t in rows[i][1]))
+    acc: dict[tuple[int, int], dict[str, list[float]]] = {}
+    for (ids, _r, _L, _f, key, kind), pr in zip(rows, probs):
+        if kind != "base":
+            acc.setdefault(key, {}).setdefault(kind, []).append(pr)
+    for key, d in acc.items():
+        base = sum(probs[i] for i in uses[key]) / len(uses[key])
+        drop_f = base - sum(d["feature"]) / len(d["feature"])
+        drop_r = base - sum(d["random"]) / len(d["random"])
+        res.drop[key] = drop_f - drop_r
+        res.passed[key] = drop_f > drop_r
+    return res
+
+
+__all__ = ["CheckResult", "check_labels", "CHECK_SUBJECTS"]
