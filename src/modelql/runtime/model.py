@@ -408,8 +408,11 @@ class Model:
 
     def unembed(self, h: torch.Tensor, hooks: Hooks | None = None) -> torch.Tensor:
         """Final norm → logits (float32), with the family's scaling and soft-cap."""
-        x = run_hook(hooks, "ln_final.hook_normalized", self.norm(h, "final_norm"))
-        logits = linear(x, self.lm_head).float()
+        if self.quant is not None and not hooks:
+            logits = self.quant.unembed(h)
+        else:
+            x = run_hook(hooks, "ln_final.hook_normalized", self.norm(h, "final_norm"))
+            logits = linear(x, self.lm_head).float()
         if self.spec.logits_scale != 1.0:
             logits = logits / self.spec.logits_scale
         if self.spec.final_softcap is not None:

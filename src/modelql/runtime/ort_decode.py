@@ -227,3 +227,36 @@ class OrtDecoder:
         self.session.run_with_iobinding(io)
         outs = io.get_outputs()  # in binding order: logits, hidden, then the caches (not copied)
         return torch.from_numpy(outs[0].numpy()), torch.from_numpy(outs[1].numpy())
+
+
+class OrtUnembed:
+    """Final norm → lm_head on given residuals (`Model.unembed` of a quantized model: batched prefill,
+    logit lens); a second small session, built on first use."""
+
+    def __init__(self, spec: ModelSpec, head: Packed, norm: torch.Tensor, threads: int):
+        import onnxruntime as ort
+        from onnx import TensorProto
+
+        b = _Builder()
+        h = b.helper
+        x = b.node("SimplifiedLayerNormalization", ["h", b.init("final_norm", norm.float().numpy())],
+                   axis=-1, epsilon=float(spec.norm_eps), stash_type=1)[0]
+        b.node("Identity", [b.matmul(x, head, "lm_head")], ["logits"])
+        graph = h.make_graph(b.nodes, "unembed", [h.make_tensor_value_info("h", TensorProto.FLOAT, ["N", spec.hidden_size])],
+                             [h.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", spec.vocab_size])], b.inits)
+        model = h.make_model(graph, opset_imports=[h.make_opsetid("", 17), h.make_opsetid("com.microsoft", 1)])
+        model.ir_version = 8
+        opts = ort.SessionOptions()
+        opts.intra_op_num_threads = max(1, threads)
+        opts.log_severity_level = 3
+        names = list(b.external)
+        values = [ort.OrtValue.ortvalue_from_numpy(b.external[n]) for n in names]
+        opts.add_external_initializers(names, values)
+        self.session = ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+        self._keep = values  # small: kept whole
+
+    def __call__(self, h: torch.Tensor) -> torch.Tensor:
+        lead = h.shape[:-1]
+        x = h.reshape(-1, h.shape[-1]).float().contiguous().numpy()
+        out = self.session.run(["logits"], {"h": x})[0]
+        return torch.from_numpy(out).reshape(*lead, -1)

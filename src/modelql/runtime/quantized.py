@@ -29,6 +29,14 @@ class QuantState:
     embed_rows: Callable[[torch.Tensor], torch.Tensor]
     source: WeightSource
     mode: str  # "gguf" (the file's own blocks), "int8" or "int4"
+    make_unembed: Callable[[], Callable[[torch.Tensor], torch.Tensor]] | None = None
+    _unembed: Callable[[torch.Tensor], torch.Tensor] | None = None
+
+    def unembed(self, h: torch.Tensor) -> torch.Tensor:
+        """Final norm → lm_head (float32 logits) of residuals h [..., H], on the low-bit head."""
+        if self._unembed is None:
+            self._unembed = self.make_unembed()
+        return self._unembed(h)
 
     @property
     def info(self) -> list[WeightInfo]:
@@ -111,16 +119,18 @@ def load_quantized(source: WeightSource, spec: ModelSpec, mode: str, threads: in
                 vec(p + n + ".bias")
             small[p + "qkv.bias"] = torch.cat([small.pop(p + n + ".bias") for n in "qkv"])
     vec("final_norm.weight")
-    head = "lm_head.weight" if not spec.tie_embeddings and "lm_head.weight" in spec.global_map else "embed.weight"
-    try:
-        packed["lm_head.weight"] = _matrix(source, spec, head, prefix, mode)
-    except Exception:
-        if head == "embed.weight":
-            raise
-        packed["lm_head.weight"] = _matrix(source, spec, "embed.weight", prefix, mode)
+    head_name = "lm_head.weight" if not spec.tie_embeddings and "lm_head.weight" in spec.global_map else "embed.weight"
+    packed["lm_head.weight"] = _matrix(source, spec, head_name, prefix, mode)
     decoder = OrtDecoder(spec, packed, small, threads or torch.get_num_threads())
     del packed
-    state = QuantState(decoder, _embedding_reader(source, spec, prefix, mode), source, mode)
+    threads = threads or torch.get_num_threads()
+
+    def make_unembed():
+        from .ort_decode import OrtUnembed
+
+        return OrtUnembed(spec, _matrix(source, spec, head_name, prefix, mode), small["final_norm.weight"], threads)
+
+    state = QuantState(decoder, _embedding_reader(source, spec, prefix, mode), source, mode, make_unembed)
     release = getattr(source, "release_pages", None)
     if release is not None:
         release()  # the packing read every page of the file: let the kernel page them out again
