@@ -183,8 +183,16 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--prompts", type=int, default=20)
     ap.add_argument("--agree-tokens", type=int, default=32)
     ap.add_argument("--float-too", action="store_true", help="with --gguf: also time modelql's float32 path")
+    ap.add_argument("--memory-1b", action="store_true",
+                    help="peak RSS loading a random ~1B Llama written as a Q4_K_M-like GGUF, vs its file size")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
+    if args.memory_1b:
+        sys.path.insert(0, str(Path(__file__).parent))
+        import decode_gguf
+
+        decode_gguf.memory_1b(args)
+        return
     if args.gguf:
         sys.path.insert(0, str(Path(__file__).parent))
         import decode_gguf

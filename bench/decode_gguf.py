@@ -323,3 +323,105 @@ def main(args) -> None:
 
 if __name__ == "__main__" and len(sys.argv) > 1 and sys.argv[1] == "--worker":
     worker_main(sys.argv[2:])
+
+
+# ---------------------------------------------------------------------------------------------
+# load memory of a ~1B random-weight Llama stored Q4_K_M-like (Q4_K matrices, Q6_K output and half the
+# ffn_down, as llama.cpp's Q4_K_M mix does); blocks are random codes with sane float16 scales
+# ---------------------------------------------------------------------------------------------
+
+_SCALE_BYTES = {"Q4_K": (0, 4), "Q6_K": (-2, 2)}  # where the block's float16 scale(s) sit
+
+
+def _random_blocks(qtype: str, rows: int, cols: int, rng):
+    import numpy as np
+    from gguf import GGML_QUANT_SIZES, GGMLQuantizationType as Q
+
+    block, size = GGML_QUANT_SIZES[Q[qtype]]
+    raw = rng.integers(0, 256, size=(rows, cols // block, size), dtype=np.uint8)
+    start, count = _SCALE_BYTES[qtype]
+    scales = (rng.random((rows, cols // block, count // 2)) * 0.002 + 0.0005).astype(np.float16).view(np.uint8)
+    if start < 0:
+        raw[..., start:] = scales.reshape(rows, cols // block, -1)
+    else:
+        raw[..., start:start + count] = scales.reshape(rows, cols // block, -1)
+    return raw.reshape(rows, -1)
+
+
+def write_random_q4_k_m(path: Path, hidden=2048, layers=16, inter=5632, heads=32, kv=8, vocab=32000) -> int:
+    import gguf
+    import numpy as np
+    from gguf import GGMLQuantizationType as Q
+
+    rng = np.random.default_rng(0)
+    w = gguf.GGUFWriter(path=str(path), arch="llama")
+    w.add_block_count(layers)
+    w.add_embedding_length(hidden)
+    w.add_feed_forward_length(inter)
+    w.add_head_count(heads)
+    w.add_head_count_kv(kv)
+    w.add_context_length(2048)
+    w.add_layer_norm_rms_eps(1e-5)
+    w.add_rope_freq_base(10000.0)
+    hd = hidden // heads
+    params = 0
+
+    def add(name, qtype, rows, cols):
+        nonlocal params
+        w.add_tensor(name, _random_blocks(qtype, rows, cols, rng), raw_dtype=Q[qtype])
+        params += rows * cols
+
+    add("token_embd.weight", "Q4_K", vocab, hidden)
+    add("output.weight", "Q6_K", vocab, hidden)
+    w.add_tensor("output_norm.weight", np.ones(hidden, np.float32))
+    for i in range(layers):
+        p = f"blk.{i}."
+        add(p + "attn_q.weight", "Q4_K", heads * hd, hidden)
+        add(p + "attn_k.weight", "Q4_K", kv * hd, hidden)
+        add(p + "attn_v.weight", "Q6_K" if i % 2 == 0 else "Q4_K", kv * hd, hidden)
+        add(p + "attn_output.weight", "Q4_K", hidden, heads * hd)
+        add(p + "ffn_gate.weight", "Q4_K", inter, hidden)
+        add(p + "ffn_up.weight", "Q4_K", inter, hidden)
+        add(p + "ffn_down.weight", "Q6_K" if i % 2 == 0 else "Q4_K", hidden, inter)
+        w.add_tensor(p + "attn_norm.weight", np.ones(hidden, np.float32))
+        w.add_tensor(p + "ffn_norm.weight", np.ones(hidden, np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return params
+
+
+def memory_1b_worker(path: str) -> None:
+    import torch
+
+    from modelql.runtime import load_model
+
+    torch.set_num_threads(2)
+    t = time.perf_counter()
+    model = load_model(path)
+    load_s = time.perf_counter() - t
+    rss_after = int(open("/proc/self/status").read().split("VmRSS:")[1].split()[0]) / 1024
+    logits = model.forward(list(range(1, 9)), logits="last")
+    print("RESULT " + json.dumps({"load_s": load_s, "peak_rss_mb": peak_rss_mb(), "rss_after_load_mb": rss_after,
+                                  "quantized": model.quantized, "finite": bool(torch.isfinite(logits).all())}))
+
+
+def memory_1b(args) -> None:
+    with tempfile.TemporaryDirectory(prefix="modelql-1b-") as tmp:
+        path = Path(tmp) / "random-1b-Q4_K_M.gguf"
+        n = write_random_q4_k_m(path)
+        size = path.stat().st_size
+        proc = subprocess.run([sys.executable, __file__, "--memory-worker", str(path)], capture_output=True, text=True)
+        line = next((x for x in proc.stdout.splitlines() if x.startswith("RESULT ")), None)
+        if line is None:
+            raise RuntimeError(proc.stderr[-2000:])
+        r = json.loads(line[7:])
+        print(f"random Llama {n / 1e9:.2f}B params, Q4_K_M-like GGUF {size / 1e6:.0f} MB: load {r['load_s']:.1f}s, "
+              f"peak RSS {r['peak_rss_mb']:.0f} MB ({r['peak_rss_mb'] * 2**20 / size:.2f}× the file), "
+              f"RSS after load {r['rss_after_load_mb']:.0f} MB ({r['rss_after_load_mb'] * 2**20 / size:.2f}×), "
+              f"low-bit {r['quantized']}, finite logits {r['finite']}")
+
+
+if __name__ == "__main__" and len(sys.argv) > 1 and sys.argv[1] == "--memory-worker":
+    memory_1b_worker(sys.argv[2])

@@ -204,3 +204,13 @@ def test_batched_prefill_uses_the_low_bit_head(pair):
     alone = [generate(quant, p, temperature=0, max_tokens=6, ignore_eos=True).token_ids for p in prompts]
     assert [c.token_ids for c in batch] == alone
     assert quant.quantized
+
+
+def test_mixed_widths_fuse_exactly():
+    from modelql.models.quant import concat
+
+    a = pack_gguf(random_blocks("Q4_K", 8, 256), "Q4_K", (8, 256))
+    b = pack_gguf(random_blocks("Q6_K", 4, 256, seed=2), "Q6_K", (4, 256))
+    fused = concat([a, b])
+    assert fused.bits == 8
+    np.testing.assert_array_equal(fused.dequantize(), np.concatenate([a.dequantize(), b.dequantize()]))

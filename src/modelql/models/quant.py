@@ -85,10 +85,21 @@ class Packed:
                       None if self.offsets is None else np.ascontiguousarray(self.offsets[order]), self.error)
 
 
+def widen(p: Packed) -> Packed:
+    """A 4-bit matrix as 8-bit codes (the same values: exact), to fuse it with 8-bit ones."""
+    if p.bits == 8:
+        return p
+    return Packed(8, p.n, p.k, np.ascontiguousarray(p.codes()), p.scales,
+                  np.ascontiguousarray(p.zero_points()).reshape(-1), p.source_type, p.offsets, p.error)
+
+
 def concat(parts: list[Packed]) -> Packed:
-    """Row-wise concatenation (fused q/k/v or gate/up); all parts must share bits and K."""
-    if len({(p.bits, p.k) for p in parts}) != 1:
-        raise ValueError("cannot fuse matrices of different bit widths or widths")
+    """Row-wise concatenation (fused q/k/v or gate/up); mixed widths (Q4_K_M's Q6_K v next to Q4_K q, k)
+    are fused as 8-bit."""
+    if len({p.k for p in parts}) != 1:
+        raise ValueError("cannot fuse matrices of different widths")
+    if len({p.bits for p in parts}) != 1:
+        parts = [widen(p) for p in parts]
     p0 = parts[0]
     offsets = None
     if any(p.offsets is not None for p in parts):
