@@ -2,6 +2,7 @@
 
     python bench/decode.py                 # ~100M and ~500M Llama, float32 and bfloat16
     python bench/decode.py --sizes 100M --dtypes float32 --repeats 5
+    python bench/decode.py --gguf FILE --vs-llama-cpp   # a GGUF file vs llama.cpp (bench/decode_gguf.py)
 
 Builds random-weight LlamaForCausalLM models with transformers in a temp dir (save_pretrained),
 loads them with modelql, and times, interleaved in the same run with the same thread count:
@@ -172,8 +173,32 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--prompt", type=int, default=128, help="prompt tokens for prefill")
     ap.add_argument("--tokens", type=int, default=64, help="decode tokens")
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--gguf", help="benchmark this GGUF file (and Q8_0 / Q4_K_M versions of it) instead")
+    ap.add_argument("--vs-llama-cpp", action="store_true",
+                    help="with --gguf: compare with llama.cpp (llama-cpp-python) when importable")
+    ap.add_argument("--variants", nargs="*", default=["q8_0", "q4_k_m"], choices=["q8_0", "q4_k_m"],
+                    help="with --gguf: derived files to make from its F16 export (none: the file only)")
+    ap.add_argument("--agreement", action="store_true",
+                    help="with --gguf: greedy agreement and logits vs transformers' dequantized reference")
+    ap.add_argument("--prompts", type=int, default=20)
+    ap.add_argument("--agree-tokens", type=int, default=32)
+    ap.add_argument("--float-too", action="store_true", help="with --gguf: also time modelql's float32 path")
+    ap.add_argument("--memory-1b", action="store_true",
+                    help="peak RSS loading a random ~1B Llama written as a Q4_K_M-like GGUF, vs its file size")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
+    if args.memory_1b:
+        sys.path.insert(0, str(Path(__file__).parent))
+        import decode_gguf
+
+        decode_gguf.memory_1b(args)
+        return
+    if args.gguf:
+        sys.path.insert(0, str(Path(__file__).parent))
+        import decode_gguf
+
+        decode_gguf.main(args)
+        return
     import transformers
 
     transformers.logging.set_verbosity_error()

@@ -106,6 +106,8 @@ ModelArg = Annotated[
                    show_default=False),
 ]
 DtypeOpt = Annotated[str, typer.Option("--dtype", help="compute dtype: float32 or bfloat16")]
+QuantizeOpt = Annotated[Optional[str], typer.Option(
+    "--quantize", help="weights: auto (a quantized GGUF stays low-bit), none (dequantize), int8 or int4")]
 MaxTokensOpt = Annotated[int, typer.Option("--max-tokens", "-n", min=1, help="maximum tokens to generate")]
 TemperatureOpt = Annotated[float, typer.Option("--temperature", "-t", min=0.0, help="0 = greedy")]
 TopKOpt = Annotated[int, typer.Option("--top-k", min=0, help="keep the k most likely tokens (0 = off)")]
@@ -129,7 +131,7 @@ def with_patches(model, patches: list[str] | None):
     return model
 
 
-def load(model: str | None, dtype: str = "float32"):
+def load(model: str | None, dtype: str = "float32", quantize: str | None = None):
     """Load a model reference (None: the embedded default model)."""
     from .errors import ModelNotFoundError
     from .runtime.loading import load_model
@@ -141,7 +143,7 @@ def load(model: str | None, dtype: str = "float32"):
             default_model_dir()
         except ImportError:
             raise ModelNotFoundError("no MODEL given and the embedded default model is not installed") from None
-    return load_model(model, dtype)
+    return load_model(model, dtype, quantize)
 
 
 def sampling_params(max_tokens, temperature, top_k, top_p, min_p, repetition_penalty, frequency_penalty,
@@ -185,6 +187,7 @@ def generate_cmd(
     stop: StopOpt = None,
     chat: Annotated[bool, typer.Option("--chat", help="wrap PROMPT as a user message in the chat template")] = False,
     dtype: DtypeOpt = "float32",
+    quantize: QuantizeOpt = None,
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="finish reason and speed on stderr")] = False,
     ffn: FfnOpt = None,
     wire: WireOpt = "f32",
@@ -209,7 +212,7 @@ def generate_cmd(
 
         model = load_remote_model(model_ref, ffn, wire, dtype, api_key=ffn_api_key)
     else:
-        model = load(model_ref, dtype)
+        model = load(model_ref, dtype, quantize)
     model = with_patches(model, patch)
     start = time.perf_counter()
     text, reason, n = stream_out(stream(model, [{"role": "user", "content": prompt}] if chat else prompt, params))
@@ -244,13 +247,14 @@ def chat_cmd(
     stop: StopOpt = None,
     dtype: DtypeOpt = "float32",
     patch: PatchOpt = None,
+    quantize: QuantizeOpt = None,
 ) -> None:
     from . import chat_repl
     from .errors import ModelFormatError
 
     params = sampling_params(max_tokens, temperature, top_k, top_p, min_p, repetition_penalty, frequency_penalty,
                              presence_penalty, seed, stop)
-    m = load(model, dtype)
+    m = load(model, dtype, quantize)
     if m.tokenizer is None:
         raise ModelFormatError("chat needs a tokenizer (tokenizer.json)")
     m = with_patches(m, patch)
@@ -259,7 +263,10 @@ def chat_cmd(
 
 
 def model_memory_bytes(model) -> int:
-    """Bytes of weight storage the model holds (fused tensors and their views counted once)."""
+    """Bytes of weight storage the model holds (fused tensors and their views counted once; a
+    quantized model: its packed matrices, without reading float weights)."""
+    if model.quantized:
+        return model.quant.decoder.nbytes
     seen: dict[int, int] = {}
     tensors = list(model.weights.values()) + list(getattr(model, "qkv_w", []))
     ffn = getattr(model, "dense_ffn", None)
@@ -281,6 +288,21 @@ def _human(n: float, unit: str = "") -> str:
     return f"{n}{unit}"
 
 
+def quant_storage(model) -> dict[str, Any]:
+    """A quantized model's matmul storage: source type → kernel layout, parameters, bytes, error."""
+    groups: dict[tuple[str, int], list] = {}
+    for w in model.quant.info:
+        groups.setdefault((w.source_type, w.bits), []).append(w)
+    rows = [{"source": src, "bits": bits, "matrices": len(ws), "parameters": sum(w.params for w in ws),
+             "bytes": sum(w.nbytes for w in ws), "error_max": max(w.error_max for w in ws),
+             "error_rms": max(w.error_rms for w in ws)} for (src, bits), ws in sorted(groups.items())]
+    parts = [f"{r['source']} → {r['bits']}-bit ({r['matrices']} matrices, {r['bytes'] / 2**20:.1f} MiB"
+             + (f", requantized: rms error {r['error_rms']:.2%}" if r["error_rms"] else ", exact") + ")"
+             for r in rows]
+    return {"mode": model.quant.mode, "kernel": "onnxruntime MatMulNBits", "types": rows,
+            "summary": f"{model.quant.mode}: " + "; ".join(parts)}
+
+
 def model_info(model) -> dict[str, Any]:
     import torch
 
@@ -288,6 +310,12 @@ def model_info(model) -> dict[str, Any]:
     memory = model_memory_bytes(model)
     element = torch.tensor([], dtype=model.dtype).element_size()
     tok = model.tokenizer
+    storage = None
+    if model.quantized:
+        storage = quant_storage(model)
+        params = spec.num_parameters()
+    else:
+        params = memory // element
     return {
         "path": str(model.path) if model.path else None,
         "family": spec.family,
@@ -301,9 +329,10 @@ def model_info(model) -> dict[str, Any]:
         "activation": spec.activation,
         "vocab_size": spec.vocab_size,
         "context": spec.max_position,
-        "parameters": memory // element,
-        "dtype": str(model.dtype).removeprefix("torch."),
-        "checkpoint_dtype": spec.torch_dtype,
+        "parameters": params,
+        "dtype": str(model.dtype).removeprefix("torch.") if storage is None else "float32 activations",
+        "checkpoint_dtype": spec.torch_dtype if storage is None else "+".join(r["source"] for r in storage["types"]),
+        "storage": storage,
         "memory_bytes": memory,
         "tokenizer": tok is not None,
         "chat_template": bool(tok is not None and tok.has_chat_template),
@@ -316,11 +345,12 @@ def model_info(model) -> dict[str, Any]:
 def info_cmd(
     model: ModelArg = None,
     dtype: DtypeOpt = "float32",
+    quantize: QuantizeOpt = None,
     as_json: Annotated[bool, typer.Option("--json", help="print JSON")] = False,
 ) -> None:
     import json
 
-    info = model_info(load(model, dtype))
+    info = model_info(load(model, dtype, quantize))
     if as_json:
         print(json.dumps(info, indent=2))
         return
@@ -337,6 +367,7 @@ def info_cmd(
         ("context", f"{info['context']} tokens"),
         ("parameters", f"{_human(info['parameters'])} ({info['parameters']:,})"),
         ("dtype", info["dtype"] + (f" (checkpoint {info['checkpoint_dtype']})" if info["checkpoint_dtype"] else "")),
+        *([("weights", info["storage"]["summary"])] if info["storage"] else []),
         ("memory", f"{info['memory_bytes'] / 2**20:.1f} MiB of weights"),
         ("tokenizer", tok),
     ]

@@ -397,6 +397,45 @@ class GgufSource:
         except Exception as exc:  # gguf raises assorted errors on malformed blocks
             raise ModelFormatError(f"{self.path.name}: cannot read tensor {gguf_name}: {exc}") from None
 
+    def packed(self, hf_name: str):
+        """The HF tensor `hf_name` in `MatMulNBits` layout (`modelql.models.quant.Packed`) made from the
+        file's blocks without a float copy of the matrix, or None when it is not a quantisable matrix
+        (a vector, a transposed GPT-2 weight, a Gemma norm, ...)."""
+        from .quant import pack_gguf
+
+        entry = self._sources.get(hf_name)
+        if entry is None:
+            return None
+        gguf_name, steps = entry
+        t = self._tensors[gguf_name]
+        if len(t.dims) != 2 or t.dims[0] % 32 or any(s not in ("unpermute_q", "unpermute_k") for s in steps):
+            return None
+        n, k = t.shape
+        try:
+            packed = pack_gguf(self._raw(t).reshape(n, -1), t.tensor_type.name, (n, k))
+        except Exception as exc:  # gguf raises assorted errors on malformed blocks
+            raise ModelFormatError(f"{self.path.name}: cannot read tensor {gguf_name}: {exc}") from None
+        for step in steps:
+            heads = self.config["num_attention_heads" if step == "unpermute_q" else "num_key_value_heads"]
+            order = unpermute_qk(torch.arange(n), heads).numpy()
+            packed = packed.take_rows(order)
+        return packed
+
+    def release_pages(self) -> None:
+        """Drop the file's pages from this process's resident set (they are re-read on demand)."""
+        if hasattr(mmap, "MADV_DONTNEED"):
+            try:
+                self._mm.madvise(mmap.MADV_DONTNEED)
+            except (OSError, ValueError):
+                pass
+
+    def storage_types(self) -> dict[str, int]:
+        """GGUF tensor type → parameter count, over the whole file."""
+        out: dict[str, int] = {}
+        for t in self._tensors.values():
+            out[t.tensor_type.name] = out.get(t.tensor_type.name, 0) + int(np.prod(t.dims, dtype=np.int64))
+        return out
+
     def _raw(self, t: GgufTensor) -> np.ndarray:
         return np.frombuffer(self._mm, dtype=np.uint8, count=t.nbytes, offset=t.offset)
 
@@ -409,8 +448,12 @@ class GgufSource:
         cfg = self.config
         arch = self.arch
         recipes: dict[str, Callable[[], torch.Tensor]] = {}
+        self._sources: dict[str, tuple[str, tuple[str, ...]]] = {}  # HF name → (GGUF name, steps)
+        hf = ""
 
         def load(gguf_name: str, *steps: str) -> Callable[[], torch.Tensor]:
+            self._sources[hf] = (gguf_name, steps)
+
             def run() -> torch.Tensor:
                 t = torch.from_numpy(self.array(gguf_name))
                 for step in steps:
@@ -461,7 +504,8 @@ class GgufSource:
                 if stem not in table or (stem == "output" and self.tied):
                     continue
                 steps = ["minus1"] if gemma and stem == "output_norm" else []
-                recipes[f"{table[stem]}.{suffix}"] = load(gname, *steps)
+                hf = f"{table[stem]}.{suffix}"
+                recipes[hf] = load(gname, *steps)
         if arch == "phi3":  # some Phi-3 files store q, k, v separately: HF keeps them fused
             for i in range(cfg["num_hidden_layers"]):
                 parts = [f"blk.{i}.attn_{x}.weight" for x in "qkv"]

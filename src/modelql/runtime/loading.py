@@ -55,18 +55,56 @@ def _check_ffn_present(source: WeightSource, spec) -> None:
                               "shards with --ffn URL")
 
 
-def load_model(path: str | Path | None = None, dtype: str | torch.dtype = "float32") -> Model:
+def _quant_mode(source: WeightSource, spec, torch_dtype: torch.dtype, quantize: str | None) -> str | None:
+    """The low-bit mode to load with ("gguf", "int8", "int4") or None for float weights.
+
+    "auto" (the default) keeps a GGUF file's quantized matrices low-bit when the kernels cover the
+    model and the compute dtype is float32 (asking for bfloat16 means float weights); "none" always
+    dequantizes; "int8" / "int4" quantize float weights at load (and are an error when impossible)."""
+    from .quantized import QUANTIZE_MODES, gguf_is_quantized, why_not
+
+    mode = quantize or "auto"
+    if mode not in QUANTIZE_MODES:
+        raise ModelFormatError(f"unsupported quantize mode {mode!r} (use {', '.join(QUANTIZE_MODES)})")
+    if mode == "none":
+        return None
+    is_gguf = getattr(source, "packed", None) is not None
+    if mode == "auto":
+        if not is_gguf or torch_dtype != torch.float32 or not gguf_is_quantized(source):
+            return None
+        return "gguf" if why_not(spec, source, "gguf") is None else None
+    if torch_dtype != torch.float32:
+        raise ModelFormatError(f"--quantize {mode} computes in float32 activations: drop --dtype")
+    reason = why_not(spec, source, mode)
+    if reason is not None:
+        raise CapabilityError(f"cannot quantize {source.path.name} to {mode}: {reason}")
+    return mode
+
+
+def load_model(path: str | Path | None = None, dtype: str | torch.dtype = "float32",
+               quantize: str | None = None) -> Model:
+    """Load a model; `quantize` ("auto", "none", "int8", "int4") picks low-bit weights (see `_quant_mode`)."""
     source = open_source(path)
     spec = spec_from_config(source.config)
     torch_dtype = resolve_dtype(dtype)
     _check_ffn_present(source, spec)
+    mode = _quant_mode(source, spec, torch_dtype, quantize)
+    tokenizer = _tokenizer(source)
+    if mode is not None:
+        from .quantized import load_quantized
+
+        quant = load_quantized(source, spec, mode)
+        return Model(spec, None, torch_dtype, tokenizer=tokenizer, path=source.path, quant=quant)
     weights = load_canonical(source, spec, torch_dtype)
-    tokenizer = None
+    return Model(spec, weights, torch_dtype, tokenizer=tokenizer, path=source.path)
+
+
+def _tokenizer(source: WeightSource):
     load_tok = getattr(source, "tokenizer", None)
     if load_tok is not None:
-        tokenizer = load_tok()
-    elif (source.path / "tokenizer.json").exists():
+        return load_tok()
+    if (source.path / "tokenizer.json").exists():
         from ..tokenizer import Tokenizer
 
-        tokenizer = Tokenizer.load(source.path)
-    return Model(spec, weights, torch_dtype, tokenizer=tokenizer, path=source.path)
+        return Tokenizer.load(source.path)
+    return None

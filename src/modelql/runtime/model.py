@@ -140,21 +140,53 @@ class KVBlock:
 class Model:
     """A loaded model: spec, canonical weights in the compute dtype, FFN backend, tokenizer."""
 
-    def __init__(self, spec: ModelSpec, weights: dict[str, torch.Tensor], dtype: torch.dtype,
-                 tokenizer=None, path: Path | None = None, ffn: FfnBackend | None = None):
+    #: attributes a quantized model builds only when something asks for float weights (`_materialize`)
+    _FLOAT_ATTRS = frozenset({"weights", "dense_ffn", "ffn", "embed", "lm_head", "qkv_w", "qkv_b"})
+
+    def __init__(self, spec: ModelSpec, weights: dict[str, torch.Tensor] | None, dtype: torch.dtype,
+                 tokenizer=None, path: Path | None = None, ffn: FfnBackend | None = None, quant=None):
         self.spec = spec
         self.dtype = dtype
         self.tokenizer = tokenizer
         self.path = path
+        self._inv_freq: dict[tuple[RopeSpec, bool], tuple[torch.Tensor, float]] = {}
+        #: a `runtime.quantized.QuantState` while the weights are low-bit (None: float weights)
+        self.quant = quant
+        if quant is None:
+            self._init_float(weights, ffn)
+
+    def _init_float(self, weights: dict[str, torch.Tensor], ffn: FfnBackend | None) -> None:
         self.weights = weights
         self._fuse_qkv()
         # a remote-FFN client loads no FFN weights: then the given backend is the only FFN
-        has_ffn = all(f"layers.{i}.down.weight" in weights for i in range(spec.num_layers))
-        self.dense_ffn = DenseFfn(spec, weights) if has_ffn or ffn is None else None
+        has_ffn = all(f"layers.{i}.down.weight" in weights for i in range(self.spec.num_layers))
+        self.dense_ffn = DenseFfn(self.spec, weights) if has_ffn or ffn is None else None
         self.ffn: FfnBackend = ffn or self.dense_ffn
         self.embed = weights["embed.weight"]
         self.lm_head = weights.get("lm_head.weight", self.embed)
-        self._inv_freq: dict[tuple[RopeSpec, bool], tuple[torch.Tensor, float]] = {}
+
+    def __getattr__(self, name: str):
+        # only reached for attributes not set: a quantized model's float weights, built on first use
+        if name in Model._FLOAT_ATTRS and self.__dict__.get("quant") is not None:
+            self._materialize()
+            return getattr(self, name)
+        raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
+
+    def _materialize(self) -> None:
+        """Switch a quantized model to float weights for the torch path (hooks, TRACE, walk and patched
+        FFNs, edits, vindex extraction): dequantized from the source once; the low-bit graph is
+        dropped, so edits made to the float weights are what every later forward pass uses."""
+        from ..models.source import load_canonical
+
+        quant = self.quant
+        weights = load_canonical(quant.source, self.spec, self.dtype)
+        ffn = self.__dict__.pop("ffn", None)
+        self.quant = None
+        self._init_float(weights, ffn)
+
+    @property
+    def quantized(self) -> bool:
+        return self.quant is not None
 
     def _fuse_qkv(self) -> None:
         """One [q+2kv, H] matrix per layer; the canonical q/k/v weights become views of it."""
@@ -179,11 +211,13 @@ class Model:
     # -- construction ---------------------------------------------------------------------
 
     @classmethod
-    def load(cls, path: str | Path | None = None, dtype: str | torch.dtype = "float32") -> Model:
-        """Load a HF model directory, a vindex with weights, or a GGUF file (None: the default model)."""
+    def load(cls, path: str | Path | None = None, dtype: str | torch.dtype = "float32",
+             quantize: str | None = None) -> Model:
+        """Load a HF model directory, a vindex with weights, or a GGUF file (None: the default model).
+        A quantized GGUF keeps its low-bit weights by default (`quantize`: auto | none | int8 | int4)."""
         from .loading import load_model
 
-        return load_model(path, dtype)
+        return load_model(path, dtype, quantize)
 
     def new_cache(self) -> KVCache:
         return KVCache()
@@ -330,6 +364,38 @@ class Model:
         h = h + run_hook(hooks, n + "hook_mlp_out", m)
         return run_hook(hooks, n + "hook_resid_post", h)
 
+    def _quant_forward(self, ids: torch.Tensor, caches: list[KVCache], logits: str) -> torch.Tensor | None:
+        """The low-bit graph (`runtime.ort_decode`), or None when it cannot run this call (then the
+        torch path runs on float weights). Rows not packed in one `KVBlock` run one at a time."""
+        decoder = self.quant.decoder
+        b, t = ids.shape
+        if max(c.length for c in caches) + t > decoder.positions:
+            return None
+        h = self.quant.embed_rows(ids)
+        if self.spec.embed_scale != 1.0:
+            h = h * self.spec.embed_scale
+        start = 0 if logits == "all" else t - 1
+        block = caches[0].block
+        if b > 1 and not (t == 1 and block is not None and block.packed(caches)):
+            outs = [self._quant_forward(ids[i:i + 1], [c], logits) for i, c in enumerate(caches)]
+            return torch.cat(outs)
+        if b > 1:
+            ks = [block.k[i][:b] for i in range(self.spec.num_layers)]
+            vs = [block.v[i][:b] for i in range(self.spec.num_layers)]
+        else:
+            ks = [k[None] for k in caches[0].k]
+            vs = [v[None] for v in caches[0].v]
+        out, hidden = decoder.forward(h, ks, vs, [c.length for c in caches], start)
+        for c in caches:
+            c.length += t
+        if logits == "none":
+            return hidden
+        if self.spec.logits_scale != 1.0:
+            out = out / self.spec.logits_scale
+        if self.spec.final_softcap is not None:
+            out = torch.tanh(out / self.spec.final_softcap) * self.spec.final_softcap
+        return out[:, -1] if logits == "last" else out
+
     def embed_tokens(self, ids: torch.Tensor, starts: list[int], hooks: Hooks | None = None) -> torch.Tensor:
         h = F.embedding(ids, self.embed)
         if self.spec.embed_scale != 1.0:
@@ -342,8 +408,11 @@ class Model:
 
     def unembed(self, h: torch.Tensor, hooks: Hooks | None = None) -> torch.Tensor:
         """Final norm → logits (float32), with the family's scaling and soft-cap."""
-        x = run_hook(hooks, "ln_final.hook_normalized", self.norm(h, "final_norm"))
-        logits = linear(x, self.lm_head).float()
+        if self.quant is not None and not hooks:
+            logits = self.quant.unembed(h)
+        else:
+            x = run_hook(hooks, "ln_final.hook_normalized", self.norm(h, "final_norm"))
+            logits = linear(x, self.lm_head).float()
         if self.spec.logits_scale != 1.0:
             logits = logits / self.spec.logits_scale
         if self.spec.final_softcap is not None:
@@ -378,6 +447,10 @@ class Model:
                     f"{c.length + t} tokens exceed the context window of {self.spec.max_position}"
                 )
             c.reserve(self.spec, self.dtype, c.length + t)
+        if self.quant is not None and not hooks and "ffn" not in self.__dict__ and not torch.is_grad_enabled():
+            out = self._quant_forward(ids, caches, logits)
+            if out is not None:
+                return out
         h = self.embed_tokens(ids, [c.length for c in caches], hooks)
         rotations: dict = {}  # cos/sin per RoPE kind (and the packed decode block), computed once per call
         block = caches[0].block

@@ -1,0 +1,427 @@
+"""GGUF decode speed and memory: modelql's low-bit path vs llama.cpp (or transformers) on the same file.
+
+    python bench/decode.py --gguf FILE --vs-llama-cpp          # FILE, plus Q8_0 / Q4_K_M versions of it
+    python bench/decode.py --gguf FILE --agreement              # greedy agreement + logits vs transformers
+
+llama.cpp is measured through llama-cpp-python when it is importable (`pip install llama-cpp-python`:
+a 10–30 minute source build; not a dependency of modelql); otherwise the reference is transformers'
+GGUF loader (`from_pretrained(gguf_file=...)`, which dequantizes to float32).
+
+Every engine runs in its own subprocess (so each peak RSS is its own), one after the other in the same
+run, with the same thread count: load, warm up, then a greedy decode of `--tokens` tokens after a short
+prompt, best of `--repeats`. Decode tok/s = N / (time(prompt + N + 1 tokens) − time(prompt + 1 token)).
+The machine may be shared: read the in-run ratios.
+
+Derived files (never downloaded): the F16 export is the file's own weights dequantized and written
+by `modelql.models.gguf_convert` (gguf-py) from a HF directory made from the GGUF; Q8_0 is gguf-py's
+quantizer on it; Q4_K_M is llama.cpp's quantizer (`llama_model_quantize`) on it, when importable.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+PROMPTS = [
+    "The capital of France is", "Water boils at a temperature of", "The largest planet in the solar system is",
+    "Photosynthesis is the process by which", "The author of Romeo and Juliet is", "A triangle has three",
+    "The chemical symbol for gold is", "In computer science, a linked list is", "The Great Wall of China was built",
+    "The speed of light is approximately", "Shakespeare was born in the town of", "The human heart has four",
+    "Python is a programming language that", "The Amazon river flows through", "Mount Everest is located in",
+    "The theory of relativity was developed by", "A haiku is a form of poetry with", "The moon orbits the Earth every",
+    "Bread is made from flour, water and", "The first person to walk on the moon was",
+]
+
+
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+# ---------------------------------------------------------------------------------------------
+# workers (one engine per process)
+# ---------------------------------------------------------------------------------------------
+
+
+def _best(fn, repeats: int) -> float:
+    best = float("inf")
+    for _ in range(repeats):
+        t = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - t)
+    return best
+
+
+def worker_modelql(path: str, tokens: int, repeats: int, quantize: str) -> dict:
+    from modelql.runtime import load_model
+    from modelql.runtime.generate import generate
+    from modelql.runtime.sampling import SamplingParams
+
+    t = time.perf_counter()
+    model = load_model(path, "float32", quantize)
+    load_s = time.perf_counter() - t
+    ids = model.tokenizer.encode(PROMPTS[0])
+
+    def run(k):
+        return lambda: generate(model, ids, SamplingParams(temperature=0, max_tokens=k, ignore_eos=True))
+
+    run(4)()
+    t1 = _best(run(1), repeats)
+    tn = _best(run(tokens + 1), repeats)
+    out = generate(model, ids, SamplingParams(temperature=0, max_tokens=16, ignore_eos=True)).token_ids
+    return {"decode": tokens / max(tn - t1, 1e-9), "prefill_s": t1, "load_s": load_s, "tokens": out,
+            "quantized": model.quantized}
+
+
+def worker_llama_cpp(path: str, tokens: int, repeats: int, threads: int) -> dict:
+    import numpy as np
+    from llama_cpp import Llama
+
+    t = time.perf_counter()
+    llm = Llama(model_path=path, n_threads=threads, n_threads_batch=threads, n_ctx=512, verbose=False)
+    load_s = time.perf_counter() - t
+    ids = llm.tokenize(PROMPTS[0].encode(), add_bos=False)
+
+    def run(k):
+        def go():
+            llm.reset()
+            llm.eval(ids)
+            out = []
+            for _ in range(k):
+                tok = int(np.argmax(llm.scores[llm.n_tokens - 1]))
+                out.append(tok)
+                if len(out) < k:
+                    llm.eval([tok])
+            return out
+        return go
+
+    run(4)()
+    t1 = _best(run(1), repeats)
+    tn = _best(run(tokens + 1), repeats)
+    return {"decode": tokens / max(tn - t1, 1e-9), "prefill_s": t1, "load_s": load_s, "tokens": run(16)()}
+
+
+def worker_transformers(path: str, tokens: int, repeats: int) -> dict:
+    import torch
+    import transformers as T
+
+    T.logging.set_verbosity_error()
+    p = Path(path)
+    t = time.perf_counter()
+    model = T.AutoModelForCausalLM.from_pretrained(str(p.parent), gguf_file=p.name, dtype=torch.float32).eval()
+    tok = T.AutoTokenizer.from_pretrained(str(p.parent), gguf_file=p.name)
+    load_s = time.perf_counter() - t
+    prompt = torch.tensor([tok.encode(PROMPTS[0], add_special_tokens=False)])
+
+    def run(k):
+        def go():
+            with torch.inference_mode():
+                return model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=k,
+                                      min_new_tokens=k, do_sample=False, pad_token_id=0)[0, prompt.shape[1]:].tolist()
+        return go
+
+    run(4)()
+    t1 = _best(run(1), repeats)
+    tn = _best(run(tokens + 1), repeats)
+    return {"decode": tokens / max(tn - t1, 1e-9), "prefill_s": t1, "load_s": load_s, "tokens": run(16)()}
+
+
+def worker_main(argv: list[str]) -> None:
+    engine, path, tokens, repeats, threads = argv[0], argv[1], int(argv[2]), int(argv[3]), int(argv[4])
+    import torch
+
+    torch.set_num_threads(threads)
+    if engine == "modelql":
+        row = worker_modelql(path, tokens, repeats, "auto")
+    elif engine == "modelql-float":
+        row = worker_modelql(path, tokens, repeats, "none")
+    elif engine == "llama.cpp":
+        row = worker_llama_cpp(path, tokens, repeats, threads)
+    else:
+        row = worker_transformers(path, tokens, repeats)
+    row["peak_rss_mb"] = peak_rss_mb()
+    print("RESULT " + json.dumps(row))
+
+
+def run_worker(engine: str, path: Path, args) -> dict:
+    env = dict(os.environ, OMP_NUM_THREADS=str(args.threads))
+    cmd = [sys.executable, __file__, "--worker", engine, str(path), str(args.tokens), str(args.repeats),
+           str(args.threads)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    for line in proc.stdout.splitlines():
+        if line.startswith("RESULT "):
+            return json.loads(line[7:])
+    raise RuntimeError(f"{engine} on {path.name} failed:\n{proc.stderr[-2000:]}")
+
+
+# ---------------------------------------------------------------------------------------------
+# derived files
+# ---------------------------------------------------------------------------------------------
+
+
+def export_hf(gguf_path: Path, out_dir: Path) -> Path:
+    """The GGUF's weights (dequantized, stored float16) as a HF directory: the "F16 export"."""
+    import torch
+    from safetensors.torch import save_file
+
+    from modelql.models.gguf import GgufSource
+
+    src = GgufSource(gguf_path)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for name, text in src.hf_files().items():
+        (out_dir / name).write_text(text, encoding="utf-8")
+    cfg = json.loads((out_dir / "config.json").read_text())
+    cfg["torch_dtype"] = "float16"
+    (out_dir / "config.json").write_text(json.dumps(cfg, indent=2))
+    save_file({n: src.get(n).to(torch.float16).contiguous() for n in src.names()}, str(out_dir / "model.safetensors"))
+    return out_dir
+
+
+def llama_cpp_available() -> bool:
+    try:
+        import llama_cpp  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def derived_files(gguf_path: Path, tmp: Path, variants: list[str]) -> list[tuple[str, Path]]:
+    from modelql.models.gguf_convert import convert
+
+    files = [(gguf_path.stem.rsplit(".", 1)[-1], gguf_path)]
+    if not variants:
+        return files
+    hf = export_hf(gguf_path, tmp / "hf-f16")
+    f16 = tmp / "model-F16.gguf"
+    convert(hf, f16, "f16")
+    if "q8_0" in variants:
+        q8 = tmp / "model-Q8_0.gguf"
+        convert(hf, q8, "q8_0")
+        files.append(("Q8_0 (gguf-py)", q8))
+    if "q4_k_m" in variants:
+        if llama_cpp_available():
+            import llama_cpp
+
+            q4k = tmp / "model-Q4_K_M.gguf"
+            params = llama_cpp.llama_model_quantize_default_params()
+            params.ftype = llama_cpp.LLAMA_FTYPE_MOSTLY_Q4_K_M
+            params.nthread = 2
+            rc = llama_cpp.llama_model_quantize(str(f16).encode(), str(q4k).encode(), params)
+            if rc != 0:
+                raise RuntimeError(f"llama_model_quantize failed ({rc})")
+            files.append(("Q4_K_M (llama.cpp)", q4k))
+        else:
+            print("note: Q4_K_M needs llama.cpp's quantizer (pip install llama-cpp-python); skipped", file=sys.stderr)
+    return files
+
+
+# ---------------------------------------------------------------------------------------------
+# agreement with transformers' dequantized reference
+# ---------------------------------------------------------------------------------------------
+
+
+def agreement(path: Path, n_prompts: int, n_tokens: int) -> dict:
+    """Greedy tokens of modelql's low-bit path vs transformers on the GGUF (dequantized float32):
+    per-position agreement over the prompts, and prefill logits |Δ| relative to max |logit|; plus
+    the same for modelql's own float path (the reference for the kernel's error alone)."""
+    import torch
+    import transformers as T
+
+    from modelql.runtime import load_model
+
+    T.logging.set_verbosity_error()
+    ours = load_model(path)
+    ref = T.AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32).eval()
+    same = total = 0
+    worst = 0.0
+    first_divergence = []
+    for prompt in PROMPTS[:n_prompts]:
+        ids = ours.tokenizer.encode(prompt)
+        x = torch.tensor([ids])
+        with torch.inference_mode():
+            want = ref.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=n_tokens, min_new_tokens=n_tokens,
+                                do_sample=False, pad_token_id=0)[0, len(ids):].tolist()
+            ref_logits = ref(x).logits[0].float()
+        got = _greedy(ours, ids, n_tokens)
+        lg = ours.forward(ids, logits="all")[0]
+        worst = max(worst, float((lg - ref_logits).abs().max() / ref_logits.abs().max()))
+        same += sum(a == b for a, b in zip(got, want))
+        total += n_tokens
+        first_divergence.append(next((i for i, (a, b) in enumerate(zip(got, want)) if a != b), n_tokens))
+    errors = [(w.error_max, w.error_rms) for w in ours.quant.info] if ours.quantized else []
+    return {"agreement": same / total, "logit_rel_max": worst, "prompts": n_prompts, "tokens": n_tokens,
+            "quantized": ours.quantized, "first_divergence": first_divergence,
+            "layout_error_rms": max((e[1] for e in errors), default=0.0)}
+
+
+def _greedy(model, ids: list[int], n: int) -> list[int]:
+    from modelql.runtime.model import KVCache
+
+    cache = KVCache()
+    logits = model.forward(ids, cache, logits="last")
+    out = [int(logits[0].argmax())]
+    while len(out) < n:
+        out.append(int(model.forward([out[-1]], cache, logits="last")[0].argmax()))
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+def main(args) -> None:
+    gguf_path = Path(args.gguf).resolve()
+    if not gguf_path.is_file():
+        sys.exit(f"error: {gguf_path} is not a file")
+    reference = "llama.cpp" if args.vs_llama_cpp and llama_cpp_available() else "transformers"
+    if args.vs_llama_cpp and reference != "llama.cpp":
+        print("note: llama-cpp-python is not importable (pip install llama-cpp-python, a 10-30 min build): "
+              "comparing with transformers' GGUF loader instead", file=sys.stderr)
+    with tempfile.TemporaryDirectory(prefix="modelql-gguf-bench-") as tmp:
+        files = derived_files(gguf_path, Path(tmp), args.variants)
+        if args.agreement:
+            print(f"\ngreedy agreement with transformers (dequantized float32), {args.prompts} prompts × "
+                  f"{args.agree_tokens} tokens")
+            for label, path in files:
+                r = agreement(path, args.prompts, args.agree_tokens)
+                print(f"  {label:<20} agreement {r['agreement']:.1%}  prefill logits max|Δ|/max|logit| "
+                      f"{r['logit_rel_max']:.4f}  layout error (rms, vs file) {r['layout_error_rms']:.2%}  "
+                      f"first divergence per prompt {r['first_divergence']}")
+            return
+        engines = ["modelql", reference] + (["modelql-float"] if args.float_too else [])
+        rows = []
+        for label, path in files:
+            results = {e: run_worker(e, path, args) for e in engines}
+            rows.append((label, path.stat().st_size, results))
+            r = results
+            print(f"  {label}: " + ", ".join(f"{e} {r[e]['decode']:.1f} tok/s {r[e]['peak_rss_mb']:.0f} MB"
+                                             for e in engines), file=sys.stderr)
+    print(f"\nthreads={args.threads}  decode={args.tokens} tokens (greedy)  best of {args.repeats}  reference={reference}")
+    head = ["file", "MB", "modelql tok/s", f"{reference} tok/s", "ratio", "modelql RSS MB",
+            f"{reference} RSS MB", "RSS ratio", "same 16 tokens"]
+    if args.float_too:
+        head += ["modelql f32 tok/s", "f32 RSS MB"]
+    lines = []
+    for label, size, r in rows:
+        a, b = r["modelql"], r[reference]
+        line = [label, f"{size / 1e6:.0f}", f"{a['decode']:.1f}", f"{b['decode']:.1f}", f"{a['decode'] / b['decode']:.2f}",
+                f"{a['peak_rss_mb']:.0f}", f"{b['peak_rss_mb']:.0f}", f"{a['peak_rss_mb'] / b['peak_rss_mb']:.2f}",
+                "yes" if a["tokens"] == b["tokens"] else "no"]
+        if args.float_too:
+            f = r["modelql-float"]
+            line += [f"{f['decode']:.1f}", f"{f['peak_rss_mb']:.0f}"]
+        lines.append(line)
+    widths = [max(len(h), *(len(x[i]) for x in lines)) for i, h in enumerate(head)]
+    print("  ".join(h.ljust(w) for h, w in zip(head, widths)))
+    for line in lines:
+        print("  ".join(c.ljust(w) for c, w in zip(line, widths)))
+
+
+if __name__ == "__main__" and len(sys.argv) > 1 and sys.argv[1] == "--worker":
+    worker_main(sys.argv[2:])
+
+
+# ---------------------------------------------------------------------------------------------
+# load memory of a ~1B random-weight Llama stored Q4_K_M-like (Q4_K matrices, Q6_K output and half the
+# ffn_down, as llama.cpp's Q4_K_M mix does); blocks are random codes with sane float16 scales
+# ---------------------------------------------------------------------------------------------
+
+_SCALE_BYTES = {"Q4_K": (0, 4), "Q6_K": (-2, 2)}  # where the block's float16 scale(s) sit
+
+
+def _random_blocks(qtype: str, rows: int, cols: int, rng):
+    import numpy as np
+    from gguf import GGML_QUANT_SIZES, GGMLQuantizationType as Q
+
+    block, size = GGML_QUANT_SIZES[Q[qtype]]
+    raw = rng.integers(0, 256, size=(rows, cols // block, size), dtype=np.uint8)
+    start, count = _SCALE_BYTES[qtype]
+    scales = (rng.random((rows, cols // block, count // 2)) * 0.002 + 0.0005).astype(np.float16).view(np.uint8)
+    if start < 0:
+        raw[..., start:] = scales.reshape(rows, cols // block, -1)
+    else:
+        raw[..., start:start + count] = scales.reshape(rows, cols // block, -1)
+    return raw.reshape(rows, -1)
+
+
+def write_random_q4_k_m(path: Path, hidden=2048, layers=16, inter=5632, heads=32, kv=8, vocab=32000) -> int:
+    import gguf
+    import numpy as np
+    from gguf import GGMLQuantizationType as Q
+
+    rng = np.random.default_rng(0)
+    w = gguf.GGUFWriter(path=str(path), arch="llama")
+    w.add_block_count(layers)
+    w.add_embedding_length(hidden)
+    w.add_feed_forward_length(inter)
+    w.add_head_count(heads)
+    w.add_head_count_kv(kv)
+    w.add_context_length(2048)
+    w.add_layer_norm_rms_eps(1e-5)
+    w.add_rope_freq_base(10000.0)
+    hd = hidden // heads
+    params = 0
+
+    def add(name, qtype, rows, cols):
+        nonlocal params
+        w.add_tensor(name, _random_blocks(qtype, rows, cols, rng), raw_dtype=Q[qtype])
+        params += rows * cols
+
+    add("token_embd.weight", "Q4_K", vocab, hidden)
+    add("output.weight", "Q6_K", vocab, hidden)
+    w.add_tensor("output_norm.weight", np.ones(hidden, np.float32))
+    for i in range(layers):
+        p = f"blk.{i}."
+        add(p + "attn_q.weight", "Q4_K", heads * hd, hidden)
+        add(p + "attn_k.weight", "Q4_K", kv * hd, hidden)
+        add(p + "attn_v.weight", "Q6_K" if i % 2 == 0 else "Q4_K", kv * hd, hidden)
+        add(p + "attn_output.weight", "Q4_K", hidden, heads * hd)
+        add(p + "ffn_gate.weight", "Q4_K", inter, hidden)
+        add(p + "ffn_up.weight", "Q4_K", inter, hidden)
+        add(p + "ffn_down.weight", "Q6_K" if i % 2 == 0 else "Q4_K", hidden, inter)
+        w.add_tensor(p + "attn_norm.weight", np.ones(hidden, np.float32))
+        w.add_tensor(p + "ffn_norm.weight", np.ones(hidden, np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return params
+
+
+def memory_1b_worker(path: str) -> None:
+    import torch
+
+    from modelql.runtime import load_model
+
+    torch.set_num_threads(2)
+    t = time.perf_counter()
+    model = load_model(path)
+    load_s = time.perf_counter() - t
+    rss_after = int(open("/proc/self/status").read().split("VmRSS:")[1].split()[0]) / 1024
+    logits = model.forward(list(range(1, 9)), logits="last")
+    print("RESULT " + json.dumps({"load_s": load_s, "peak_rss_mb": peak_rss_mb(), "rss_after_load_mb": rss_after,
+                                  "quantized": model.quantized, "finite": bool(torch.isfinite(logits).all())}))
+
+
+def memory_1b(args) -> None:
+    with tempfile.TemporaryDirectory(prefix="modelql-1b-") as tmp:
+        path = Path(tmp) / "random-1b-Q4_K_M.gguf"
+        n = write_random_q4_k_m(path)
+        size = path.stat().st_size
+        proc = subprocess.run([sys.executable, __file__, "--memory-worker", str(path)], capture_output=True, text=True)
+        line = next((x for x in proc.stdout.splitlines() if x.startswith("RESULT ")), None)
+        if line is None:
+            raise RuntimeError(proc.stderr[-2000:])
+        r = json.loads(line[7:])
+        print(f"random Llama {n / 1e9:.2f}B params, Q4_K_M-like GGUF {size / 1e6:.0f} MB: load {r['load_s']:.1f}s, "
+              f"peak RSS {r['peak_rss_mb']:.0f} MB ({r['peak_rss_mb'] * 2**20 / size:.2f}× the file), "
+              f"RSS after load {r['rss_after_load_mb']:.0f} MB ({r['rss_after_load_mb'] * 2**20 / size:.2f}×), "
+              f"low-bit {r['quantized']}, finite logits {r['finite']}")
+
+
+if __name__ == "__main__" and len(sys.argv) > 1 and sys.argv[1] == "--memory-worker":
+    memory_1b_worker(sys.argv[2])

@@ -1,0 +1,262 @@
+"""Low-bit weight layouts: GGUF blocks (or float matrices) → onnxruntime `MatMulNBits` blocks.
+
+Why this layout: on the project's CPUs torch's own int4/int8 weight-only kernels are slower than
+float32 for one token, while onnxruntime's contrib op `MatMulNBits` (4- or 8-bit, block 32, uint8
+zero points, int8 activations at accuracy level 4) is several times faster than float32 (measured
+in bench/decode.py). Its blocks are not GGUF's, so weights are converted at load:
+
+* Q4_0 → 4-bit, scale d, zero point 8, the same codes: exact.
+* Q8_0 → 8-bit, scale d, zero point 128, the same codes: exact.
+* Q4_1, Q4_K → 4-bit, scale d (Q4_K: d·sc), zero point 0, the same codes, and the block's minimum m
+  kept as a float `offsets` entry: W·x = kernel(codes, scales)·x + offsets·(x summed per block), a
+  small float matmul the graph adds. Exact (the kernel's own float zero points would be too, but
+  they run ~50× slower on CPU; an integer zero point would add a second rounding as large as the
+  4-bit step itself: measured 8.8% RMS on SmolLM2's Q4_1).
+* Q5_K → 8-bit codes 0..31 with scale d·sc and offsets, likewise exact.
+* Q5_0, Q5_1, Q2_K, Q3_K, Q6_K, F16, BF16, F32 → 8-bit symmetric requantisation of the dequantised
+  values (at most half an 8-bit step; a 4-bit requantisation of a Q5_0 matrix measured 6.8% RMS, so
+  it is not used). `Packed.error` holds the measured error.
+
+A `Packed` matrix is [N out, K in] in the kernel's order: `data` [N, K/32, 32·bits/8], `scales`
+[N·K/32], `zeros` (packed like the codes).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+BLOCK = 32
+
+
+@dataclass
+class Packed:
+    """One weight matrix in `MatMulNBits` layout, with where it came from and the conversion error."""
+
+    bits: int
+    n: int
+    k: int
+    data: np.ndarray
+    scales: np.ndarray
+    zeros: np.ndarray
+    source_type: str
+    #: [N, K/32] float32 added per block (W = (q − zero)·scale + offset), or None
+    offsets: np.ndarray | None = None
+    #: max |packed − source| / max |source| over the matrix, and the RMS ratio ‖Δ‖/‖W‖
+    error: tuple[float, float] = (0.0, 0.0)
+
+    @property
+    def nbytes(self) -> int:
+        return self.data.nbytes + self.scales.nbytes + self.zeros.nbytes + (
+            0 if self.offsets is None else self.offsets.nbytes)
+
+    def codes(self) -> np.ndarray:
+        """The unpacked codes, [N, K/32, 32] uint8."""
+        if self.bits == 8:
+            return self.data
+        lo, hi = self.data & 0xF, self.data >> 4
+        return np.stack([lo, hi], axis=-1).reshape(self.n, -1, BLOCK)
+
+    def zero_points(self) -> np.ndarray:
+        nb = self.k // BLOCK
+        if self.bits == 8:
+            return self.zeros.reshape(self.n, nb)
+        z = self.zeros.reshape(self.n, -1)
+        return np.stack([z & 0xF, z >> 4], axis=-1).reshape(self.n, -1)[:, :nb]
+
+    def dequantize(self, rows: np.ndarray | slice | None = None) -> np.ndarray:
+        """float32 [N, K] (or the given rows) as the kernel sees the weights."""
+        sel = slice(None) if rows is None else rows
+        q = self.codes()[sel].astype(np.float32)
+        z = self.zero_points()[sel].astype(np.float32)[..., None]
+        s = self.scales.reshape(self.n, -1)[sel][..., None]
+        out = (q - z) * s
+        if self.offsets is not None:
+            out += self.offsets[sel][..., None]
+        return out.reshape(q.shape[0], self.k)
+
+    def take_rows(self, order: np.ndarray) -> Packed:
+        """The same matrix with its rows reordered (a row permutation is exact in any block layout)."""
+        nz = self.zeros.reshape(self.n, -1)
+        return Packed(self.bits, self.n, self.k, np.ascontiguousarray(self.data[order]),
+                      np.ascontiguousarray(self.scales.reshape(self.n, -1)[order]).reshape(-1),
+                      np.ascontiguousarray(nz[order]).reshape(-1), self.source_type,
+                      None if self.offsets is None else np.ascontiguousarray(self.offsets[order]), self.error)
+
+
+def widen(p: Packed) -> Packed:
+    """A 4-bit matrix as 8-bit codes (the same values: exact), to fuse it with 8-bit ones."""
+    if p.bits == 8:
+        return p
+    return Packed(8, p.n, p.k, np.ascontiguousarray(p.codes()), p.scales,
+                  np.ascontiguousarray(p.zero_points()).reshape(-1), p.source_type, p.offsets, p.error)
+
+
+def concat(parts: list[Packed]) -> Packed:
+    """Row-wise concatenation (fused q/k/v or gate/up); mixed widths (Q4_K_M's Q6_K v next to Q4_K q, k)
+    are fused as 8-bit."""
+    if len({p.k for p in parts}) != 1:
+        raise ValueError("cannot fuse matrices of different widths")
+    if len({p.bits for p in parts}) != 1:
+        parts = [widen(p) for p in parts]
+    p0 = parts[0]
+    offsets = None
+    if any(p.offsets is not None for p in parts):
+        offsets = np.concatenate([p.offsets if p.offsets is not None else np.zeros((p.n, p.k // BLOCK), np.float32)
+                                  for p in parts])
+    return Packed(p0.bits, sum(p.n for p in parts), p0.k, np.concatenate([p.data for p in parts]),
+                  np.concatenate([p.scales for p in parts]),
+                  np.concatenate([p.zeros.reshape(p.n, -1) for p in parts]).reshape(-1),
+                  "+".join(dict.fromkeys(p.source_type for p in parts)), offsets,
+                  (max(p.error[0] for p in parts), max(p.error[1] for p in parts)))
+
+
+def _pack(q: np.ndarray, scales: np.ndarray, zeros: np.ndarray, bits: int, source_type: str,
+          offsets: np.ndarray | None = None) -> Packed:
+    """q [N, nb, 32] codes, scales / zeros [N, nb] → `Packed`."""
+    n, nb, _ = q.shape
+    q = q.astype(np.uint8)
+    zeros = zeros.astype(np.uint8)
+    if bits == 4:
+        data = (q[..., 0::2] | (q[..., 1::2] << 4)).astype(np.uint8)
+        if nb % 2:
+            zeros = np.concatenate([zeros, np.zeros((n, 1), np.uint8)], axis=1)
+        zp = (zeros[:, 0::2] | (zeros[:, 1::2] << 4)).astype(np.uint8)
+    else:
+        data, zp = q, zeros
+    return Packed(bits, n, nb * BLOCK, np.ascontiguousarray(data), np.ascontiguousarray(scales, np.float32).reshape(-1),
+                  np.ascontiguousarray(zp).reshape(-1), source_type,
+                  None if offsets is None else np.ascontiguousarray(offsets, np.float32).reshape(n, nb))
+
+
+def _measure(packed: Packed, reference: np.ndarray) -> Packed:
+    """Record the conversion error against the source's dequantised values (row chunks: bounded memory)."""
+    peak, sq_err, sq_ref, top = 0.0, 0.0, 0.0, 0.0
+    for start in range(0, packed.n, 4096):
+        rows = slice(start, min(packed.n, start + 4096))
+        ref = reference[rows].astype(np.float32)
+        diff = packed.dequantize(rows) - ref
+        peak = max(peak, float(np.abs(diff).max(initial=0.0)))
+        top = max(top, float(np.abs(ref).max(initial=0.0)))
+        sq_err += float((diff.astype(np.float64) ** 2).sum())
+        sq_ref += float((ref.astype(np.float64) ** 2).sum())
+    packed.error = (peak / top if top else 0.0, (sq_err / sq_ref) ** 0.5 if sq_ref else 0.0)
+    return packed
+
+
+def pack_float(w: np.ndarray, bits: int, source_type: str = "F32", measure: bool = True) -> Packed:
+    """Requantise a float matrix [N, K] (K a multiple of 32) to `bits` (4: asymmetric min/max with an
+    integer zero point chosen so the range is covered; 8: symmetric, zero point 128)."""
+    n, k = w.shape
+    if k % BLOCK:
+        raise ValueError(f"rows of {k} are not a multiple of {BLOCK}")
+    out = None
+    for start in range(0, n, 4096):  # row chunks bound the float temporaries
+        b = np.asarray(w[start:start + 4096], dtype=np.float32).reshape(-1, k // BLOCK, BLOCK)
+        if bits == 4:
+            mn = np.minimum(b.min(-1), 0.0)
+            mx = np.maximum(b.max(-1), 0.0)
+            s0 = (mx - mn) / 15.0
+            safe = np.where(s0 > 0, s0, 1.0)
+            zp = np.clip(np.rint(-mn / safe), 0, 15)
+            up = np.where(zp < 15, mx / np.maximum(15.0 - zp, 1.0), 0.0)
+            down = np.where(zp > 0, -mn / np.maximum(zp, 1.0), 0.0)
+            scale = np.maximum(np.maximum(up, down), s0)
+            scale = np.where(scale > 0, scale, 1.0).astype(np.float32)
+            q = np.clip(np.rint(b / scale[..., None] + zp[..., None]), 0, 15)
+        elif bits == 8:
+            amax = np.abs(b).max(-1)
+            scale = np.where(amax > 0, amax / 127.0, 1.0).astype(np.float32)
+            zp = np.full(scale.shape, 128.0)
+            q = np.clip(np.rint(b / scale[..., None]) + 128, 1, 255)
+        else:
+            raise ValueError(f"unsupported bit width {bits}")
+        part = _pack(q, scale, zp, bits, source_type)
+        out = part if out is None else concat([out, part])
+    out.source_type = source_type
+    return _measure(out, w) if measure else out
+
+
+def _gguf_exact(raw: np.ndarray, qtype: str) -> Packed | None:
+    """Q4_0 / Q8_0 / Q4_1 / Q4_K / Q5_K rows of blocks [N, bytes] → the same codes and scales (no
+    requantisation)."""
+    n = raw.shape[0]
+    if qtype == "Q8_0":
+        blocks = raw.reshape(n, -1, 34)
+        d = blocks[..., :2].copy().view(np.float16)[..., 0].astype(np.float32)
+        q = blocks[..., 2:].copy().view(np.int8).astype(np.int16) + 128
+        return _pack(q, d, np.full(d.shape, 128), 8, qtype)
+    if qtype == "Q4_0":
+        blocks = raw.reshape(n, -1, 18)
+        d = blocks[..., :2].copy().view(np.float16)[..., 0].astype(np.float32)
+        qs = blocks[..., 2:]
+        q = np.concatenate([qs & 0xF, qs >> 4], axis=-1)  # elements 0..15 low nibbles, 16..31 high
+        return _pack(q, d, np.full(d.shape, 8), 4, qtype)
+    if qtype == "Q4_1":
+        blocks = raw.reshape(n, -1, 20)
+        d = blocks[..., :2].copy().view(np.float16)[..., 0].astype(np.float32)
+        m = blocks[..., 2:4].copy().view(np.float16)[..., 0].astype(np.float32)
+        qs = blocks[..., 4:]
+        q = np.concatenate([qs & 0xF, qs >> 4], axis=-1)
+        return _pack(q, d, np.zeros(d.shape), 4, qtype, m)
+    if qtype in ("Q4_K", "Q5_K"):
+        from gguf.quants import Q4_K
+
+        size = 144 if qtype == "Q4_K" else 176
+        blocks = raw.reshape(-1, size)
+        nsup = blocks.shape[0]
+        d = blocks[:, :2].copy().view(np.float16).astype(np.float32)
+        dmin = blocks[:, 2:4].copy().view(np.float16).astype(np.float32)
+        sc, mn = Q4_K.get_scale_min(np.ascontiguousarray(blocks[:, 4:16]))
+        scale = d * sc.astype(np.float32)  # [nsup, 8]
+        offset = -(dmin * mn.astype(np.float32))
+        if qtype == "Q4_K":
+            qs = blocks[:, 16:].reshape(nsup, 4, 1, 32) >> np.array([0, 4], np.uint8).reshape(1, 1, 2, 1)
+            q = (qs & 0xF).reshape(nsup, 8, 32)
+            bits = 4
+        else:
+            qh = blocks[:, 16:48].reshape(nsup, 1, 32) >> np.arange(8, dtype=np.uint8).reshape(1, 8, 1)
+            ql = blocks[:, 48:].reshape(nsup, 4, 1, 32) >> np.array([0, 4], np.uint8).reshape(1, 1, 2, 1)
+            q = ((ql & 0xF).reshape(nsup, 8, 32) | ((qh & 1) << 4)).astype(np.uint8)
+            bits = 8
+        nb = nsup * 8 // n
+        return _pack(q.reshape(n, nb, 32), scale.reshape(n, nb), np.zeros((n, nb)), bits, qtype, offset.reshape(n, nb))
+    return None
+
+
+def pack_gguf(raw: np.ndarray, qtype: str, shape: tuple[int, int], measure: bool = True) -> Packed:
+    # measure: requantized types only
+    """A GGUF matrix (its raw bytes, rows [N, bytes per row], of type `qtype`, shape [N, K]) in
+    `MatMulNBits` layout; the error is measured against gguf's own dequantisation."""
+    from gguf import GGMLQuantizationType
+    from gguf.quants import dequantize
+
+    raw = np.asarray(raw).reshape(shape[0], -1)
+    exact = _gguf_exact(raw, qtype)
+    if exact is not None:  # the same codes and scales: error 0 by construction (tests/quant checks it)
+        return exact
+    bits = 8
+    out = None
+    for start in range(0, shape[0], 4096):
+        rows = raw[start:start + 4096]
+        if qtype in ("F32", "F16", "BF16"):
+            w = _float_rows(rows, qtype)
+        else:
+            w = dequantize(rows, GGMLQuantizationType[qtype]).reshape(rows.shape[0], shape[1])
+        part = pack_float(w, bits, qtype, measure=False)
+        if measure:
+            _measure(part, w)
+        if out is not None:
+            part = concat([out, part])
+        out = part
+    out.source_type = qtype
+    return out
+
+
+def _float_rows(rows: np.ndarray, qtype: str) -> np.ndarray:
+    if qtype == "F32":
+        return rows.copy().view(np.float32)
+    if qtype == "F16":
+        return rows.copy().view(np.float16).astype(np.float32)
+    return (rows.copy().view(np.uint16).astype(np.uint32) << 16).view(np.float32)

@@ -1,0 +1,262 @@
+"""The quantized fast path: a whole forward pass as one onnxruntime graph over low-bit weights.
+
+Why one graph: a SmolLM2 decode step is ~120 matmuls plus ~30 small ops per layer; through torch
+each op pays Python and dispatch overhead that alone exceeds llama.cpp's whole ~10 ms step. Here
+one `session.run` executes every layer with onnxruntime's contrib kernels — `MatMulNBits` on the
+weights as loaded (`modelql.models.quant`), `GroupQueryAttention` (RoPE, causal mask and KV cache in
+one op), `SkipSimplifiedLayerNormalization` — built with the `onnx` helper API from the `ModelSpec`.
+
+The KV cache is the model's own (`KVCache` / `KVBlock` tensors, float32 [kv_heads, capacity,
+head_dim] per layer): bound zero-copy as GQA's shared past/present buffers, so the fast path, the
+torch path (hooks, TRACE, patched FFNs) and the server's packed decode batches all read and extend
+the same cache. Keys are stored after RoPE in HF's rotate-half layout, as the torch path stores them.
+
+`supports(spec)` lists what the graph covers (Llama-style blocks: RMSNorm, gated SiLU FFN, full
+causal attention with optional q/k/v bias, RoPE without partial rotation); other families use the
+torch path on dequantized weights.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from ..models.quant import BLOCK, Packed
+from ..models.spec import ModelSpec
+from .rope import inverse_frequencies
+
+MAX_ROPE_CACHE = 32768  # positions the graph's cos/sin tables cover (longer contexts use the torch path)
+
+
+def supports(spec: ModelSpec) -> str | None:
+    """None when the graph can run this model, else why not (one phrase)."""
+    rope = spec.rope
+    checks = [
+        (spec.norm == "rms" and not spec.norm_weight_offset, "a non-RMS or offset norm"),
+        (not (spec.qk_norm or spec.post_attn_norm or spec.post_ffn_norm), "extra norms"),
+        (spec.activation == "silu" and spec.gated_ffn and not spec.mlp_bias, "a non-SiLU-gated FFN"),
+        (not spec.out_bias, "an output-projection bias"),
+        (spec.attn_softcap is None, "attention soft-capping"),
+        (spec.sliding_window is None and spec.rope_local is None, "sliding-window attention"),
+        (not spec.learned_positions, "learned positions"),
+        (rope is not None and rope.kind in ("default", "linear", "llama3", "yarn")
+         and rope.partial_rotary_factor == 1.0, "its RoPE variant"),
+    ]
+    for ok, why in checks:
+        if not ok:
+            return why
+    return None
+
+
+@dataclass
+class WeightInfo:
+    """What `modelql info` reports per matmul weight: storage in the kernel and in the source."""
+
+    name: str
+    source_type: str
+    bits: int
+    nbytes: int
+    params: int
+    error_max: float
+    error_rms: float
+
+
+class _Builder:
+    def __init__(self):
+        from onnx import helper, numpy_helper
+
+        self.helper, self.numpy_helper = helper, numpy_helper
+        self.nodes, self.inits = [], []
+        self.external: dict[str, np.ndarray] = {}  # large initializers, handed to onnxruntime without a copy
+        self.count = 0
+
+    def name(self, stem: str) -> str:
+        self.count += 1
+        return f"{stem}_{self.count}"
+
+    def init(self, name: str, array: np.ndarray) -> str:
+        array = np.ascontiguousarray(array)
+        if array.nbytes < 1 << 16:
+            self.inits.append(self.numpy_helper.from_array(array, name))
+            return name
+        from onnx import TensorProto, helper
+
+        t = TensorProto()
+        t.name, t.data_type = name, helper.np_dtype_to_tensor_dtype(array.dtype)
+        t.dims.extend(array.shape)
+        t.data_location = TensorProto.EXTERNAL
+        entry = t.external_data.add()
+        entry.key, entry.value = "location", "modelql-external"
+        self.inits.append(t)
+        self.external[name] = array
+        return name
+
+    def node(self, op: str, inputs: list[str], outputs: int | list[str] = 1, domain: str = "", **attrs) -> list[str]:
+        outs = [self.name(op) for _ in range(outputs)] if isinstance(outputs, int) else outputs
+        self.nodes.append(self.helper.make_node(op, inputs, outs, domain=domain, name=self.name(op + "_n"), **attrs))
+        return outs
+
+    def matmul(self, x: str, packed: Packed, stem: str) -> str:
+        w = self.init(stem + ".q", packed.data)
+        s = self.init(stem + ".s", packed.scales)
+        z = self.init(stem + ".z", packed.zeros)
+        y = self.node("MatMulNBits", [x, w, s, z], domain="com.microsoft", K=packed.k, N=packed.n,
+                      bits=packed.bits, block_size=BLOCK, accuracy_level=4)[0]
+        if packed.offsets is not None:
+            # W = (q − z)·s + offset per block: add offsets · (x summed per block)
+            shape = self.init(stem + ".bshape", np.array([0, 0, packed.k // BLOCK, BLOCK], np.int64))
+            blocks = self.node("Reshape", [x, shape])[0]
+            axes = self.init(stem + ".axes", np.array([-1], np.int64))
+            sums = self.node("ReduceSum", [blocks, axes], keepdims=0)[0]
+            off = self.init(stem + ".off", packed.offsets.T.astype(np.float32))
+            y = self.node("Add", [y, self.node("MatMul", [sums, off])[0]])[0]
+        return y
+
+
+class OrtDecoder:
+    """One onnxruntime session running embeddings-in → logits-out over the model's KV cache."""
+
+    def __init__(self, spec: ModelSpec, packed: dict[str, Packed], small: dict[str, torch.Tensor], threads: int):
+        import onnxruntime as ort
+        from onnx import TensorProto
+
+        self.spec = spec
+        self.info = [WeightInfo(n, p.source_type, p.bits, p.nbytes, p.n * p.k, p.error[0], p.error[1])
+                     for n, p in packed.items()]
+        b = _Builder()
+        h = b.helper
+        H, kvh, hd, nh = spec.hidden_size, spec.num_kv_heads, spec.head_dim, spec.num_heads
+        inputs = [h.make_tensor_value_info("embeds", TensorProto.FLOAT, ["B", "T", H]),
+                  h.make_tensor_value_info("seqlens_k", TensorProto.INT32, ["B"]),
+                  h.make_tensor_value_info("total_len", TensorProto.INT32, []),
+                  h.make_tensor_value_info("logit_start", TensorProto.INT64, [1])]
+        outputs = [h.make_tensor_value_info("logits", TensorProto.FLOAT, ["B", "L", spec.vocab_size]),
+                   h.make_tensor_value_info("hidden", TensorProto.FLOAT, ["B", "T", H])]
+        self.positions = min(spec.max_position, MAX_ROPE_CACHE)
+        inv, scale = inverse_frequencies(spec.rope, hd, spec.max_position, self.positions)
+        freqs = torch.arange(self.positions, dtype=torch.float32)[:, None] * inv[None, :]
+        cos = b.init("cos_cache", (freqs.cos() * scale).numpy().astype(np.float32))
+        sin = b.init("sin_cache", (freqs.sin() * scale).numpy().astype(np.float32))
+        eps = float(spec.norm_eps)
+
+        def vec(name: str) -> str:
+            return b.init(name, small[name].float().numpy())
+
+        resid, delta = "embeds", None
+        for i in range(spec.num_layers):
+            p = f"layers.{i}."
+            if delta is None:
+                x = b.node("SimplifiedLayerNormalization", [resid, vec(p + "attn_norm.weight")],
+                           axis=-1, epsilon=eps, stash_type=1)[0]
+            else:
+                x, _, _, resid = b.node("SkipSimplifiedLayerNormalization", [resid, delta, vec(p + "attn_norm.weight")],
+                                        4, domain="com.microsoft", epsilon=eps)
+            qkv = b.matmul(x, packed[p + "qkv.weight"], p + "qkv")
+            if spec.attn_bias:
+                qkv = b.node("Add", [qkv, vec(p + "qkv.bias")])[0]
+            pk, pv = f"past_key_{i}", f"past_value_{i}"
+            for nm in (pk, pv):
+                inputs.append(h.make_tensor_value_info(nm, TensorProto.FLOAT, ["B", kvh, "S", hd]))
+                outputs.append(h.make_tensor_value_info(nm.replace("past", "present"), TensorProto.FLOAT,
+                                                        ["B", kvh, "S", hd]))
+            attn = b.node("GroupQueryAttention", [qkv, "", "", pk, pv, "seqlens_k", "total_len", cos, sin],
+                          ["attn_" + str(i), f"present_key_{i}", f"present_value_{i}"], domain="com.microsoft",
+                          num_heads=nh, kv_num_heads=kvh, scale=float(spec.query_scale), do_rotary=1,
+                          rotary_interleaved=0)[0]
+            o = b.matmul(attn, packed[p + "o.weight"], p + "o")
+            x, _, _, resid = b.node("SkipSimplifiedLayerNormalization", [resid, o, vec(p + "ffn_norm.weight")],
+                                    4, domain="com.microsoft", epsilon=eps)
+            gu = b.matmul(x, packed[p + "gate_up.weight"], p + "gate_up")
+            gate, up = b.node("Split", [gu, b.init(p + "split", np.array([spec.intermediate_size] * 2, np.int64))],
+                              2, axis=-1)
+            act = b.node("Mul", [b.node("Mul", [gate, b.node("Sigmoid", [gate])[0]])[0], up])[0]
+            delta = b.matmul(act, packed[p + "down.weight"], p + "down")
+        x, _, _, _ = b.node("SkipSimplifiedLayerNormalization", [resid, delta, vec("final_norm.weight")],
+                            [b.name("final"), b.name("mean"), b.name("inv"), "hidden"], domain="com.microsoft",
+                            epsilon=eps)
+        big = b.init("slice_end", np.array([np.iinfo(np.int64).max], np.int64))
+        axis = b.init("slice_axis", np.array([1], np.int64))
+        last = b.node("Slice", [x, "logit_start", big, axis])[0]
+        b.node("Identity", [b.matmul(last, packed["lm_head.weight"], "lm_head")], ["logits"])
+        graph = h.make_graph(b.nodes, "modelql", inputs, outputs, b.inits)
+        model = h.make_model(graph, opset_imports=[h.make_opsetid("", 17), h.make_opsetid("com.microsoft", 1)])
+        model.ir_version = 8
+        blob = model.SerializeToString()
+        del model, graph
+        opts = ort.SessionOptions()
+        opts.intra_op_num_threads = max(1, threads)
+        opts.inter_op_num_threads = 1
+        opts.log_severity_level = 3
+        names = list(b.external)
+        values = [ort.OrtValue.ortvalue_from_numpy(b.external[n]) for n in names]
+        opts.add_external_initializers(names, values)
+        self.session = ort.InferenceSession(blob, opts, providers=["CPUExecutionProvider"])
+        # MatMulNBits repacks its weight, scales and zero points into the kernel's own layout at session
+        # creation and reads only that copy afterwards: ours are dropped (the rest must stay alive)
+        packed_inputs = {i for node in b.nodes if node.op_type == "MatMulNBits" for i in node.input[1:4]}
+        self._keep = [v for n, v in zip(names, values) if n not in packed_inputs]
+        del blob, values, b
+
+    @property
+    def nbytes(self) -> int:
+        return sum(w.nbytes for w in self.info)
+
+    def forward(self, embeds: torch.Tensor, k: list[torch.Tensor], v: list[torch.Tensor], starts: list[int],
+                logit_start: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """embeds [B, T, H] float32 after `starts` cached positions per row; k / v per layer are the
+        cache buffers [B, kv, capacity, hd] (capacity ≥ start + T, written in place).
+        Returns (logits [B, T − logit_start, V], final residual [B, T, H])."""
+        bsz, t, _ = embeds.shape
+        io = self.session.io_binding()
+        embeds = embeds.contiguous()
+        io.bind_cpu_input("embeds", embeds.numpy())
+        seqlens = np.array([s + t - 1 for s in starts], np.int32)
+        io.bind_cpu_input("seqlens_k", seqlens)
+        io.bind_cpu_input("total_len", np.array(max(starts) + t, np.int32))
+        io.bind_cpu_input("logit_start", np.array([logit_start], np.int64))
+        io.bind_output("logits")
+        io.bind_output("hidden")
+        for i in range(self.spec.num_layers):
+            for kind, buf in (("key", k[i]), ("value", v[i])):
+                shape = list(buf.shape)
+                ptr = buf.data_ptr()
+                io.bind_input(f"past_{kind}_{i}", "cpu", 0, np.float32, shape, ptr)
+                io.bind_output(f"present_{kind}_{i}", "cpu", 0, np.float32, shape, ptr)
+        self.session.run_with_iobinding(io)
+        outs = io.get_outputs()  # in binding order: logits, hidden, then the caches (not copied)
+        return torch.from_numpy(outs[0].numpy()), torch.from_numpy(outs[1].numpy())
+
+
+class OrtUnembed:
+    """Final norm → lm_head on given residuals (`Model.unembed` of a quantized model: batched prefill,
+    logit lens); a second small session, built on first use."""
+
+    def __init__(self, spec: ModelSpec, head: Packed, norm: torch.Tensor, threads: int):
+        import onnxruntime as ort
+        from onnx import TensorProto
+
+        b = _Builder()
+        h = b.helper
+        x = b.node("SimplifiedLayerNormalization", ["h", b.init("final_norm", norm.float().numpy())],
+                   axis=-1, epsilon=float(spec.norm_eps), stash_type=1)[0]
+        b.node("Identity", [b.matmul(x, head, "lm_head")], ["logits"])
+        graph = h.make_graph(b.nodes, "unembed", [h.make_tensor_value_info("h", TensorProto.FLOAT, ["N", spec.hidden_size])],
+                             [h.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", spec.vocab_size])], b.inits)
+        model = h.make_model(graph, opset_imports=[h.make_opsetid("", 17), h.make_opsetid("com.microsoft", 1)])
+        model.ir_version = 8
+        opts = ort.SessionOptions()
+        opts.intra_op_num_threads = max(1, threads)
+        opts.log_severity_level = 3
+        names = list(b.external)
+        values = [ort.OrtValue.ortvalue_from_numpy(b.external[n]) for n in names]
+        opts.add_external_initializers(names, values)
+        self.session = ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+        self._keep = values  # small: kept whole
+
+    def __call__(self, h: torch.Tensor) -> torch.Tensor:
+        lead = h.shape[:-1]
+        x = h.reshape(-1, h.shape[-1]).float().contiguous().numpy()
+        out = self.session.run(["logits"], {"h": x})[0]
+        return torch.from_numpy(out).reshape(*lead, -1)

@@ -1,0 +1,170 @@
+"""Loading a model with its weights kept low-bit: GGUF blocks as stored, or HF weights quantized at load.
+
+`QuantState` is what a quantized `Model` holds instead of float matrices: the onnxruntime graph
+(`OrtDecoder`, owning the packed weights), the small float tensors (norms, biases), a row reader
+for the token embeddings (GGUF rows are dequantized from the memory-mapped file per lookup, so the
+table is never materialized), and a way back to float weights for the torch path.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import numpy as np
+import torch
+
+from ..errors import CapabilityError
+from ..models.quant import Packed, concat, pack_float
+from ..models.source import WeightSource, canonical_tensor, resolve_prefix
+from ..models.spec import ModelSpec
+from .ort_decode import OrtDecoder, WeightInfo, supports
+
+QUANTIZE_MODES = ("auto", "none", "int8", "int4")
+
+
+@dataclass
+class QuantState:
+    decoder: OrtDecoder
+    embed_rows: Callable[[torch.Tensor], torch.Tensor]
+    source: WeightSource
+    mode: str  # "gguf" (the file's own blocks), "int8" or "int4"
+    make_unembed: Callable[[], Callable[[torch.Tensor], torch.Tensor]] | None = None
+    _unembed: Callable[[torch.Tensor], torch.Tensor] | None = None
+
+    def unembed(self, h: torch.Tensor) -> torch.Tensor:
+        """Final norm → lm_head (float32 logits) of residuals h [..., H], on the low-bit head."""
+        if self._unembed is None:
+            self._unembed = self.make_unembed()
+        return self._unembed(h)
+
+    @property
+    def info(self) -> list[WeightInfo]:
+        return self.decoder.info
+
+
+def ort_available() -> bool:
+    try:
+        import onnx  # noqa: F401
+        import onnxruntime  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def gguf_is_quantized(source) -> bool:
+    """Whether a GGUF file's matrices are stored low-bit (so loading them as float would multiply memory)."""
+    types = {t.tensor_type.name for t in source._tensors.values() if len(t.dims) >= 2}
+    return bool(types - {"F32", "F16", "BF16"})
+
+
+def why_not(spec: ModelSpec, source: WeightSource, mode: str) -> str | None:
+    """None when `mode` can keep this model's weights low-bit, else the reason (for messages and info)."""
+    if not ort_available():
+        return "onnxruntime is not installed (pip install onnxruntime onnx)"
+    reason = supports(spec)
+    if reason is not None:
+        return f"the quantized kernels do not cover {spec.family} models ({reason})"
+    if spec.hidden_size % 32 or spec.intermediate_size % 32 or spec.q_size % 32:
+        return "matrix widths are not multiples of 32"
+    return None
+
+
+def _matrix(source: WeightSource, spec: ModelSpec, name: str, prefix: str, mode: str) -> Packed:
+    """One canonical matrix packed for the kernel: the GGUF's own blocks, or requantized floats."""
+    if mode == "gguf":
+        if name.startswith("layers."):
+            _, idx, rest = name.split(".", 2)
+            tm = spec.layer_map[rest]
+            hf = tm.hf_name.format(i=int(idx))
+        else:
+            tm = spec.global_map[name]
+            hf = tm.hf_name
+        if tm.transform == "id":
+            packed = source.packed(prefix + hf)
+            if packed is not None:
+                return packed
+        w = canonical_tensor(source, spec, name, prefix)
+        return pack_float(w.float().numpy(), 8, "F32")
+    w = canonical_tensor(source, spec, name, prefix)
+    src = str(w.dtype).removeprefix("torch.").upper()
+    return pack_float(w.float().numpy(), 8 if mode == "int8" else 4, src)
+
+
+def load_quantized(source: WeightSource, spec: ModelSpec, mode: str, threads: int | None = None) -> QuantState:
+    """Pack every matmul weight (fused q|k|v and gate|up per layer, lm_head) and build the graph."""
+    reason = why_not(spec, source, mode)
+    if reason is not None:
+        raise CapabilityError(f"cannot keep {source.path.name} quantized: {reason}")
+    prefix = resolve_prefix(source.names(), next(iter(spec.global_map.values())).hf_name)
+    packed: dict[str, Packed] = {}
+    small: dict[str, torch.Tensor] = {}
+
+    def vec(name: str) -> None:
+        t = canonical_tensor(source, spec, name, prefix)
+        if t is not None:
+            small[name] = t.float().contiguous()
+
+    for i in range(spec.num_layers):
+        p = f"layers.{i}."
+        packed[p + "qkv.weight"] = concat([_matrix(source, spec, p + n + ".weight", prefix, mode) for n in "qkv"])
+        packed[p + "o.weight"] = _matrix(source, spec, p + "o.weight", prefix, mode)
+        packed[p + "gate_up.weight"] = concat([_matrix(source, spec, p + n + ".weight", prefix, mode)
+                                               for n in ("gate", "up")])
+        packed[p + "down.weight"] = _matrix(source, spec, p + "down.weight", prefix, mode)
+        vec(p + "attn_norm.weight")
+        vec(p + "ffn_norm.weight")
+        if spec.attn_bias:
+            for n in "qkv":
+                vec(p + n + ".bias")
+            small[p + "qkv.bias"] = torch.cat([small.pop(p + n + ".bias") for n in "qkv"])
+    vec("final_norm.weight")
+    head_name = "lm_head.weight" if not spec.tie_embeddings and "lm_head.weight" in spec.global_map else "embed.weight"
+    packed["lm_head.weight"] = _matrix(source, spec, head_name, prefix, mode)
+    decoder = OrtDecoder(spec, packed, small, threads or torch.get_num_threads())
+    del packed
+    threads = threads or torch.get_num_threads()
+
+    def make_unembed():
+        from .ort_decode import OrtUnembed
+
+        return OrtUnembed(spec, _matrix(source, spec, head_name, prefix, mode), small["final_norm.weight"], threads)
+
+    state = QuantState(decoder, _embedding_reader(source, spec, prefix, mode), source, mode, make_unembed)
+    release = getattr(source, "release_pages", None)
+    if release is not None:
+        release()  # the packing read every page of the file: let the kernel page them out again
+    return state
+
+
+def _embedding_reader(source: WeightSource, spec: ModelSpec, prefix: str, mode: str):
+    """ids → float32 rows: from the GGUF's blocks per lookup, or from a packed copy of the table."""
+    hf = prefix + spec.global_map["embed.weight"].hf_name
+    raw_entry = getattr(source, "_sources", {}).get(hf)
+    if mode == "gguf" and raw_entry is not None and not raw_entry[1]:
+        from gguf import GGMLQuantizationType
+        from gguf.quants import dequantize
+
+        t = source._tensors[raw_entry[0]]
+        rows = source._raw(t).reshape(t.shape[0], -1)
+        qtype = GGMLQuantizationType[t.tensor_type.name]
+        width = t.shape[1]
+
+        def gguf_rows(ids: torch.Tensor) -> torch.Tensor:
+            flat = ids.reshape(-1).numpy()
+            if t.tensor_type.name == "F32":
+                out = rows[flat].copy().view(np.float32)
+            elif t.tensor_type.name == "F16":
+                out = rows[flat].copy().view(np.float16).astype(np.float32)
+            else:
+                out = dequantize(rows[flat], qtype).reshape(len(flat), width)
+            return torch.from_numpy(np.ascontiguousarray(out, np.float32)).reshape(*ids.shape, width)
+
+        return gguf_rows
+    table = _matrix(source, spec, "embed.weight", prefix, mode if mode != "gguf" else "int8")
+
+    def packed_rows(ids: torch.Tensor) -> torch.Tensor:
+        flat = ids.reshape(-1).numpy()
+        return torch.from_numpy(table.dequantize(flat)).reshape(*ids.shape, table.k)
+
+    return packed_rows

@@ -1,0 +1,216 @@
+"""Low-bit weights: GGUF blocks → MatMulNBits layout (exact where claimed, bounded where requantized),
+and the onnxruntime graph against independent references (transformers on the dequantized weights,
+modelql's own float path, the same model fed one token at a time or in a packed batch)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+pytest.importorskip("onnxruntime")
+
+from gguf import GGML_QUANT_SIZES, GGMLQuantizationType as Q  # noqa: E402
+from gguf.quants import dequantize  # noqa: E402
+
+from modelql.models.quant import pack_float, pack_gguf  # noqa: E402
+
+# where each type keeps its float16 scale(s) in a block: (offset, count)
+_SCALES = {"Q4_0": (0, 1), "Q4_1": (0, 2), "Q8_0": (0, 1), "Q4_K": (0, 2), "Q5_K": (0, 2), "Q6_K": (-2, 1)}
+
+
+def random_blocks(qtype: str, n: int, k: int, seed: int = 0) -> np.ndarray:
+    """Random codes with sane float16 scales: every bit pattern of the codes is a valid block."""
+    block, size = GGML_QUANT_SIZES[Q[qtype]]
+    rng = np.random.default_rng(seed)
+    raw = rng.integers(0, 256, size=(n, k // block, size), dtype=np.uint8)
+    start, count = _SCALES[qtype]
+    scales = (rng.random((n, k // block, count)) * 0.02 + 0.001).astype(np.float16).view(np.uint8)
+    if start < 0:
+        raw[..., start:] = scales.reshape(n, k // block, -1)
+    else:
+        raw[..., start:start + 2 * count] = scales.reshape(n, k // block, -1)
+    return raw.reshape(n, -1)
+
+
+@pytest.mark.parametrize("qtype,bits", [("Q4_0", 4), ("Q4_1", 4), ("Q8_0", 8), ("Q4_K", 4), ("Q5_K", 8)])
+def test_gguf_blocks_convert_exactly(qtype, bits):
+    raw = random_blocks(qtype, 48, 512)
+    packed = pack_gguf(raw, qtype, (48, 512))
+    want = dequantize(raw, Q[qtype]).reshape(48, 512)
+    assert packed.bits == bits
+    np.testing.assert_allclose(packed.dequantize(), want, rtol=1e-6, atol=1e-7)
+
+
+def test_q6_k_requantizes_within_half_an_8bit_step():
+    raw = random_blocks("Q6_K", 16, 512)
+    want = dequantize(raw, Q.Q6_K).reshape(16, 512)
+    packed = pack_gguf(raw, "Q6_K", (16, 512))
+    got = packed.dequantize()
+    amax = np.abs(want.reshape(16, -1, 32)).max(-1, keepdims=True)
+    assert (np.abs(got - want).reshape(16, -1, 32) <= amax / 254 * 1.0001).all()
+    assert packed.error[1] == pytest.approx(np.linalg.norm(got - want) / np.linalg.norm(want), rel=1e-3)
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_float_requantization_error_is_bounded(bits):
+    w = np.random.default_rng(1).standard_normal((64, 256)).astype(np.float32)
+    packed = pack_float(w, bits)
+    err = np.abs(packed.dequantize() - w).reshape(64, -1, 32)
+    span = np.ptp(w.reshape(64, -1, 32), axis=-1, keepdims=True) if bits == 4 else \
+        2 * np.abs(w.reshape(64, -1, 32)).max(-1, keepdims=True)
+    steps = 15 if bits == 4 else 254
+    # 4-bit: the zero point is an integer, so the step may grow to cover the range: ≤ one step
+    assert (err <= span / steps * (1.0 if bits == 4 else 0.5) + 1e-6).all()
+
+
+# ---------------------------------------------------------------------------------------------
+# the graph on a tiny random Llama written as a Q8_0 GGUF
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def q8_file(tmp_path_factory):
+    from modelql.models.gguf_convert import convert
+    from tests.gguf.helpers import make_tiny_with_tokenizer
+
+    d = tmp_path_factory.mktemp("tiny-q8")
+    make_tiny_with_tokenizer("spm-first", d / "hf", "llama")
+    out = d / "tiny-Q8_0.gguf"
+    convert(d / "hf", out, "q8_0")
+    return out
+
+
+@pytest.fixture(scope="module")
+def pair(q8_file):
+    from modelql.runtime import load_model
+
+    return load_model(q8_file), load_model(q8_file, quantize="none")
+
+
+def test_quantized_gguf_loads_low_bit(pair):
+    quant, dense = pair
+    assert quant.quantized and not dense.quantized
+    assert {w.source_type for w in quant.quant.info} == {"Q8_0"}
+    assert all(w.bits == 8 and w.error_rms == 0.0 for w in quant.quant.info)
+    assert "weights" not in quant.__dict__  # no float copy was made
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).abs().max() / b.abs().max())
+
+
+def test_logits_match_transformers_on_the_dequantized_weights(pair, q8_file):
+    import transformers as T
+
+    quant, _ = pair
+    ref = T.AutoModelForCausalLM.from_pretrained(str(q8_file.parent), gguf_file=q8_file.name,
+                                                 dtype=torch.float32).eval()
+    ids = torch.randint(5, 200, (1, 24), generator=torch.Generator().manual_seed(0))
+    with torch.inference_mode():
+        want = ref(ids).logits[0]
+    got = quant.forward(ids[0], logits="all")[0]
+    # the kernel quantizes activations to int8 per block (accuracy level 4): ~1% of the logit range
+    assert _rel(got, want) < 0.03
+    assert (got.argmax(-1) == want.argmax(-1)).float().mean() >= 0.9
+
+
+def test_decode_steps_equal_one_prefill(pair):
+    quant, _ = pair
+    from modelql.runtime.model import KVCache
+
+    ids = list(range(10, 30))
+    full = quant.forward(ids, logits="all")[0]
+    cache = KVCache()
+    first = quant.forward(ids[:12], cache, logits="all")[0]
+    steps = [quant.forward([t], cache, logits="last")[0] for t in ids[12:]]
+    stepped = torch.cat([first, torch.stack(steps)])
+    assert cache.length == len(ids)
+    assert _rel(stepped, full) < 1e-3
+
+
+def test_packed_batch_equals_single_sequences(pair):
+    quant, _ = pair
+    from modelql.runtime.model import KVBlock, KVCache
+
+    prompts = [list(range(5, 12)), list(range(40, 49)), list(range(90, 95))]
+    caches = [KVCache() for _ in prompts]
+    for c, p in zip(caches, prompts):
+        quant.forward(p, c, logits="last")
+    singles = [c.copy() for c in caches]
+    for c, s in zip(caches, singles):
+        s.length = c.length
+    block = KVBlock(quant.spec, quant.dtype, slots=3)
+    for i, c in enumerate(caches):
+        block.place(c, i)
+    batched = quant.forward(torch.tensor([[7], [8], [9]]), caches, logits="last")
+    alone = torch.cat([quant.forward([t], [s], logits="last") for t, s in zip((7, 8, 9), singles)])
+    assert _rel(batched, alone) < 1e-5
+
+
+def test_hooks_fall_back_to_float_weights_exactly(q8_file):
+    from modelql.runtime import load_model
+
+    quant = load_model(q8_file)
+    dense = load_model(q8_file, quantize="none")
+    ids = list(range(3, 19))
+    seen = []
+    hooks = {"blocks.1.hook_resid_post": lambda t, name: seen.append(name)}
+    got = quant.forward(ids, hooks=hooks, logits="all")
+    assert seen and not quant.quantized  # materialized for the torch path
+    torch.testing.assert_close(got, dense.forward(ids, logits="all"), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("mode,bound", [("int8", 0.03), ("int4", 0.25)])
+def test_safetensors_quantize_option(q8_file, mode, bound):
+    from modelql.runtime import load_model
+
+    hf_dir = q8_file.parent / "hf"
+    quant = load_model(hf_dir, quantize=mode)
+    dense = load_model(hf_dir)
+    assert quant.quantized and {w.bits for w in quant.quant.info} == {8 if mode == "int8" else 4}
+    ids = list(range(3, 30))
+    assert _rel(quant.forward(ids, logits="all"), dense.forward(ids, logits="all")) < bound
+
+
+def test_info_reports_storage(q8_file, capsys):
+    from modelql.cli import model_info
+    from modelql.runtime import load_model
+
+    info = model_info(load_model(q8_file))
+    assert info["storage"]["types"][0]["source"] == "Q8_0"
+    assert info["checkpoint_dtype"] == "Q8_0"
+    assert info["memory_bytes"] < info["parameters"] * 1.2
+
+
+def test_real_model_q4_1_is_kept_low_bit(real_model_file):
+    from modelql.runtime import load_model
+    from modelql.runtime.generate import generate
+
+    model = load_model(real_model_file)
+    kinds = {w.source_type: w for w in model.quant.info}
+    assert set(kinds) == {"Q4_1", "Q8_0"} and kinds["Q4_1"].bits == 4
+    assert generate(model, "The capital of France is", max_tokens=3, temperature=0).text.lstrip().startswith("Paris")
+    assert model.quantized
+
+
+def test_batched_prefill_uses_the_low_bit_head(pair):
+    from modelql.runtime.generate import generate, generate_batch
+
+    quant, _ = pair
+    prompts = [[5, 6, 7, 8], [20, 21], [30, 31, 32]]
+    batch = generate_batch(quant, prompts, generate.__globals__["SamplingParams"](temperature=0, max_tokens=6,
+                                                                                  ignore_eos=True))
+    alone = [generate(quant, p, temperature=0, max_tokens=6, ignore_eos=True).token_ids for p in prompts]
+    assert [c.token_ids for c in batch] == alone
+    assert quant.quantized
+
+
+def test_mixed_widths_fuse_exactly():
+    from modelql.models.quant import concat
+
+    a = pack_gguf(random_blocks("Q4_K", 8, 256), "Q4_K", (8, 256))
+    b = pack_gguf(random_blocks("Q6_K", 4, 256, seed=2), "Q6_K", (4, 256))
+    fused = concat([a, b])
+    assert fused.bits == 8
+    np.testing.assert_array_equal(fused.dequantize(), np.concatenate([a.dequantize(), b.dequantize()]))
