@@ -350,6 +350,39 @@ def _gpt2(cfg: dict) -> ModelSpec:
     )
 
 
+def _olmo2(cfg: dict) -> ModelSpec:
+    """Norms on the outputs of attention and FFN instead of their inputs; q/k norms over the whole projection."""
+    spec = _llama(cfg)
+    layer_map = {k: v for k, v in spec.layer_map.items() if k not in ("attn_norm.weight", "ffn_norm.weight")}
+    layer_map.update(_QK_NORM)
+    layer_map["post_attn_norm.weight"] = TensorMap("model.layers.{i}.post_attention_layernorm.weight")
+    layer_map["post_ffn_norm.weight"] = TensorMap("model.layers.{i}.post_feedforward_layernorm.weight")
+    spec = replace(spec, pre_norms=False, qk_norm=True, qk_norm_per_head=False, post_attn_norm=True,
+                   post_ffn_norm=True, layer_map=layer_map)
+    return _windowed(cfg, spec, bool(cfg.get("layer_types")))
+
+
+def _granite(cfg: dict) -> ModelSpec:
+    """Llama with four scalars: embedding, attention (replaces 1/sqrt(head_dim)), residual branch, logits."""
+    spec = _llama(cfg)
+    return replace(
+        spec,
+        embed_scale=float(_get(cfg, "embedding_multiplier", default=1.0)),
+        query_scale=float(_get(cfg, "attention_multiplier", default=spec.head_dim**-0.5)),
+        residual_scale=float(_get(cfg, "residual_multiplier", default=1.0)),
+        logits_scale=float(_get(cfg, "logits_scaling", default=1.0)),
+    )
+
+
+def _smollm3(cfg: dict) -> ModelSpec:
+    """Llama where `no_rope_layers[i] == 0` marks a layer that attends without rotary positions."""
+    spec = _llama(cfg)
+    flags = cfg.get("no_rope_layers")
+    if isinstance(flags, list) and len(flags) == spec.num_layers:
+        spec = replace(spec, layer_rope=tuple(bool(f) for f in flags))
+    return _windowed(cfg, spec, bool(cfg.get("use_sliding_window", False)))
+
+
 FAMILIES: dict[str, Callable[[dict], ModelSpec]] = {
     "llama": _llama,
     "mistral": _mistral,
@@ -361,6 +394,10 @@ FAMILIES: dict[str, Callable[[dict], ModelSpec]] = {
     "gemma3_text": _gemma3,
     "phi3": _phi3,
     "gpt2": _gpt2,
+    "olmo2": _olmo2,
+    "olmo3": _olmo2,
+    "granite": _granite,
+    "smollm3": _smollm3,
 }
 
 
