@@ -47,6 +47,25 @@ class TensorMap:
 
 
 @dataclass(frozen=True)
+class MoeSpec:
+    """A mixture-of-experts FFN: a linear router picks `top_k` of `num_experts` gated FFNs per token.
+
+    Every supported family routes the same way — softmax over all experts (float32), then top-k —
+    and differs only in data: whether the k weights are renormalised to sum to 1 (Mixtral always;
+    Qwen-MoE and OLMoE by their `norm_topk_prob`), and whether a shared expert runs on every token
+    (Qwen2-MoE, its output scaled by a sigmoid gate). Canonical weights per layer: `router.weight`
+    [E, H]; `experts.{e}.gate/up/down.weight`; `shared.gate/up/down.weight`, `shared_gate.weight` [1, H].
+    """
+
+    num_experts: int
+    top_k: int
+    expert_size: int
+    renormalize: bool
+    shared_size: int = 0
+    shared_gate: bool = False
+
+
+@dataclass(frozen=True)
 class ModelSpec:
     """A model's architecture: topology, per-family numerics, and the weight name map."""
 
@@ -79,6 +98,7 @@ class ModelSpec:
 
     activation: Activation = "silu"
     gated_ffn: bool = True
+    moe: MoeSpec | None = None  # set: every layer's FFN is a mixture of experts (`ffn.moe.MoeFfn`)
 
     query_scale: float = 1.0
     attn_softcap: float | None = None
@@ -139,6 +159,9 @@ class ModelSpec:
         h, f, v = self.hidden_size, self.intermediate_size, self.vocab_size
         attn = h * self.q_size + 2 * h * self.kv_size + self.q_size * h
         ffn = (3 if self.gated_ffn else 2) * h * f
+        if self.moe is not None:
+            m = self.moe
+            ffn = 3 * h * (m.num_experts * m.expert_size + m.shared_size) + h * (m.num_experts + int(m.shared_gate))
         norms = (2 * int(self.pre_norms) + 2 * int(self.post_attn_norm)) * h
         per_layer = attn + ffn + norms
         emb = v * h * (1 if self.tie_embeddings else 2)

@@ -150,8 +150,14 @@ class Model:
         self._fuse_qkv()
         # a remote-FFN client loads no FFN weights: then the given backend is the only FFN
         has_ffn = all(f"layers.{i}.down.weight" in weights for i in range(spec.num_layers))
-        self.dense_ffn = DenseFfn(spec, weights) if has_ffn or ffn is None else None
-        self.ffn: FfnBackend = ffn or self.dense_ffn
+        if spec.moe is not None:  # no dense FFN: features, edits and walks are per expert (not built yet)
+            from ..ffn.moe import MoeFfn
+
+            self.dense_ffn = None
+            self.ffn = ffn or MoeFfn(spec, weights)
+        else:
+            self.dense_ffn = DenseFfn(spec, weights) if has_ffn or ffn is None else None
+            self.ffn = ffn or self.dense_ffn
         self.embed = weights["embed.weight"]
         self.lm_head = weights.get("lm_head.weight", self.embed)
         self._inv_freq: dict[tuple[RopeSpec, bool], tuple[torch.Tensor, float]] = {}
