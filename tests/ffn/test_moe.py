@@ -81,3 +81,25 @@ def test_moe_with_dense_layers_between_is_refused():
     cfg["mlp_only_layers"] = [0]
     with pytest.raises(UnsupportedModelError, match="mlp_only_layers"):
         spec_from_config(cfg)
+
+
+def test_info_shows_experts_and_counts_every_parameter(moe_model):
+    import transformers as T
+    from typer.testing import CliRunner
+
+    from modelql.cli import app
+
+    result = CliRunner().invoke(app, ["info", str(moe_model.path)])
+    assert result.exit_code == 0, result.output
+    assert "8 experts × 32, top-2" in result.output or "8 experts × 48, top-2" in result.output
+    hf = T.AutoModelForCausalLM.from_pretrained(moe_model.path)
+    assert f"({hf.num_parameters():,})" in result.output
+
+
+def test_extract_refuses_moe_in_one_line(moe_model, tmp_path):
+    from modelql.errors import VindexError
+    from modelql.vindex.extract import extract
+
+    with pytest.raises(VindexError, match="mixture-of-experts") as err:
+        extract(moe_model.path, tmp_path / "vx")
+    assert "\n" not in str(err.value) and not (tmp_path / "vx").exists()
