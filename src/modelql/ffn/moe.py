@@ -17,9 +17,12 @@ from typing import Iterable
 
 import torch
 
+from ..errors import CapabilityError
 from ..linear import linear
 from ..models.spec import ModelSpec
 from .base import Hooks, activation, run_hook
+
+_FEATURE_HOOKS = ("hook_pre", "hook_pre_linear", "hook_post")
 
 
 def route(logits: torch.Tensor, top_k: int, renormalize: bool) -> tuple[torch.Tensor, torch.Tensor]:
@@ -82,6 +85,9 @@ class MoeFfn:
         return route(linear(x, self.router[layer]), self.moe.top_k, self.moe.renormalize)
 
     def forward(self, layer: int, x: torch.Tensor, hooks: Hooks | None = None) -> torch.Tensor:
+        if hooks and any(f"blocks.{layer}.mlp.{h}" in hooks for h in _FEATURE_HOOKS):
+            raise CapabilityError(f"layer {layer} is a mixture of experts: its FFN features are per expert, "
+                                  "and feature hooks (ablate/steer features) do not reach them yet")
         shape = x.shape
         flat = x.reshape(-1, shape[-1])
         weights, ids = self.route(layer, flat)
