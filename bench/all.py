@@ -14,7 +14,7 @@ import sys
 import time
 from pathlib import Path
 
-BENCHES = ["decode", "walk", "server", "vindex", "describe", "edit", "lql", "remote_ffn"]
+BENCHES = ["decode", "walk", "server", "vindex", "describe", "edit", "lql", "remote_ffn", "moe", "structured", "web"]
 
 
 def main(argv: list[str] | None = None) -> int:

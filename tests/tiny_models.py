@@ -8,6 +8,8 @@ from pathlib import Path
 COMMON = dict(hidden_size=64, intermediate_size=96, num_hidden_layers=3, num_attention_heads=4,
               num_key_value_heads=2, vocab_size=211, max_position_embeddings=256)
 
+MOE = {**COMMON, "num_hidden_layers": 2, "intermediate_size": 48}
+
 
 def _configs():
     import transformers as T
@@ -33,10 +35,27 @@ def _configs():
                                                  "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0}}),
         "phi3": lambda: T.Phi3Config(**COMMON, pad_token_id=0),
         "gpt2": lambda: T.GPT2Config(n_embd=64, n_layer=3, n_head=4, vocab_size=211, n_positions=256),
+        "olmo2": lambda: T.Olmo2Config(**COMMON, pad_token_id=0, eos_token_id=2),
+        "olmo3": lambda: T.Olmo3Config(**{**COMMON, "num_hidden_layers": 4}, sliding_window=5, pad_token_id=0,
+                                       eos_token_id=2),
+        "granite": lambda: T.GraniteConfig(**COMMON, embedding_multiplier=6.0, attention_multiplier=0.05,
+                                           residual_multiplier=0.4, logits_scaling=4.0),
+        "smollm3": lambda: T.SmolLM3Config(**COMMON, no_rope_layers=[1, 0, 1], pad_token_id=0, bos_token_id=1,
+                                           eos_token_id=2),
+        "mixtral": lambda: T.MixtralConfig(**MOE, num_local_experts=8, num_experts_per_tok=2, sliding_window=5),
+        "qwen2_moe": lambda: T.Qwen2MoeConfig(**MOE, num_experts=8, num_experts_per_tok=2, moe_intermediate_size=32,
+                                              shared_expert_intermediate_size=48, norm_topk_prob=False),
+        "qwen3_moe": lambda: T.Qwen3MoeConfig(**MOE, num_experts=8, num_experts_per_tok=2, moe_intermediate_size=32,
+                                              head_dim=16, norm_topk_prob=True),
+        "olmoe": lambda: T.OlmoeConfig(**MOE, num_experts=8, num_experts_per_tok=2,
+                                       pad_token_id=0, eos_token_id=2),
     }
 
 
 FAMILIES = ["llama", "llama3", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3", "phi3", "gpt2"]
+#: families the runtime loads from safetensors but GGUF does not read yet
+SAFETENSORS_ONLY = ["olmo2", "olmo3", "granite", "smollm3", "mixtral", "qwen2_moe", "qwen3_moe", "olmoe"]
+RUNTIME_FAMILIES = FAMILIES + SAFETENSORS_ONLY
 
 
 def make_tiny(name: str, directory: Path, seed: int = 0, dtype: str = "float32"):

@@ -327,6 +327,8 @@ def model_info(model) -> dict[str, Any]:
         "head_dim": spec.head_dim,
         "intermediate_size": spec.intermediate_size,
         "activation": spec.activation,
+        "experts": spec.moe.num_experts if spec.moe else None,
+        "experts_per_token": spec.moe.top_k if spec.moe else None,
         "vocab_size": spec.vocab_size,
         "context": spec.max_position,
         "parameters": params,
@@ -362,7 +364,8 @@ def info_cmd(
         ("family", f"{info['family']} (model_type {info['model_type']})"),
         ("layers", str(info["layers"])),
         ("hidden", f"{info['hidden_size']} ({info['heads']} heads × {info['head_dim']}, {info['kv_heads']} kv heads)"),
-        ("ffn", f"{info['intermediate_size']} ({info['activation']})"),
+        ("ffn", (f"{info['experts']} experts × {info['intermediate_size']}, top-{info['experts_per_token']} "
+                 if info["experts"] else f"{info['intermediate_size']} ") + f"({info['activation']})"),
         ("vocab", str(info["vocab_size"])),
         ("context", f"{info['context']} tokens"),
         ("parameters", f"{_human(info['parameters'])} ({info['parameters']:,})"),

@@ -6,10 +6,10 @@ import pytest
 import torch
 
 from modelql.runtime import load_model
-from tests.tiny_models import FAMILIES, make_tiny
+from tests.tiny_models import RUNTIME_FAMILIES, make_tiny
 
 
-@pytest.fixture(scope="module", params=FAMILIES)
+@pytest.fixture(scope="module", params=RUNTIME_FAMILIES)
 def pair(request, tmp_path_factory):
     d = tmp_path_factory.mktemp(request.param)
     hf = make_tiny(request.param, d)

@@ -7,10 +7,10 @@ import torch
 
 from modelql.runtime import load_model
 from modelql.runtime import interp
-from tests.tiny_models import FAMILIES, make_tiny
+from tests.tiny_models import RUNTIME_FAMILIES, make_tiny
 
 
-@pytest.fixture(scope="module", params=FAMILIES)
+@pytest.fixture(scope="module", params=RUNTIME_FAMILIES)
 def pair(request, tmp_path_factory):
     d = tmp_path_factory.mktemp(request.param)
     hf = make_tiny(request.param, d)
@@ -46,7 +46,12 @@ def test_ablating_every_feature_equals_zero_ablating_the_mlp(pair):
     layer = 1
     a = interp.run_with_hooks(model, IDS, interp.zero_ablate(layer, "mlp"))
     feats = range(model.spec.intermediate_size)
-    if model.spec.gated_ffn:
+    if model.spec.moe is not None:  # features are per expert: refused, never silently ignored
+        from modelql.errors import CapabilityError
+
+        with pytest.raises(CapabilityError, match="mixture of experts"):
+            interp.run_with_hooks(model, IDS, interp.ablate_features(layer, feats))
+    elif model.spec.gated_ffn:
         b = interp.run_with_hooks(model, IDS, interp.ablate_features(layer, feats))
         assert torch.allclose(a, b, atol=1e-5)
     base = model.forward(IDS)[0]

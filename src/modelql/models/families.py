@@ -12,7 +12,7 @@ from dataclasses import replace
 from typing import Any, Callable
 
 from ..errors import ModelFormatError, UnsupportedModelError
-from .spec import ModelSpec, RopeSpec, TensorMap
+from .spec import ModelSpec, MoeSpec, RopeSpec, TensorMap
 
 _LLAMA_LAYER = {
     "attn_norm.weight": TensorMap("model.layers.{i}.input_layernorm.weight"),
@@ -350,6 +350,94 @@ def _gpt2(cfg: dict) -> ModelSpec:
     )
 
 
+def _olmo2(cfg: dict) -> ModelSpec:
+    """Norms on the outputs of attention and FFN instead of their inputs; q/k norms over the whole projection."""
+    spec = _llama(cfg)
+    layer_map = {k: v for k, v in spec.layer_map.items() if k not in ("attn_norm.weight", "ffn_norm.weight")}
+    layer_map.update(_QK_NORM)
+    layer_map["post_attn_norm.weight"] = TensorMap("model.layers.{i}.post_attention_layernorm.weight")
+    layer_map["post_ffn_norm.weight"] = TensorMap("model.layers.{i}.post_feedforward_layernorm.weight")
+    spec = replace(spec, pre_norms=False, qk_norm=True, qk_norm_per_head=False, post_attn_norm=True,
+                   post_ffn_norm=True, layer_map=layer_map)
+    return _windowed(cfg, spec, bool(cfg.get("layer_types")))
+
+
+def _granite(cfg: dict) -> ModelSpec:
+    """Llama with four scalars: embedding, attention (replaces 1/sqrt(head_dim)), residual branch, logits."""
+    spec = _llama(cfg)
+    return replace(
+        spec,
+        embed_scale=float(_get(cfg, "embedding_multiplier", default=1.0)),
+        query_scale=float(_get(cfg, "attention_multiplier", default=spec.head_dim**-0.5)),
+        residual_scale=float(_get(cfg, "residual_multiplier", default=1.0)),
+        logits_scale=float(_get(cfg, "logits_scaling", default=1.0)),
+    )
+
+
+def _smollm3(cfg: dict) -> ModelSpec:
+    """Llama where `no_rope_layers[i] == 0` marks a layer that attends without rotary positions."""
+    spec = _llama(cfg)
+    flags = cfg.get("no_rope_layers")
+    if isinstance(flags, list) and len(flags) == spec.num_layers:
+        spec = replace(spec, layer_rope=tuple(bool(f) for f in flags))
+    return _windowed(cfg, spec, bool(cfg.get("use_sliding_window", False)))
+
+
+_DENSE_FFN = ("gate.weight", "up.weight", "down.weight")
+
+
+def _with_moe(cfg: dict, spec: ModelSpec, block: str, proj: tuple[str, str, str], renormalize: bool,
+              shared: bool = False) -> ModelSpec:
+    """Replace the dense FFN maps with a router and experts under `model.layers.{i}.<block>`.
+
+    `proj` names an expert's gate, up and down projections in the checkpoint (Mixtral: w1, w3, w2)."""
+    if cfg.get("mlp_only_layers") or int(cfg.get("decoder_sparse_step", 1) or 1) != 1:
+        raise UnsupportedModelError(f"{spec.model_type} with dense layers between MoE layers "
+                                    "(mlp_only_layers / decoder_sparse_step) is not supported")
+    experts = int(_require(cfg, "num_local_experts", "num_experts"))
+    top_k = int(_require(cfg, "num_experts_per_tok"))
+    size = int(_get(cfg, "moe_intermediate_size", "intermediate_size"))
+    p = f"model.layers.{{i}}.{block}."
+    layer_map = {k: v for k, v in spec.layer_map.items() if k not in _DENSE_FFN}
+    layer_map["router.weight"] = TensorMap(p + "gate.weight")
+    for e in range(experts):
+        for canon, hf in zip(_DENSE_FFN, proj):
+            layer_map[f"experts.{e}.{canon}"] = TensorMap(f"{p}experts.{e}.{hf}.weight")
+    shared_size = int(cfg.get("shared_expert_intermediate_size") or 0) if shared else 0
+    if shared_size:
+        for canon, hf in zip(_DENSE_FFN, ("gate_proj", "up_proj", "down_proj")):
+            layer_map[f"shared.{canon}"] = TensorMap(f"{p}shared_expert.{hf}.weight")
+        layer_map["shared_gate.weight"] = TensorMap(p + "shared_expert_gate.weight")
+    moe = MoeSpec(num_experts=experts, top_k=top_k, expert_size=size, renormalize=renormalize,
+                  shared_size=shared_size, shared_gate=bool(shared_size))
+    return replace(spec, moe=moe, intermediate_size=size, layer_map=layer_map)
+
+
+def _mixtral(cfg: dict) -> ModelSpec:
+    """Mistral attention; softmax → top-k → renormalise, always."""
+    return _with_moe(cfg, _mistral(cfg), "block_sparse_moe", ("w1", "w3", "w2"), renormalize=True)
+
+
+_QWEN_PROJ = ("gate_proj", "up_proj", "down_proj")
+
+
+def _qwen2_moe(cfg: dict) -> ModelSpec:
+    return _with_moe(cfg, _qwen2(cfg), "mlp", _QWEN_PROJ, bool(cfg.get("norm_topk_prob", False)), shared=True)
+
+
+def _qwen3_moe(cfg: dict) -> ModelSpec:
+    return _with_moe(cfg, _qwen3(cfg), "mlp", _QWEN_PROJ, bool(cfg.get("norm_topk_prob", False)))
+
+
+def _olmoe(cfg: dict) -> ModelSpec:
+    """Llama pre-norms with OLMo's whole-projection q/k norms; top-k weights not renormalised by default."""
+    if cfg.get("clip_qkv") is not None:
+        raise UnsupportedModelError("olmoe with clip_qkv is not supported")
+    spec = _llama(cfg)
+    spec = replace(spec, qk_norm=True, qk_norm_per_head=False, layer_map={**spec.layer_map, **_QK_NORM})
+    return _with_moe(cfg, spec, "mlp", _QWEN_PROJ, bool(cfg.get("norm_topk_prob", False)))
+
+
 FAMILIES: dict[str, Callable[[dict], ModelSpec]] = {
     "llama": _llama,
     "mistral": _mistral,
@@ -361,6 +449,14 @@ FAMILIES: dict[str, Callable[[dict], ModelSpec]] = {
     "gemma3_text": _gemma3,
     "phi3": _phi3,
     "gpt2": _gpt2,
+    "olmo2": _olmo2,
+    "olmo3": _olmo2,
+    "granite": _granite,
+    "smollm3": _smollm3,
+    "mixtral": _mixtral,
+    "qwen2_moe": _qwen2_moe,
+    "qwen3_moe": _qwen3_moe,
+    "olmoe": _olmoe,
 }
 
 

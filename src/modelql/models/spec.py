@@ -47,6 +47,25 @@ class TensorMap:
 
 
 @dataclass(frozen=True)
+class MoeSpec:
+    """A mixture-of-experts FFN: a linear router picks `top_k` of `num_experts` gated FFNs per token.
+
+    Every supported family routes the same way — softmax over all experts (float32), then top-k —
+    and differs only in data: whether the k weights are renormalised to sum to 1 (Mixtral always;
+    Qwen-MoE and OLMoE by their `norm_topk_prob`), and whether a shared expert runs on every token
+    (Qwen2-MoE, its output scaled by a sigmoid gate). Canonical weights per layer: `router.weight`
+    [E, H]; `experts.{e}.gate/up/down.weight`; `shared.gate/up/down.weight`, `shared_gate.weight` [1, H].
+    """
+
+    num_experts: int
+    top_k: int
+    expert_size: int
+    renormalize: bool
+    shared_size: int = 0
+    shared_gate: bool = False
+
+
+@dataclass(frozen=True)
 class ModelSpec:
     """A model's architecture: topology, per-family numerics, and the weight name map."""
 
@@ -68,7 +87,9 @@ class ModelSpec:
     embed_scale: float = 1.0
     learned_positions: bool = False
 
+    pre_norms: bool = True  # False: no norm before attention/FFN (OLMo 2 normalises their outputs instead)
     qk_norm: bool = False
+    qk_norm_per_head: bool = True  # False: q/k norms span the whole projection (OLMo 2)
     post_attn_norm: bool = False
     post_ffn_norm: bool = False
     attn_bias: bool = False
@@ -77,16 +98,19 @@ class ModelSpec:
 
     activation: Activation = "silu"
     gated_ffn: bool = True
+    moe: MoeSpec | None = None  # set: every layer's FFN is a mixture of experts (`ffn.moe.MoeFfn`)
 
     query_scale: float = 1.0
     attn_softcap: float | None = None
     final_softcap: float | None = None
     logits_scale: float = 1.0
+    residual_scale: float = 1.0  # attention and FFN outputs are scaled by it before joining the residual (Granite)
 
     rope: RopeSpec | None = field(default_factory=RopeSpec)
     rope_local: RopeSpec | None = None
     sliding_window: int | None = None
     layer_sliding: tuple[bool, ...] = ()
+    layer_rope: tuple[bool, ...] = ()  # per layer: False = no positional rotation (SmolLM3's NoPE layers)
 
     tie_embeddings: bool = False
     bos_token_id: int | None = None
@@ -106,6 +130,8 @@ class ModelSpec:
         return self.sliding_window if self.is_sliding(layer) else None
 
     def rope_for(self, layer: int) -> RopeSpec | None:
+        if self.layer_rope and not self.layer_rope[layer]:
+            return None
         if self.is_sliding(layer) and self.rope_local is not None:
             return self.rope_local
         return self.rope
@@ -133,7 +159,10 @@ class ModelSpec:
         h, f, v = self.hidden_size, self.intermediate_size, self.vocab_size
         attn = h * self.q_size + 2 * h * self.kv_size + self.q_size * h
         ffn = (3 if self.gated_ffn else 2) * h * f
-        norms = (2 + 2 * int(self.post_attn_norm)) * h
+        if self.moe is not None:
+            m = self.moe
+            ffn = 3 * h * (m.num_experts * m.expert_size + m.shared_size) + h * (m.num_experts + int(m.shared_gate))
+        norms = (2 * int(self.pre_norms) + 2 * int(self.post_attn_norm)) * h
         per_layer = attn + ffn + norms
         emb = v * h * (1 if self.tie_embeddings else 2)
         pos = self.max_position * h if self.learned_positions else 0

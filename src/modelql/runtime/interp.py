@@ -92,10 +92,15 @@ def hook_names(model: Model) -> list[str]:
         b = f"blocks.{i}."
         names += [b + "hook_resid_pre", b + "ln1.hook_normalized"]
         names += [b + "attn.hook_q", b + "attn.hook_k", b + "attn.hook_v", b + "attn.hook_z"]
-        names += [b + "hook_attn_out", b + "hook_resid_mid", b + "ln2.hook_normalized", b + "mlp.hook_pre"]
-        if spec.gated_ffn:
-            names.append(b + "mlp.hook_pre_linear")
-        names += [b + "mlp.hook_post", b + "hook_mlp_out", b + "hook_resid_post"]
+        names += [b + "hook_attn_out", b + "hook_resid_mid", b + "ln2.hook_normalized"]
+        if spec.moe is not None:  # routing, not features: those are per expert
+            names += [b + "mlp.hook_expert_ids", b + "mlp.hook_expert_weights"]
+        else:
+            names.append(b + "mlp.hook_pre")
+            if spec.gated_ffn:
+                names.append(b + "mlp.hook_pre_linear")
+            names.append(b + "mlp.hook_post")
+        names += [b + "hook_mlp_out", b + "hook_resid_post"]
     return names + ["ln_final.hook_normalized"]
 
 

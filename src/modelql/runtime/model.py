@@ -160,8 +160,14 @@ class Model:
         self._fuse_qkv()
         # a remote-FFN client loads no FFN weights: then the given backend is the only FFN
         has_ffn = all(f"layers.{i}.down.weight" in weights for i in range(self.spec.num_layers))
-        self.dense_ffn = DenseFfn(self.spec, weights) if has_ffn or ffn is None else None
-        self.ffn: FfnBackend = ffn or self.dense_ffn
+        if self.spec.moe is not None:  # no dense FFN: features, edits and walks are per expert (not built yet)
+            from ..ffn.moe import MoeFfn
+
+            self.dense_ffn = None
+            self.ffn = ffn or MoeFfn(self.spec, weights)
+        else:
+            self.dense_ffn = DenseFfn(self.spec, weights) if has_ffn or ffn is None else None
+            self.ffn = ffn or self.dense_ffn
         self.embed = weights["embed.weight"]
         self.lm_head = weights.get("lm_head.weight", self.embed)
 
@@ -311,10 +317,12 @@ class Model:
         p = f"layers.{layer}."
         qkv = linear(x, self.qkv_w[layer], self.qkv_b[layer])
         q, k, v = qkv.split([spec.q_size, spec.kv_size, spec.kv_size], dim=-1)
+        if spec.qk_norm and not spec.qk_norm_per_head:
+            q, k = self.norm(q, p + "q_norm"), self.norm(k, p + "k_norm")
         q = q.view(b, t, spec.num_heads, spec.head_dim).transpose(1, 2)
         k = k.view(b, t, spec.num_kv_heads, spec.head_dim).transpose(1, 2)
         v = v.view(b, t, spec.num_kv_heads, spec.head_dim).transpose(1, 2)
-        if spec.qk_norm:
+        if spec.qk_norm and spec.qk_norm_per_head:
             q, k = self.norm(q, p + "q_norm"), self.norm(k, p + "k_norm")
         starts = [c.length for c in caches]
         kind = spec.rope_for(layer)
@@ -351,16 +359,20 @@ class Model:
               rotations: dict | None = None) -> torch.Tensor:
         spec, p, n = self.spec, f"layers.{layer}.", f"blocks.{layer}."
         h = run_hook(hooks, n + "hook_resid_pre", h)
-        x = run_hook(hooks, n + "ln1.hook_normalized", self.norm(h, p + "attn_norm"))
+        x = run_hook(hooks, n + "ln1.hook_normalized", self.norm(h, p + "attn_norm") if spec.pre_norms else h)
         a = self.attention(layer, x, caches, hooks, rotations)
         if spec.post_attn_norm:
             a = self.norm(a, p + "post_attn_norm")
+        if spec.residual_scale != 1.0:
+            a = a * spec.residual_scale
         h = h + run_hook(hooks, n + "hook_attn_out", a)
         h = run_hook(hooks, n + "hook_resid_mid", h)
-        x = run_hook(hooks, n + "ln2.hook_normalized", self.norm(h, p + "ffn_norm"))
+        x = run_hook(hooks, n + "ln2.hook_normalized", self.norm(h, p + "ffn_norm") if spec.pre_norms else h)
         m = self.ffn.forward(layer, x, hooks)
         if spec.post_ffn_norm:
             m = self.norm(m, p + "post_ffn_norm")
+        if spec.residual_scale != 1.0:
+            m = m * spec.residual_scale
         h = h + run_hook(hooks, n + "hook_mlp_out", m)
         return run_hook(hooks, n + "hook_resid_post", h)
 

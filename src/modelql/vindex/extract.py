@@ -415,6 +415,9 @@ def extract(
     t0 = time.perf_counter()
     source = _open_source(model)
     spec = spec_from_config(source.config)
+    if spec.moe is not None:
+        raise VindexError(f"{spec.family} is a mixture-of-experts model: a vindex of expert FFNs is not supported yet "
+                          "(the model runs with generate/serve)")
     tmp = staging_directory(out)
     shards: list[ShardSet] = []
     try:
