@@ -191,7 +191,7 @@ def test_unauthorized_and_openai_envelope(kmodel, kvindex):
             KnowledgeClient(srv.url) as bad, KnowledgeClient(srv.url, api_key="s3cret") as good:
         with pytest.raises(KnowledgeHTTPError) as e:
             bad.stats()
-        assert e.value.status == 401 and e.value.code == "unauthorized" and e.value.message == "unauthorized"
+        assert e.value.status == 401 and e.value.code == "invalid_api_key" and "API key" in e.value.message
         assert good.stats().layers == kvindex.num_layers
 
 

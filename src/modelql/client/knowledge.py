@@ -30,7 +30,7 @@ DEFAULT_TIMEOUT = 60.0
 DEFAULT_RETRIES = 2
 NAN = float("nan")
 
-#: codes for the knowledge group's plain `{"error": "message"}` envelope, by status
+#: error codes by status, for envelopes without one (a bare `{"error": "message"}`, or OpenAI's with `code: null`)
 STATUS_CODES = {400: "invalid_request", 401: "unauthorized", 403: "forbidden", 404: "not_found",
                 405: "method_not_allowed", 413: "request_too_large", 429: "rate_limit_exceeded",
                 500: "server_error", 502: "bad_gateway", 503: "service_unavailable", 504: "gateway_timeout"}
@@ -150,7 +150,9 @@ def describe_from_json(d: dict, bands: dict[str, tuple[int, int]] | None = None)
             z=gate if unit == "z" else NAN, layer=layer, feature=int(e.get("feature", -1)),
             layers=tuple(sorted({lo, hi, layer})), count=int(e.get("count", 1)), c_score=NAN,
             also=tuple(e.get("also") or ()), relation=e.get("relation"), source=e.get("source"),
-            band=e.get("band") or _band_of(bands, layer)))
+            band=e.get("band") or _band_of(bands, layer),
+            confidence=None if e.get("confidence") is None else float(e["confidence"]),
+            confident=e.get("confident"), patch=e.get("patch"), decoded=bool(e.get("decoded", False))))
     max_gate = _f(d.get("max_gate"), max((e.gate for e in edges), default=0.0))
     found = bool(d.get("found", True))
     return DescribeResult(
@@ -158,7 +160,8 @@ def describe_from_json(d: dict, bands: dict[str, tuple[int, int]] | None = None)
         found=found, edges=tuple(edges), layers=(), bands=bands, unit=unit,
         threshold=_f(d.get("threshold")), max_gate=max_gate,
         signal=d.get("signal") or signal_label(max_gate, unit if unit in ("z", "score") else "score"),
-        latency_ms=_f(d.get("latency_ms"), 0.0))
+        latency_ms=_f(d.get("latency_ms"), 0.0), known=d.get("known"), note=d.get("note"),
+        suggestion=d.get("suggestion"))
 
 
 def walk_from_json(d: dict, top: int):
@@ -560,7 +563,7 @@ def _http_error(resp: httpx.Response, endpoint: str) -> KnowledgeHTTPError:
             message = err
         elif isinstance(err, dict):
             message = str(err.get("message", message))
-            code = str(err.get("code") or err.get("type") or code)
+            code = str(err.get("code") or code)  # OpenAI leaves "code" null on most errors: keep the status code
         elif "detail" in d:
             message = str(d["detail"])
     return KnowledgeHTTPError(status, code, message, endpoint)

@@ -88,6 +88,8 @@ def describe_json(result, limit: int | None, verbose: bool, bands: bool = False,
         for k in ("confidence", "confident", "patch"):  # calibrated claims, overlay facts
             if e.get(k) is not None:
                 row[k] = _r(e[k], 4) if k == "confidence" else e[k]
+        if e.get("decoded"):  # a relation probe's decoded answer (the claims DESCRIBE calibrates)
+            row["decoded"] = True
         edges.append(row)
     body = {"entity": result.entity, "model": result.model, "edges": edges,
             "mode": result.mode, "unit": result.unit, "threshold": result.threshold, "found": result.found,
