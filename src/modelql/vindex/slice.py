@@ -165,10 +165,10 @@ def slice_vindex(source: str | Path, out: str | Path, preset: str, *, force: boo
         sums: dict[str, str] = {}
         for name in files_to_hash(tmp):
             digest = sha256_file(tmp / name)
-            if name in old and old[name] != digest:
+            if name in old and name != fmt.WEIGHTS_INDEX and old[name] != digest:  # that one is rewritten
                 raise VindexError(f"{name} does not match the source vindex's checksum: the source is corrupt "
                                   f"(run modelql verify {src})")
-            result.verified += name in old
+            result.verified += name in old and name != fmt.WEIGHTS_INDEX
             sums[name] = digest
         level = _derived_level(copied)
         if _LEVEL_ORDER.get(idx.extract_level, 0) < _LEVEL_ORDER[level]:
