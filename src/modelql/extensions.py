@@ -42,8 +42,11 @@ EXTENSIONS: tuple[Extension, ...] = (
     Extension("HTTP", "GET /v1/describe?min_score=adaptive", "modelql's scale-free per-layer threshold instead "
               "of LARQL's absolute 5.0 (which finds nothing on models with small embedding norms)"),
     Extension("HTTP", "GET /v1/describe?variant=lql&layer=n", "LQL DESCRIBE semantics (what USE REMOTE sends)"),
-    Extension("HTTP", "GET /v1/describe → mode, unit, threshold, found, max_gate, signal, bands, total",
-              "extra fields of the describe body"),
+    Extension("HTTP", "GET /v1/describe → mode, unit, threshold, found, max_gate, signal, bands, total, known, "
+                      "note, suggestion",
+              "extra fields of the describe body (known / note / suggestion: the calibrated verdict on the entity)"),
+    Extension("HTTP", "GET /v1/describe?variant=lql → edges' decoded, confidence, confident, patch",
+              "calibrated claims and overlay facts per edge (the server variant keeps LARQL's edge fields)"),
     Extension("HTTP", "POST /v1/select {\"features\": [ids]} → top_tokens", "filter by feature id; each edge's "
               "top tokens"),
     Extension("HTTP", "POST /v1/edges/match", "what a DELETE / UPDATE WHERE selects in the session's overlay"),

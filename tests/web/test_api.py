@@ -159,12 +159,12 @@ def test_lql_console_runs_what_local_lql_runs(client, kvindex):
     'EXTRACT MODEL "x" INTO "y";', 'APPLY PATCH "x.vlp";'])
 def test_lql_console_refuses_what_touches_files_or_edits(client, stmt):
     r = client.post("/v1/lql", json={"statement": stmt})
-    assert r.status_code == 400 and "not available in the web console" in r.json()["error"]
+    assert r.status_code == 400 and "not available in the web console" in r.json()["error"]["message"]
 
 
 def test_lql_syntax_error_has_a_position(client):
     r = client.post("/v1/lql", json={"statement": 'DESCRIBE "France" BOGUS;'})
-    assert r.status_code == 400 and re.search(r"line 1|column|\^", r.json()["error"])
+    assert r.status_code == 400 and re.search(r"line 1|column|\^", r.json()["error"]["message"])
 
 
 def test_lql_completion_is_the_repl_completer(client, kvindex):
@@ -233,7 +233,7 @@ def test_no_patch_directory_is_403(kmodel, kvindex):
 
     with background(None, ServerConfig(port=0), model=kmodel, vindex_source=VindexSource.ready(kvindex)) as srv:
         r = httpx.get(srv.url + "/v1/patch-files")
-        assert r.status_code == 403 and "--patch-dir" in r.json()["error"]
+        assert r.status_code == 403 and "--patch-dir" in r.json()["error"]["message"]
 
 
 def test_feature_page_scores_the_entitys_probe_templates(client, kvindex):

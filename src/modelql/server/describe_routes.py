@@ -85,11 +85,11 @@ def describe_json(result, limit: int | None, verbose: bool, bands: bool = False,
             row.update(layer_min=e["layer_min"], layer_max=e["layer_max"], count=e["count"])
         if bands:
             row["band"] = e["band"]
-        for k in ("confidence", "confident", "patch"):  # calibrated claims, overlay facts
-            if e.get(k) is not None:
-                row[k] = _r(e[k], 4) if k == "confidence" else e[k]
-        if e.get("decoded"):  # a relation probe's decoded answer (the claims DESCRIBE calibrates)
-            row["decoded"] = True
+            for k in ("confidence", "confident", "patch"):  # calibrated claims, overlay facts
+                if e.get(k) is not None:
+                    row[k] = _r(e[k], 4) if k == "confidence" else e[k]
+            if e.get("decoded"):  # a relation probe's decoded answer (the claims DESCRIBE calibrates)
+                row["decoded"] = True
         edges.append(row)
     body = {"entity": result.entity, "model": result.model, "edges": edges,
             "mode": result.mode, "unit": result.unit, "threshold": result.threshold, "found": result.found,

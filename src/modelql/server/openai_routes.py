@@ -18,6 +18,7 @@ from typing import Any, AsyncIterator
 from fastapi import APIRouter, Request
 from starlette.responses import JSONResponse, StreamingResponse
 
+from .body import JsonRoute
 from .. import __version__
 from ..errors import ModelqlError
 from ..runtime.generate import Sequence, encode_prompt, generation_config
@@ -29,7 +30,7 @@ from .errors import HttpError, InvalidValue, ServiceUnavailable, modelql_error_p
 from .schemas import (OPENAI_ERRORS, ChatCompletion, ChatCompletionRequest, Completion, CompletionRequest,
                       EmbeddingList, EmbeddingRequest, ModelCard, ModelList)
 
-router = APIRouter(tags=["openai"])
+router = APIRouter(route_class=JsonRoute, tags=["openai"])
 
 FINGERPRINT = f"fp_modelql_{__version__}"
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}

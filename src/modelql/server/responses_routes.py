@@ -20,6 +20,7 @@ from fastapi import APIRouter, Request
 from pydantic import Field, ValidationError
 from starlette.responses import JSONResponse
 
+from .body import JsonRoute
 from ..runtime.generate import Sequence
 from . import tools as tools_mod
 from .engine import Failed, Finished, Token
@@ -29,7 +30,7 @@ from .openai_routes import (SSE_DONE, SSE_KEEPALIVE, _check_context, _check_mode
                             _stream_items, _tool_plan)
 from .schemas import OPENAI_ERRORS, ChatCompletionRequest, _Req
 
-router = APIRouter(tags=["openai"])
+router = APIRouter(route_class=JsonRoute, tags=["openai"])
 MAX_STORED = 1000
 
 

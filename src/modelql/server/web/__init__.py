@@ -14,9 +14,10 @@ from importlib import resources
 from fastapi import APIRouter
 from starlette.responses import Response
 
+from ..body import JsonRoute
 from ..errors import HttpError
 
-router = APIRouter(tags=["web"], include_in_schema=False)
+router = APIRouter(route_class=JsonRoute, tags=["web"], include_in_schema=False)
 
 #: file name → (package, media type)
 ASSETS = {

@@ -28,6 +28,7 @@ from fastapi import APIRouter, Query, Request
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.concurrency import run_in_threadpool
 
+from ..body import JsonRoute
 from .. import patch_files
 from ..errors import HttpError, ServiceUnavailable
 from ..describe_routes import _mode_for, run_describe
@@ -35,7 +36,7 @@ from ..edit_routes import _active, _mutate
 from ..knowledge_base import MAX_LIMIT, _model, _scope, _st, _text, _vindex, editing
 from ..knowledge_routes import _check_length, _prompt
 
-router = APIRouter(tags=["web"])
+router = APIRouter(route_class=JsonRoute, tags=["web"])
 
 MAX_TRACE_TOKENS = 64
 MAX_EXPLAIN_TOKENS = 512
