@@ -118,6 +118,8 @@ FrequencyOpt = Annotated[float, typer.Option("--frequency-penalty", help="OpenAI
 PresenceOpt = Annotated[float, typer.Option("--presence-penalty", help="OpenAI presence penalty")]
 SeedOpt = Annotated[Optional[int], typer.Option("--seed", help="RNG seed: same seed, same text")]
 StopOpt = Annotated[Optional[list[str]], typer.Option("--stop", help="stop string (repeatable), never printed")]
+IgnoreEosOpt = Annotated[bool, typer.Option("--ignore-eos", help="keep generating past end-of-sequence tokens "
+                                                               "(until --max-tokens or a stop string)")]
 PatchOpt = Annotated[Optional[list[str]], typer.Option("--patch", help="apply a .vlp patch to the model's FFN "
                                                                        "(repeatable, stacked in order)")]
 
@@ -147,12 +149,12 @@ def load(model: str | None, dtype: str = "float32", quantize: str | None = None)
 
 
 def sampling_params(max_tokens, temperature, top_k, top_p, min_p, repetition_penalty, frequency_penalty,
-                    presence_penalty, seed, stop):
+                    presence_penalty, seed, stop, ignore_eos: bool = False):
     from .runtime.sampling import SamplingParams
 
     return SamplingParams(max_tokens=max_tokens, temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
                           repetition_penalty=repetition_penalty, frequency_penalty=frequency_penalty,
-                          presence_penalty=presence_penalty, seed=seed, stop=list(stop or []))
+                          presence_penalty=presence_penalty, seed=seed, stop=list(stop or []), ignore_eos=ignore_eos)
 
 
 def stream_out(deltas) -> tuple[str, str | None, int]:
@@ -185,6 +187,7 @@ def generate_cmd(
     presence_penalty: PresenceOpt = 0.0,
     seed: SeedOpt = None,
     stop: StopOpt = None,
+    ignore_eos: IgnoreEosOpt = False,
     chat: Annotated[bool, typer.Option("--chat", help="wrap PROMPT as a user message in the chat template")] = False,
     dtype: DtypeOpt = "float32",
     quantize: QuantizeOpt = None,
@@ -206,7 +209,7 @@ def generate_cmd(
         prompt = prompt[:-1] if prompt.endswith("\n") else prompt
         prompt = prompt[:-1] if prompt.endswith("\r") else prompt
     params = sampling_params(max_tokens, temperature, top_k, top_p, min_p, repetition_penalty, frequency_penalty,
-                             presence_penalty, seed, stop)
+                             presence_penalty, seed, stop, ignore_eos)
     if ffn:
         from .remote.client import load_remote_model
 
@@ -245,6 +248,7 @@ def chat_cmd(
     presence_penalty: PresenceOpt = 0.0,
     seed: SeedOpt = None,
     stop: StopOpt = None,
+    ignore_eos: IgnoreEosOpt = False,
     dtype: DtypeOpt = "float32",
     patch: PatchOpt = None,
     quantize: QuantizeOpt = None,
@@ -253,7 +257,7 @@ def chat_cmd(
     from .errors import ModelFormatError
 
     params = sampling_params(max_tokens, temperature, top_k, top_p, min_p, repetition_penalty, frequency_penalty,
-                             presence_penalty, seed, stop)
+                             presence_penalty, seed, stop, ignore_eos)
     m = load(model, dtype, quantize)
     if m.tokenizer is None:
         raise ModelFormatError("chat needs a tokenizer (tokenizer.json)")
