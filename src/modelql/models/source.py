@@ -146,15 +146,19 @@ def _hf_key(prefix: str, hf_name: str) -> str:
     return prefix + hf_name
 
 
-def canonical_tensor(source: WeightSource, spec, name: str, prefix: str) -> torch.Tensor | None:
-    """One canonical tensor (see `ModelSpec.layer_map`), or None if optional and absent."""
+def tensor_map(spec, name: str):
+    """A canonical name's `TensorMap` and its checkpoint name (layer index filled in)."""
     if name.startswith("layers."):
         _, idx, rest = name.split(".", 2)
         tm = spec.layer_map[rest]
-        hf = tm.hf_name.format(i=int(idx))
-    else:
-        tm = spec.global_map[name]
-        hf = tm.hf_name
+        return tm, tm.hf_name.format(i=int(idx))
+    tm = spec.global_map[name]
+    return tm, tm.hf_name
+
+
+def canonical_tensor(source: WeightSource, spec, name: str, prefix: str) -> torch.Tensor | None:
+    """One canonical tensor (see `ModelSpec.layer_map`), or None if optional and absent."""
+    tm, hf = tensor_map(spec, name)
     key = _hf_key(prefix, hf)
     try:
         tensor = source.get(key)

@@ -16,7 +16,7 @@ import torch
 
 from ..errors import CapabilityError
 from ..models.quant import Packed, concat, pack_float
-from ..models.source import WeightSource, canonical_tensor, resolve_prefix
+from ..models.source import WeightSource, canonical_tensor, resolve_prefix, tensor_map
 from ..models.spec import ModelSpec
 from .ort_decode import OrtDecoder, WeightInfo, supports
 
@@ -73,13 +73,7 @@ def why_not(spec: ModelSpec, source: WeightSource, mode: str) -> str | None:
 def _matrix(source: WeightSource, spec: ModelSpec, name: str, prefix: str, mode: str) -> Packed:
     """One canonical matrix packed for the kernel: the GGUF's own blocks, or requantized floats."""
     if mode == "gguf":
-        if name.startswith("layers."):
-            _, idx, rest = name.split(".", 2)
-            tm = spec.layer_map[rest]
-            hf = tm.hf_name.format(i=int(idx))
-        else:
-            tm = spec.global_map[name]
-            hf = tm.hf_name
+        tm, hf = tensor_map(spec, name)
         if tm.transform == "id":
             packed = source.packed(prefix + hf)
             if packed is not None:
