@@ -64,9 +64,10 @@ def serve_command(
     disable_f16_wire: Annotated[bool, typer.Option(
         "--disable-f16-wire", envvar="MODELQL_F16_WIRE_DISABLE", help="walk-ffn never answers f16")] = False,
     patch: Annotated[Optional[list[str]], typer.Option(
-        "--patch", help="apply a .vlp patch to the served model's FFN before serving (repeatable)")] = None,
+        "--patch", help="apply a .vlp patch before serving (repeatable): generation, GET /v1/patches and DESCRIBE see it, "
+                          "DELETE /v1/patches/NAME removes it")] = None,
 ) -> None:
-    from ..cli import load, with_patches
+    from ..cli import load
     from .config import ServerConfig, ServerConfigError
     from .serve import serve
 
@@ -85,14 +86,9 @@ def serve_command(
 
         def load(ref, dtype):  # noqa: F811 - the client half of a split model
             return load_remote_model(ref, ffn, wire, dtype, api_key=ffn_api_key)
-    if patch:
-        if ffn or ffn_only or model_dir is not None or (models and len(models) > 1):
-            raise ServerConfigError("--patch applies to one locally computed model: not with --ffn, --ffn-only, "
-                                    "--dir or several models")
-        base_load = load
-
-        def load(ref, dtype):  # noqa: F811 - the model with its patches, as generation sees it
-            return with_patches(base_load(ref, dtype), patch)
+    if patch and (ffn or ffn_only or model_dir is not None or (models and len(models) > 1)):
+        raise ServerConfigError("--patch applies to one locally computed model: not with --ffn, --ffn-only, "
+                                "--dir or several models")
     if threads:
         import torch
 
@@ -105,4 +101,5 @@ def serve_command(
             raise ServerConfigError("give models as arguments or --dir, not both")
         models = [str(p) for p in vindex_children(model_dir)]
     refs = models or [None]
-    serve(refs if len(refs) > 1 else refs[0], config, dtype=dtype, loader=load, multi=model_dir is not None)
+    serve(refs if len(refs) > 1 else refs[0], config, dtype=dtype, loader=load, multi=model_dir is not None,
+          patches=patch)

@@ -33,10 +33,11 @@ def _uvicorn_config(app, config: ServerConfig):
 
 
 def build(model_ref: str | Path | None, config: ServerConfig, dtype: str = "float32", model=None, loader=None,
-          vindex_source=None):
+          vindex_source=None, patches: list[str | Path] | None = None):
     """Load the model (None: the embedded default) and build the app and its engine, with the
     knowledge group browsing `vindex_source` (default: `VindexSource.for_model_ref(model_ref)` — the
-    vindex given, or a model directory's cached vindex, extracted in the background on first use)."""
+    vindex given, or a model directory's cached vindex, extracted in the background on first use).
+    `patches` (`serve --patch`) are applied into the served patch session (`apply_patches`)."""
     from ..remote import routes as ffn_routes
     from . import knowledge_routes, stream_routes
     from .app import create_app
@@ -65,7 +66,31 @@ def build(model_ref: str | Path | None, config: ServerConfig, dtype: str = "floa
         except VindexError as exc:  # e.g. a client slice: no browse files
             vindex_source = knowledge_routes.VindexSource.unavailable(str(exc))
     knowledge_routes.attach(app, vindex_source)
+    if patches:
+        apply_patches(app, patches)
     return app, engine
+
+
+def apply_patches(app, paths: list[str | Path]) -> None:
+    """`serve --patch FILE`: stack each .vlp file on the server's global patch session, as
+    `POST /v1/patches/apply` does, so generation, `GET /v1/patches`, DESCRIBE and the LQL console all
+    read the same overlay (and a client may remove the patch again). Waits for the vindex (a model
+    directory's is extracted on first use): a patch edits the vindex's features."""
+    from ..errors import ModelqlError
+    from .knowledge_base import editing
+
+    st, src = app.state.modelql, app.state.knowledge
+    if not src.wait(None):
+        raise ModelqlError(f"--patch needs the served model's vindex: {src.error or src.reason or 'none loaded'}")
+    editing()
+    ps = src.session(st.engine.model)
+    for raw in paths:
+        path = Path(raw).expanduser()
+        if not path.is_file():
+            raise ModelqlError(f"patch file not found: {raw}")
+        ps.apply(path, name=path.name)
+    if ps.has_weights and st.config.inference:
+        st.engine.model = ps.model()
 
 
 def first_request(url: str, model_id: str, api_key: str | None, inference: bool) -> str:
@@ -79,7 +104,7 @@ def first_request(url: str, model_id: str, api_key: str | None, inference: bool)
 
 
 def serve(model_ref: str | Path | None | list[str | Path], config: ServerConfig, dtype: str = "float32", out=None,
-          loader=None, multi: bool = False) -> None:
+          loader=None, multi: bool = False, patches: list[str] | None = None) -> None:
     """Load, print the URL and a first request to try, serve until interrupted. Several model
     references (or `multi`, as `--dir` asks) serve in multi-model mode (`multi.py`)."""
     import uvicorn
@@ -95,9 +120,11 @@ def serve(model_ref: str | Path | None | list[str | Path], config: ServerConfig,
         served = f"{len(ids)} models ({', '.join(ids)}; knowledge routes under /v1/{{model_id}}/)"
     else:
         print(f"loading {refs[0] or 'the embedded default model'} ...", file=out, flush=True)
-        app, engine = build(refs[0], config, dtype, loader=loader)
+        app, engine = build(refs[0], config, dtype, loader=loader, patches=patches)
         ids = [app.state.modelql.model_id]
         served = ids[0]
+        if patches:
+            served += " with " + ", ".join(Path(p).name for p in patches) + " applied (GET /v1/patches)"
 
     class _Server(uvicorn.Server):
         async def startup(self, sockets=None):
