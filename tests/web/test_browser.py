@@ -5,45 +5,11 @@ $MODELQL_ARTIFACTS/web (default: test-artifacts/web)."""
 
 from __future__ import annotations
 
-import os
-import shutil
-import tempfile
-from pathlib import Path
-
 import pytest
 
-from .conftest import KEY, PATCH
+from .conftest import CHROMIUM, KEY, NO_CHROMIUM, PATCH
 
-CHROMIUM = shutil.which("chromium") or ("/usr/bin/chromium" if Path("/usr/bin/chromium").exists() else None)
-FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-         "--disable-background-networking", "--disable-component-update", "--disable-sync"]
-
-pytestmark = [pytest.mark.skipif(CHROMIUM is None, reason="Debian's chromium is not installed "
-                                 "(apt-get install -y chromium; .ci/run installs it)"),
-              pytest.mark.timeout(300)]
-
-
-@pytest.fixture(scope="module")
-def artifacts() -> Path:
-    d = Path(os.environ.get("MODELQL_ARTIFACTS", "test-artifacts")) / "web"
-    d.mkdir(parents=True, exist_ok=True)
-    return d
-
-
-@pytest.fixture(scope="module")
-def browser():
-    sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is in the test extra")
-    profile = tempfile.mkdtemp(prefix="modelql-chromium-")
-    with sync_api.sync_playwright() as p:
-        # the network is off for everything but loopback: a dead proxy (port 9, discard) takes the rest
-        ctx = p.chromium.launch_persistent_context(profile, executable_path=CHROMIUM, headless=True,
-                                                   args=FLAGS + ["--proxy-server=http://127.0.0.1:9"],
-                                                   viewport={"width": 1280, "height": 900})
-        try:
-            yield ctx
-        finally:
-            ctx.close()
-            shutil.rmtree(profile, ignore_errors=True)
+pytestmark = [pytest.mark.skipif(CHROMIUM is None, reason=NO_CHROMIUM), pytest.mark.timeout(300)]
 
 
 def test_web_ui_end_to_end(browser, web_srv, artifacts):

@@ -3,7 +3,8 @@
 Every model gets the app `serve.build` makes for a single model (its own engine, knowledge group,
 vindex source). A front app answers what spans the models and routes the rest:
 
-* `/health`, `/v1/health`, `/metrics` (all models' series, per-model ones labelled `model`),
+* `/health`, `/v1/health`, `/metrics` (all models' series, per-model ones labelled `model`), the web
+  UI (`/`, `/ui/…`: the page lets a person pick the model and prefixes its knowledge calls),
   `/v1/models` (one card per model, `path: "/v1/{id}"`), `/v1/models/{id}`, `/openapi.json`;
 * the OpenAI routes select a model by the body's `model` (missing: 400 param `model`; unknown:
   404 `model_not_found`), `/v1/walk-ffn` by the JSON body's `model_id`;
@@ -246,6 +247,9 @@ def create_multi_app(config: ServerConfig, hosted: list[Hosted], *, manage_engin
     front.state.hosted = hosted
     front.state.metrics = metrics_
     errors.install(front)
+    from . import web
+
+    front.include_router(web.router)  # the web UI's page and assets; the page picks a model from /v1/models
 
     def card(h: Hosted) -> dict:
         spec = h.engine.model.spec

@@ -3,7 +3,16 @@
   "use strict";
   var C = window.ModelqlCharts;
   var KEY = "modelql-api-key";
-  var state = { key: sessionStorage.getItem(KEY) || "", model: null, messages: [], prompts: [], entity: null };
+  var MODEL = "modelql-model";
+  /* base: the served model's API prefix — "/v1" with one model, "/v1/{id}" in multi-model mode, where the
+     knowledge routes live under the model's id and the OpenAI routes pick the model by the body's `model` */
+  var state = { key: sessionStorage.getItem(KEY) || "", model: null, base: "/v1", models: [], messages: [], prompts: [], entity: null };
+  var SHARED = ["/v1/chat/completions", "/v1/completions", "/v1/embeddings", "/v1/models"];
+  function url(path) {
+    var bare = path.split("?")[0];
+    if (state.base === "/v1" || path.slice(0, 4) !== "/v1/" || SHARED.indexOf(bare) >= 0) return path;
+    return state.base + path.slice(3);
+  }
 
   function $(id) { return document.getElementById(id); }
   function h(tag, attrs) {
@@ -35,7 +44,7 @@
   function ApiError(status, message) { this.status = status; this.message = message; }
   async function api(method, path, body) {
     var t0 = performance.now();
-    var r = await fetch(path, { method: method, headers: headers(body !== undefined), body: body === undefined ? undefined : JSON.stringify(body) });
+    var r = await fetch(url(path), { method: method, headers: headers(body !== undefined), body: body === undefined ? undefined : JSON.stringify(body) });
     var data = null;
     try { data = await r.json(); } catch (e) { data = null; }
     if (!r.ok) {
@@ -53,12 +62,38 @@
   async function connect() {
     try {
       var m = await api("GET", "/v1/models");
-      state.model = m.data[0].id;
-      $("model-id").textContent = state.model;
+      state.models = m.data;
+      var sel = clear($("model-select"));
+      m.data.forEach(function (c) { sel.appendChild(h("option", { value: c.id, text: c.id })); });
+      var saved = sessionStorage.getItem(MODEL);
+      selectModel(m.data.some(function (c) { return c.id === saved; }) ? saved : m.data[0].id);
+      sel.hidden = m.data.length < 2;
+      $("model-id").hidden = m.data.length > 1;
       $("key-panel").hidden = true; $("app").hidden = false;
       document.body.setAttribute("data-ready", "1");
     } catch (e) { if (e.status !== 401) showKey(e.message); }
   }
+  /* pick the model every view works against: a different model is a different conversation, vindex and
+     patch session, so what was shown for the previous one is cleared */
+  function selectModel(id) {
+    var card = state.models.filter(function (c) { return c.id === id; })[0];
+    if (!card) return;
+    var changed = state.model !== null && state.model !== id;
+    state.model = id;
+    state.base = card.path || "/v1";
+    sessionStorage.setItem(MODEL, id);
+    $("model-select").value = id;
+    $("model-id").textContent = id;
+    document.body.setAttribute("data-model", id);
+    if (changed) {
+      state.messages = []; state.entity = null; lastTrace = null;
+      ["chat-log", "browse-out", "trace-out", "insert-out", "entity-list", "side-body"].forEach(function (e) { clear($(e)); });
+      $("lql-out").textContent = ""; $("side").hidden = true;
+      status("model " + id + (state.models.length > 1 ? " · its knowledge routes are under " + state.base + "/" : ""));
+      if (!$("tab-patches").hidden) refreshPatches();
+    }
+  }
+  $("model-select").addEventListener("change", function () { selectModel($("model-select").value); });
   $("key-form").addEventListener("submit", function (ev) {
     ev.preventDefault(); state.key = $("key-input").value.trim(); sessionStorage.setItem(KEY, state.key); connect();
   });
