@@ -268,12 +268,17 @@
     ev.preventDefault();
     var entity = $("entity-input").value.trim(), out = $("browse-out");
     if (!entity) return;
+    clearTimeout(completeTimer);  // the name is typed: no completion request competing with the query
+    var t0 = performance.now();
     state.entity = entity;
+    out.removeAttribute("data-view-ms");
     clear(out).appendChild(h("p", { cls: "muted", text: "DESCRIBE " + JSON.stringify(entity) + " …" }));
     try {
       var d = await api("GET", "/v1/describe/rows?entity=" + encodeURIComponent(entity) + "&band=" + $("describe-band").value +
                            "&mode=" + $("describe-mode").value);
       renderDescribe(clear(out), d);
+      // what the person waited: submit → the edges painted (the frame after the DOM change)
+      requestAnimationFrame(function () { setTimeout(function () { out.setAttribute("data-view-ms", Math.round(performance.now() - t0)); }, 0); });
     } catch (e) { fail(out)(e); }
   });
   function renderDescribe(out, d) {
