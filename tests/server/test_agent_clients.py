@@ -41,6 +41,24 @@ def test_langchain_bind_tools(llm):
     jsonschema.validate(call["args"], SCHEMAS[call["name"]])
 
 
+def test_langchain_streamed_tool_call_equals_the_invoked_one(llm):
+    """`.stream()` of a tool-bound model: the chunks add up (langchain's own merge of the deltas) to
+    the call `.invoke()` returns for the same seed."""
+    from langchain_core.messages import HumanMessage
+
+    bound = llm.bind_tools(TOOLS, tool_choice="required", parallel_tool_calls=False)
+    ask = [HumanMessage("What is the weather in Paris?")]
+    whole = bound.invoke(ask)
+    chunks = list(bound.stream(ask))
+    assert len(chunks) > 2
+    merged = chunks[0]
+    for c in chunks[1:]:
+        merged = merged + c
+    assert [(c["name"], c["args"]) for c in merged.tool_calls] == [(c["name"], c["args"]) for c in whole.tool_calls]
+    assert len(merged.tool_calls) == 1 and merged.tool_calls[0]["id"] == merged.tool_call_chunks[0]["id"]
+    jsonschema.validate(merged.tool_calls[0]["args"], SCHEMAS[merged.tool_calls[0]["name"]])
+
+
 def test_langchain_agent_loop_of_two_tool_calls(llm):
     """The loop an agent runs: call → execute → feed the result back → call again → answer."""
     from langchain_core.messages import HumanMessage, ToolMessage

@@ -105,6 +105,43 @@ def reassemble(stream) -> tuple[list[dict], str | None]:
     return [c for _, c in sorted(calls.items())], finish
 
 
+def test_streamed_tool_call_raw_sse_reassembles_to_the_same_call(default_server):
+    """The bytes on the wire (httpx, no OpenAI client): every event a `chat.completion.chunk`, each
+    call's id, type and name in its first delta only, arguments split over deltas, the finish reason
+    `tool_calls`, then `[DONE]` — reassembled, equal to the non-streamed answer of the same seed."""
+    import httpx
+
+    body = dict(model="m", messages=ASK, tools=TOOLS, tool_choice="required", temperature=1, seed=13,
+                max_tokens=200, parallel_tool_calls=False)
+    whole = httpx.post(default_server.url + "/v1/chat/completions", json=body, timeout=120).json()
+    want = [(c["function"]["name"], c["function"]["arguments"]) for c in whole["choices"][0]["message"]["tool_calls"]]
+    with httpx.stream("POST", default_server.url + "/v1/chat/completions", json={**body, "stream": True},
+                      timeout=120) as r:
+        assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
+        events = [line[len("data: "):] for line in r.iter_lines() if line.startswith("data: ")]
+    assert events[-1] == "[DONE]"
+    calls: dict[int, dict] = {}
+    finish, pieces = None, 0
+    for raw in events[:-1]:
+        chunk = json.loads(raw)
+        assert chunk["object"] == "chat.completion.chunk" and chunk["id"] == json.loads(events[0])["id"]
+        choice = chunk["choices"][0]
+        assert not choice["delta"].get("content")
+        for d in choice["delta"].get("tool_calls") or []:
+            if d["index"] not in calls:
+                assert d["id"].startswith("call_") and d["type"] == "function" and d["function"]["name"]
+                calls[d["index"]] = {"name": d["function"]["name"], "arguments": ""}
+            else:
+                assert "id" not in d and "name" not in d.get("function", {})
+            calls[d["index"]]["arguments"] += d["function"].get("arguments") or ""
+            pieces += 1
+        finish = choice.get("finish_reason") or finish
+    assert finish == "tool_calls" and pieces > 2  # streamed in pieces, not one event
+    got = [(c["name"], c["arguments"]) for _, c in sorted(calls.items())]
+    assert got == want
+    jsonschema.validate(json.loads(got[0][1]), SCHEMAS[got[0][0]])
+
+
 def test_parallel_tool_calls_stream_as_separate_indices(client):
     """With parallel calls the small model rarely stops calling: every call it closed is valid."""
     calls, finish = reassemble(client.chat.completions.create(
