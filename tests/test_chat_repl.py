@@ -81,3 +81,42 @@ def test_history_recall_and_ctrl_c_keeps_the_conversation(long_model, tmp_path):
     finally:
         child.close(force=True)
     assert (tmp_path / "cache" / "chat_history").read_text().count("first question") >= 1
+
+
+def test_explain_the_last_answer_in_the_terminal(long_model, tmp_path):
+    """`/explain N` after an answer: one row per answer token, in order, each with N features of the
+    model's vindex (extracted on first use into the cache) — and the command never reaches the model."""
+    import re
+
+    from modelql.vindex import Vindex
+
+    child = spawn(long_model, tmp_path, "-n", "4", "--temperature", "0", "--ignore-eos")
+    try:
+        child.sendline("/explain")
+        child.expect_exact("nothing to explain yet")
+        child.expect_exact(PROMPT)
+        child.send("hello there\r")
+        msgs = saved(child, tmp_path / "e.json")  # the answer is complete
+        child.sendline("/explain 2")
+        child.sendline("/explain two")
+        child.expect_exact("usage: /explain [N]")  # everything /explain 2 printed came before
+        shown = child.before
+        child.expect_exact(PROMPT)
+        assert saved(child, tmp_path / "f.json") == msgs
+        child.sendeof()
+        child.expect(pexpect.EOF)
+    finally:
+        child.close(force=True)
+    assert [m["role"] for m in msgs] == ["user", "assistant"]  # /explain was not a message
+    rows = re.findall(r"^\s+('(?:[^'\\]|\\.)*'|\"(?:[^\"\\]|\\.)*\")\s+(L\d+:F\d+→.*?)\s*$", shown.replace("\r", ""),
+                      re.MULTILINE)
+    assert len(rows) == 4, shown
+    import ast
+
+    assert "".join(ast.literal_eval(tok) for tok, _ in rows) == msgs[1]["content"]
+    vx = Vindex.load(next((tmp_path / "cache" / "vindex").glob("*.vindex")))
+    for _, feats in rows:
+        found = re.findall(r"L(\d+):F(\d+)→", feats)
+        assert len(found) == 2
+        for layer, feature in found:
+            assert 0 <= int(layer) < vx.num_layers and 0 <= int(feature) < vx.num_features(int(layer))
