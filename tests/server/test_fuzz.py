@@ -14,6 +14,10 @@ import pytest
 import schemathesis
 from hypothesis import HealthCheck, settings
 
+from .fuzz_media import register
+
+register()
+
 
 
 @pytest.fixture(scope="module")

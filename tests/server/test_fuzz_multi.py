@@ -12,6 +12,10 @@ import pytest
 import schemathesis
 from hypothesis import HealthCheck, settings
 
+from .fuzz_media import register
+
+register()
+
 from modelql.server.config import ServerConfig
 
 MAX_BODY = 1 << 20
