@@ -4,6 +4,8 @@ layer and block count, and raw bytes."""
 
 from __future__ import annotations
 
+from collections import Counter
+
 import numpy as np
 import schemathesis
 from hypothesis import strategies as st
@@ -21,6 +23,10 @@ Q8K_FRAMES = st.one_of(
     st.builds(_frame, st.lists(st.integers(0, 40), max_size=4), st.integers(0, 3), st.integers(0, 1000)),
     st.binary(max_size=4096),
 )
+
+
+#: Cases sent per operation label (both runs), reported by the `fuzz_report` fixture.
+CASES: Counter = Counter()
 
 
 def register() -> None:
