@@ -4,7 +4,6 @@ and servers on 127.0.0.1 free ports, each stopped by its fixture."""
 from __future__ import annotations
 
 import contextlib
-
 import sys
 
 import pytest
