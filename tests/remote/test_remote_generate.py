@@ -58,7 +58,7 @@ def top1_agreement(local_model, model, tokens) -> tuple[float, int]:
     return float((ref == got).float().mean()), len(ids)
 
 
-@pytest.mark.parametrize("dtype, floor", [("f32", 1.0), ("f16", 0.95), ("i8", 0.85)])
+@pytest.mark.parametrize("dtype, floor", [("f32", 1.0), ("f16", 0.95), ("i8", 0.85), ("q8k", 0.85)])
 def test_wire_dtype_top1_agreement(two_shards, local_model, local_tokens, dtype, floor, capsys):
     a, b = two_shards
     model = load_remote_model(None, f"{a},{b}", wire_dtype=dtype)

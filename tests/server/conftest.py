@@ -81,3 +81,21 @@ def default_server():
     with BackgroundServer(app, cfg) as srv:
         yield srv
     engine.stop()
+
+
+@pytest.fixture(scope="session", autouse=True)
+def fuzz_report(request):
+    """After the session: how many schemathesis cases the fuzz runs sent (issue 23's figure)."""
+    yield
+    from .fuzz_media import CASES
+
+    if CASES:
+        parts = []
+        for mode in ("single", "multi"):
+            ops = {k: n for k, n in CASES.items() if k.startswith(mode + " ")}
+            if ops:
+                parts.append(f"{mode}-model: {sum(ops.values())} cases over {len(ops)} operations")
+        line = "fuzz: " + "; ".join(parts) + " (every answer < 500 or a documented 503)"
+        capman = request.config.pluginmanager.getplugin("capturemanager")
+        with capman.global_and_fixture_disabled():  # past pytest's capture: the run's figure
+            print("\n" + line, flush=True)

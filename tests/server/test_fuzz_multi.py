@@ -12,6 +12,10 @@ import pytest
 import schemathesis
 from hypothesis import HealthCheck, settings
 
+from .fuzz_media import CASES, register
+
+register()
+
 from modelql.server.config import ServerConfig
 
 MAX_BODY = 1 << 20
@@ -70,6 +74,7 @@ def test_multi_model_no_server_errors(case):
                 body["prompt"] = body["prompt"][:3]
         if case.path.endswith("/insert") and body.get("mode") in (None, "memit"):
             body["mode"] = "knn"
+    CASES["multi " + case.operation.label] += 1
     _not_a_crash(case.call(timeout=60), case)
 
 

@@ -42,6 +42,28 @@ def label_command(
           + (f"; {rep.clusters_relabelled} clusters relabelled" if rep.clusters_relabelled else ""))
 
 
+def extract_labeller(triples=None, max_subjects: int | None = None):
+    """`modelql extract --label`: the probe step run on the staging vindex (no calibration or causal
+    check: `modelql label` adds those) — `feature_labels.json` + `probe_meta.json` written there."""
+    def run(directory: Path) -> None:
+        from ..vindex import Vindex
+        from .labels import (MAX_PROBE_SUBJECTS, default_templates, default_triples, load_triples,
+                             normalise_triples, probe_features, write_probe_labels)
+
+        vx = Vindex.load(directory)
+        if triples is None:
+            tri = default_triples()
+        elif isinstance(triples, dict):
+            tri = normalise_triples(triples)
+        else:
+            tri = load_triples(triples)
+        tmpl = default_templates(tri.keys())
+        result = probe_features(vx, tri, tmpl, max_subjects=max_subjects or MAX_PROBE_SUBJECTS)
+        write_probe_labels(directory, result, tmpl, vx.model, replace=True)
+
+    return run
+
+
 def explain_command(
     args: list[str] = typer.Argument(..., metavar="[MODEL] PROMPT", show_default=False),
     max_tokens: int = typer.Option(16, "--max-tokens", "-n", min=1, help="maximum tokens to generate (greedy)"),

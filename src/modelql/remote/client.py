@@ -1,8 +1,8 @@
 """`RemoteFfn`: an `FfnBackend` whose layers run on FFN shards over `/v1/walk-ffn`.
 
 Embeddings, attention and the KV cache stay local; each layer's normalised FFN input is sent to
-a shard owning that layer (binary wire, f32 request, f32/f16/i8 response) and its raw FFN output
-comes back; the runtime then applies the post-FFN norm and the residual add, as for a local FFN.
+a shard owning that layer (binary wire, f32 request, f32/f16/i8 response; or with `q8k` the rows
+quantised to Q8_K on LARQL's `/v1/walk-ffn-q8k`) and its raw FFN output comes back; the runtime then applies the post-FFN norm and the residual add, as for a local FFN.
 All rows of a call (prefill: every prompt position; batched decode: one per sequence) travel in
 one request, since the FFN is position-wise.
 
@@ -25,8 +25,11 @@ import numpy as np
 import torch
 
 from ..errors import CapabilityError, RemoteError
-from . import wire
+from . import q8k_wire, wire
 
+#: What `--wire` may name: a response dtype of `/v1/walk-ffn`, or `q8k` (requests to LARQL's
+#: `/v1/walk-ffn-q8k`, rows quantised to Q8_K, f32 answers; a shard without it gets f32 frames).
+CLIENT_WIRES = (*wire.WIRE_DTYPES, "q8k")
 DEFAULT_TIMEOUT = 60.0
 DEFAULT_RETRY_AFTER = 30.0
 _ENTRY = re.compile(r"^\s*(\d+)\s*-\s*(\d+)\s*=\s*(\S+)\s*$")
@@ -96,6 +99,7 @@ class Shard:
                                    limits=httpx.Limits(max_keepalive_connections=4, keepalive_expiry=300))
         self.down_until = 0.0
         self.last_error: str | None = None
+        self.q8k = True  # until the shard answers 404 to /v1/walk-ffn-q8k
 
     def owns(self, layer: int) -> bool:
         return self.layers[0] <= layer <= self.layers[1]
@@ -173,7 +177,12 @@ class RemoteFfn:
         (whose hidden size and layer count must match the local model)."""
         entries = spec if spec and isinstance(spec, (list, tuple)) and isinstance(spec[0], ShardEntry) \
             else parse_shards(spec)  # type: ignore[arg-type]
-        accept = wire.accept_header(wire_dtype)
+        if wire_dtype not in CLIENT_WIRES:
+            raise RemoteError(f"unknown --wire {wire_dtype!r} (use {', '.join(CLIENT_WIRES)})")
+        if wire_dtype == "q8k" and hidden_size % q8k_wire.BLOCK:
+            raise RemoteError(f"--wire q8k needs a hidden size that is a multiple of {q8k_wire.BLOCK}; this model's "
+                              f"is {hidden_size} (use f32, f16 or i8)")
+        accept = wire.accept_header("f32" if wire_dtype == "q8k" else wire_dtype)
         shards: list[Shard] = []
         try:
             for e in entries:
@@ -221,14 +230,26 @@ class RemoteFfn:
 
     def request(self, layer: int, rows: np.ndarray) -> np.ndarray:
         """FFN_layer of rows [S, H] (float32) on a shard owning `layer`, failing over between replicas."""
-        body = wire.encode_request(layer, rows, seq_len=rows.shape[0])
+        frames: dict[bool, bytes] = {}
+
+        def frame(q8k: bool) -> bytes:
+            if q8k not in frames:
+                frames[q8k] = (q8k_wire.encode_request([(layer, q8k_wire.quantize(r)) for r in rows]) if q8k
+                               else wire.encode_request(layer, rows, seq_len=rows.shape[0]))
+            return frames[q8k]
+
         owners = self.by_layer[layer]
         order = [s for s in owners if s.healthy] + [s for s in owners if not s.healthy]
         errors: list[str] = []
         for i, shard in enumerate(order):
             t0 = time.perf_counter()
             try:
-                out = self._post(shard, layer, body, rows.shape[0])
+                body = frame(self.wire_dtype == "q8k" and shard.q8k)
+                out = self._post_q8k(shard, layer, body, rows.shape[0]) if self.wire_dtype == "q8k" and shard.q8k \
+                    else None
+                if out is None:
+                    body = frame(False)
+                    out = self._post(shard, layer, body, rows.shape[0])
             except _Retryable as exc:
                 shard.down_until = time.monotonic() + self.retry_after
                 shard.last_error = str(exc)
@@ -245,17 +266,40 @@ class RemoteFfn:
             return out[0]
         raise RemoteError(f"FFN of layer {layer} failed on every shard that owns it: {'; '.join(errors)}")
 
-    def _post(self, shard: Shard, layer: int, body: bytes, seq_len: int) -> tuple[np.ndarray, int]:
+    def _send(self, shard: Shard, path: str, body: bytes, headers: dict | None = None):
         import httpx
 
         try:
-            r = shard.client.post("/v1/walk-ffn", content=body)
+            r = shard.client.post(path, content=body, headers=headers)
         except httpx.TimeoutException as exc:
             raise _Retryable(f"timed out ({_describe(exc)})") from None
         except httpx.HTTPError as exc:
             raise _Retryable(_describe(exc)) from None
         if r.status_code >= 500:
             raise _Retryable(f"HTTP {r.status_code}: {_error_text(r)}")
+        return r
+
+    def _post_q8k(self, shard: Shard, layer: int, body: bytes, seq_len: int) -> tuple[np.ndarray, int] | None:
+        """`/v1/walk-ffn-q8k`; None when the shard does not have the route (404: it is marked so and
+        the caller sends the f32 frame, as LARQL's client does)."""
+        r = self._send(shard, "/v1/walk-ffn-q8k", body,
+                       {"Content-Type": q8k_wire.MEDIA_Q8K, "Accept": q8k_wire.MEDIA_Q8K})
+        if r.status_code == 404:
+            shard.q8k = False
+            return None
+        if r.status_code != 200:
+            raise RemoteError(f"FFN shard {shard.url} refused layer {layer}: HTTP {r.status_code}: {_error_text(r)}")
+        try:
+            entries = q8k_wire.decode_response(r.content)
+        except wire.WireError as exc:
+            raise _Retryable(f"malformed response: {exc}") from None
+        if len(entries) != seq_len or any(l != layer or v.size != self.hidden_size for l, v in entries):
+            raise _Retryable(f"q8k response has {len(entries)} entries for layer(s) "
+                             f"{sorted({l for l, _ in entries})}, expected {seq_len} of layer {layer}")
+        return np.stack([v for _, v in entries]), len(r.content)
+
+    def _post(self, shard: Shard, layer: int, body: bytes, seq_len: int) -> tuple[np.ndarray, int]:
+        r = self._send(shard, "/v1/walk-ffn", body)
         if r.status_code != 200:
             raise RemoteError(f"FFN shard {shard.url} refused layer {layer}: HTTP {r.status_code}: {_error_text(r)}")
         media = r.headers.get("content-type", "").split(";")[0].strip().lower()
@@ -290,8 +334,8 @@ def load_remote_model(model_ref, ffn: str | Sequence[str], wire_dtype: str = "f3
     """A runtime `Model` whose FFN runs on the shards `ffn` names (the `--ffn` option)."""
     from .loading import load_client_model
 
-    if wire_dtype not in wire.WIRE_DTYPES:
-        raise RemoteError(f"unknown --wire {wire_dtype!r} (use f32, f16 or i8)")
+    if wire_dtype not in CLIENT_WIRES:
+        raise RemoteError(f"unknown --wire {wire_dtype!r} (use {', '.join(CLIENT_WIRES)})")
     entries = parse_shards(ffn)
     return load_client_model(model_ref, lambda spec: RemoteFfn.connect(
         entries, spec.num_layers, spec.hidden_size, wire_dtype, timeout, api_key), dtype)

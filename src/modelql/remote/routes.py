@@ -1,4 +1,6 @@
-"""`POST /v1/walk-ffn` (server-api.md §5): the FFN of the requested layers for a client's rows.
+"""`POST /v1/walk-ffn` (server-api.md §5): the FFN of the requested layers for a client's rows;
+`POST /v1/walk-ffn-q8k`: the same FFN for rows the client normalised and quantised to Q8_K
+(LARQL's protocol, `q8k_wire`).
 
 A thin edge: body → `wire.FfnRequest` (binary frame or JSON) → `wire.validate` against the served
 model and the shard's `--layers` → `ffn_outputs` (the served model's FFN backend: dense, or the
@@ -21,7 +23,7 @@ from starlette.responses import JSONResponse, Response
 
 from ..server.body import OFFLOAD_BYTES, BodyError, JsonRoute, read_json
 from ..server.errors import ServiceUnavailable
-from . import wire
+from . import q8k_wire, wire
 
 router = APIRouter(tags=["remote ffn"], route_class=JsonRoute)
 
@@ -115,3 +117,62 @@ async def walk_ffn(request: Request):
     dtype = wire.negotiate(request.headers.get("accept"), getattr(cfg, "i8_wire", False),
                            getattr(cfg, "f16_wire", True))
     return Response(wire.encode_response(results, latency, dtype, hidden), media_type=wire.MEDIA[dtype])
+
+
+def _q8k_outputs(model, entries: list[q8k_wire.Q8KEntry]) -> list[np.ndarray]:
+    """Each entry's raw FFN output; consecutive entries of one layer run as one batch."""
+    outs: list[np.ndarray] = []
+    i = 0
+    while i < len(entries):
+        j = i
+        while j < len(entries) and entries[j].layer == entries[i].layer:
+            j += 1
+        rows = np.stack([e.act.dequantize() for e in entries[i:j]])
+        (flat,) = ffn_outputs(model, [entries[i].layer], rows)
+        outs.extend(flat.reshape(j - i, -1))
+        i = j
+    return outs
+
+
+def _q8k_validate(entries: list[q8k_wire.Q8KEntry], hidden: int, num_layers: int,
+                  owned: tuple[int, int] | None) -> None:
+    for e in entries:
+        if not 0 <= e.layer < num_layers:
+            raise wire.WireError(f"layer {e.layer} out of range (num_layers = {num_layers})")
+        if owned is not None and not owned[0] <= e.layer <= owned[1]:
+            raise wire.WireError(f"layer {e.layer} not served by this shard (owned: {owned[0]}–{owned[1]})")
+        if e.act.n_blocks * q8k_wire.BLOCK != hidden:
+            raise wire.WireError(
+                f"layer {e.layer}: {e.act.n_blocks} Q8_K blocks carry {e.act.n_blocks * q8k_wire.BLOCK} values, "
+                f"this model's hidden size is {hidden}"
+                + ("" if hidden % q8k_wire.BLOCK == 0 else
+                   f" (not a multiple of {q8k_wire.BLOCK}: use /v1/walk-ffn)"))
+        if not np.isfinite(e.act.d).all():
+            raise wire.WireError(f"layer {e.layer}: Q8_K scales must be finite numbers")
+
+
+@router.post("/v1/walk-ffn-q8k", responses={
+    200: {"description": "per entry, the raw FFN output (f32)",
+          "content": {q8k_wire.MEDIA_Q8K: {"schema": {"type": "string", "format": "binary"}}}},
+    400: {"description": "malformed frame, unknown or unowned layer, block count not the hidden size"},
+    503: {"description": "not served in this mode, or still loading"}},
+    openapi_extra={"requestBody": {"required": True, "content": {
+        q8k_wire.MEDIA_Q8K: {"schema": {"type": "string", "format": "binary"}}}}})
+async def walk_ffn_q8k(request: Request):
+    """LARQL's Q8K-prenormed FFN batch: rows already normalised for the FFN and quantised to Q8_K."""
+    st = request.app.state.modelql
+    reason = st.config.unavailable_reason("/v1/walk-ffn-q8k", "walk_ffn")
+    if reason:
+        raise ServiceUnavailable(reason)
+    model = st.require_model()
+    raw = await request.body()
+    entries = await run_in_threadpool(q8k_wire.decode_request, raw) if len(raw) >= OFFLOAD_BYTES \
+        else q8k_wire.decode_request(raw)
+    spec = model.spec
+    _q8k_validate(entries, spec.hidden_size, spec.num_layers, owned_layers(st, model))
+    outs = await run_in_threadpool(_q8k_outputs, _model_for(request, model), entries) if entries else []
+    for e, out in zip(entries, outs):
+        if not np.isfinite(out).all():
+            raise _overflow(e.layer)
+    body = q8k_wire.encode_response([(e.layer, out) for e, out in zip(entries, outs)])
+    return Response(body, media_type=q8k_wire.MEDIA_Q8K)

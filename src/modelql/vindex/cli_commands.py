@@ -15,16 +15,28 @@ def extract_command(
     down_top_k: int = typer.Option(10, "--down-top-k", help="tokens kept per feature in down_meta.bin"),
     force: bool = typer.Option(False, "--force", help="replace OUTPUT if it exists"),
     no_clusters: bool = typer.Option(False, "--no-clusters", help="skip relation clustering"),
+    label: bool = typer.Option(False, "--label", help="probe-label the features into feature_labels.json "
+                                                      "(needs --level inference; default facts or --triples)"),
+    triples: Path = typer.Option(None, "--triples", help="facts for --label: TSV (entity, relation, target) or "
+                                                         "JSON {relation: {\"pairs\": [[s, o]]}}"),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="no progress bar"),
 ) -> None:
     """Decompile a model's FFN into a vindex (streaming, one layer at a time)."""
     from rich.console import Console
     from rich.markup import escape
 
+    from ..errors import ModelqlError
     from .extract import extract
 
+    if triples is not None and not label:
+        raise ModelqlError("--triples is for --label")
+    labeller = None
+    if label:
+        from ..knowledge.cli_commands import extract_labeller
+
+        labeller = extract_labeller(triples)
     result = extract(model, output, level=level, dtype=dtype, down_top_k=down_top_k, progress=not quiet,
-                     clusters=not no_clusters, force=force)
+                     clusters=not no_clusters, force=force, labeller=labeller)
     Console(stderr=True, soft_wrap=True, highlight=False).print(
         f"wrote {escape(str(result.path))} ({result.level}, {result.dtype}): {result.num_layers} layers, "
         f"{result.bytes_written / 1e6:.1f} MB in {result.seconds:.1f}s "

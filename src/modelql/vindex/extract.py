@@ -32,13 +32,13 @@ import numpy as np
 import torch
 
 from ..errors import ModelFormatError, ModelqlError, VindexError
-from ..fsutil import replace_directory, staging_directory
+from ..fsutil import atomic_write_json, replace_directory, staging_directory
 from ..models.families import spec_from_config
 from ..models.source import WeightSource, canonical_tensor, resolve_prefix
 from ..models.spec import ModelSpec
 from . import format as fmt
 from .bands import resolve_bands
-from .checksums import compute_checksums
+from .checksums import compute_checksums, files_to_hash, record
 from .vindex import decode_vocab, load_tokenizer, topk_exact
 
 EXTRACT_LEVELS = ("browse", "attention", "inference")
@@ -399,8 +399,14 @@ def extract(
     shard_bytes: int = DEFAULT_SHARD_BYTES,
     model_id: str | None = None,
     on_layer: Callable[[int, int], None] | None = None,
+    labeller: Callable[[Path], Any] | None = None,
 ) -> ExtractResult:
-    """Extract `model` (HF directory) into the vindex directory `out`."""
+    """Extract `model` (HF directory) into the vindex directory `out`.
+
+    Every vindex gets `feature_labels.json` (LARQL's probe-label file, `{"L<l>_F<f>": relation}`),
+    checksummed with the rest: `labeller(staging_dir)` — the probe step, which runs the model and so
+    needs level inference — writes it into the staging directory before the rename, so the labels
+    are there from the vindex's first moment; without one it is `{}` until `modelql label` fills it."""
     if level == "all":
         level = "inference"
     if level not in EXTRACT_LEVELS:
@@ -409,6 +415,8 @@ def extract(
         raise VindexError(f"unsupported dtype {dtype!r} (use f16 or f32)")
     if down_top_k < 1:
         raise VindexError("--down-top-k must be at least 1")
+    if labeller is not None and level != "inference":
+        raise VindexError("probe labels at extract need --level inference (the probe runs the model)")
     out = Path(out)
     if out.exists() and not force:
         raise VindexError(f"{out} already exists (pass --force to replace it)")
@@ -429,6 +437,13 @@ def extract(
                                clusters, shard_bytes, model_id, on_layer, shards, t0)
         if src_dir.parent == tmp:
             shutil.rmtree(src_dir)
+        if labeller is not None:
+            labeller(tmp)
+        if not (tmp / fmt.LABELS_FILE).exists():
+            atomic_write_json(tmp / fmt.LABELS_FILE, {})
+        listed = fmt.IndexJson.read(tmp).checksums or {}
+        record(tmp, [n for n in files_to_hash(tmp) if n not in listed])  # the label files, hashed at write
+        result.bytes_written = sum(p.stat().st_size for p in tmp.iterdir() if p.is_file())
         replace_directory(tmp, out)
     except BaseException as exc:
         for s in shards:

@@ -31,6 +31,7 @@ EMBED_FILE = "embeddings.bin"
 DOWN_META_FILE = "down_meta.bin"
 DOWN_META_JSONL = "down_meta.jsonl"
 KNN_FILE = "knn_store.bin"
+LABELS_FILE = "feature_labels.json"  # probe labels, {"L<layer>_F<feature>": relation} (§6)
 WEIGHTS_INDEX = "model.safetensors.index.json"
 
 FORMAT_VERSION = 2
