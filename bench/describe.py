@@ -92,6 +92,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--relations", default=None, help="calibrated report: score only these relations (comma-separated)")
     ap.add_argument("--explain", type=int, default=0, metavar="N",
                     help="also check `explain` on N prompts (ablate its top-5 features vs random ones)")
+    ap.add_argument("--latency", type=int, default=0, metavar="N",
+                    help="calibrated report: only the DESCRIBE latency over N known entities (p50 vs one "
+                         "forward of a probe prompt, same run)")
     ap.add_argument("--explain-only", action="store_true",
                     help="with --explain: only the explain check (no DESCRIBE scoring)")
     ap.add_argument("--rankings", default="effect,direct",
@@ -301,6 +304,9 @@ def calibrated_report(vx, triples, args) -> None:
     subjects = sorted({s for r in rels for s, _o in triples[r]["pairs"]})
     if args.sample:
         subjects = sorted(random.Random(0).sample(subjects, min(args.sample, len(subjects))))
+    if args.latency:
+        latency_report(vx, m, tok, plain[rels[0]][0], subjects, args.latency)
+        return
     if args.explain_only:
         for rank in args.rankings.split(","):
             explain_check(vx, m, triples, plain, rels, None, args.explain, rank=rank.strip())
@@ -353,6 +359,43 @@ def calibrated_report(vx, triples, args) -> None:
     if args.explain:
         for rank in args.rankings.split(","):
             explain_check(vx, m, triples, plain, rels, truth, args.explain, rank=rank.strip())
+
+
+def _ref_forward_ms(m, tok, prompt: str, n: int = 5) -> float:
+    """Median wall time of one forward pass of `prompt` (the same-run reference)."""
+    import statistics
+
+    import torch
+
+    ids = torch.tensor([tok.encode(prompt)])
+    got = []
+    for _ in range(n):
+        t1 = time.perf_counter()
+        m.forward(ids, logits="last")
+        got.append((time.perf_counter() - t1) * 1e3)
+    return statistics.median(got)
+
+
+def latency_report(vx, m, tok, template: str, subjects, n: int) -> None:
+    """DESCRIBE p50 over `n` entities (cold per entity: results are cached per entity), with the
+    reference forward measured before and after (the machine's load drifts)."""
+    import statistics
+
+    from modelql.knowledge import describe
+
+    ents = sorted(random.Random(1).sample(list(subjects), min(n, len(subjects))))
+    describe(vx, "Atlantis")  # warm: model, labels
+    ref0 = _ref_forward_ms(m, tok, template.replace("{X}", ents[0]))
+    lat = []
+    for e in ents:
+        t1 = time.perf_counter()
+        describe(vx, e)
+        lat.append((time.perf_counter() - t1) * 1e3)
+    ref1 = _ref_forward_ms(m, tok, template.replace("{X}", ents[-1]))
+    p50, ref = statistics.median(lat), (ref0 + ref1) / 2
+    print(f"\nDESCRIBE latency over {len(ents)} entities: p50 {p50:.0f} ms, p90 "
+          f"{sorted(lat)[int(0.9 * (len(lat) - 1))]:.0f} ms; one forward of a probe prompt {ref0:.0f} / {ref1:.0f} ms "
+          f"(before / after); ratio p50 / forward {p50 / ref:.1f}x")
 
 
 def quick_claims(m, tok, cal, truth, rels, t0) -> None:  # noqa: C901

@@ -665,7 +665,8 @@ def label_vindex(path: str | Path, triples: str | Path | Mapping[str, Any] | Non
         failed = [k for k, ok in chk.passed.items() if not ok]
         check = {"checked": chk.checked, "passed": chk.checked - len(failed),
                  "pass_rate": None if chk.pass_rate is None else round(chk.pass_rate, 4),
-                 "unchecked": len(chk.unchecked), "dropped": len(failed)}
+                 "unchecked": len(chk.unchecked), "dropped": len(failed),
+                 "measure": "log_odds", "subjects": "evidence first"}
         say(f"causal check: {check['passed']}/{chk.checked} pass; {len(failed)} failing labels dropped")
         result = replace_labels(result, {k: r for k, r in result.labels.items() if k not in set(failed)})
     written = write_probe_labels(vx.path, result, tmpl, vx.model, min_z=min_z, replace=replace,
