@@ -92,6 +92,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--relations", default=None, help="calibrated report: score only these relations (comma-separated)")
     ap.add_argument("--explain", type=int, default=0, metavar="N",
                     help="also check `explain` on N prompts (ablate its top-5 features vs random ones)")
+    ap.add_argument("--latency", type=int, default=0, metavar="N",
+                    help="calibrated report: only the DESCRIBE latency over N known entities (p50 vs one "
+                         "forward of a probe prompt, same run)")
+    ap.add_argument("--explain-only", action="store_true",
+                    help="with --explain: only the explain check (no DESCRIBE scoring)")
+    ap.add_argument("--rankings", default="effect,direct",
+                    help="explain check: the rankings compared in the same run (effect, direct)")
     args = ap.parse_args(argv)
 
     import torch
@@ -297,6 +304,13 @@ def calibrated_report(vx, triples, args) -> None:
     subjects = sorted({s for r in rels for s, _o in triples[r]["pairs"]})
     if args.sample:
         subjects = sorted(random.Random(0).sample(subjects, min(args.sample, len(subjects))))
+    if args.latency:
+        latency_report(vx, m, tok, plain[rels[0]][0], subjects, args.latency)
+        return
+    if args.explain_only:
+        for rank in args.rankings.split(","):
+            explain_check(vx, m, triples, plain, rels, None, args.explain, rank=rank.strip())
+        return
     t0 = time.perf_counter()
     truth, asked = ground_truth(m, tok, triples, plain, rels, set(subjects))
     if args.quick:
@@ -343,7 +357,45 @@ def calibrated_report(vx, triples, args) -> None:
     print(f"\nmade-up names: {conf} confident claims over {len(names)} names (calibration used other names)")
     print("\n".join(lines))
     if args.explain:
-        explain_check(vx, m, triples, plain, rels, truth, args.explain)
+        for rank in args.rankings.split(","):
+            explain_check(vx, m, triples, plain, rels, truth, args.explain, rank=rank.strip())
+
+
+def _ref_forward_ms(m, tok, prompt: str, n: int = 5) -> float:
+    """Median wall time of one forward pass of `prompt` (the same-run reference)."""
+    import statistics
+
+    import torch
+
+    ids = torch.tensor([tok.encode(prompt)])
+    got = []
+    for _ in range(n):
+        t1 = time.perf_counter()
+        m.forward(ids, logits="last")
+        got.append((time.perf_counter() - t1) * 1e3)
+    return statistics.median(got)
+
+
+def latency_report(vx, m, tok, template: str, subjects, n: int) -> None:
+    """DESCRIBE p50 over `n` entities (cold per entity: results are cached per entity), with the
+    reference forward measured before and after (the machine's load drifts)."""
+    import statistics
+
+    from modelql.knowledge import describe
+
+    ents = sorted(random.Random(1).sample(list(subjects), min(n, len(subjects))))
+    describe(vx, "Atlantis")  # warm: model, labels
+    ref0 = _ref_forward_ms(m, tok, template.replace("{X}", ents[0]))
+    lat = []
+    for e in ents:
+        t1 = time.perf_counter()
+        describe(vx, e)
+        lat.append((time.perf_counter() - t1) * 1e3)
+    ref1 = _ref_forward_ms(m, tok, template.replace("{X}", ents[-1]))
+    p50, ref = statistics.median(lat), (ref0 + ref1) / 2
+    print(f"\nDESCRIBE latency over {len(ents)} entities: p50 {p50:.0f} ms, p90 "
+          f"{sorted(lat)[int(0.9 * (len(lat) - 1))]:.0f} ms; one forward of a probe prompt {ref0:.0f} / {ref1:.0f} ms "
+          f"(before / after); ratio p50 / forward {p50 / ref:.1f}x")
 
 
 def quick_claims(m, tok, cal, truth, rels, t0) -> None:  # noqa: C901
@@ -383,9 +435,10 @@ def _confident_only(res):
     return replace(res, edges=tuple(e for e in res.edges if e.confident is not False))
 
 
-def explain_check(vx, m, triples, plain, rels, truth, n_prompts: int) -> None:
+def explain_check(vx, m, triples, plain, rels, truth, n_prompts: int, rank: str = "effect") -> None:
     """Ablating the top-5 features `explain` names for a token vs 5 random features of the same
-    layers: how often the named ones lower the token's probability more."""
+    layers: how often the named ones lower the token's probability more (`rank`: how explain
+    orders features, `knowledge.explain.RANKINGS`)."""
     import torch
 
     from modelql.knowledge.explain import VindexFeatures, attribute
@@ -406,7 +459,7 @@ def explain_check(vx, m, triples, plain, rels, truth, n_prompts: int) -> None:
         ids = tok.encode(p)
         lg = m.forward(torch.tensor([ids]), logits="last")[0]
         t = int(lg.argmax())
-        ex = attribute(m, ids, [t], src, top=5)[0]
+        ex = attribute(m, ids, [t], src, top=5, rank=rank)[0]
         feats = [(f.layer, f.feature) for f in ex.features]
 
         def prob(ablate):
@@ -428,7 +481,7 @@ def explain_check(vx, m, triples, plain, rels, truth, n_prompts: int) -> None:
         wins += named > r_mean
         drops.append((named, r_mean))
     n = len(prompts)
-    print(f"\nexplain: ablating the top-5 features lowers the token's probability more than 5 random features "
+    print(f"\nexplain ({rank}): ablating the top-5 features lowers the token's probability more than 5 random features "
           f"of the same layers (mean of 3 draws) in {wins}/{n} prompts ({100 * wins / max(1, n):.0f}%); "
           f"mean drop {sum(d for d, _ in drops) / max(1, n):.4f} vs {sum(r for _, r in drops) / max(1, n):.4f}")
 

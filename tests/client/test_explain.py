@@ -62,9 +62,51 @@ def test_paris_is_attributed_to_the_features_that_write_it(local_explanation, kv
     rand = [base - p_paris([(f.layer, rng.randrange(kvindex.num_features(f.layer))) for f in step.features])
             for _ in range(3)]
     assert named > 0 and named > sum(rand) / 3, (named, rand)
-    contribs = [f.contribution for f in step.features]
-    assert all(c > 0 for c in contribs) and contribs == sorted(contribs, reverse=True)
     assert step.attention_logit is not None and 0 <= step.attention_share <= 1
+
+
+def _ablated_prob(model, ids, token_id, feats):
+    import torch
+
+    from modelql.runtime import interp
+
+    by = {}
+    for layer, f in feats:
+        by.setdefault(layer, []).append(f)
+    hooks = interp.compose(*[interp.ablate_features(layer, fs) for layer, fs in by.items()]) if by else {}
+    return float(torch.softmax(model.forward(torch.tensor([ids]), hooks=hooks, logits="last")[0].double(), -1)[token_id])
+
+
+def test_named_features_matter_more_than_random_ones_across_prompts(kvindex):
+    """The issue's check on 20 fact prompts (bench/describe.py --explain 50 runs it on any model):
+    ablating the top-5 features `explain` names for the greedy token lowers its probability more
+    than 5 random features of the same layers (mean of 3 draws) in ≥ 90 % of them. Ranked by
+    direct logit contribution alone this held for 86 % of 50 prompts; by effect (activation ×
+    gradient) for all 50."""
+    import random
+
+    import torch
+
+    from modelql import defaults as D
+    from modelql.knowledge.explain import VindexFeatures, attribute
+    from modelql.knowledge.queries import model_for
+
+    model = model_for(kvindex)
+    src = VindexFeatures(kvindex)
+    rng = random.Random(0)
+    facts = rng.sample(D.facts(), 20)
+    wins = 0
+    for fact in facts:
+        ids = model.tokenizer.encode(D.TRAIN_TEMPLATES[fact.relation][0].replace("{X}", fact.entity))
+        t = int(model.forward(torch.tensor([ids]), logits="last")[0].argmax())
+        (step,) = attribute(model, ids, [t], src, top=5)
+        feats = [(f.layer, f.feature) for f in step.features]
+        base = _ablated_prob(model, ids, t, [])
+        named = base - _ablated_prob(model, ids, t, feats)
+        rand = [base - _ablated_prob(model, ids, t, [(L, rng.randrange(kvindex.num_features(L))) for L, _f in feats])
+                for _ in range(3)]
+        wins += named > sum(rand) / 3
+    assert wins >= 18, wins
 
 
 def test_contributions_are_an_exact_split_of_the_ffn_logit(kvindex):
@@ -92,7 +134,8 @@ def test_contributions_are_an_exact_split_of_the_ffn_logit(kvindex):
 
 
 def test_forced_next_token_attribution_matches_explain_infer(kvindex):
-    """`attribute` on given ids == EXPLAIN INFER's per-layer top contributors, merged, at the same position."""
+    """`attribute(rank="direct")` on given ids == EXPLAIN INFER's per-layer top contributors,
+    merged, at the same position."""
     from modelql.knowledge.explain import VindexFeatures, attribute
     from modelql.knowledge.infer import explain_infer
     from modelql.knowledge.queries import model_for
@@ -100,7 +143,7 @@ def test_forced_next_token_attribution_matches_explain_infer(kvindex):
     model = model_for(kvindex)
     ids = model.tokenizer.encode(PROMPT)
     paris = model.tokenizer.encode(" Paris", add_special_tokens=False)[0]
-    (step,) = attribute(model, ids, [paris], VindexFeatures(kvindex), top=3)
+    (step,) = attribute(model, ids, [paris], VindexFeatures(kvindex), top=3, rank="direct")
     assert step.token == " Paris" and step.position == len(ids) - 1
     ref = explain_infer(model, PROMPT, vindex=kvindex, top=20)
     assert ref.predictions[0].token_id == paris

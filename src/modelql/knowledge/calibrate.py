@@ -16,12 +16,17 @@ model, three things are measured and stored in `probe_meta.json` ("calibration")
   expect to follow each other; known names are not.
 * **answer probability**: the probability of the decoded first token of the relation's template.
 
-Negatives are `made_up_names()` (deterministic pseudo-names, seeded: a syllable generator and
-keyboard runs), positives the subjects whose answer was right. The thresholds are chosen by that
-measurement: for every candidate familiarity floor, each relation's probability floor is set just
-above the largest probability any familiar-enough negative reached; the pair with the best mean
-recall of the positives wins; then a relation may take a stricter familiarity floor of its own
-when that raises its recall (a made-up name the model answers confidently for one relation only).
+Negatives are `made_up_names()` (`N_NEGATIVES` deterministic pseudo-names, seeded: a syllable
+generator and keyboard runs), positives the subjects whose answer was right. The thresholds are
+chosen by that measurement (`choose_floors`): each relation takes the most permissive familiarity
+floor (-inf, or just above some negative's familiarity) that reaches its best recall with no
+negative confident, its probability floor just above the surest negative still that familiar;
+the global familiarity floor is the strictest that keeps the best mean recall. Why per relation:
+with one shared familiarity floor and the probability floor at the surest negative, one made-up
+name as familiar as the floor ("rtyuio", answered "New…" with probability 0.991) set the
+embedded model's currency floor to 1.011 and its recall to 0. Why 120 negatives: calibrated on
+40, a held-out keyboard run ("asdfg") passed every relation of the embedded model; on 120, none
+of 200 held-out names did.
 A claim is *confident* when its entity is familiar enough and its probability clears its
 relation's floor; DESCRIBE shows the others marked low-confidence and says
 in one line when the entity looks unknown.
@@ -41,11 +46,13 @@ from ..vindex.clusters import forms
 #: Subjects per relation measured when choosing templates and thresholds.
 MAX_SUBJECTS = 32
 #: Made-up names used as negatives.
-N_NEGATIVES = 40
+N_NEGATIVES = 120
 #: A relation whose best template answers fewer than this fraction right is not probed.
 MIN_ACCURACY = 0.1
 #: Absolute margin added above the largest negative's probability.
 PROB_MARGIN = 0.02
+#: A familiarity floor sits this far above the negative that sets it.
+FAMILIARITY_EPS = 1e-4
 
 _ONSETS = ["b", "d", "f", "g", "k", "l", "m", "n", "p", "r", "s", "t", "v", "z", "br", "dr", "gr", "kr", "tr",
            "st", "th", "vl", "zh", "qu", "x"]
@@ -60,8 +67,10 @@ def made_up_names(n: int = N_NEGATIVES, seed: int = 1234) -> list[str]:
     rng = random.Random(seed)
     out: list[str] = []
     seen = set()
+    tries = 0
     while len(out) < n:
-        if len(out) % 4 == 3:
+        tries += 1
+        if len(out) % 4 == 3 and tries < 50 * n:  # keyboard runs are few: past them, syllables only
             row = rng.choice(_ROWS)
             i = rng.randrange(0, len(row) - 5)
             name = row[i:i + rng.randint(5, 6)]
@@ -196,6 +205,51 @@ class Calibration:
         return fam >= self.min_familiarity
 
 
+def _relation_floors(pos: Sequence[tuple[str, float]], neg_p: Sequence[float], neg_f: Sequence[float],
+                     fam: Mapping[str, float]) -> list[tuple[float, float, float]]:
+    """Every (familiarity floor, probability floor, recall) pair that lets no negative through:
+    the familiarity floor is -inf or just above a negative's familiarity (a negative that sets
+    it is out however sure its answer), the probability floor `PROB_MARGIN` above the surest
+    negative still in."""
+    out = []
+    for t in sorted({-math.inf} | {f + FAMILIARITY_EPS for f in neg_f}):
+        over = [p for p, f in zip(neg_p, neg_f) if f >= t]
+        floor = (max(over) + PROB_MARGIN) if over else 0.0
+        rec = sum(1 for s, p in pos if fam[s] >= t and p >= floor) / max(1, len(pos))
+        out.append((t, floor, rec))
+    return out
+
+
+def choose_floors(pos_probs: Mapping[str, Sequence[tuple[str, float]]], fam: Mapping[str, float],
+                  neg_probs: Mapping[str, Sequence[float]], neg_fam: Sequence[float],
+                  ) -> tuple[float, dict[str, tuple[float, float, float]]]:
+    """The global familiarity floor and, per relation, (familiarity floor, probability floor,
+    recall of its positives) such that no negative is confident.
+
+    Each relation takes the most permissive familiarity floor that reaches its best recall (so
+    its probability floor stays as high as the negatives ask): a made-up name answered
+    near-certainly for one relation is shut out by familiarity, not by a probability floor no
+    answer can clear. The global floor ("the model does not seem to know X") is the strictest
+    that keeps the best mean recall."""
+    picks = {}
+    for rel, pos in pos_probs.items():
+        t, floor, _rec = max(_relation_floors(pos, neg_probs[rel], neg_fam, fam), key=lambda c: (c[2], -c[0]))
+        picks[rel] = (t, floor)
+
+    def recall(rel: str, tf: float) -> float:
+        t, floor = picks[rel]
+        pos = pos_probs[rel]
+        return sum(1 for s, p in pos if fam[s] >= max(t, tf) and p >= floor) / max(1, len(pos))
+
+    best = (-1.0, -math.inf)
+    for tf in sorted({-math.inf} | {f + FAMILIARITY_EPS for f in neg_fam}):
+        score = sum(recall(rel, tf) for rel in picks) / max(1, len(picks))
+        if score >= best[0] - 1e-12:
+            best = (score, tf)
+    tf = best[1]
+    return tf, {rel: (t, floor, recall(rel, tf)) for rel, (t, floor) in picks.items()}
+
+
 def calibrate(model, tok, triples: Mapping[str, Any], templates: Mapping[str, Sequence[str]], *,
               max_subjects: int = MAX_SUBJECTS, negatives: Sequence[str] | None = None,
               progress=None) -> Calibration:
@@ -257,33 +311,13 @@ def calibrate(model, tok, triples: Mapping[str, Any], templates: Mapping[str, Se
     pos_names = sorted({s for v in pos_probs.values() for s, _p in v})
     fam = dict(zip(pos_names, familiarity(model, tok, pos_names)))
     neg_fam = familiarity(model, tok, negs)
-    choices = sorted(set([-math.inf] + neg_fam))
-    best_choice = None
-    for tf in choices:
-        floors, recalls = {}, {}
-        for rel, pos in pos_probs.items():
-            over = [p for p, f in zip(neg_probs[rel], neg_fam) if f >= tf]
-            floor = (max(over) + PROB_MARGIN) if over else 0.0
-            floors[rel] = floor
-            recalls[rel] = sum(1 for s, p in pos if fam[s] >= tf and p >= floor) / max(1, len(pos))
-        score = sum(recalls.values()) / max(1, len(recalls))
-        if best_choice is None or score > best_choice[0]:
-            best_choice = (score, tf, floors, recalls)
-    if best_choice is not None:
-        _s, tf, floors, recalls = best_choice
-        cal.min_familiarity = tf
-        cal.min_prob, cal.recall = floors, recalls
-        # each relation may ask for a stricter familiarity floor when that lets its probability
-        # floor drop (a made-up name the model answers confidently for one relation only)
-        for rel, pos in pos_probs.items():
-            for tf_r in choices:
-                if tf_r <= tf:
-                    continue
-                over = [p for p, f in zip(neg_probs[rel], neg_fam) if f >= tf_r]
-                floor = (max(over) + PROB_MARGIN) if over else 0.0
-                rec = sum(1 for s, p in pos if fam[s] >= tf_r and p >= floor) / max(1, len(pos))
-                if rec > cal.recall[rel]:
-                    cal.min_prob[rel], cal.recall[rel], cal.min_familiarity_rel[rel] = floor, rec, tf_r
+    tf, chosen = choose_floors(pos_probs, fam, neg_probs, neg_fam)
+    cal.min_familiarity = tf
+    for rel, (t, floor, rec) in chosen.items():
+        cal.min_prob[rel], cal.recall[rel] = floor, rec
+        if t > tf:
+            cal.min_familiarity_rel[rel] = t
+    if chosen:
         cal.negatives_passing = sum(1 for rel in pos_probs for p, f in zip(neg_probs[rel], neg_fam)
                                     if cal.confident(rel, p, f))
     return cal

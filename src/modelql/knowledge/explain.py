@@ -3,14 +3,17 @@
 One implementation, used by `modelql explain`, the chat API's opt-in `modelql.explain` field and
 the Python API. The completion is generated (or given as token ids), then the whole sequence is
 run once more through the model with every layer's FFN activations, attention and FFN outputs and
-the final residual captured; generated token `j` was predicted from position `P + j − 1`, and its
-features are ranked by their *direct contribution to that token's logit* (`a_f · (d_f · v_t)`, the
-exact split DESCRIBE's claims use, `knowledge.decode.attribute`), with the attention layers' and
-the FFNs' totals beside them. Why not the gate score: on SmolLM2-135M the same four layer-29
-features have the largest gates at every position (they promote "HETATM", "airobi" for every
-token) while the features that raise " Paris" are elsewhere; ablating the features ranked by
-contribution lowers the token's probability (bench/describe.py --explain measures it against
-random features of the same layers). Features without down metadata are skipped.
+the final residual captured; generated token `j` was predicted from position `P + j − 1`. Its
+features are the ones that *write* the token (positive direct contribution to its logit,
+`a_f · (d_f · v_t)`, the exact split DESCRIBE's claims use, `knowledge.decode.attribute`) ranked by
+their *effect*: activation × gradient of the token's log-probability, summed over positions (what
+zeroing the feature would cost, to first order, through every later layer; one backward pass per
+token). The attention layers' and the FFNs' direct totals are given beside. Why: by gate score the
+same four layer-29 features of SmolLM2-135M top every token; by direct contribution alone, ablating
+the top five beat five random features of the same layers in 86 % of 50 prompts on the embedded
+model (later layers undo part of a feature's direct write); by effect in all 50 there and on
+SmolLM2-135M (`python bench/describe.py --calibrated --explain 50 --explain-only`).
+Features without down metadata are skipped.
 
 Where the features come from is a `FeatureSource`:
 
@@ -171,18 +174,58 @@ class Explanation:
                 "latency_ms": self.latency_ms}
 
 
+#: How `attribute` ranks features: "effect" (activation × gradient of the token's log-probability,
+#: summed over positions: what zeroing the feature would cost, to first order, through every later
+#: layer) or "direct" (the feature's direct contribution to the token's logit only).
+RANKINGS = ("effect", "direct")
+
+
+def _effects(model, seq: Sequence[int], layers: Sequence[int], rows: Sequence[int],
+             token_ids: Sequence[int]) -> list[dict[int, torch.Tensor]]:
+    """Per (row, token): layer → per-feature first-order drop of the token's log-probability at
+    `row` when the feature's activation is zeroed at every position, `Σ_pos a_f · ∂log p/∂a_f`."""
+    acts: dict[int, torch.Tensor] = {}
+
+    def make(L):
+        def fn(t: torch.Tensor, n: str) -> torch.Tensor:
+            t = t.detach().requires_grad_(True)
+            acts[L] = t
+            return t
+        return fn
+
+    hooks = {f"blocks.{L}.mlp.hook_post": make(L) for L in layers}
+    with torch.enable_grad():
+        h = model.forward(torch.tensor([list(seq)]), hooks=hooks, logits="none", grad=True)
+        out = []
+        order = [L for L in layers if L in acts]
+        for j, (r, tid) in enumerate(zip(rows, token_ids)):
+            lp = torch.log_softmax(model.unembed(h[0, r][None]).double(), dim=-1)[0, int(tid)]
+            grads = torch.autograd.grad(lp, [acts[L] for L in order], retain_graph=j + 1 < len(rows))
+            out.append({L: (acts[L].detach()[0, :r + 1].double() * g[0, :r + 1].double()).sum(0)
+                        for L, g in zip(order, grads)})
+    return out
+
+
 def attribute(model, prompt_ids: Sequence[int], completion_ids: Sequence[int], features: FeatureSource,
-              top: int = 5) -> tuple[TokenExplanation, ...]:
-    """Per completion token, the `top` features (all layers) whose direct contribution to that
-    token's logit is largest, at the position that predicted it; one forward pass over prompt +
-    completion. The split is exact (`knowledge.decode.attribute`): feature f of layer L adds
+              top: int = 5, rank: str = "effect") -> tuple[TokenExplanation, ...]:
+    """Per completion token, the `top` features (all layers) that matter most for it, at the
+    position that predicted it. `rank="effect"` (default) orders the features that write the token
+    (positive direct contribution) by activation × gradient of the token's log-probability (the
+    first-order cost of zeroing the feature, through every later layer); `rank="direct"` by their
+    direct contribution to the token's logit. `contribution` is
+    always the exact direct split (`knowledge.decode.attribute`): feature f of layer L adds
     `a_f · (d_f · v_t)` to `logit[t] − mean(logit)`, `v_t` the token's direction at the final norm
-    frozen at that position's residual; the attention layers' and the FFNs' totals are given beside."""
+    frozen at that position's residual; the attention layers' and the FFNs' totals are given
+    beside. Why the effect: ablating the five features with the largest direct contribution beat
+    five random ones in 86 % of prompts on the embedded model; later layers undo part of a
+    feature's direct write, and earlier features act through attention and later FFNs."""
     from .decode import attribute as dla
     from .decode import token_direction
 
     if top < 1:
         raise ModelqlError("top must be at least 1")
+    if rank not in RANKINGS:
+        raise ModelqlError(f"unknown ranking {rank!r} (use {' or '.join(RANKINGS)})")
     prompt_ids, completion_ids = [int(i) for i in prompt_ids], [int(i) for i in completion_ids]
     if not prompt_ids:
         raise ModelqlError("the prompt encodes to no tokens")
@@ -200,6 +243,7 @@ def attribute(model, prompt_ids: Sequence[int], completion_ids: Sequence[int], f
         _, cache = interp.run_with_cache(model, torch.tensor([seq]), names)
     p = len(prompt_ids)
     rows = list(range(p - 1, p - 1 + len(completion_ids)))
+    effects = _effects(model, seq, layers, rows, completion_ids) if rank == "effect" else None
     final = cache[f"blocks.{n_layers - 1}.hook_resid_post"]
     tok = model.tokenizer
     out = []
@@ -210,7 +254,12 @@ def attribute(model, prompt_ids: Sequence[int], completion_ids: Sequence[int], f
         v = token_direction(model, final[r], tid)
         attn = sum(float(cache[f"blocks.{i}.hook_attn_out"][r].float() @ v) for i in range(n_layers))
         ffn = sum(float(cache[f"blocks.{i}.hook_mlp_out"][r].float() @ v) for i in range(n_layers))
-        flat = [(float(c), L, f) for L, cs in contribs.items()
+        if effects is not None:  # features that write the token (direct > 0), by their effect
+            ranking = {L: torch.where(contribs[L] > 0, e, torch.full_like(e, -torch.inf))
+                       for L, e in effects[j].items() if L in contribs}
+        else:
+            ranking = contribs
+        flat = [(float(c), L, f) for L, cs in ranking.items()
                 for c, f in zip(*[t.tolist() for t in torch.topk(cs, min(CANDIDATES + top, cs.numel()))])]
         flat.sort(key=lambda h: (-h[0], h[1], h[2]))
         chosen: list[FiredFeature] = []
@@ -222,8 +271,9 @@ def attribute(model, prompt_ids: Sequence[int], completion_ids: Sequence[int], f
                 continue
             x = cache[f"blocks.{L}.ln2.hook_normalized"][r][None]
             gate = _gate(model, L, f, x[0])
+            direct = float(contribs[L][f]) if L in contribs else 0.0
             chosen.append(FiredFeature(L, f, gate, info.top_token, info.top_tokens, info.relation, info.source,
-                                       round(c, 4)))
+                                       round(direct, 4)))
         text = tok.decode([tid]) if tok is not None else str(tid)
         out.append(TokenExplanation(j, text, tid, r, tuple(chosen), round(attn, 4), round(ffn, 4)))
     return tuple(out)
@@ -264,4 +314,4 @@ def explain(model, prompt: str | Sequence[int], features: FeatureSource, *, max_
 
 
 __all__ = ["FeatureInfo", "FeatureSource", "VindexFeatures", "RemoteFeatures", "TokenExplanation", "Explanation",
-           "attribute", "explain", "feature_json", "CANDIDATES"]
+           "attribute", "explain", "feature_json", "CANDIDATES", "RANKINGS"]

@@ -377,6 +377,10 @@ class ProbeResult:
     written: Path | None = None
     per_relation: dict[str, int] = field(default_factory=dict)
     objects_per_subject: dict[str, float] = field(default_factory=dict)
+    #: relation → subjects whose probe the model answered right (its top first token)
+    answered: dict[str, list[str]] = field(default_factory=dict, repr=False)
+    #: feature → relation → the subjects whose probes scored its hits (where its label was earned)
+    evidence: dict[tuple[int, int], dict[str, list[str]]] = field(default_factory=dict, repr=False)
 
 
 def _subjects(pairs: Sequence[Sequence[str]]) -> list[str]:
@@ -431,6 +435,8 @@ def probe_features(vindex, triples: Mapping[str, Any], templates: Mapping[str, S
                 if ids:
                     prompts.append((rel, s, ids))
     hits: dict[tuple[int, int], Counter] = defaultdict(Counter)
+    answered: dict[str, list[str]] = defaultdict(list)
+    evidence: dict[tuple[int, int], dict[str, list[str]]] = defaultdict(lambda: defaultdict(list))
     names = [f"blocks.{L}.mlp.hook_post" for L in layers]
     vocab_cache: dict[int, str] = {}
 
@@ -475,18 +481,22 @@ def probe_features(vindex, triples: Mapping[str, Any], templates: Mapping[str, S
                     for t in feat_tokens[L][f]:
                         if index.get((sl, t)) == rel:
                             hits[(L, f)][rel] += 1
+                            evidence[(L, f)][rel].append(subj)
                             break
             # prediction matching
             lg = logits[row].double()
             vals, pidx = torch.topk(lg, min(PRED_TOP, lg.numel()))
             probs = torch.softmax(vals, dim=0)
-            for p, tid in zip(probs.tolist()[:PRED_SCAN], pidx.tolist()[:PRED_SCAN]):
+            for n_, (p, tid) in enumerate(zip(probs.tolist()[:PRED_SCAN], pidx.tolist()[:PRED_SCAN])):
                 t = tok_text(tid)
                 if p < PRED_MIN_PROB or len(t) < 2:
                     continue
                 if index.get((sl, t)) == rel:
+                    if n_ == 0:
+                        answered[rel].append(subj)
                     for L in layers[-PRED_LAST_LAYERS:]:
                         hits[(L, strongest[L][row])][rel] += 1
+                        evidence[(L, strongest[L][row])][rel].append(subj)
                     break
     labels = {}
     for key, c in hits.items():
@@ -496,7 +506,8 @@ def probe_features(vindex, triples: Mapping[str, Any], templates: Mapping[str, S
     return ProbeResult(labels=labels, hits={k: dict(v) for k, v in hits.items()}, prompts=len(prompts),
                        layers=tuple(layers), seconds=time.perf_counter() - t0,
                        per_relation=dict(Counter(labels.values())),
-                       objects_per_subject=objects_per_subject(triples))
+                       objects_per_subject=objects_per_subject(triples), answered=dict(answered),
+                       evidence={k: {r: v[r] for r in v} for k, v in evidence.items() if k in labels})
 
 
 def objects_per_subject(triples: Mapping[str, Any]) -> dict[str, float]:
@@ -642,11 +653,20 @@ def label_vindex(path: str | Path, triples: str | Path | Mapping[str, Any] | Non
         from .label_check import check_labels
 
         say(f"causal check of {len(result.labels)} labels (ablation vs a random feature of the layer)")
-        chk = check_labels(m, tok, result.labels, cal.templates, cal.right)
+        right = {r: list(v) for r, v in cal.right.items()}
+        for r, subs in result.answered.items():  # the probes answered right, beyond the calibration's sample
+            objs: dict[str, list[str]] = {}
+            for s_, o in tri.get(r, {}).get("pairs", ()):
+                objs.setdefault(s_, []).append(o)
+            have = {s_ for s_, _o in right.get(r, ())}
+            right.setdefault(r, []).extend((s_, objs[s_]) for s_ in dict.fromkeys(subs) if s_ not in have and s_ in objs)
+        evidence = {k: result.evidence.get(k, {}).get(r, []) for k, r in result.labels.items()}
+        chk = check_labels(m, tok, result.labels, cal.templates, right, evidence=evidence)
         failed = [k for k, ok in chk.passed.items() if not ok]
         check = {"checked": chk.checked, "passed": chk.checked - len(failed),
                  "pass_rate": None if chk.pass_rate is None else round(chk.pass_rate, 4),
-                 "unchecked": len(chk.unchecked), "dropped": len(failed)}
+                 "unchecked": len(chk.unchecked), "dropped": len(failed),
+                 "measure": "log_odds", "subjects": "evidence first"}
         say(f"causal check: {check['passed']}/{chk.checked} pass; {len(failed)} failing labels dropped")
         result = replace_labels(result, {k: r for k, r in result.labels.items() if k not in set(failed)})
     written = write_probe_labels(vx.path, result, tmpl, vx.model, min_z=min_z, replace=replace,
