@@ -252,3 +252,12 @@ def test_float_activations_are_exact_and_int8_is_an_option(q8_file):
     want = dense.forward(ids, logits="all")
     assert _rel(exact.forward(ids, logits="all"), want) < 1e-5
     assert 1e-5 < _rel(fast.forward(ids, logits="all"), want) < 0.03
+
+
+def test_8bit_splits_into_two_exact_4bit_halves():
+    from modelql.models.quant import split_nibbles
+
+    p = pack_gguf(random_blocks("Q8_0", 16, 256), "Q8_0", (16, 256))
+    hi, lo = split_nibbles(p)
+    assert hi.bits == lo.bits == 4
+    np.testing.assert_allclose(hi.dequantize() + lo.dequantize(), p.dequantize(), rtol=0, atol=1e-6)

@@ -93,6 +93,15 @@ def widen(p: Packed) -> Packed:
                   np.ascontiguousarray(p.zero_points()).reshape(-1), p.source_type, p.offsets, p.error)
 
 
+def split_nibbles(p: Packed) -> tuple[Packed, Packed]:
+    """An 8-bit matrix as two 4-bit ones whose sum it is, exactly: codes c = 16·hi + lo and zero points
+    z = 16·z_hi + z_lo, so s·(c − z) = 16s·(hi − z_hi) + s·(lo − z_lo) (offsets are left to the caller)."""
+    from_codes = lambda q, z, scales: _pack(q, scales.reshape(p.n, -1), z, 4, p.source_type)  # noqa: E731
+    c, z = p.codes(), p.zero_points()
+    scales = p.scales.reshape(p.n, -1)
+    return (from_codes(c >> 4, z >> 4, scales * np.float32(16)), from_codes(c & 0xF, z & 0xF, scales))
+
+
 def concat(parts: list[Packed]) -> Packed:
     """Row-wise concatenation (fused q/k/v or gate/up); mixed widths (Q4_K_M's Q6_K v next to Q4_K q, k)
     are fused as 8-bit."""

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from ..models.quant import BLOCK, Packed
+from ..models.quant import BLOCK, Packed, split_nibbles
 from ..models.spec import ModelSpec
 from .rope import inverse_frequencies
 
@@ -99,12 +99,21 @@ class _Builder:
         self.nodes.append(self.helper.make_node(op, inputs, outs, domain=domain, name=self.name(op + "_n"), **attrs))
         return outs
 
-    def matmul(self, x: str, packed: Packed, stem: str) -> str:
+    def _nbits(self, x: str, packed: Packed, stem: str) -> str:
         w = self.init(stem + ".q", packed.data)
         s = self.init(stem + ".s", packed.scales)
         z = self.init(stem + ".z", packed.zeros)
-        y = self.node("MatMulNBits", [x, w, s, z], domain="com.microsoft", K=packed.k, N=packed.n,
-                      bits=packed.bits, block_size=BLOCK, accuracy_level=self.accuracy)[0]
+        return self.node("MatMulNBits", [x, w, s, z], domain="com.microsoft", K=packed.k, N=packed.n,
+                         bits=packed.bits, block_size=BLOCK, accuracy_level=self.accuracy)[0]
+
+    def matmul(self, x: str, packed: Packed, stem: str) -> str:
+        if packed.bits == 8 and self.accuracy != 4:
+            # with float activations the 8-bit kernel has no fast path (it dequantizes the whole matrix per
+            # call, ~30× slower): run it as two exact 4-bit halves instead
+            hi, lo = split_nibbles(packed)
+            y = self.node("Add", [self._nbits(x, hi, stem + ".hi"), self._nbits(x, lo, stem + ".lo")])[0]
+        else:
+            y = self._nbits(x, packed, stem)
         if packed.offsets is not None:
             # W = (q − z)·s + offset per block: add offsets · (x summed per block)
             shape = self.init(stem + ".bshape", np.array([0, 0, packed.k // BLOCK, BLOCK], np.int64))
