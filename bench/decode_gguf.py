@@ -1,11 +1,14 @@
 """GGUF decode speed and memory: modelql's low-bit path vs llama.cpp (or transformers) on the same file.
 
-    python bench/decode.py --gguf FILE --vs-llama-cpp          # FILE, plus Q8_0 / Q4_K_M versions of it
-    python bench/decode.py --gguf FILE --agreement              # greedy agreement + logits vs transformers
+    python bench/decode.py --gguf FILE                  # FILE, plus Q8_0 / Q4_K_M versions of it
+    python bench/decode.py --gguf FILE --agreement      # greedy agreement + logits vs transformers
+    python bench/decode.py --memory-1b                  # RSS of a random ~1B Q4_K_M-like GGUF vs its size
 
-llama.cpp is measured through llama-cpp-python when it is importable (`pip install llama-cpp-python`:
-a 10–30 minute source build; not a dependency of modelql); otherwise the reference is transformers'
-GGUF loader (`from_pretrained(gguf_file=...)`, which dequantizes to float32).
+llama.cpp is the reference whenever llama-cpp-python is importable (a 10-30 minute source build,
+`CMAKE_BUILD_PARALLEL_LEVEL=2 pip install --no-binary llama-cpp-python llama-cpp-python`; not a
+dependency of modelql); otherwise one line says so and the reference is transformers' GGUF loader
+(`from_pretrained(gguf_file=...)`, which dequantizes to float32). modelql runs twice: float32
+activations (the default) and int8 activations (`--quantize auto:int8`).
 
 Every engine runs in its own subprocess (so each peak RSS is its own), one after the other in the same
 run, with the same thread count: load, warm up, then a greedy decode of `--tokens` tokens after a short
