@@ -1,11 +1,14 @@
 """GGUF decode speed and memory: modelql's low-bit path vs llama.cpp (or transformers) on the same file.
 
-    python bench/decode.py --gguf FILE --vs-llama-cpp          # FILE, plus Q8_0 / Q4_K_M versions of it
-    python bench/decode.py --gguf FILE --agreement              # greedy agreement + logits vs transformers
+    python bench/decode.py --gguf FILE                  # FILE, plus Q8_0 / Q4_K_M versions of it
+    python bench/decode.py --gguf FILE --agreement      # greedy agreement + logits vs transformers
+    python bench/decode.py --memory-1b                  # RSS of a random ~1B Q4_K_M-like GGUF vs its size
 
-llama.cpp is measured through llama-cpp-python when it is importable (`pip install llama-cpp-python`:
-a 10–30 minute source build; not a dependency of modelql); otherwise the reference is transformers'
-GGUF loader (`from_pretrained(gguf_file=...)`, which dequantizes to float32).
+llama.cpp is the reference whenever llama-cpp-python is importable (a 10-30 minute source build,
+`CMAKE_BUILD_PARALLEL_LEVEL=2 pip install --no-binary llama-cpp-python llama-cpp-python`; not a
+dependency of modelql); otherwise one line says so and the reference is transformers' GGUF loader
+(`from_pretrained(gguf_file=...)`, which dequantizes to float32). modelql runs twice: float32
+activations (the default) and int8 activations (`--quantize auto:int8`).
 
 Every engine runs in its own subprocess (so each peak RSS is its own), one after the other in the same
 run, with the same thread count: load, warm up, then a greedy decode of `--tokens` tokens after a short
@@ -138,6 +141,8 @@ def worker_main(argv: list[str]) -> None:
     torch.set_num_threads(threads)
     if engine == "modelql":
         row = worker_modelql(path, tokens, repeats, "auto")
+    elif engine == "modelql-int8":
+        row = worker_modelql(path, tokens, repeats, "auto:int8")
     elif engine == "modelql-float":
         row = worker_modelql(path, tokens, repeats, "none")
     elif engine == "llama.cpp":
@@ -225,38 +230,44 @@ def derived_files(gguf_path: Path, tmp: Path, variants: list[str]) -> list[tuple
 # ---------------------------------------------------------------------------------------------
 
 
-def agreement(path: Path, n_prompts: int, n_tokens: int) -> dict:
-    """Greedy tokens of modelql's low-bit path vs transformers on the GGUF (dequantized float32):
-    per-position agreement over the prompts, and prefill logits |Δ| relative to max |logit|; plus
-    the same for modelql's own float path (the reference for the kernel's error alone)."""
+def agreement(path: Path, n_prompts: int, n_tokens: int) -> dict[str, dict]:
+    """Greedy tokens vs transformers on the GGUF (dequantized float32), for modelql's low-bit path with
+    float32 activations (the default), with int8 activations (`:int8`), and its float path (dequantized
+    weights: what is left is summation order): per-position agreement over the prompts, how many prompts
+    match exactly, and prefill logits max |Δ| relative to max |logit| (worst prompt)."""
     import torch
     import transformers as T
 
     from modelql.runtime import load_model
 
     T.logging.set_verbosity_error()
-    ours = load_model(path)
     ref = T.AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32).eval()
-    same = total = 0
-    worst = 0.0
-    first_divergence = []
+    models = {"low-bit": load_model(path), "low-bit :int8": load_model(path, quantize="auto:int8"),
+              "float": load_model(path, quantize="none")}
+    rows = {k: {"same": 0, "total": 0, "worst": 0.0, "exact": 0, "first_divergence": []} for k in models}
+    tok = models["float"].tokenizer
     for prompt in PROMPTS[:n_prompts]:
-        ids = ours.tokenizer.encode(prompt)
+        ids = tok.encode(prompt)
         x = torch.tensor([ids])
         with torch.inference_mode():
             want = ref.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=n_tokens, min_new_tokens=n_tokens,
                                 do_sample=False, pad_token_id=0)[0, len(ids):].tolist()
             ref_logits = ref(x).logits[0].float()
-        got = _greedy(ours, ids, n_tokens)
-        lg = ours.forward(ids, logits="all")[0]
-        worst = max(worst, float((lg - ref_logits).abs().max() / ref_logits.abs().max()))
-        same += sum(a == b for a, b in zip(got, want))
-        total += n_tokens
-        first_divergence.append(next((i for i, (a, b) in enumerate(zip(got, want)) if a != b), n_tokens))
-    errors = [(w.error_max, w.error_rms) for w in ours.quant.info] if ours.quantized else []
-    return {"agreement": same / total, "logit_rel_max": worst, "prompts": n_prompts, "tokens": n_tokens,
-            "quantized": ours.quantized, "first_divergence": first_divergence,
-            "layout_error_rms": max((e[1] for e in errors), default=0.0)}
+        for name, model in models.items():
+            r = rows[name]
+            got = _greedy(model, ids, n_tokens)
+            lg = model.forward(ids, logits="all")[0]
+            r["worst"] = max(r["worst"], float((lg - ref_logits).abs().max() / ref_logits.abs().max()))
+            r["same"] += sum(a == b for a, b in zip(got, want))
+            r["total"] += n_tokens
+            r["exact"] += got == want
+            r["first_divergence"].append(next((i for i, (a, b) in enumerate(zip(got, want)) if a != b), n_tokens))
+    quant = models["low-bit"]
+    layout = max((w.error_rms for w in quant.quant.info), default=0.0) if quant.quantized else 0.0
+    return {name: {"agreement": r["same"] / r["total"], "logit_rel_max": r["worst"], "exact_prompts": r["exact"],
+                   "first_divergence": r["first_divergence"], "layout_error_rms": layout if name != "float" else 0.0,
+                   "quantized": models[name].quantized}
+            for name, r in rows.items()}
 
 
 def _greedy(model, ids: list[int], n: int) -> list[int]:
@@ -277,22 +288,24 @@ def main(args) -> None:
     gguf_path = Path(args.gguf).resolve()
     if not gguf_path.is_file():
         sys.exit(f"error: {gguf_path} is not a file")
-    reference = "llama.cpp" if args.vs_llama_cpp and llama_cpp_available() else "transformers"
-    if args.vs_llama_cpp and reference != "llama.cpp":
-        print("note: llama-cpp-python is not importable (pip install llama-cpp-python, a 10-30 min build): "
-              "comparing with transformers' GGUF loader instead", file=sys.stderr)
+    reference = "llama.cpp" if llama_cpp_available() else "transformers"
+    if reference != "llama.cpp":
+        print("note: llama-cpp-python is not importable (CMAKE_BUILD_PARALLEL_LEVEL=2 pip install --no-binary "
+              "llama-cpp-python llama-cpp-python, a 10-30 min build): comparing with transformers' GGUF loader",
+              file=sys.stderr)
     with tempfile.TemporaryDirectory(prefix="modelql-gguf-bench-") as tmp:
         files = derived_files(gguf_path, Path(tmp), args.variants)
         if args.agreement:
             print(f"\ngreedy agreement with transformers (dequantized float32), {args.prompts} prompts × "
-                  f"{args.agree_tokens} tokens")
+                  f"{args.agree_tokens} tokens; logits: prefill max|Δ| / max|logit|, worst prompt; layout error: "
+                  "rms of the kernel's weights vs the file's (0 = the file's own codes and scales)")
             for label, path in files:
-                r = agreement(path, args.prompts, args.agree_tokens)
-                print(f"  {label:<20} agreement {r['agreement']:.1%}  prefill logits max|Δ|/max|logit| "
-                      f"{r['logit_rel_max']:.4f}  layout error (rms, vs file) {r['layout_error_rms']:.2%}  "
-                      f"first divergence per prompt {r['first_divergence']}")
+                for name, r in agreement(path, args.prompts, args.agree_tokens).items():
+                    print(f"  {label:<20} {name:<14} agreement {r['agreement']:6.1%}  identical prompts "
+                          f"{r['exact_prompts']:2d}/{args.prompts}  logits {r['logit_rel_max']:.2e}  layout error "
+                          f"{r['layout_error_rms']:.2%}  first divergence {r['first_divergence']}")
             return
-        engines = ["modelql", reference] + (["modelql-float"] if args.float_too else [])
+        engines = ["modelql", "modelql-int8", reference] + (["modelql-float"] if args.float_too else [])
         rows = []
         for label, path in files:
             results = {e: run_worker(e, path, args) for e in engines}
@@ -300,15 +313,17 @@ def main(args) -> None:
             r = results
             print(f"  {label}: " + ", ".join(f"{e} {r[e]['decode']:.1f} tok/s {r[e]['peak_rss_mb']:.0f} MB"
                                              for e in engines), file=sys.stderr)
-    print(f"\nthreads={args.threads}  decode={args.tokens} tokens (greedy)  best of {args.repeats}  reference={reference}")
-    head = ["file", "MB", "modelql tok/s", f"{reference} tok/s", "ratio", "modelql RSS MB",
+    print(f"\nthreads={args.threads}  decode={args.tokens} tokens (greedy)  best of {args.repeats}  reference={reference}"
+          f"  load average {' '.join(f'{x:.1f}' for x in os.getloadavg())}  (ratios: modelql ÷ reference, same run)")
+    head = ["file", "MB", "modelql tok/s", "ratio", ":int8 tok/s", "ratio", f"{reference} tok/s", "modelql RSS MB",
             f"{reference} RSS MB", "RSS ratio", "same 16 tokens"]
     if args.float_too:
         head += ["modelql f32 tok/s", "f32 RSS MB"]
     lines = []
     for label, size, r in rows:
-        a, b = r["modelql"], r[reference]
-        line = [label, f"{size / 1e6:.0f}", f"{a['decode']:.1f}", f"{b['decode']:.1f}", f"{a['decode'] / b['decode']:.2f}",
+        a, a8, b = r["modelql"], r["modelql-int8"], r[reference]
+        line = [label, f"{size / 1e6:.0f}", f"{a['decode']:.1f}", f"{a['decode'] / b['decode']:.2f}",
+                f"{a8['decode']:.1f}", f"{a8['decode'] / b['decode']:.2f}", f"{b['decode']:.1f}",
                 f"{a['peak_rss_mb']:.0f}", f"{b['peak_rss_mb']:.0f}", f"{a['peak_rss_mb'] / b['peak_rss_mb']:.2f}",
                 "yes" if a["tokens"] == b["tokens"] else "no"]
         if args.float_too:
@@ -330,97 +345,33 @@ if __name__ == "__main__" and len(sys.argv) > 1 and sys.argv[1] == "--worker":
 # ffn_down, as llama.cpp's Q4_K_M mix does); blocks are random codes with sane float16 scales
 # ---------------------------------------------------------------------------------------------
 
-_SCALE_BYTES = {"Q4_K": (0, 4), "Q6_K": (-2, 2)}  # where the block's float16 scale(s) sit
+def _random_gguf():
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    import tests.random_gguf
 
-
-def _random_blocks(qtype: str, rows: int, cols: int, rng):
-    import numpy as np
-    from gguf import GGML_QUANT_SIZES, GGMLQuantizationType as Q
-
-    block, size = GGML_QUANT_SIZES[Q[qtype]]
-    raw = rng.integers(0, 256, size=(rows, cols // block, size), dtype=np.uint8)
-    start, count = _SCALE_BYTES[qtype]
-    scales = (rng.random((rows, cols // block, count // 2)) * 0.002 + 0.0005).astype(np.float16).view(np.uint8)
-    if start < 0:
-        raw[..., start:] = scales.reshape(rows, cols // block, -1)
-    else:
-        raw[..., start:start + count] = scales.reshape(rows, cols // block, -1)
-    return raw.reshape(rows, -1)
-
-
-def write_random_q4_k_m(path: Path, hidden=2048, layers=16, inter=5632, heads=32, kv=8, vocab=32000) -> int:
-    import gguf
-    import numpy as np
-    from gguf import GGMLQuantizationType as Q
-
-    rng = np.random.default_rng(0)
-    w = gguf.GGUFWriter(path=str(path), arch="llama")
-    w.add_block_count(layers)
-    w.add_embedding_length(hidden)
-    w.add_feed_forward_length(inter)
-    w.add_head_count(heads)
-    w.add_head_count_kv(kv)
-    w.add_context_length(2048)
-    w.add_layer_norm_rms_eps(1e-5)
-    w.add_rope_freq_base(10000.0)
-    hd = hidden // heads
-    params = 0
-
-    def add(name, qtype, rows, cols):
-        nonlocal params
-        w.add_tensor(name, _random_blocks(qtype, rows, cols, rng), raw_dtype=Q[qtype])
-        params += rows * cols
-
-    add("token_embd.weight", "Q4_K", vocab, hidden)
-    add("output.weight", "Q6_K", vocab, hidden)
-    w.add_tensor("output_norm.weight", np.ones(hidden, np.float32))
-    for i in range(layers):
-        p = f"blk.{i}."
-        add(p + "attn_q.weight", "Q4_K", heads * hd, hidden)
-        add(p + "attn_k.weight", "Q4_K", kv * hd, hidden)
-        add(p + "attn_v.weight", "Q6_K" if i % 2 == 0 else "Q4_K", kv * hd, hidden)
-        add(p + "attn_output.weight", "Q4_K", hidden, heads * hd)
-        add(p + "ffn_gate.weight", "Q4_K", inter, hidden)
-        add(p + "ffn_up.weight", "Q4_K", inter, hidden)
-        add(p + "ffn_down.weight", "Q6_K" if i % 2 == 0 else "Q4_K", hidden, inter)
-        w.add_tensor(p + "attn_norm.weight", np.ones(hidden, np.float32))
-        w.add_tensor(p + "ffn_norm.weight", np.ones(hidden, np.float32))
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
-    return params
+    return tests.random_gguf
 
 
 def memory_1b_worker(path: str) -> None:
-    import torch
-
-    from modelql.runtime import load_model
-
-    torch.set_num_threads(2)
-    t = time.perf_counter()
-    model = load_model(path)
-    load_s = time.perf_counter() - t
-    rss_after = int(open("/proc/self/status").read().split("VmRSS:")[1].split()[0]) / 1024
-    logits = model.forward(list(range(1, 9)), logits="last")
-    print("RESULT " + json.dumps({"load_s": load_s, "peak_rss_mb": peak_rss_mb(), "rss_after_load_mb": rss_after,
-                                  "quantized": model.quantized, "finite": bool(torch.isfinite(logits).all())}))
+    print("RESULT " + json.dumps(_random_gguf().load_rss(path)))
 
 
 def memory_1b(args) -> None:
     with tempfile.TemporaryDirectory(prefix="modelql-1b-") as tmp:
         path = Path(tmp) / "random-1b-Q4_K_M.gguf"
-        n = write_random_q4_k_m(path)
-        size = path.stat().st_size
+        n = _random_gguf().write_random_q4_k_m(path)
+        size = path.stat().st_size / 2**20
         proc = subprocess.run([sys.executable, __file__, "--memory-worker", str(path)], capture_output=True, text=True)
         line = next((x for x in proc.stdout.splitlines() if x.startswith("RESULT ")), None)
         if line is None:
             raise RuntimeError(proc.stderr[-2000:])
         r = json.loads(line[7:])
-        print(f"random Llama {n / 1e9:.2f}B params, Q4_K_M-like GGUF {size / 1e6:.0f} MB: load {r['load_s']:.1f}s, "
-              f"peak RSS {r['peak_rss_mb']:.0f} MB ({r['peak_rss_mb'] * 2**20 / size:.2f}× the file), "
-              f"RSS after load {r['rss_after_load_mb']:.0f} MB ({r['rss_after_load_mb'] * 2**20 / size:.2f}×), "
-              f"low-bit {r['quantized']}, finite logits {r['finite']}")
+        print(f"random Llama {n / 1e9:.2f}B params, Q4_K_M-like GGUF {size:.0f} MiB; RSS in MiB, "
+              f"growth = over the process with its libraries loaded ({r['base']:.0f} MiB):")
+        print(f"  peak  {r['peak']:.0f} total ({r['peak'] / size:.2f}× the file), growth {r['peak'] - r['base']:.0f} "
+              f"({(r['peak'] - r['base']) / size:.2f}×)")
+        print(f"  after {r['after']:.0f} total ({r['after'] / size:.2f}× the file), growth {r['after'] - r['base']:.0f} "
+              f"({(r['after'] - r['base']) / size:.2f}×)   low-bit {r['quantized']}, finite logits {r['finite']}")
 
 
 if __name__ == "__main__" and len(sys.argv) > 1 and sys.argv[1] == "--memory-worker":

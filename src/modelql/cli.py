@@ -107,7 +107,8 @@ ModelArg = Annotated[
 ]
 DtypeOpt = Annotated[str, typer.Option("--dtype", help="compute dtype: float32 or bfloat16")]
 QuantizeOpt = Annotated[Optional[str], typer.Option(
-    "--quantize", help="weights: auto (a quantized GGUF stays low-bit), none (dequantize), int8 or int4")]
+    "--quantize", help="weights: auto (a quantized GGUF stays low-bit), none (dequantize), int8 or int4; "
+    "append :int8 for int8 activations in the low-bit kernels (faster, less exact)")]
 MaxTokensOpt = Annotated[int, typer.Option("--max-tokens", "-n", min=1, help="maximum tokens to generate")]
 TemperatureOpt = Annotated[float, typer.Option("--temperature", "-t", min=0.0, help="0 = greedy")]
 TopKOpt = Annotated[int, typer.Option("--top-k", min=0, help="keep the k most likely tokens (0 = off)")]
@@ -336,7 +337,7 @@ def model_info(model) -> dict[str, Any]:
         "vocab_size": spec.vocab_size,
         "context": spec.max_position,
         "parameters": params,
-        "dtype": str(model.dtype).removeprefix("torch.") if storage is None else "float32 activations",
+        "dtype": str(model.dtype).removeprefix("torch.") if storage is None else f"{model.quant.activations} activations",
         "checkpoint_dtype": spec.torch_dtype if storage is None else "+".join(r["source"] for r in storage["types"]),
         "storage": storage,
         "memory_bytes": memory,

@@ -93,6 +93,15 @@ def widen(p: Packed) -> Packed:
                   np.ascontiguousarray(p.zero_points()).reshape(-1), p.source_type, p.offsets, p.error)
 
 
+def split_nibbles(p: Packed) -> tuple[Packed, Packed]:
+    """An 8-bit matrix as two 4-bit ones whose sum it is, exactly: codes c = 16·hi + lo and zero points
+    z = 16·z_hi + z_lo, so s·(c − z) = 16s·(hi − z_hi) + s·(lo − z_lo) (offsets are left to the caller)."""
+    from_codes = lambda q, z, scales: _pack(q, scales.reshape(p.n, -1), z, 4, p.source_type)  # noqa: E731
+    c, z = p.codes(), p.zero_points()
+    scales = p.scales.reshape(p.n, -1)
+    return (from_codes(c >> 4, z >> 4, scales * np.float32(16)), from_codes(c & 0xF, z & 0xF, scales))
+
+
 def concat(parts: list[Packed]) -> Packed:
     """Row-wise concatenation (fused q/k/v or gate/up); mixed widths (Q4_K_M's Q6_K v next to Q4_K q, k)
     are fused as 8-bit."""
@@ -130,52 +139,110 @@ def _pack(q: np.ndarray, scales: np.ndarray, zeros: np.ndarray, bits: int, sourc
                   None if offsets is None else np.ascontiguousarray(offsets, np.float32).reshape(n, nb))
 
 
+#: values converted at a time: bounds the float temporaries (gguf's dequantisation makes several arrays
+#: of the chunk's size), so packing adds little to the resident set whatever the matrix
+CHUNK_VALUES = 1 << 20
+
+
+def _chunk_rows(k: int) -> int:
+    return max(1, CHUNK_VALUES // k)
+
+
+class _Error:
+    """Running conversion error over row chunks: max |Δ| / max |W| and ‖Δ‖ / ‖W‖."""
+
+    def __init__(self):
+        self.peak = self.top = self.sq_err = self.sq_ref = 0.0
+
+    def add(self, got: np.ndarray, ref: np.ndarray) -> None:
+        diff = (got - ref).ravel()
+        ref = ref.ravel()
+        self.peak = max(self.peak, float(np.abs(diff).max(initial=0.0)))
+        self.top = max(self.top, float(np.abs(ref).max(initial=0.0)))
+        self.sq_err += float(np.dot(diff.astype(np.float64), diff))
+        self.sq_ref += float(np.dot(ref.astype(np.float64), ref))
+
+    @property
+    def value(self) -> tuple[float, float]:
+        return (self.peak / self.top if self.top else 0.0, (self.sq_err / self.sq_ref) ** 0.5 if self.sq_ref else 0.0)
+
+
 def _measure(packed: Packed, reference: np.ndarray) -> Packed:
     """Record the conversion error against the source's dequantised values (row chunks: bounded memory)."""
-    peak, sq_err, sq_ref, top = 0.0, 0.0, 0.0, 0.0
-    for start in range(0, packed.n, 4096):
-        rows = slice(start, min(packed.n, start + 4096))
-        ref = reference[rows].astype(np.float32)
-        diff = packed.dequantize(rows) - ref
-        peak = max(peak, float(np.abs(diff).max(initial=0.0)))
-        top = max(top, float(np.abs(ref).max(initial=0.0)))
-        sq_err += float((diff.astype(np.float64) ** 2).sum())
-        sq_ref += float((ref.astype(np.float64) ** 2).sum())
-    packed.error = (peak / top if top else 0.0, (sq_err / sq_ref) ** 0.5 if sq_ref else 0.0)
+    err = _Error()
+    step = _chunk_rows(packed.k)
+    for start in range(0, packed.n, step):
+        rows = slice(start, min(packed.n, start + step))
+        err.add(packed.dequantize(rows), np.asarray(reference[rows], np.float32))
+    packed.error = err.value
     return packed
 
 
+class _Rows:
+    """A `Packed` matrix filled row chunk by row chunk into arrays allocated once (no growing copies)."""
+
+    def __init__(self, n: int):
+        self.n, self.out = n, None
+
+    def put(self, start: int, part: Packed) -> None:
+        if self.out is None:
+            nb = part.k // BLOCK
+            self.out = Packed(part.bits, self.n, part.k, np.empty((self.n, *part.data.shape[1:]), np.uint8),
+                              np.empty(self.n * nb, np.float32), np.empty((self.n, part.zeros.size // part.n), np.uint8),
+                              part.source_type, None if part.offsets is None else np.empty((self.n, nb), np.float32))
+        out, stop, nb = self.out, start + part.n, part.k // BLOCK
+        out.data[start:stop] = part.data
+        out.scales[start * nb:stop * nb] = part.scales
+        out.zeros[start:stop] = part.zeros.reshape(part.n, -1)
+        if part.offsets is not None:
+            out.offsets[start:stop] = part.offsets
+
+    def result(self) -> Packed:
+        self.out.zeros = self.out.zeros.reshape(-1)
+        return self.out
+
+
+def _requantize(b: np.ndarray, bits: int, source_type: str) -> Packed:
+    """Float blocks [N, K/32, 32] → `Packed` (4: asymmetric min/max with an integer zero point chosen so
+    the range is covered; 8: symmetric, zero point 128)."""
+    if bits == 4:
+        mn = np.minimum(b.min(-1), 0.0)
+        mx = np.maximum(b.max(-1), 0.0)
+        s0 = (mx - mn) / 15.0
+        safe = np.where(s0 > 0, s0, 1.0)
+        zp = np.clip(np.rint(-mn / safe), 0, 15)
+        up = np.where(zp < 15, mx / np.maximum(15.0 - zp, 1.0), 0.0)
+        down = np.where(zp > 0, -mn / np.maximum(zp, 1.0), 0.0)
+        scale = np.maximum(np.maximum(up, down), s0)
+        scale = np.where(scale > 0, scale, 1.0).astype(np.float32)
+        q = np.clip(np.rint(b / scale[..., None] + zp[..., None]), 0, 15)
+    elif bits == 8:
+        amax = np.abs(b).max(-1)
+        scale = np.where(amax > 0, amax / 127.0, 1.0).astype(np.float32)
+        zp = np.full(scale.shape, 128.0)
+        q = np.clip(np.rint(b / scale[..., None]) + 128, 1, 255)
+    else:
+        raise ValueError(f"unsupported bit width {bits}")
+    return _pack(q, scale, zp, bits, source_type)
+
+
 def pack_float(w: np.ndarray, bits: int, source_type: str = "F32", measure: bool = True) -> Packed:
-    """Requantise a float matrix [N, K] (K a multiple of 32) to `bits` (4: asymmetric min/max with an
-    integer zero point chosen so the range is covered; 8: symmetric, zero point 128)."""
+    """Requantise a float matrix [N, K] (K a multiple of 32) to `bits` (see `_requantize`), a row chunk
+    at a time."""
     n, k = w.shape
     if k % BLOCK:
         raise ValueError(f"rows of {k} are not a multiple of {BLOCK}")
-    out = None
-    for start in range(0, n, 4096):  # row chunks bound the float temporaries
-        b = np.asarray(w[start:start + 4096], dtype=np.float32).reshape(-1, k // BLOCK, BLOCK)
-        if bits == 4:
-            mn = np.minimum(b.min(-1), 0.0)
-            mx = np.maximum(b.max(-1), 0.0)
-            s0 = (mx - mn) / 15.0
-            safe = np.where(s0 > 0, s0, 1.0)
-            zp = np.clip(np.rint(-mn / safe), 0, 15)
-            up = np.where(zp < 15, mx / np.maximum(15.0 - zp, 1.0), 0.0)
-            down = np.where(zp > 0, -mn / np.maximum(zp, 1.0), 0.0)
-            scale = np.maximum(np.maximum(up, down), s0)
-            scale = np.where(scale > 0, scale, 1.0).astype(np.float32)
-            q = np.clip(np.rint(b / scale[..., None] + zp[..., None]), 0, 15)
-        elif bits == 8:
-            amax = np.abs(b).max(-1)
-            scale = np.where(amax > 0, amax / 127.0, 1.0).astype(np.float32)
-            zp = np.full(scale.shape, 128.0)
-            q = np.clip(np.rint(b / scale[..., None]) + 128, 1, 255)
-        else:
-            raise ValueError(f"unsupported bit width {bits}")
-        part = _pack(q, scale, zp, bits, source_type)
-        out = part if out is None else concat([out, part])
-    out.source_type = source_type
-    return _measure(out, w) if measure else out
+    rows, err = _Rows(n), _Error()
+    step = _chunk_rows(k)
+    for start in range(0, n, step):
+        b = np.asarray(w[start:start + step], dtype=np.float32)
+        part = _requantize(b.reshape(-1, k // BLOCK, BLOCK), bits, source_type)
+        if measure:
+            err.add(part.dequantize(), b)
+        rows.put(start, part)
+    out = rows.result()
+    out.error = err.value
+    return out
 
 
 def _gguf_exact(raw: np.ndarray, qtype: str) -> Packed | None:
@@ -226,7 +293,6 @@ def _gguf_exact(raw: np.ndarray, qtype: str) -> Packed | None:
 
 
 def pack_gguf(raw: np.ndarray, qtype: str, shape: tuple[int, int], measure: bool = True) -> Packed:
-    # measure: requantized types only
     """A GGUF matrix (its raw bytes, rows [N, bytes per row], of type `qtype`, shape [N, K]) in
     `MatMulNBits` layout; the error is measured against gguf's own dequantisation."""
     from gguf import GGMLQuantizationType
@@ -236,21 +302,21 @@ def pack_gguf(raw: np.ndarray, qtype: str, shape: tuple[int, int], measure: bool
     exact = _gguf_exact(raw, qtype)
     if exact is not None:  # the same codes and scales: error 0 by construction (tests/quant checks it)
         return exact
-    bits = 8
-    out = None
-    for start in range(0, shape[0], 4096):
-        rows = raw[start:start + 4096]
+    rows, err = _Rows(shape[0]), _Error()
+    step = _chunk_rows(shape[1])
+    for start in range(0, shape[0], step):
+        chunk = raw[start:start + step]
         if qtype in ("F32", "F16", "BF16"):
-            w = _float_rows(rows, qtype)
+            w = _float_rows(chunk, qtype)
         else:
-            w = dequantize(rows, GGMLQuantizationType[qtype]).reshape(rows.shape[0], shape[1])
-        part = pack_float(w, bits, qtype, measure=False)
+            w = dequantize(chunk, GGMLQuantizationType[qtype]).reshape(chunk.shape[0], shape[1])
+        part = _requantize(w.reshape(chunk.shape[0], -1, BLOCK), 8, qtype)
         if measure:
-            _measure(part, w)
-        if out is not None:
-            part = concat([out, part])
-        out = part
-    out.source_type = qtype
+            err.add(part.dequantize(), w)
+        rows.put(start, part)
+        del w, part
+    out = rows.result()
+    out.error = err.value
     return out
 
 

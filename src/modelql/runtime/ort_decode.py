@@ -23,7 +23,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from ..models.quant import BLOCK, Packed
+from ..models.quant import BLOCK, Packed, split_nibbles
 from ..models.spec import ModelSpec
 from .rope import inverse_frequencies
 
@@ -64,9 +64,10 @@ class WeightInfo:
 
 
 class _Builder:
-    def __init__(self):
+    def __init__(self, accuracy: int = 4):
         from onnx import helper, numpy_helper
 
+        self.accuracy = accuracy
         self.helper, self.numpy_helper = helper, numpy_helper
         self.nodes, self.inits = [], []
         self.external: dict[str, np.ndarray] = {}  # large initializers, handed to onnxruntime without a copy
@@ -98,12 +99,21 @@ class _Builder:
         self.nodes.append(self.helper.make_node(op, inputs, outs, domain=domain, name=self.name(op + "_n"), **attrs))
         return outs
 
-    def matmul(self, x: str, packed: Packed, stem: str) -> str:
+    def _nbits(self, x: str, packed: Packed, stem: str) -> str:
         w = self.init(stem + ".q", packed.data)
         s = self.init(stem + ".s", packed.scales)
         z = self.init(stem + ".z", packed.zeros)
-        y = self.node("MatMulNBits", [x, w, s, z], domain="com.microsoft", K=packed.k, N=packed.n,
-                      bits=packed.bits, block_size=BLOCK, accuracy_level=4)[0]
+        return self.node("MatMulNBits", [x, w, s, z], domain="com.microsoft", K=packed.k, N=packed.n,
+                         bits=packed.bits, block_size=BLOCK, accuracy_level=self.accuracy)[0]
+
+    def matmul(self, x: str, packed: Packed, stem: str) -> str:
+        if packed.bits == 8 and self.accuracy != 4:
+            # with float activations the 8-bit kernel has no fast path (it dequantizes the whole matrix per
+            # call, ~30× slower): run it as two exact 4-bit halves instead
+            hi, lo = split_nibbles(packed)
+            y = self.node("Add", [self._nbits(x, hi, stem + ".hi"), self._nbits(x, lo, stem + ".lo")])[0]
+        else:
+            y = self._nbits(x, packed, stem)
         if packed.offsets is not None:
             # W = (q − z)·s + offset per block: add offsets · (x summed per block)
             shape = self.init(stem + ".bshape", np.array([0, 0, packed.k // BLOCK, BLOCK], np.int64))
@@ -115,45 +125,129 @@ class _Builder:
         return y
 
 
-class OrtDecoder:
-    """One onnxruntime session running embeddings-in → logits-out over the model's KV cache."""
+#: packed bytes per onnxruntime session: the decoder is built in stages of whole layers so that only one
+#: stage's packed copy exists beside the kernels' own (prepacked) weights while loading
+STAGE_BYTES = 64 << 20
 
-    def __init__(self, spec: ModelSpec, packed: dict[str, Packed], small: dict[str, torch.Tensor], threads: int):
-        import onnxruntime as ort
+
+def return_freed_memory() -> None:
+    """Hand freed heap pages back to the OS (glibc keeps large freed blocks otherwise, so the packed copies
+    dropped after each stage would still count in RSS); a no-op where there is no `malloc_trim`."""
+    import ctypes
+
+    try:
+        ctypes.CDLL(None).malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
+def _session(b: _Builder, inputs, outputs, threads: int):
+    """An onnxruntime session over the builder's nodes; large initializers are handed over without a copy.
+    Returns (session, what must stay alive): `MatMulNBits` repacks its weight, scales and zero points into
+    the kernel's own layout at session creation (at accuracy levels 1 and 4) and reads only that copy
+    afterwards (tests/runtime/test_quantized.py scribbles over ours to check)."""
+    import onnxruntime as ort
+
+    h = b.helper
+    graph = h.make_graph(b.nodes, "modelql", inputs, outputs, b.inits)
+    model = h.make_model(graph, opset_imports=[h.make_opsetid("", 17), h.make_opsetid("com.microsoft", 1)])
+    model.ir_version = 8
+    blob = model.SerializeToString()
+    del model, graph
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = max(1, threads)
+    opts.inter_op_num_threads = 1
+    opts.log_severity_level = 3
+    names = list(b.external)
+    values = [ort.OrtValue.ortvalue_from_numpy(b.external[n]) for n in names]
+    opts.add_external_initializers(names, values)
+    session = ort.InferenceSession(blob, opts, providers=["CPUExecutionProvider"])
+    prepacked = {i for node in b.nodes if node.op_type == "MatMulNBits" for i in node.input[1:4]}
+    return session, [v for n, v in zip(names, values) if n not in prepacked]
+
+
+@dataclass
+class _Stage:
+    session: object
+    keep: list
+    layers: range
+    last: bool
+
+
+class OrtDecoder:
+    """onnxruntime sessions running embeddings-in → logits-out over the model's KV cache: consecutive
+    stages of whole layers, then one for the final norm and lm_head, each built as soon as its weights are
+    packed (`STAGE_BYTES`), so a load never holds two full copies of the weights."""
+
+    def __init__(self, spec: ModelSpec, layer_weights, head_weight, small: dict[str, torch.Tensor], threads: int,
+                 accuracy: int = 4, after_stage=None, stage_bytes: int | None = None):
+        """`layer_weights(i)` → {"qkv", "o", "gate_up", "down"} packed matrices of layer i, `head_weight()` →
+        the packed lm_head; each called once. `after_stage()` runs after each session is built."""
+        self.spec, self.accuracy, self.threads = spec, accuracy, max(1, threads)
+        stage_bytes = stage_bytes or STAGE_BYTES
+        self.positions = min(spec.max_position, MAX_ROPE_CACHE)
+        self.info: list[WeightInfo] = []
+        self.stages: list[_Stage] = []
+        inv, scale = inverse_frequencies(spec.rope, spec.head_dim, spec.max_position, self.positions)
+        freqs = torch.arange(self.positions, dtype=torch.float32)[:, None] * inv[None, :]
+        self._cos = (freqs.cos() * scale).numpy().astype(np.float32)
+        self._sin = (freqs.sin() * scale).numpy().astype(np.float32)
+        # the head first, while nothing else is resident (its packed copy is the largest single transient)
+        self._build({}, head_weight(), small, after_stage)
+        pending: dict[int, dict[str, Packed]] = {}
+        size = last = 0
+        for i in range(spec.num_layers):
+            if pending and size + last > stage_bytes:  # layers are alike: flush before packing the next one
+                self._build(pending, None, small, after_stage)
+                pending, size = {}, 0
+            pending[i] = layer_weights(i)
+            last = sum(p.nbytes for p in pending[i].values())
+            size += last
+        if pending:
+            self._build(pending, None, small, after_stage)
+        self.stages.append(self.stages.pop(0))  # ... and run last
+
+    def _record(self, name: str, p: Packed) -> None:
+        self.info.append(WeightInfo(name, p.source_type, p.bits, p.nbytes, p.n * p.k, p.error[0], p.error[1]))
+
+    def _build(self, layers: dict[int, dict[str, Packed]], head: Packed | None, small, after_stage) -> None:
         from onnx import TensorProto
 
-        self.spec = spec
-        self.info = [WeightInfo(n, p.source_type, p.bits, p.nbytes, p.n * p.k, p.error[0], p.error[1])
-                     for n, p in packed.items()]
-        b = _Builder()
+        spec = self.spec
+        b = _Builder(self.accuracy)
         h = b.helper
         H, kvh, hd, nh = spec.hidden_size, spec.num_kv_heads, spec.head_dim, spec.num_heads
-        inputs = [h.make_tensor_value_info("embeds", TensorProto.FLOAT, ["B", "T", H]),
-                  h.make_tensor_value_info("seqlens_k", TensorProto.INT32, ["B"]),
-                  h.make_tensor_value_info("total_len", TensorProto.INT32, []),
-                  h.make_tensor_value_info("logit_start", TensorProto.INT64, [1])]
-        outputs = [h.make_tensor_value_info("logits", TensorProto.FLOAT, ["B", "L", spec.vocab_size]),
-                   h.make_tensor_value_info("hidden", TensorProto.FLOAT, ["B", "T", H])]
-        self.positions = min(spec.max_position, MAX_ROPE_CACHE)
-        inv, scale = inverse_frequencies(spec.rope, hd, spec.max_position, self.positions)
-        freqs = torch.arange(self.positions, dtype=torch.float32)[:, None] * inv[None, :]
-        cos = b.init("cos_cache", (freqs.cos() * scale).numpy().astype(np.float32))
-        sin = b.init("sin_cache", (freqs.sin() * scale).numpy().astype(np.float32))
+        inputs = [h.make_tensor_value_info("h_in", TensorProto.FLOAT, ["B", "T", H])]
+        outputs = []
+        if layers:
+            inputs += [h.make_tensor_value_info("seqlens_k", TensorProto.INT32, ["B"]),
+                       h.make_tensor_value_info("total_len", TensorProto.INT32, [])]
+        if head is not None:
+            inputs.append(h.make_tensor_value_info("logit_start", TensorProto.INT64, [1]))
+            outputs += [h.make_tensor_value_info("logits", TensorProto.FLOAT, ["B", "L", spec.vocab_size]),
+                        h.make_tensor_value_info("hidden", TensorProto.FLOAT, ["B", "T", H])]
+        else:
+            outputs.append(h.make_tensor_value_info("h_out", TensorProto.FLOAT, ["B", "T", H]))
         eps = float(spec.norm_eps)
+        cos = sin = None
 
         def vec(name: str) -> str:
             return b.init(name, small[name].float().numpy())
 
-        resid, delta = "embeds", None
-        for i in range(spec.num_layers):
+        resid, delta = "h_in", None
+        for i, w in layers.items():
+            if cos is None:
+                cos, sin = b.init("cos_cache", self._cos), b.init("sin_cache", self._sin)
             p = f"layers.{i}."
+            for key, packed in w.items():
+                self._record(p + key + ".weight", packed)
             if delta is None:
                 x = b.node("SimplifiedLayerNormalization", [resid, vec(p + "attn_norm.weight")],
                            axis=-1, epsilon=eps, stash_type=1)[0]
             else:
                 x, _, _, resid = b.node("SkipSimplifiedLayerNormalization", [resid, delta, vec(p + "attn_norm.weight")],
                                         4, domain="com.microsoft", epsilon=eps)
-            qkv = b.matmul(x, packed[p + "qkv.weight"], p + "qkv")
+            qkv = b.matmul(x, w["qkv"], p + "qkv")
             if spec.attn_bias:
                 qkv = b.node("Add", [qkv, vec(p + "qkv.bias")])[0]
             pk, pv = f"past_key_{i}", f"past_value_{i}"
@@ -165,39 +259,39 @@ class OrtDecoder:
                           ["attn_" + str(i), f"present_key_{i}", f"present_value_{i}"], domain="com.microsoft",
                           num_heads=nh, kv_num_heads=kvh, scale=float(spec.query_scale), do_rotary=1,
                           rotary_interleaved=0)[0]
-            o = b.matmul(attn, packed[p + "o.weight"], p + "o")
+            o = b.matmul(attn, w["o"], p + "o")
             x, _, _, resid = b.node("SkipSimplifiedLayerNormalization", [resid, o, vec(p + "ffn_norm.weight")],
                                     4, domain="com.microsoft", epsilon=eps)
-            gu = b.matmul(x, packed[p + "gate_up.weight"], p + "gate_up")
+            gu = b.matmul(x, w["gate_up"], p + "gate_up")
             gate, up = b.node("Split", [gu, b.init(p + "split", np.array([spec.intermediate_size] * 2, np.int64))],
                               2, axis=-1)
             act = b.node("Mul", [b.node("Mul", [gate, b.node("Sigmoid", [gate])[0]])[0], up])[0]
-            delta = b.matmul(act, packed[p + "down.weight"], p + "down")
-        x, _, _, _ = b.node("SkipSimplifiedLayerNormalization", [resid, delta, vec("final_norm.weight")],
-                            [b.name("final"), b.name("mean"), b.name("inv"), "hidden"], domain="com.microsoft",
-                            epsilon=eps)
-        big = b.init("slice_end", np.array([np.iinfo(np.int64).max], np.int64))
-        axis = b.init("slice_axis", np.array([1], np.int64))
-        last = b.node("Slice", [x, "logit_start", big, axis])[0]
-        b.node("Identity", [b.matmul(last, packed["lm_head.weight"], "lm_head")], ["logits"])
-        graph = h.make_graph(b.nodes, "modelql", inputs, outputs, b.inits)
-        model = h.make_model(graph, opset_imports=[h.make_opsetid("", 17), h.make_opsetid("com.microsoft", 1)])
-        model.ir_version = 8
-        blob = model.SerializeToString()
-        del model, graph
-        opts = ort.SessionOptions()
-        opts.intra_op_num_threads = max(1, threads)
-        opts.inter_op_num_threads = 1
-        opts.log_severity_level = 3
-        names = list(b.external)
-        values = [ort.OrtValue.ortvalue_from_numpy(b.external[n]) for n in names]
-        opts.add_external_initializers(names, values)
-        self.session = ort.InferenceSession(blob, opts, providers=["CPUExecutionProvider"])
-        # MatMulNBits repacks its weight, scales and zero points into the kernel's own layout at session
-        # creation and reads only that copy afterwards: ours are dropped (the rest must stay alive)
-        packed_inputs = {i for node in b.nodes if node.op_type == "MatMulNBits" for i in node.input[1:4]}
-        self._keep = [v for n, v in zip(names, values) if n not in packed_inputs]
-        del blob, values, b
+            delta = b.matmul(act, w["down"], p + "down")
+        if head is None:
+            b.node("Add", [resid, delta], ["h_out"])
+        else:
+            self._record("lm_head.weight", head)
+            if delta is None:
+                x = b.node("SimplifiedLayerNormalization", [resid, vec("final_norm.weight")],
+                           axis=-1, epsilon=eps, stash_type=1)[0]
+                b.node("Identity", [resid], ["hidden"])
+            else:
+                x, _, _, _ = b.node("SkipSimplifiedLayerNormalization", [resid, delta, vec("final_norm.weight")],
+                                    [b.name("final"), b.name("mean"), b.name("inv"), "hidden"],
+                                    domain="com.microsoft", epsilon=eps)
+            big = b.init("slice_end", np.array([np.iinfo(np.int64).max], np.int64))
+            axis = b.init("slice_axis", np.array([1], np.int64))
+            last = b.node("Slice", [x, "logit_start", big, axis])[0]
+            b.node("Identity", [b.matmul(last, head, "lm_head")], ["logits"])
+        session, keep = _session(b, inputs, outputs, self.threads)
+        del b
+        self.stages.append(_Stage(session, keep, range(min(layers, default=0), max(layers, default=-1) + 1),
+                                  head is not None))
+        layers.clear()
+        del head
+        return_freed_memory()
+        if after_stage is not None:
+            after_stage()
 
     @property
     def nbytes(self) -> int:
@@ -209,23 +303,31 @@ class OrtDecoder:
         cache buffers [B, kv, capacity, hd] (capacity ≥ start + T, written in place).
         Returns (logits [B, T − logit_start, V], final residual [B, T, H])."""
         bsz, t, _ = embeds.shape
-        io = self.session.io_binding()
-        embeds = embeds.contiguous()
-        io.bind_cpu_input("embeds", embeds.numpy())
         seqlens = np.array([s + t - 1 for s in starts], np.int32)
-        io.bind_cpu_input("seqlens_k", seqlens)
-        io.bind_cpu_input("total_len", np.array(max(starts) + t, np.int32))
-        io.bind_cpu_input("logit_start", np.array([logit_start], np.int64))
-        io.bind_output("logits")
-        io.bind_output("hidden")
-        for i in range(self.spec.num_layers):
-            for kind, buf in (("key", k[i]), ("value", v[i])):
-                shape = list(buf.shape)
-                ptr = buf.data_ptr()
-                io.bind_input(f"past_{kind}_{i}", "cpu", 0, np.float32, shape, ptr)
-                io.bind_output(f"present_{kind}_{i}", "cpu", 0, np.float32, shape, ptr)
-        self.session.run_with_iobinding(io)
-        outs = io.get_outputs()  # in binding order: logits, hidden, then the caches (not copied)
+        total = np.array(max(starts) + t, np.int32)
+        x = embeds.contiguous().numpy()
+        for stage in self.stages:
+            io = stage.session.io_binding()
+            io.bind_cpu_input("h_in", x)
+            if len(stage.layers):
+                io.bind_cpu_input("seqlens_k", seqlens)
+                io.bind_cpu_input("total_len", total)
+            if stage.last:
+                io.bind_cpu_input("logit_start", np.array([logit_start], np.int64))
+                io.bind_output("logits")
+                io.bind_output("hidden")
+            else:
+                io.bind_output("h_out")
+            for i in stage.layers:
+                for kind, buf in (("key", k[i]), ("value", v[i])):
+                    shape = list(buf.shape)
+                    ptr = buf.data_ptr()
+                    io.bind_input(f"past_{kind}_{i}", "cpu", 0, np.float32, shape, ptr)
+                    io.bind_output(f"present_{kind}_{i}", "cpu", 0, np.float32, shape, ptr)
+            stage.session.run_with_iobinding(io)
+            outs = io.get_outputs()  # in binding order: logits, hidden (or h_out), then the caches (not copied)
+            if not stage.last:
+                x = outs[0].numpy()
         return torch.from_numpy(outs[0].numpy()), torch.from_numpy(outs[1].numpy())
 
 
@@ -233,27 +335,18 @@ class OrtUnembed:
     """Final norm → lm_head on given residuals (`Model.unembed` of a quantized model: batched prefill,
     logit lens); a second small session, built on first use."""
 
-    def __init__(self, spec: ModelSpec, head: Packed, norm: torch.Tensor, threads: int):
-        import onnxruntime as ort
+    def __init__(self, spec: ModelSpec, head: Packed, norm: torch.Tensor, threads: int, accuracy: int = 4):
         from onnx import TensorProto
 
-        b = _Builder()
+        b = _Builder(accuracy)
         h = b.helper
         x = b.node("SimplifiedLayerNormalization", ["h", b.init("final_norm", norm.float().numpy())],
                    axis=-1, epsilon=float(spec.norm_eps), stash_type=1)[0]
         b.node("Identity", [b.matmul(x, head, "lm_head")], ["logits"])
-        graph = h.make_graph(b.nodes, "unembed", [h.make_tensor_value_info("h", TensorProto.FLOAT, ["N", spec.hidden_size])],
-                             [h.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", spec.vocab_size])], b.inits)
-        model = h.make_model(graph, opset_imports=[h.make_opsetid("", 17), h.make_opsetid("com.microsoft", 1)])
-        model.ir_version = 8
-        opts = ort.SessionOptions()
-        opts.intra_op_num_threads = max(1, threads)
-        opts.log_severity_level = 3
-        names = list(b.external)
-        values = [ort.OrtValue.ortvalue_from_numpy(b.external[n]) for n in names]
-        opts.add_external_initializers(names, values)
-        self.session = ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
-        self._keep = values  # small: kept whole
+        self.session, self._keep = _session(
+            b, [h.make_tensor_value_info("h", TensorProto.FLOAT, ["N", spec.hidden_size])],
+            [h.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", spec.vocab_size])], threads)
+        return_freed_memory()
 
     def __call__(self, h: torch.Tensor) -> torch.Tensor:
         lead = h.shape[:-1]

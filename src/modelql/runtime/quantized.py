@@ -21,6 +21,10 @@ from ..models.spec import ModelSpec
 from .ort_decode import OrtDecoder, WeightInfo, supports
 
 QUANTIZE_MODES = ("auto", "none", "int8", "int4")
+#: what the low-bit kernels multiply the weights with: float32 activations (accuracy level 1: the exact
+#: product with the stored weights) or int8 (level 4: activations quantized per block of 32, faster,
+#: but ~10% logit error on SmolLM2, whose activations have large outliers)
+ACTIVATIONS = {"float32": 1, "int8": 4}
 
 
 @dataclass
@@ -29,6 +33,7 @@ class QuantState:
     embed_rows: Callable[[torch.Tensor], torch.Tensor]
     source: WeightSource
     mode: str  # "gguf" (the file's own blocks), "int8" or "int4"
+    activations: str = "float32"
     make_unembed: Callable[[], Callable[[torch.Tensor], torch.Tensor]] | None = None
     _unembed: Callable[[torch.Tensor], torch.Tensor] | None = None
 
@@ -85,13 +90,15 @@ def _matrix(source: WeightSource, spec: ModelSpec, name: str, prefix: str, mode:
     return pack_float(w.float().numpy(), 8 if mode == "int8" else 4, src)
 
 
-def load_quantized(source: WeightSource, spec: ModelSpec, mode: str, threads: int | None = None) -> QuantState:
-    """Pack every matmul weight (fused q|k|v and gate|up per layer, lm_head) and build the graph."""
+def load_quantized(source: WeightSource, spec: ModelSpec, mode: str, threads: int | None = None,
+                   activations: str = "float32") -> QuantState:
+    """Pack every matmul weight (fused q|k|v and gate|up per layer, lm_head) and build the graph, a stage
+    of layers at a time (`OrtDecoder`). `activations`: see `ACTIVATIONS`."""
+    accuracy = ACTIVATIONS[activations]
     reason = why_not(spec, source, mode)
     if reason is not None:
         raise CapabilityError(f"cannot keep {source.path.name} quantized: {reason}")
     prefix = resolve_prefix(source.names(), next(iter(spec.global_map.values())).hf_name)
-    packed: dict[str, Packed] = {}
     small: dict[str, torch.Tensor] = {}
 
     def vec(name: str) -> None:
@@ -101,11 +108,6 @@ def load_quantized(source: WeightSource, spec: ModelSpec, mode: str, threads: in
 
     for i in range(spec.num_layers):
         p = f"layers.{i}."
-        packed[p + "qkv.weight"] = concat([_matrix(source, spec, p + n + ".weight", prefix, mode) for n in "qkv"])
-        packed[p + "o.weight"] = _matrix(source, spec, p + "o.weight", prefix, mode)
-        packed[p + "gate_up.weight"] = concat([_matrix(source, spec, p + n + ".weight", prefix, mode)
-                                               for n in ("gate", "up")])
-        packed[p + "down.weight"] = _matrix(source, spec, p + "down.weight", prefix, mode)
         vec(p + "attn_norm.weight")
         vec(p + "ffn_norm.weight")
         if spec.attn_bias:
@@ -113,21 +115,34 @@ def load_quantized(source: WeightSource, spec: ModelSpec, mode: str, threads: in
                 vec(p + n + ".bias")
             small[p + "qkv.bias"] = torch.cat([small.pop(p + n + ".bias") for n in "qkv"])
     vec("final_norm.weight")
+
+    def layer_weights(i: int) -> dict[str, Packed]:
+        p = f"layers.{i}."
+        return {"qkv": concat([_matrix(source, spec, p + n + ".weight", prefix, mode) for n in "qkv"]),
+                "o": _matrix(source, spec, p + "o.weight", prefix, mode),
+                "gate_up": concat([_matrix(source, spec, p + n + ".weight", prefix, mode) for n in ("gate", "up")]),
+                "down": _matrix(source, spec, p + "down.weight", prefix, mode)}
+
     head_name = "lm_head.weight" if not spec.tie_embeddings and "lm_head.weight" in spec.global_map else "embed.weight"
-    packed["lm_head.weight"] = _matrix(source, spec, head_name, prefix, mode)
-    decoder = OrtDecoder(spec, packed, small, threads or torch.get_num_threads())
-    del packed
     threads = threads or torch.get_num_threads()
+    # the packing reads the file's pages: let the kernel page them out again after each stage
+    release = getattr(source, "release_pages", None)
+    decoder = OrtDecoder(spec, layer_weights, lambda: _matrix(source, spec, head_name, prefix, mode), small,
+                         threads, accuracy, after_stage=release)
 
     def make_unembed():
         from .ort_decode import OrtUnembed
 
-        return OrtUnembed(spec, _matrix(source, spec, head_name, prefix, mode), small["final_norm.weight"], threads)
+        unembed = OrtUnembed(spec, _matrix(source, spec, head_name, prefix, mode), small["final_norm.weight"],
+                             threads, accuracy)
+        if release is not None:
+            release()
+        return unembed
 
-    state = QuantState(decoder, _embedding_reader(source, spec, prefix, mode), source, mode, make_unembed)
-    release = getattr(source, "release_pages", None)
+    state = QuantState(decoder, _embedding_reader(source, spec, prefix, mode), source, mode, activations,
+                       make_unembed)
     if release is not None:
-        release()  # the packing read every page of the file: let the kernel page them out again
+        release()
     return state
 
 
