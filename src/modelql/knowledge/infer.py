@@ -25,8 +25,8 @@ import torch
 from ..errors import CapabilityError, ModelqlError
 from ..runtime import interp
 from ..runtime.model import Model
+from ..vindex.knn_match import KNN_COSINE, knn_override  # noqa: F401 — re-exported
 
-KNN_COSINE = 0.75
 TRACE_K = 20
 
 
@@ -94,42 +94,6 @@ def _predictions(model: Model, logits: torch.Tensor, top: int) -> tuple[Predicti
     probs = torch.softmax(logits.double(), dim=-1)
     vals, idx = torch.topk(probs, min(top, probs.shape[-1]))
     return tuple(Prediction(model.tokenizer.decode([int(i)]), int(i), float(v)) for v, i in zip(vals, idx))
-
-
-def _unit(v: torch.Tensor) -> torch.Tensor:
-    n = v.norm()
-    return v / n if n >= 1e-8 else v
-
-
-def _mentions(text: str, entity: str) -> bool:
-    import re
-
-    return re.search(r"(?<!\w)" + re.escape(entity.casefold()) + r"(?!\w)", text.casefold()) is not None
-
-
-def knn_override(residuals: dict[int, torch.Tensor], entries: Iterable, text: str | None = None,
-                 ) -> tuple[object, float, int] | None:
-    """(entry, cosine, layer) of the first layer (ascending) whose best key beats the threshold.
-
-    With `text` (the prompt), only the facts of entities the prompt names take part: the key is
-    the last residual of "The <relation> of <entity> is", which every entity's prompt of that
-    relation shares (on SmolLM2-135M a France fact fired on "The capital of Germany is"), so the
-    cosine says which relation is asked and the entity's name says about whom."""
-    by_layer: dict[int, list] = {}
-    for e in entries:
-        if text is not None and not _mentions(text, e.entity):
-            continue
-        by_layer.setdefault(int(e.layer), []).append(e)
-    for layer in sorted(by_layer):
-        if layer not in residuals:
-            continue
-        x = _unit(residuals[layer].float())
-        keys = torch.stack([_unit(torch.as_tensor(e.key, dtype=torch.float32)) for e in by_layer[layer]])
-        cos = keys @ x
-        best = int(cos.argmax())
-        if float(cos[best]) > KNN_COSINE:
-            return by_layer[layer][best], float(cos[best]), layer
-    return None
 
 
 def _text(model: Model, prompt) -> str:

@@ -180,6 +180,12 @@ class Sequence:
         self.finish_reason: str | None = None
         self.logits: torch.Tensor | None = None  # next-token logits [V], pending a choice
         self.constraint = None
+        # retrieval-override facts (a patch session's KNN facts, `vindex.knn_match.KnnRecall`):
+        # token ids a fired fact still has to emit, and the facts already fired
+        self.recall = getattr(model, "recall", None) if grammar is None else None
+        self.forced: list[int] = []
+        self.fired: set = set()
+        self._prompt_text: str | None = None
         if grammar is not None:
             if self.tokenizer is None:
                 raise InvalidParamsError("structured output needs a tokenizer", "response_format")
@@ -197,7 +203,25 @@ class Sequence:
 
     def prefill(self, model) -> None:
         """Run the prompt into the cache; leaves the first token's logits pending."""
-        self.logits = model.forward(torch.tensor([self.prompt_ids]), self.cache, logits="last")[0]
+        self.logits = forward_last(model, torch.tensor([self.prompt_ids]), [self.cache], [self])[0]
+
+    def recall_layers(self) -> tuple[int, ...]:
+        if self.recall is None or self.forced or self.tokenizer is None:
+            return ()
+        return self.recall.layers(self._recall_text(), self.fired)
+
+    def _recall_text(self) -> str:
+        if self._prompt_text is None:
+            self._prompt_text = self.tokenizer.decode(self.prompt_ids)
+        return self._prompt_text + self.text
+
+    def recall_check(self, residuals: dict[int, torch.Tensor]) -> None:
+        """Ask the KNN facts whether one fires at this position (its FFN inputs `residuals`)."""
+        if self.recall is None or self.forced or self.tokenizer is None:
+            return
+        got = self.recall.forced(residuals, self._recall_text(), self.fired)
+        if got:
+            self.forced = got
 
     def _release(self, text: str) -> tuple[str, bool]:
         out, hit = self.stopper.feed(text)
@@ -223,6 +247,8 @@ class Sequence:
         """Take the sampled token: update text, stop state and statistics; returns this step's delta."""
         token = choice.token_id
         self.generated += 1
+        if self.forced:
+            self.forced = self.forced[1:] if token == self.forced[0] else []
         if token in self.stop_ids:
             return Delta(self._finish("stop", ""), finish_reason="stop")
         self.output_ids.append(token)
@@ -251,6 +277,31 @@ class Sequence:
                           self.generated, list(self.choices) if (self.params.logprobs or self.params.top_logprobs) else None)
 
 
+def forward_last(model, ids: torch.Tensor, caches: list, sequences: Seq[Sequence],
+                 positions: Seq[int] | None = None, logits: str = "last") -> torch.Tensor:
+    """`model.forward(ids, caches, logits=...)`, also showing each sequence's KNN facts the FFN
+    inputs at its last real position (`positions`, default the last column), so a fact can fire
+    on the prompt's last token and on every generated one. Without facts: the plain forward."""
+    layers = sorted({l for s in sequences for l in s.recall_layers()})
+    if not layers:
+        return model.forward(ids, caches, logits=logits)
+    got: dict[int, torch.Tensor] = {}
+
+    def grab(layer: int):
+        def fn(t: torch.Tensor, _name: str) -> None:
+            got[layer] = t
+
+        return fn
+
+    out = model.forward(ids, caches, hooks={f"blocks.{l}.ln2.hook_normalized": grab(l) for l in layers},
+                        logits=logits)
+    last = ids.shape[1] - 1
+    for b, s in enumerate(sequences):
+        q = last if positions is None else positions[b]
+        s.recall_check({l: got[l][b, q] for l in layers if l in got})
+    return out
+
+
 @torch.inference_mode()
 def step(model, sequences: Seq[Sequence]) -> list[Delta]:
     """Advance every unfinished, prefilled sequence by one token (one batched forward pass).
@@ -261,6 +312,9 @@ def step(model, sequences: Seq[Sequence]) -> list[Delta]:
     if not active:
         return []
     logits = torch.stack([s.logits for s in active])  # type: ignore[misc]
+    for i, s in enumerate(active):
+        if s.forced:
+            logits[i] = torch.full_like(logits[i], float("-inf")).index_fill_(0, torch.tensor([s.forced[0]]), 0.0)
     constrained = [i for i, s in enumerate(active) if s.constraint is not None]
     if constrained:
         from .constrain import mask_logits
@@ -273,7 +327,7 @@ def step(model, sequences: Seq[Sequence]) -> list[Delta]:
     running = [s for s in active if not s.finished]
     if running:
         ids = torch.tensor([[s.last_token] for s in running], dtype=torch.long)
-        out = model.forward(ids, [s.cache for s in running], logits="last")
+        out = forward_last(model, ids, [s.cache for s in running], running)
         for s, row in zip(running, out):
             s.logits = row
     return deltas
@@ -292,7 +346,7 @@ def prefill_batch(model, sequences: Seq[Sequence]) -> None:
     lens = [len(s.prompt_ids) for s in sequences]
     width = max(lens)
     ids = torch.tensor([s.prompt_ids + [s.prompt_ids[-1]] * (width - n) for s, n in zip(sequences, lens)])
-    h = model.forward(ids, [s.cache for s in sequences], logits="none")
+    h = forward_last(model, ids, [s.cache for s in sequences], sequences, [n - 1 for n in lens], logits="none")
     logits = model.unembed(h[torch.arange(len(sequences)), torch.tensor(lens) - 1])
     for s, n, row in zip(sequences, lens, logits):
         s.cache.truncate(n)

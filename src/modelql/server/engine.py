@@ -29,7 +29,7 @@ from typing import Any, Callable
 import torch
 
 from ..errors import ModelqlError
-from ..runtime.generate import Delta, Sequence, prefill_batch, step
+from ..runtime.generate import Delta, Sequence, forward_last, prefill_batch, step
 from ..runtime.model import KVBlock
 from .errors import HttpError
 
@@ -385,7 +385,7 @@ class Engine:
                 s.prefill(self.model)
             else:
                 rest = ids[seq.prefilled:]
-                s.logits = self.model.forward(torch.tensor([rest]), s.cache, logits="last")[0]
+                s.logits = forward_last(self.model, torch.tensor([rest]), [s.cache], [s])[0]
             used = len(ids) - seq.prefilled
             seq.prefilled = len(ids)
             return True, used

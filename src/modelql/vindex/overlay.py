@@ -473,6 +473,9 @@ class PatchSession:
                 base.__dict__.setdefault(cache, {})
             m = copy.copy(base)
             m.ffn = PatchedFfn(base.spec, base.dense_ffn, self)
+            from .knn_match import KnnRecall
+
+            m.recall = KnnRecall(self.knn_entries, base.tokenizer)
             self._model = m
         return self._model
 
