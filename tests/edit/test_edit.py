@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from modelql.errors import CapabilityError
-from modelql.knowledge import edit
+from modelql.knowledge import edit, edit_compose
 from modelql.knowledge.infer import infer
 from modelql.vindex import patch as vlp
 
@@ -75,7 +75,7 @@ def test_compose_insert_installs_a_balanced_slot(session):
     assert op.down_meta == vlp.DownMeta("Tokyo", r.target_id, 0.9)
     # the key reads ≈ +1 on the fact's phrasings and ≈ -1 elsewhere; the gate is it times GATE_ON
     assert np.allclose(op.gate, edit.GATE_ON * op.up)
-    x = edit._residuals(session.model(), [PROMPT, "Once upon a time", "The capital of Spain is"], r.layer).numpy()
+    x = edit_compose._residuals(session.model(), [PROMPT, "Once upon a time", "The capital of Spain is"], r.layer).numpy()
     read = x @ op.up
     assert read[0] > 0.5 and read[1] < -0.5 and read[2] < 0, read
     meta = session.view.feature_meta(r.layer, r.feature)

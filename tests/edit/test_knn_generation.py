@@ -72,7 +72,7 @@ def test_knn_fact_reaches_the_served_chat(kvindex, kmodel):
 def test_knn_fact_on_the_real_model_is_keyed_on_the_entity(real_model):
     m = copy.copy(real_model)
     layer = m.spec.num_layers // 2
-    key = edit._capture(m, "The capital of Atlantis is", [layer])[layer]
+    key = edit.capture(m, "The capital of Atlantis is", [layer])[layer]
     entry = KnnEntry(layer=layer, key=key.numpy(), target_id=0, target_token="Zorbu", entity="Atlantis",
                      relation="capital")
     m.recall = KnnRecall(lambda: [entry], m.tokenizer)

@@ -20,7 +20,7 @@ also when split across tokens; `max_tokens`; the end of the context window (`len
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 from typing import Any, Iterator, Mapping, Sequence as Seq
