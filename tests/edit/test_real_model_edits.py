@@ -78,3 +78,36 @@ def test_fluency_guard_reports_a_batch_that_breaks_generic_text(edited):
     with pytest.raises(M.FluencyGuardError, match="generic prompts"):
         M.fluency_guard(m, loud, 0.0)
     assert m.ffn is saved  # reported, not applied
+
+
+def test_neighbours_are_other_names_of_the_edited_kind(real_model):
+    """The preservation set of a capital edit of France and Chile: the model's own nearest names
+    are other countries (checked against a list of country names), never an edited entity."""
+    from modelql.knowledge.neighbours import neighbour_entities
+
+    names = neighbour_entities(real_model, ["France", "Chile"], 30)
+    assert len(names) == 30 and len(set(names)) == 30
+    assert not {"France", "Chile"} & set(names)
+    countries = {"Germany", "Italy", "Spain", "Portugal", "Belgium", "Switzerland", "Austria", "Netherlands",
+                 "Argentina", "Peru", "Bolivia", "Uruguay", "Paraguay", "Colombia", "Ecuador", "Venezuela",
+                 "Brazil", "Mexico", "Cuba", "Poland", "Sweden", "Norway", "Denmark", "Finland", "Greece",
+                 "Hungary", "Romania", "Bulgaria", "Ireland", "Scotland", "England", "Canada", "Morocco",
+                 "Algeria", "Tunisia", "Egypt", "Guatemala", "Honduras", "Nicaragua", "Panama", "Luxembourg"}
+    assert len(countries & set(names)) >= 8, names
+
+
+def test_neighbour_moment_is_a_second_moment_per_layer(real_model):
+    """E[k kᵀ] of the neighbours' subject keys: one symmetric positive semi-definite matrix per
+    edited layer, nothing when neighbours are off."""
+    import torch
+
+    from modelql.knowledge import memit_subject as MS
+    from modelql.knowledge.neighbours import neighbour_entities
+
+    m = real_model
+    reqs = [M.EditRequest("France", "capital", "Rome")]
+    moments = MS.neighbour_moments(m, reqs, [6], (), 20)
+    assert set(moments) == {6} and moments[6].shape == (m.spec.intermediate_size,) * 2
+    assert torch.allclose(moments[6], moments[6].T) and float(torch.linalg.eigvalsh(moments[6]).min()) > -1e-6
+    assert MS.neighbour_moments(m, reqs, [6], (), 0) == {}
+    assert neighbour_entities(m, ["France"], 0) == []

@@ -26,6 +26,7 @@ import torch
 
 from ..runtime.interp import padded
 from ..runtime.model import Model
+from .edit_cache import base_ffn, stored_path
 
 NOISE_SCALE = 3.0
 NOISE_DRAWS = 3
@@ -149,19 +150,18 @@ def trace(model: Model, prompts: Sequence[tuple[str, str]], width: int | None = 
 def edit_site(model: Model, prompts: Sequence[tuple[str, str]]) -> EditSite:
     """The model's edit site: cached in memory and in $MODELQL_CACHE/memit/<fingerprint>-site.json;
     traced over `prompts` (the first edit's own) when neither holds it."""
-    from .memit import _base_ffn, _stored_path
 
     state = model.__dict__.setdefault("_memit_state", {})
     got = state.get("site")
     if got is not None:
         return got
-    path = _stored_path(model, "site").with_suffix(".json")
+    path = stored_path(model, "site").with_suffix(".json")
     try:
         d = json.loads(path.read_text())
         got = EditSite(d["key"], tuple(d["layers"]), tuple(d["subject_effect"]), tuple(d["last_effect"]),
                        tuple(d.get("prompts", ())))
     except Exception:  # noqa: BLE001 — not measured yet (or damaged): trace now
-        with _base_ffn(model):
+        with base_ffn(model):
             got = trace(model, prompts)
         try:
             from ..fsutil import atomic_write_json
@@ -175,6 +175,5 @@ def edit_site(model: Model, prompts: Sequence[tuple[str, str]]) -> EditSite:
 
 
 def site_cached(model: Model) -> bool:
-    from .memit import _stored_path
 
-    return "site" in model.__dict__.get("_memit_state", {}) or _stored_path(model, "site").with_suffix(".json").is_file()
+    return "site" in model.__dict__.get("_memit_state", {}) or stored_path(model, "site").with_suffix(".json").is_file()

@@ -23,6 +23,7 @@ from typing import Sequence
 import torch
 
 from ..runtime.model import KVCache, Model
+from .edit_cache import base_ffn, stored_path
 
 OPENERS = (
     "Once upon a time", "The recipe calls for", "def main():", "Yesterday I went to", "In this article we",
@@ -86,17 +87,16 @@ def sample(model: Model, openers: Sequence[str] = OPENERS, per_opener: int = SAM
 def corpus(model: Model) -> list[list[int]]:
     """The model's sampled generic text (token ids), cached in memory and in
     $MODELQL_CACHE/memit/<weights fingerprint>-corpus.json. Sampled with the base FFN."""
-    from .memit import _base_ffn, _stored_path
 
     state = model.__dict__.setdefault("_memit_state", {})
     got = state.get("corpus")
     if got is not None:
         return got
-    path = _stored_path(model, f"corpus-{corpus_tag()}").with_suffix(".json")
+    path = stored_path(model, f"corpus-{corpus_tag()}").with_suffix(".json")
     try:
         got = [list(map(int, s)) for s in json.loads(path.read_text())]
     except Exception:  # noqa: BLE001 — missing or damaged: sample again
-        with _base_ffn(model):
+        with base_ffn(model):
             got = sample(model)
         try:
             from ..fsutil import atomic_write_json

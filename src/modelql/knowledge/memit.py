@@ -40,7 +40,6 @@ first weight-level INSERT on a model pays for them.
 
 from __future__ import annotations
 
-from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
@@ -48,29 +47,13 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import CapabilityError, ModelqlError
-from ..ffn.base import FfnBackend, Hooks
 from ..runtime.interp import LastTokenRerun, batch_activations, padded
 from ..runtime.model import Model
-
-
-@dataclass(frozen=True)
-class EditRequest:
-    entity: str
-    relation: str
-    target: str
-
-
-@dataclass(frozen=True)
-class DownDelta:
-    """A low-rank update of one layer's down_proj: ΔW = u @ v.T (u [H, r], v [F, r])."""
-
-    layer: int
-    u: torch.Tensor
-    v: torch.Tensor
-    facts: tuple[EditRequest, ...] = ()
-
-    def dense(self) -> torch.Tensor:
-        return self.u @ self.v.T
+from .delta_ffn import DeltaFfn, DownDelta, EditRequest
+from .edit_cache import base_ffn as _base_ffn
+from .edit_cache import stored as _stored
+from .edit_cache import stored_path as _stored_path
+from .memit_subject import generic_covariance, generic_ready, subject_edit
 
 
 @dataclass(frozen=True)
@@ -102,6 +85,9 @@ class MemitParams:
     # for last-token keys (the embedded model, trained on the facts table only, continues any text
     # with facts, which an edit rightly changes: 5 of the 8 guard prompts after its 2-fact test batch)
     fluency_bound: float | None = None
+    neighbours: int | None = None  # subject keys: nearest vocabulary names whose keys are preserved (`knowledge.neighbours`)
+    neighbour_weight: float | None = None  # μ of their E[k kᵀ] beside the generic C
+    cov_ridge: float | None = None  # exact solve: C + ridge · mean(diag C) · I
 
     def resolved(self, key: str) -> MemitParams:
         import dataclasses
@@ -121,43 +107,12 @@ class MemitParams:
 FLUENCY_BOUND = 0.25
 KEY_DEFAULTS: dict[str, dict] = {
     "last": dict(contexts=0, steps=30, stop_prob=0.99, lr=0.1, kl_weight=0.0, weight_decay=1e-3, clamp_norm=4.0,
-                 mom2_weight=1000.0, preserve_weight=25000.0, rounds=3, fluency_bound=1.0, exact=False),
+                 mom2_weight=1000.0, preserve_weight=25000.0, rounds=3, fluency_bound=1.0, exact=False,
+                 neighbours=0, neighbour_weight=0.0, cov_ridge=1e-4),
     "subject": dict(steps=20, stop_prob=0.9, lr=0.1, kl_weight=0.0625, weight_decay=0.5, clamp_norm=1.0,
                     mom2_weight=15000.0, preserve_weight=0.0, rounds=1, fluency_bound=FLUENCY_BOUND, exact=True,
-                    contexts=2),
+                    contexts=2, neighbours=100, neighbour_weight=10.0, cov_ridge=1e-2),
 }
-
-
-class DeltaFfn:
-    """An FFN backend adding low-rank down_proj deltas on top of another backend."""
-
-    def __init__(self, base: FfnBackend, deltas: Sequence[DownDelta] = ()):
-        self.base = base
-        self.by_layer: dict[int, list[DownDelta]] = {}
-        for d in deltas:
-            self.add(d)
-
-    def add(self, delta: DownDelta) -> None:
-        self.by_layer.setdefault(delta.layer, []).append(delta)
-
-    def forward(self, layer: int, x: torch.Tensor, hooks: Hooks | None = None) -> torch.Tensor:
-        deltas = self.by_layer.get(layer)
-        if not deltas:
-            return self.base.forward(layer, x, hooks)
-        name = f"blocks.{layer}.mlp.hook_post"
-        seen: dict[str, torch.Tensor] = {}
-        inner = hooks.get(name) if hooks else None
-
-        def capture(t: torch.Tensor, n: str):
-            out = inner(t, n) if inner else None
-            seen["h"] = t if out is None else out
-            return out
-
-        y = self.base.forward(layer, x, {**(hooks or {}), name: capture})
-        h = seen["h"]
-        for d in deltas:
-            y = y + (h @ d.v.to(h.dtype)) @ d.u.to(h.dtype).T
-        return y
 
 
 def default_layers(model: Model) -> tuple[int, ...]:
@@ -201,30 +156,6 @@ def _prompt_ids(model: Model, template: str, entity: str) -> list[int]:
     return model.tokenizer.encode(template.replace("{X}", entity))
 
 
-def _fingerprint(model: Model) -> str:
-    """sha256 of the model's weights (names, shapes, and an evenly strided sample of ≤ 64k values
-    per tensor, so a multi-GB model hashes in well under a second): the key of the on-disk
-    statistics. Any retraining or fine-tune moves the sampled values too."""
-    fp = model.__dict__.get("_memit_fingerprint")
-    if fp is None:
-        import hashlib
-
-        h = hashlib.sha256()
-        for name in sorted(model.weights):
-            t = model.weights[name].detach()
-            h.update(f"{name}:{tuple(t.shape)}:{t.dtype}".encode())
-            flat = t.reshape(-1)
-            h.update(flat[:: max(1, flat.numel() // 65536)].float().contiguous().numpy().tobytes())
-        fp = model.__dict__["_memit_fingerprint"] = h.hexdigest()[:16]
-    return fp
-
-
-def _stored_path(model: Model, name: str):
-    from ..lql.default_vindex import cache_dir
-
-    return cache_dir() / "memit" / f"{_fingerprint(model)}-{name}.pt"
-
-
 def _cov_name(layer: int, n: int) -> str:
     return f"cov-L{layer}-n{n}"
 
@@ -261,7 +192,6 @@ def statistics_ready(model: Model, layers: Sequence[int] | None = None, params: 
     cached in memory or on disk; if not, the model's first edit computes them, which takes a
     while (`prepare_statistics`)."""
     from .edit_site import site_cached
-    from .memit_subject import generic_ready
 
     p = params or MemitParams()
     if not (layers or p.layers) and not site_cached(model):
@@ -280,7 +210,6 @@ def prepare_statistics(model: Model, layers: Sequence[int] | None = None, params
                        requests: Sequence[EditRequest] = ()) -> None:
     """Compute (or load) the edit site and the statistics an edit needs, so that a caller can
     show progress around the one slow step of a model's first edit."""
-    from .memit_subject import generic_covariance
 
     p = params or MemitParams()
     key, layers = site_for(model, requests, layers, p)
@@ -291,39 +220,6 @@ def prepare_statistics(model: Model, layers: Sequence[int] | None = None, params
     for l in layers:
         covariance(model, l, p.cov_sentences)
         preservation_moment(model, l, prefixes)
-
-
-def _stored(model: Model, name: str, compute: Callable[[], torch.Tensor]) -> torch.Tensor:
-    """`compute()` cached in $MODELQL_CACHE/memit/<weights fingerprint>-<name>.pt, so a server or
-    a new session pays for the base-weight statistics once per model, not once per INSERT
-    (written to a temp file and renamed; an unreadable cache file is recomputed)."""
-    from ..fsutil import atomic_open
-
-    path = _stored_path(model, name)
-    try:
-        return torch.load(path, weights_only=True)
-    except Exception:  # noqa: BLE001 — a missing or damaged cache entry is simply recomputed
-        pass
-    value = compute()
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with atomic_open(path, "wb", encoding=None) as f:
-            torch.save(value, f)
-    except OSError:
-        pass  # a read-only cache only costs time
-    return value
-
-
-@contextmanager
-def _base_ffn(model: Model):
-    """Run `model` with its dense FFN for the block: the statistics below are of the base weights
-    (that is what their cache key says), whatever overlay or pending edit `model` runs with."""
-    saved = model.ffn
-    model.ffn = model.dense_ffn or saved
-    try:
-        yield model
-    finally:
-        model.ffn = saved
 
 
 def covariance(model: Model, layer: int, n: int) -> torch.Tensor:
@@ -590,7 +486,6 @@ def memit_edit(model: Model, requests: Sequence[EditRequest], layers: Sequence[i
     if any(not 0 <= l < model.spec.num_layers for l in layers):
         raise ModelqlError(f"edit layers {layers} are outside 0..{model.spec.num_layers - 1}")
     if key == "subject":
-        from .memit_subject import subject_edit
 
         return fluency_guard(model, subject_edit(model, requests, layers, p, progress), p.fluency_bound)
     prefixes = context_prefixes(p.context_prefixes)
