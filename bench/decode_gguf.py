@@ -46,6 +46,15 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+def rss_mb() -> float:
+    """Current RSS (Linux /proc; the peak elsewhere)."""
+    try:
+        with open("/proc/self/status") as fh:
+            return int(fh.read().split("VmRSS:")[1].split()[0]) / 1024
+    except (OSError, IndexError):
+        return peak_rss_mb()
+
+
 # ---------------------------------------------------------------------------------------------
 # workers (one engine per process)
 # ---------------------------------------------------------------------------------------------
@@ -61,10 +70,13 @@ def _best(fn, repeats: int) -> float:
 
 
 def worker_modelql(path: str, tokens: int, repeats: int, quantize: str) -> dict:
+    import onnxruntime  # noqa: F401  (libraries loaded before `base`: their cost is not the model's)
+
     from modelql.runtime import load_model
     from modelql.runtime.generate import generate
     from modelql.runtime.sampling import SamplingParams
 
+    base = rss_mb()
     t = time.perf_counter()
     model = load_model(path, "float32", quantize)
     load_s = time.perf_counter() - t
@@ -78,13 +90,14 @@ def worker_modelql(path: str, tokens: int, repeats: int, quantize: str) -> dict:
     tn = _best(run(tokens + 1), repeats)
     out = generate(model, ids, SamplingParams(temperature=0, max_tokens=16, ignore_eos=True)).token_ids
     return {"decode": tokens / max(tn - t1, 1e-9), "prefill_s": t1, "load_s": load_s, "tokens": out,
-            "quantized": model.quantized}
+            "quantized": model.quantized, "base_rss_mb": base}
 
 
 def worker_llama_cpp(path: str, tokens: int, repeats: int, threads: int) -> dict:
     import numpy as np
     from llama_cpp import Llama
 
+    base = rss_mb()
     t = time.perf_counter()
     llm = Llama(model_path=path, n_threads=threads, n_threads_batch=threads, n_ctx=512, verbose=False)
     load_s = time.perf_counter() - t
@@ -106,7 +119,8 @@ def worker_llama_cpp(path: str, tokens: int, repeats: int, threads: int) -> dict
     run(4)()
     t1 = _best(run(1), repeats)
     tn = _best(run(tokens + 1), repeats)
-    return {"decode": tokens / max(tn - t1, 1e-9), "prefill_s": t1, "load_s": load_s, "tokens": run(16)()}
+    return {"decode": tokens / max(tn - t1, 1e-9), "prefill_s": t1, "load_s": load_s, "tokens": run(16)(),
+            "base_rss_mb": base}
 
 
 def worker_transformers(path: str, tokens: int, repeats: int) -> dict:
@@ -115,6 +129,7 @@ def worker_transformers(path: str, tokens: int, repeats: int) -> dict:
 
     T.logging.set_verbosity_error()
     p = Path(path)
+    base = rss_mb()
     t = time.perf_counter()
     model = T.AutoModelForCausalLM.from_pretrained(str(p.parent), gguf_file=p.name, dtype=torch.float32).eval()
     tok = T.AutoTokenizer.from_pretrained(str(p.parent), gguf_file=p.name)
@@ -131,14 +146,16 @@ def worker_transformers(path: str, tokens: int, repeats: int) -> dict:
     run(4)()
     t1 = _best(run(1), repeats)
     tn = _best(run(tokens + 1), repeats)
-    return {"decode": tokens / max(tn - t1, 1e-9), "prefill_s": t1, "load_s": load_s, "tokens": run(16)()}
+    return {"decode": tokens / max(tn - t1, 1e-9), "prefill_s": t1, "load_s": load_s, "tokens": run(16)(),
+            "base_rss_mb": base}
 
 
 def worker_main(argv: list[str]) -> None:
     engine, path, tokens, repeats, threads = argv[0], argv[1], int(argv[2]), int(argv[3]), int(argv[4])
-    import torch
+    if engine != "llama.cpp":  # llama.cpp's process imports no torch (≈ 210 MB of RSS), as a user's would not
+        import torch
 
-    torch.set_num_threads(threads)
+        torch.set_num_threads(threads)
     if engine == "modelql":
         row = worker_modelql(path, tokens, repeats, "auto")
     elif engine == "modelql-int8":
@@ -230,10 +247,11 @@ def derived_files(gguf_path: Path, tmp: Path, variants: list[str]) -> list[tuple
 # ---------------------------------------------------------------------------------------------
 
 
-def agreement(path: Path, n_prompts: int, n_tokens: int) -> dict[str, dict]:
+def agreement(path: Path, n_prompts: int, n_tokens: int, threads: int = 2) -> dict[str, dict]:
     """Greedy tokens vs transformers on the GGUF (dequantized float32), for modelql's low-bit path with
-    float32 activations (the default), with int8 activations (`:int8`), and its float path (dequantized
-    weights: what is left is summation order): per-position agreement over the prompts, how many prompts
+    float32 activations (the default), with int8 activations (`:int8`), its float path (dequantized
+    weights: what is left is summation order) and, when importable, llama.cpp (whose kernels quantize the
+    activations to 8 bits per block too): per-position agreement over the prompts, how many prompts
     match exactly, and prefill logits max |Δ| relative to max |logit| (worst prompt)."""
     import torch
     import transformers as T
@@ -244,7 +262,11 @@ def agreement(path: Path, n_prompts: int, n_tokens: int) -> dict[str, dict]:
     ref = T.AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32).eval()
     models = {"low-bit": load_model(path), "low-bit :int8": load_model(path, quantize="auto:int8"),
               "float": load_model(path, quantize="none")}
-    rows = {k: {"same": 0, "total": 0, "worst": 0.0, "exact": 0, "first_divergence": []} for k in models}
+    engines = {name: (lambda ids, m=m: _greedy(m, ids, n_tokens), lambda ids, m=m: m.forward(ids, logits="all")[0])
+               for name, m in models.items()}
+    if llama_cpp_available():
+        engines["llama.cpp"] = _llama_cpp_engine(path, n_tokens, threads)
+    rows = {k: {"same": 0, "total": 0, "worst": 0.0, "exact": 0, "first_divergence": []} for k in engines}
     tok = models["float"].tokenizer
     for prompt in PROMPTS[:n_prompts]:
         ids = tok.encode(prompt)
@@ -253,10 +275,10 @@ def agreement(path: Path, n_prompts: int, n_tokens: int) -> dict[str, dict]:
             want = ref.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=n_tokens, min_new_tokens=n_tokens,
                                 do_sample=False, pad_token_id=0)[0, len(ids):].tolist()
             ref_logits = ref(x).logits[0].float()
-        for name, model in models.items():
+        for name, (greedy, logits) in engines.items():
             r = rows[name]
-            got = _greedy(model, ids, n_tokens)
-            lg = model.forward(ids, logits="all")[0]
+            got = greedy(ids)
+            lg = logits(ids)
             r["worst"] = max(r["worst"], float((lg - ref_logits).abs().max() / ref_logits.abs().max()))
             r["same"] += sum(a == b for a, b in zip(got, want))
             r["total"] += n_tokens
@@ -265,9 +287,37 @@ def agreement(path: Path, n_prompts: int, n_tokens: int) -> dict[str, dict]:
     quant = models["low-bit"]
     layout = max((w.error_rms for w in quant.quant.info), default=0.0) if quant.quantized else 0.0
     return {name: {"agreement": r["same"] / r["total"], "logit_rel_max": r["worst"], "exact_prompts": r["exact"],
-                   "first_divergence": r["first_divergence"], "layout_error_rms": layout if name != "float" else 0.0,
-                   "quantized": models[name].quantized}
+                   "first_divergence": r["first_divergence"],
+                   "layout_error_rms": layout if name.startswith("low-bit") else 0.0 if name == "float" else None,
+                   "quantized": models[name].quantized if name in models else True}
             for name, r in rows.items()}
+
+
+def _llama_cpp_engine(path: Path, n_tokens: int, threads: int):
+    """(greedy, prefill logits) on llama.cpp, fed the same token ids."""
+    import numpy as np
+    import torch
+    from llama_cpp import Llama
+
+    llm = Llama(model_path=str(path), n_threads=threads, n_threads_batch=threads, n_ctx=512, logits_all=True,
+                verbose=False)
+
+    def greedy(ids: list[int]) -> list[int]:
+        llm.reset()
+        llm.eval(ids)
+        out = []
+        while True:
+            out.append(int(np.argmax(llm.scores[llm.n_tokens - 1])))
+            if len(out) == n_tokens:
+                return out
+            llm.eval([out[-1]])
+
+    def logits(ids: list[int]) -> torch.Tensor:
+        llm.reset()
+        llm.eval(ids)
+        return torch.from_numpy(np.array(llm.scores[:len(ids)], np.float32))
+
+    return greedy, logits
 
 
 def _greedy(model, ids: list[int], n: int) -> list[int]:
@@ -300,10 +350,11 @@ def main(args) -> None:
                   f"{args.agree_tokens} tokens; logits: prefill max|Δ| / max|logit|, worst prompt; layout error: "
                   "rms of the kernel's weights vs the file's (0 = the file's own codes and scales)")
             for label, path in files:
-                for name, r in agreement(path, args.prompts, args.agree_tokens).items():
+                for name, r in agreement(path, args.prompts, args.agree_tokens, args.threads).items():
+                    layout = "-" if r["layout_error_rms"] is None else f"{r['layout_error_rms']:.2%}"
                     print(f"  {label:<20} {name:<14} agreement {r['agreement']:6.1%}  identical prompts "
                           f"{r['exact_prompts']:2d}/{args.prompts}  logits {r['logit_rel_max']:.2e}  layout error "
-                          f"{r['layout_error_rms']:.2%}  first divergence {r['first_divergence']}")
+                          f"{layout}  first divergence {r['first_divergence']}")
             return
         engines = ["modelql", "modelql-int8", reference] + (["modelql-float"] if args.float_too else [])
         rows = []
@@ -316,7 +367,7 @@ def main(args) -> None:
     print(f"\nthreads={args.threads}  decode={args.tokens} tokens (greedy)  best of {args.repeats}  reference={reference}"
           f"  load average {' '.join(f'{x:.1f}' for x in os.getloadavg())}  (ratios: modelql ÷ reference, same run)")
     head = ["file", "MB", "modelql tok/s", "ratio", ":int8 tok/s", "ratio", f"{reference} tok/s", "modelql RSS MB",
-            f"{reference} RSS MB", "RSS ratio", "same 16 tokens"]
+            ":int8 RSS MB", f"{reference} RSS MB", "RSS ratio", "growth MB (modelql / ref)", "same 16 tokens"]
     if args.float_too:
         head += ["modelql f32 tok/s", "f32 RSS MB"]
     lines = []
@@ -324,12 +375,16 @@ def main(args) -> None:
         a, a8, b = r["modelql"], r["modelql-int8"], r[reference]
         line = [label, f"{size / 1e6:.0f}", f"{a['decode']:.1f}", f"{a['decode'] / b['decode']:.2f}",
                 f"{a8['decode']:.1f}", f"{a8['decode'] / b['decode']:.2f}", f"{b['decode']:.1f}",
-                f"{a['peak_rss_mb']:.0f}", f"{b['peak_rss_mb']:.0f}", f"{a['peak_rss_mb'] / b['peak_rss_mb']:.2f}",
+                f"{a['peak_rss_mb']:.0f}", f"{a8['peak_rss_mb']:.0f}", f"{b['peak_rss_mb']:.0f}",
+                f"{a['peak_rss_mb'] / b['peak_rss_mb']:.2f}",
+                f"{a['peak_rss_mb'] - a['base_rss_mb']:.0f} / {b['peak_rss_mb'] - b['base_rss_mb']:.0f}",
                 "yes" if a["tokens"] == b["tokens"] else "no"]
         if args.float_too:
             f = r["modelql-float"]
             line += [f"{f['decode']:.1f}", f"{f['peak_rss_mb']:.0f}"]
         lines.append(line)
+    print("RSS: the process's peak; growth: the peak minus the RSS once the engine's libraries are imported "
+          "(modelql: torch, onnxruntime; llama.cpp: llama_cpp, numpy)")
     widths = [max(len(h), *(len(x[i]) for x in lines)) for i, h in enumerate(head)]
     print("  ".join(h.ljust(w) for h, w in zip(head, widths)))
     for line in lines:

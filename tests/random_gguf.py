@@ -11,20 +11,31 @@ from pathlib import Path
 
 import numpy as np
 
-_SCALE_BYTES = {"Q4_K": (0, 4), "Q6_K": (-2, 2)}  # where the block's float16 scale(s) sit
+#: where a block keeps its float16 scale(s): (byte offset, bytes)
+_SCALE_BYTES = {"Q4_K": (0, 4), "Q6_K": (-2, 2), "Q4_0": (0, 2), "Q4_1": (0, 4), "Q8_0": (0, 2), "Q5_K": (0, 4)}
 
 
-def random_blocks(qtype: str, rows: int, cols: int, rng: np.random.Generator) -> np.ndarray:
+def random_blocks(qtype: str, rows: int, cols: int, rng: np.random.Generator, std: float | None = None) -> np.ndarray:
+    """Random codes with float16 scales in a sane range; with `std`, the scales are then multiplied so the
+    dequantized matrix has that standard deviation (every type's values are linear in its float16 scales),
+    as a trained model's are, rather than the ~1-10 that random sub-scales give (a model with such weights
+    is chaotic: any rounding anywhere flips its logits)."""
     from gguf import GGML_QUANT_SIZES, GGMLQuantizationType as Q
+    from gguf.quants import dequantize
 
     block, size = GGML_QUANT_SIZES[Q[qtype]]
     raw = rng.integers(0, 256, size=(rows, cols // block, size), dtype=np.uint8)
+    if qtype == "Q6_K" and std is not None:
+        # int8 sub-scales of like sign and size, as a quantizer writes them (random bytes flip signs between
+        # neighbouring 16-weight groups, an ill-conditioned matrix)
+        raw[..., 192:208] = rng.integers(24, 64, size=(rows, cols // block, 16), dtype=np.uint8)
     start, count = _SCALE_BYTES[qtype]
-    scales = (rng.random((rows, cols // block, count // 2)) * 0.002 + 0.0005).astype(np.float16).view(np.uint8)
-    if start < 0:
-        raw[..., start:] = scales.reshape(rows, cols // block, -1)
-    else:
-        raw[..., start:start + count] = scales.reshape(rows, cols // block, -1)
+    where = slice(start, None) if start < 0 else slice(start, start + count)
+    scales = (rng.random((rows, cols // block, count // 2)) * 0.002 + 0.0005).astype(np.float16)
+    if std is not None:
+        raw[..., where] = scales.view(np.uint8).reshape(rows, cols // block, -1)
+        scales = (scales * (std / dequantize(raw.reshape(rows, -1), Q[qtype]).std())).astype(np.float16)
+    raw[..., where] = scales.view(np.uint8).reshape(rows, cols // block, -1)
     return raw.reshape(rows, -1)
 
 
@@ -70,6 +81,43 @@ def write_random_q4_k_m(path: Path, hidden=2048, layers=16, inter=5632, heads=32
     w.write_tensors_to_file()
     w.close()
     return params
+
+
+def with_random_blocks(src: Path, dst: Path, qtype_of, seed: int = 0, std: float = 0.05) -> dict[str, str]:
+    """Copy the GGUF `src` to `dst` (metadata, tokenizer and all) with each matrix for which
+    `qtype_of(name, rows, cols)` names a type replaced by random blocks of that type: a small model in any
+    GGUF quantization mix without a quantizer (gguf-py quantizes Q8_0 only), weights of standard deviation
+    `std`. Returns name → type."""
+    import gguf
+
+    reader = gguf.GGUFReader(str(src))
+    rng = np.random.default_rng(seed)
+    writer = gguf.GGUFWriter(str(dst), arch=reader.get_field(gguf.Keys.General.ARCHITECTURE).contents())
+    for field in reader.fields.values():
+        if field.name == gguf.Keys.General.ARCHITECTURE or field.name.startswith("GGUF."):
+            continue
+        kind = field.types[0]
+        writer.add_key_value(field.name, field.contents(), kind,
+                             sub_type=field.types[-1] if kind == gguf.GGUFValueType.ARRAY else None)
+    types: dict[str, str] = {}
+    tensors = []
+    for t in reader.tensors:
+        data, raw = t.data, t.tensor_type
+        if len(t.shape) == 2:
+            cols, rows = (int(x) for x in t.shape)  # GGUF lists the row width first
+            qtype = qtype_of(t.name, rows, cols)
+            if qtype is not None:
+                data, raw = random_blocks(qtype, rows, cols, rng, std), gguf.GGMLQuantizationType[qtype]
+                types[t.name] = qtype
+        writer.add_tensor_info(t.name, data.shape, data.dtype, data.nbytes, raw)
+        tensors.append(data)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_ti_data_to_file()
+    for data in tensors:
+        writer.write_tensor_data(data)
+    writer.close()
+    return types
 
 
 def _status_mb(key: str) -> float:

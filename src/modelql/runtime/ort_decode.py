@@ -18,6 +18,7 @@ torch path on dequantized weights.
 
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass
 
 import numpy as np
@@ -188,6 +189,8 @@ class OrtDecoder:
         self.positions = min(spec.max_position, MAX_ROPE_CACHE)
         self.info: list[WeightInfo] = []
         self.stages: list[_Stage] = []
+        self._bound: _Bound | None = None
+        self._lock = threading.Lock()
         inv, scale = inverse_frequencies(spec.rope, spec.head_dim, spec.max_position, self.positions)
         freqs = torch.arange(self.positions, dtype=torch.float32)[:, None] * inv[None, :]
         self._cos = (freqs.cos() * scale).numpy().astype(np.float32)
@@ -302,33 +305,71 @@ class OrtDecoder:
         """embeds [B, T, H] float32 after `starts` cached positions per row; k / v per layer are the
         cache buffers [B, kv, capacity, hd] (capacity ≥ start + T, written in place).
         Returns (logits [B, T − logit_start, V], final residual [B, T, H])."""
-        bsz, t, _ = embeds.shape
-        seqlens = np.array([s + t - 1 for s in starts], np.int32)
-        total = np.array(max(starts) + t, np.int32)
-        x = embeds.contiguous().numpy()
-        for stage in self.stages:
+        bsz, t, width = embeds.shape
+        if not self._lock.acquire(blocking=False):  # another thread is in a forward: bind afresh for this call
+            return self._run(self._bind(bsz, t, k, v), embeds, starts, logit_start)
+        try:
+            key = (bsz, t, k[0].shape[-2], tuple(x.data_ptr() for x in k), tuple(x.data_ptr() for x in v))
+            if self._bound is None or self._bound.key != key:
+                self._bound = None
+                self._bound = self._bind(bsz, t, k, v, key)
+            return self._run(self._bound, embeds, starts, logit_start)
+        finally:
+            self._lock.release()
+
+    def _bind(self, bsz: int, t: int, k: list[torch.Tensor], v: list[torch.Tensor], key=None) -> _Bound:
+        """IO bindings of every stage for one batch shape and one set of cache buffers: a decode step then
+        costs one `run` per stage and no per-step binding of the 2·layers cache tensors (at SmolLM2's
+        size that binding, and reading the bound outputs back, cost as much as several layers)."""
+        width = self.spec.hidden_size
+        bound = _Bound(key, [], [np.empty((bsz, t, width), np.float32) for _ in range(2)],
+                       np.empty(bsz, np.int32), np.empty((), np.int32), np.zeros(1, np.int64))
+        for n, stage in enumerate(self.stages):
             io = stage.session.io_binding()
-            io.bind_cpu_input("h_in", x)
+            io.bind_cpu_input("h_in", bound.buffers[n % 2])
             if len(stage.layers):
-                io.bind_cpu_input("seqlens_k", seqlens)
-                io.bind_cpu_input("total_len", total)
+                io.bind_cpu_input("seqlens_k", bound.seqlens)
+                io.bind_cpu_input("total_len", bound.total)
             if stage.last:
-                io.bind_cpu_input("logit_start", np.array([logit_start], np.int64))
-                io.bind_output("logits")
-                io.bind_output("hidden")
+                io.bind_cpu_input("logit_start", bound.logit_start)
             else:
-                io.bind_output("h_out")
+                out = bound.buffers[(n + 1) % 2]
+                io.bind_output("h_out", "cpu", 0, np.float32, list(out.shape), out.ctypes.data)
             for i in stage.layers:
                 for kind, buf in (("key", k[i]), ("value", v[i])):
-                    shape = list(buf.shape)
-                    ptr = buf.data_ptr()
+                    shape, ptr = list(buf.shape), buf.data_ptr()
                     io.bind_input(f"past_{kind}_{i}", "cpu", 0, np.float32, shape, ptr)
                     io.bind_output(f"present_{kind}_{i}", "cpu", 0, np.float32, shape, ptr)
+            bound.bindings.append(io)
+        return bound
+
+    def _run(self, bound: _Bound, embeds: torch.Tensor, starts: list[int], logit_start: int):
+        bsz, t, width = embeds.shape
+        np.copyto(bound.buffers[0], embeds.numpy())
+        bound.seqlens[:] = [s + t - 1 for s in starts]
+        bound.total[...] = max(starts) + t
+        bound.logit_start[0] = logit_start
+        logits = np.empty((bsz, t - logit_start, self.spec.vocab_size), np.float32)
+        hidden = np.empty((bsz, t, width), np.float32)
+        for stage, io in zip(self.stages, bound.bindings):
+            if stage.last:
+                io.bind_output("logits", "cpu", 0, np.float32, list(logits.shape), logits.ctypes.data)
+                io.bind_output("hidden", "cpu", 0, np.float32, list(hidden.shape), hidden.ctypes.data)
             stage.session.run_with_iobinding(io)
-            outs = io.get_outputs()  # in binding order: logits, hidden (or h_out), then the caches (not copied)
-            if not stage.last:
-                x = outs[0].numpy()
-        return torch.from_numpy(outs[0].numpy()), torch.from_numpy(outs[1].numpy())
+        return torch.from_numpy(logits), torch.from_numpy(hidden)
+
+
+@dataclass
+class _Bound:
+    """`OrtDecoder`'s bindings for one (batch, length, cache buffers) key, with the host buffers they read:
+    the stages pass the residual through two alternating buffers."""
+
+    key: tuple | None
+    bindings: list
+    buffers: list[np.ndarray]
+    seqlens: np.ndarray
+    total: np.ndarray
+    logit_start: np.ndarray
 
 
 class OrtUnembed:
