@@ -51,13 +51,19 @@ class MoeFfn:
         self.shared_in: list[torch.Tensor | None] = []
         self.shared_down: list[torch.Tensor | None] = []
         self.shared_gate: list[torch.Tensor | None] = []
+        self.router_scale: list[torch.Tensor | None] = []  # Gemma 4 (`MoeSpec.beside_dense`)
+        self.expert_scale: list[torch.Tensor | None] = []
+        stores = (self.router, self.w_in, self.w_down, self.shared_in, self.shared_down, self.shared_gate,
+                  self.router_scale, self.expert_scale)
         for i in range(spec.num_layers):
             if i not in owned:
-                for store in (self.router, self.w_in, self.w_down, self.shared_in, self.shared_down, self.shared_gate):
+                for store in stores:
                     store.append(None)
                 continue
             p = f"layers.{i}."
             self.router.append(weights[p + "router.weight"])
+            self.router_scale.append(weights.get(p + "router.scale"))
+            self.expert_scale.append(weights.get(p + "router.expert_scale"))
             self.w_in.append([self._fuse(weights, f"{p}experts.{e}.") for e in range(self.moe.num_experts)])
             self.w_down.append([weights[f"{p}experts.{e}.down.weight"] for e in range(self.moe.num_experts)])
             if self.moe.shared_size:
@@ -81,16 +87,29 @@ class MoeFfn:
         return linear(self.act(gate) * up, w_down)
 
     def route(self, layer: int, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(weights [N, k] float32, expert ids [N, k]) for tokens x [N, H]."""
-        return route(linear(x, self.router[layer]), self.moe.top_k, self.moe.renormalize)
+        """(weights [N, k] float32, expert ids [N, k]) for router inputs x [N, H].
 
-    def forward(self, layer: int, x: torch.Tensor, hooks: Hooks | None = None) -> torch.Tensor:
+        Gemma 4 routes from the residual through a weightless RMS norm, `router.scale` and
+        1/sqrt(H), and scales the chosen weights per expert after renormalising."""
+        if self.moe.beside_dense:
+            xf = x.float()
+            xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.spec.norm_eps)
+            x = xf.to(x.dtype) * self.router_scale[layer] * self.spec.hidden_size**-0.5
+        weights, ids = route(linear(x, self.router[layer]), self.moe.top_k, self.moe.renormalize)
+        if self.moe.beside_dense:
+            weights = weights * self.expert_scale[layer][ids].float()
+        return weights, ids
+
+    def forward(self, layer: int, x: torch.Tensor, hooks: Hooks | None = None,
+                route_input: torch.Tensor | None = None) -> torch.Tensor:
+        """Experts' output for FFN input x [..., H]; the router reads `route_input` (same shape;
+        default x), which differs from x only in Gemma 4 (the un-normalised residual)."""
         if hooks and any(f"blocks.{layer}.mlp.{h}" in hooks for h in _FEATURE_HOOKS):
             raise CapabilityError(f"layer {layer} is a mixture of experts: its FFN features are per expert, "
                                   "and feature hooks (ablate/steer features) do not reach them yet")
         shape = x.shape
         flat = x.reshape(-1, shape[-1])
-        weights, ids = self.route(layer, flat)
+        weights, ids = self.route(layer, flat if route_input is None else route_input.reshape(flat.shape))
         if hooks:
             ids = run_hook(hooks, f"blocks.{layer}.mlp.hook_expert_ids", ids)
             weights = run_hook(hooks, f"blocks.{layer}.mlp.hook_expert_weights", weights)
