@@ -69,7 +69,7 @@ def _configs():
 
 
 FAMILIES = ["llama", "llama3", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3", "phi3", "gpt2"]
-#: families the runtime loads from safetensors but GGUF does not read yet
+#: families the runtime loads from safetensors only (the MoE ones also from GGUF: tests/gguf/test_moe_roundtrip.py)
 SAFETENSORS_ONLY = ["olmo2", "olmo3", "granite", "smollm3", "gemma4", "mixtral", "qwen2_moe", "qwen3_moe", "olmoe",
                     "gemma4_moe"]
 RUNTIME_FAMILIES = FAMILIES + SAFETENSORS_ONLY

@@ -422,7 +422,8 @@ class Model:
         x = run_hook(hooks, n + "ln2.hook_normalized", self.norm(h, p + "ffn_norm") if spec.pre_norms else h)
         m = self.ffn.forward(layer, x, hooks)
         if self.moe_ffn is not None:  # Gemma 4: experts beside the dense FFN, routed from the residual
-            experts = self.moe_ffn.forward(layer, self.norm(h, p + "moe_norm"), hooks, route_input=h)
+            routing = {k: v for k, v in hooks.items() if "hook_expert" in k} if hooks else None  # features: the dense FFN's
+            experts = self.moe_ffn.forward(layer, self.norm(h, p + "moe_norm"), routing, route_input=h)
             m = self.norm(m, p + "post_dense_norm") + self.norm(experts, p + "post_moe_norm")
         if spec.post_ffn_norm:
             m = self.norm(m, p + "post_ffn_norm")

@@ -1,0 +1,101 @@
+"""A mixture-of-experts vindex, end to end through LQL on a tiny *trained* Mixtral-style model:
+EXTRACT → DESCRIBE → INSERT → COMPILE INTO MODEL, the edit present in transformers afterwards.
+
+The model learns five capitals at test time (`tests.edit.moe_model`); the reference is
+transformers itself, loading the source and the compiled checkpoints."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from modelql.lql import render
+from modelql.lql.executor import Executor
+from modelql.lql.session import Session
+from tests.edit.moe_model import CAPITALS, make_trained_mixtral
+
+
+def run(session: Session, text: str) -> list[str]:
+    return [line for r in Executor(session).run(text) for line in render.lines(r)]
+
+
+def predictions(directory) -> dict[str, str]:
+    import transformers as T
+
+    hf = T.AutoModelForCausalLM.from_pretrained(str(directory), dtype=torch.float32).eval()
+    tok = T.AutoTokenizer.from_pretrained(str(directory))
+    out = {}
+    for country in CAPITALS:
+        ids = tok(f"The capital of {country} is", return_tensors="pt").input_ids
+        with torch.no_grad():
+            out[country] = tok.decode([int(hf(ids).logits[0, -1].argmax())]).strip()
+    return out
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    d = tmp_path_factory.mktemp("moe") / "mixtral"
+    make_trained_mixtral(d)
+    return d
+
+
+def test_moe_vindex_layout_follows_larql(trained, tmp_path):
+    """gate_vectors.bin holds every expert's gate rows in expert order (LARQL's MoE layout), the
+    router is recorded, and a feature is addressed by (layer, expert, feature)."""
+    from safetensors.torch import load_file
+
+    from modelql.vindex import Vindex, extract
+
+    extract(trained, tmp_path / "v.vindex", level="browse", dtype="f32", clusters=False)
+    vx = Vindex.load(tmp_path / "v.vindex")
+    w = load_file(str(trained / "model.safetensors"))
+    info = vx.layer_info(1)
+    assert (info.num_experts, info.num_features_per_expert, info.num_features) == (8, 64, 512)
+    assert vx.index.model_config["moe"]["num_experts"] == 8 and vx.index.model_config["moe"]["top_k"] == 2
+    for e in (0, 5):
+        rows = vx.expert_range(1, e)
+        assert torch.equal(vx.gate(1)[rows.start:rows.stop], w[f"model.layers.1.block_sparse_moe.experts.{e}.w1.weight"])
+    assert vx.expert_of(1, 5 * 64 + 3) == (5, 3)
+    assert torch.equal(vx.router(1), w["model.layers.1.block_sparse_moe.gate.weight"])
+    assert vx.verify().ok
+
+
+def test_extract_describe_insert_compile_into_model(trained, tmp_path):
+    before = predictions(trained)
+    assert before == CAPITALS  # the training took: the model knows its five capitals
+    s = Session(default_vindex=False, cwd=tmp_path)
+    run(s, f'EXTRACT MODEL "{trained}" INTO "m.vindex" WITH INFERENCE')
+    run(s, 'USE "m.vindex"')
+    described = run(s, 'DESCRIBE "France"')
+    assert described and not any(line.startswith("Error") for line in described)
+    run(s, 'INSERT INTO EDGES (entity, relation, target) VALUES ("France", "capital", "Tokyo") MODE COMPOSE')
+    # the overlay already answers with the edit, through the MoE model
+    assert any("Tokyo" in line for line in run(s, 'INFER "The capital of France is" TOP 1'))
+    run(s, 'COMPILE CURRENT INTO MODEL "edited"')
+    after = predictions(tmp_path / "edited")
+    assert after["France"] == "Tokyo"
+    assert {c: after[c] for c in CAPITALS if c != "France"} == {c: v for c, v in CAPITALS.items() if c != "France"}
+
+
+def test_overlay_and_compiled_experts_compute_the_same(trained, tmp_path):
+    """The patched MoE FFN (edited copies of the touched experts) and the compiled checkpoint
+    agree to float32 rounding: both apply the compiler's algebra to the same features."""
+    from modelql.knowledge import edit
+    from modelql.runtime import load_model
+    from modelql.vindex import Vindex, extract
+    from modelql.vindex.compile import compile_model
+    from modelql.vindex.overlay import PatchSession
+
+    extract(trained, tmp_path / "v.vindex", level="inference", dtype="f32", clusters=False)
+    ps = PatchSession(Vindex.load(tmp_path / "v.vindex"))
+    r = edit.insert(ps, "Spain", "capital", "Rome", mode="compose")
+    expert, _ = ps.base.expert_of(r.layer, r.feature)
+    assert expert is not None
+    edit.delete(ps, [("layer", "=", 1), ("feature", "=", 7)])  # a tombstone in expert 0
+    compile_model(ps, tmp_path / "out", dtype="float32", materialise_knn=False)
+    compiled = load_model(tmp_path / "out")
+    for prompt in ("The capital of Spain is", "Germany has its capital in"):
+        ids = compiled.tokenizer.encode(prompt)
+        a = compiled.forward([ids], logits="last")[0]
+        b = ps.model().forward([ids], logits="last")[0]
+        assert (a - b).abs().max().item() < 1e-4
