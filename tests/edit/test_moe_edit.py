@@ -39,15 +39,23 @@ def trained(tmp_path_factory):
     return d
 
 
-def test_moe_vindex_layout_follows_larql(trained, tmp_path):
+@pytest.fixture(scope="module")
+def vindex_path(trained, tmp_path_factory):
+    from modelql.vindex import extract
+
+    out = tmp_path_factory.mktemp("moe-vindex") / "v.vindex"
+    extract(trained, out, level="inference", dtype="f32", clusters=False)
+    return out
+
+
+def test_moe_vindex_layout_follows_larql(trained, vindex_path):
     """gate_vectors.bin holds every expert's gate rows in expert order (LARQL's MoE layout), the
     router is recorded, and a feature is addressed by (layer, expert, feature)."""
     from safetensors.torch import load_file
 
-    from modelql.vindex import Vindex, extract
+    from modelql.vindex import Vindex
 
-    extract(trained, tmp_path / "v.vindex", level="browse", dtype="f32", clusters=False)
-    vx = Vindex.load(tmp_path / "v.vindex")
+    vx = Vindex.load(vindex_path)
     w = load_file(str(trained / "model.safetensors"))
     info = vx.layer_info(1)
     assert (info.num_experts, info.num_features_per_expert, info.num_features) == (8, 64, 512)
@@ -77,17 +85,43 @@ def test_extract_describe_insert_compile_into_model(trained, tmp_path):
     assert {c: after[c] for c in CAPITALS if c != "France"} == {c: v for c, v in CAPITALS.items() if c != "France"}
 
 
-def test_overlay_and_compiled_experts_compute_the_same(trained, tmp_path):
+def test_select_where_expert_in_lql_and_http(vindex_path, tmp_path):
+    """`WHERE expert = n` keeps exactly expert n's features (brute force over down_meta), in LQL and
+    in POST /v1/select; rows carry their expert."""
+    import httpx
+    import numpy as np
+
+    from modelql.runtime import load_model
+    from modelql.server.config import ServerConfig
+    from modelql.server.knowledge_base import VindexSource
+    from modelql.server.serve import background
+    from modelql.vindex import Vindex
+
+    vx = Vindex.load(vindex_path)
+    _, _, present = vx.meta_arrays(1)
+    rng = vx.expert_range(1, 3)
+    want = sorted(f for f in rng if f < len(present) and np.asarray(present, dtype=bool)[f])
+    s = Session(default_vindex=False, cwd=tmp_path)
+    run(s, f'USE "{vindex_path}"')
+    lines = run(s, "SELECT layer, expert, feature FROM FEATURES WHERE layer = 1 AND expert = 3 LIMIT 1000")
+    rows = [line.split() for line in lines if line.strip().startswith("L1")]
+    assert sorted(int(r[2].lstrip("F")) for r in rows) == want and {r[1] for r in rows} == {"3"}
+    with background(None, ServerConfig(host="127.0.0.1", port=0, graceful_timeout=2.0),
+                    model=load_model(vindex_path), vindex_source=VindexSource.open_path(vindex_path)) as srv:
+        body = httpx.post(f"{srv.url}/v1/select", json={"layer": 1, "expert": 3, "limit": 1000}, timeout=60).json()
+    assert sorted(e["feature"] for e in body["edges"]) == want and {e["expert"] for e in body["edges"]} == {3}
+
+
+def test_overlay_and_compiled_experts_compute_the_same(trained, vindex_path, tmp_path):
     """The patched MoE FFN (edited copies of the touched experts) and the compiled checkpoint
     agree to float32 rounding: both apply the compiler's algebra to the same features."""
     from modelql.knowledge import edit
     from modelql.runtime import load_model
-    from modelql.vindex import Vindex, extract
+    from modelql.vindex import Vindex
     from modelql.vindex.compile import compile_model
     from modelql.vindex.overlay import PatchSession
 
-    extract(trained, tmp_path / "v.vindex", level="inference", dtype="f32", clusters=False)
-    ps = PatchSession(Vindex.load(tmp_path / "v.vindex"))
+    ps = PatchSession(Vindex.load(vindex_path))
     r = edit.insert(ps, "Spain", "capital", "Rome", mode="compose")
     expert, _ = ps.base.expert_of(r.layer, r.feature)
     assert expert is not None
