@@ -85,7 +85,7 @@ def test_extract_describe_insert_compile_into_model(trained, tmp_path):
     assert {c: after[c] for c in CAPITALS if c != "France"} == {c: v for c, v in CAPITALS.items() if c != "France"}
 
 
-def test_select_where_expert_in_lql_and_http(vindex_path, tmp_path):
+def test_select_where_expert_and_expert_routes_over_http(vindex_path, tmp_path):
     """`WHERE expert = n` keeps exactly expert n's features (brute force over down_meta), in LQL and
     in POST /v1/select; rows carry their expert."""
     import httpx
@@ -109,7 +109,37 @@ def test_select_where_expert_in_lql_and_http(vindex_path, tmp_path):
     with background(None, ServerConfig(host="127.0.0.1", port=0, graceful_timeout=2.0),
                     model=load_model(vindex_path), vindex_source=VindexSource.open_path(vindex_path)) as srv:
         body = httpx.post(f"{srv.url}/v1/select", json={"layer": 1, "expert": 3, "limit": 1000}, timeout=60).json()
-    assert sorted(e["feature"] for e in body["edges"]) == want and {e["expert"] for e in body["edges"]} == {3}
+        assert sorted(e["feature"] for e in body["edges"]) == want and {e["expert"] for e in body["edges"]} == {3}
+        check_expert_routes(srv.url, vindex_path)
+
+
+def check_expert_routes(url: str, vindex_path) -> None:
+    """LARQL's /v1/expert/{layer}/{id} and /v1/expert/batch: one expert's SwiGLU output, computed
+    here from the checkpoint's own w1/w3/w2 tensors; bad layer/expert/width are 400s."""
+    import httpx
+    from safetensors.torch import load_file
+
+    w = load_file(str(vindex_path / "model.safetensors")) if (vindex_path / "model.safetensors").exists() else {}
+    if not w:
+        import json
+
+        index = json.loads((vindex_path / "model.safetensors.index.json").read_text())
+        for name in set(index["weight_map"].values()):
+            w.update(load_file(str(vindex_path / name)))
+    x = torch.randn(64, generator=torch.Generator().manual_seed(3))
+    p = "model.layers.1.block_sparse_moe.experts.3."
+    ref = w[p + "w2.weight"] @ (torch.nn.functional.silu(w[p + "w1.weight"] @ x) * (w[p + "w3.weight"] @ x))
+    one = httpx.post(f"{url}/v1/expert/1/3", json={"residual": x.tolist()}, timeout=60).json()
+    assert (torch.tensor(one["output"]) - ref).abs().max().item() < 1e-5 and one["latency_ms"] >= 0
+    batch = httpx.post(f"{url}/v1/expert/batch", json={"requests": [
+        {"layer": 1, "expert_id": 3, "residual": x.tolist()}, {"layer": 0, "expert_id": 0, "residual": x.tolist()}]},
+        timeout=60).json()
+    assert [(r["layer"], r["expert_id"]) for r in batch["results"]] == [(1, 3), (0, 0)]
+    assert batch["results"][0]["output"] == one["output"]
+    for path, body in (("/v1/expert/1/8", {"residual": x.tolist()}), ("/v1/expert/2/0", {"residual": x.tolist()}),
+                       ("/v1/expert/1/0", {"residual": [0.0] * 3}), ("/v1/expert/1/0", {"x": 1})):
+        r = httpx.post(url + path, json=body, timeout=60)
+        assert r.status_code == 400 and "message" in r.json()["error"], (path, r.status_code)
 
 
 def test_overlay_and_compiled_experts_compute_the_same(trained, vindex_path, tmp_path):
