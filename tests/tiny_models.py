@@ -47,14 +47,31 @@ def _configs():
                                               shared_expert_intermediate_size=48, norm_topk_prob=False),
         "qwen3_moe": lambda: T.Qwen3MoeConfig(**MOE, num_experts=8, num_experts_per_tok=2, moe_intermediate_size=32,
                                               head_dim=16, norm_topk_prob=True),
+        # Gemma 4: wider full-attention heads with values = keys, the last two layers on shared
+        # keys/values (the double-wide FFN there), per-layer embeddings, proportional RoPE
+        "gemma4": lambda: T.Gemma4TextConfig(
+            **{**COMMON, "num_hidden_layers": 5}, head_dim=16, global_head_dim=32, sliding_window=5,
+            layer_types=["sliding_attention", "full_attention", "sliding_attention", "sliding_attention",
+                         "full_attention"],
+            hidden_size_per_layer_input=8, vocab_size_per_layer_input=211, num_kv_shared_layers=2,
+            use_double_wide_mlp=True, attention_k_eq_v=True, num_global_key_value_heads=1,
+            final_logit_softcapping=30.0),
+        # Gemma 4's MoE variant (as 26B-A4B): experts beside the dense FFN, no per-layer embeddings
+        "gemma4_moe": lambda: T.Gemma4TextConfig(
+            **{**MOE, "num_hidden_layers": 3}, head_dim=16, global_head_dim=32, sliding_window=5,
+            layer_types=["sliding_attention", "sliding_attention", "full_attention"],
+            hidden_size_per_layer_input=0, enable_moe_block=True, num_experts=8, top_k_experts=2,
+            moe_intermediate_size=32, attention_k_eq_v=True, num_global_key_value_heads=1,
+            final_logit_softcapping=30.0),
         "olmoe": lambda: T.OlmoeConfig(**MOE, num_experts=8, num_experts_per_tok=2,
                                        pad_token_id=0, eos_token_id=2),
     }
 
 
 FAMILIES = ["llama", "llama3", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3", "phi3", "gpt2"]
-#: families the runtime loads from safetensors but GGUF does not read yet
-SAFETENSORS_ONLY = ["olmo2", "olmo3", "granite", "smollm3", "mixtral", "qwen2_moe", "qwen3_moe", "olmoe"]
+#: families the runtime loads from safetensors only (the MoE ones also from GGUF: tests/gguf/test_moe_roundtrip.py)
+SAFETENSORS_ONLY = ["olmo2", "olmo3", "granite", "smollm3", "gemma4", "mixtral", "qwen2_moe", "qwen3_moe", "olmoe",
+                    "gemma4_moe"]
 RUNTIME_FAMILIES = FAMILIES + SAFETENSORS_ONLY
 
 
@@ -70,7 +87,10 @@ def make_tiny(name: str, directory: Path, seed: int = 0, dtype: str = "float32")
         for p in model.parameters():  # HF init leaves norms at 1/0 and biases at 0: randomise all
             p.normal_(0, 0.08 if p.dim() > 1 else 0.3)
             if p.dim() == 1 and "norm" in "".join(n for n, q in model.named_parameters() if q is p):
-                p.add_(1.0 if "gemma" not in name else 0.0)
+                p.add_(1.0 if "gemma" not in name or name.startswith("gemma4") else 0.0)
+        for n, b in model.named_buffers():  # Gemma 4's per-block scalar, saved with the weights
+            if n.endswith("layer_scalar"):
+                b.uniform_(0.5, 1.5)
     model.save_pretrained(directory, safe_serialization=True)
     return model
 

@@ -209,8 +209,8 @@ def test_stream_example(larql):
 
 def test_expert_routes_of_a_dense_server(larql):
     """routes/topology.rs: GET /v1/expert/topology is a 404 on a server not launched with
-    `--experts` (modelql serves no MoE expert shards: every /v1/expert(s)/ route is a 404 with the
-    error envelope)."""
+    `--experts`; on a dense model every /v1/expert(s)/ route is a 404 with the error envelope (the
+    single-expert routes answer MoE models: tests/edit/test_moe_edit.py)."""
     assert larql.get("/v1/expert/topology").status_code == 404
     for path in ("/v1/expert/batch", "/v1/experts/layer-batch", "/v1/experts/layer-batch-f16",
                  "/v1/experts/multi-layer-batch", "/v1/experts/multi-layer-batch-q8k", "/v1/expert/0/1"):

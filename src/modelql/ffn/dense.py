@@ -38,7 +38,7 @@ class DenseFfn:
             p = f"layers.{i}."
             if spec.gated_ffn:
                 fused = torch.cat([weights[p + "gate.weight"], weights[p + "up.weight"]])
-                f = spec.intermediate_size
+                f = weights[p + "gate.weight"].shape[0]  # per layer: Gemma 4 doubles some
                 weights[p + "gate.weight"], weights[p + "up.weight"] = fused[:f], fused[f:]
             else:
                 fused = weights[p + "up.weight"]

@@ -15,14 +15,13 @@ from __future__ import annotations
 
 from typing import Iterable
 
+import numpy as np
 import torch
 
 from ..errors import CapabilityError
 from ..linear import linear
 from ..models.spec import ModelSpec
 from .base import Hooks, activation, run_hook
-
-_FEATURE_HOOKS = ("hook_pre", "hook_pre_linear", "hook_post")
 
 
 def route(logits: torch.Tensor, top_k: int, renormalize: bool) -> tuple[torch.Tensor, torch.Tensor]:
@@ -32,6 +31,67 @@ def route(logits: torch.Tensor, top_k: int, renormalize: bool) -> tuple[torch.Te
     if renormalize:
         weights = weights / weights.sum(dim=-1, keepdim=True)
     return weights, ids
+
+
+def build_moe_layer_edits(ffn: MoeFfn, layer: int, slots: dict[int, object],
+                          deltas: list[object]) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
+    """Edited copies of the experts an overlay touches at `layer`: {expert: (fused in, down)}.
+
+    Slots and deltas address the vindex's features, expert e's feature j being `e·F + j`
+    (`Vindex.expert_of`); the algebra is the compiler's (`vindex.compile`): vector overrides,
+    then `+ U Vᵀ` on the experts' concatenated down columns, then tombstoned columns zeroed —
+    so the overlay and the compiled checkpoint compute the same thing."""
+    size = ffn.moe.expert_size
+    blocks = ffn.moe.num_experts + (1 if ffn.shared_in[layer] is not None else 0)
+    edited: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def block(e: int) -> tuple[torch.Tensor, torch.Tensor]:
+        if e not in edited:
+            w_in, w_down = ffn.expert_weights(layer, e)
+            edited[e] = (w_in.clone(), w_down.clone())
+        return edited[e]
+
+    tombs = []
+    for f, s in sorted(slots.items()):
+        e, j = divmod(int(f), size)
+        if not 0 <= e < blocks:
+            continue
+        if s.tombstone:
+            tombs.append((e, j))
+            continue
+        w_in, w_down = block(e)
+        n = w_down.shape[1]
+        if s.gate is not None:
+            w_in[j] = torch.from_numpy(np.asarray(s.gate, dtype=np.float32)).to(w_in.dtype)
+        if s.up is not None:
+            w_in[n + j] = torch.from_numpy(np.asarray(s.up, dtype=np.float32)).to(w_in.dtype)
+        if s.down is not None:
+            w_down[:, j] = torch.from_numpy(np.asarray(s.down, dtype=np.float32)).to(w_down.dtype)
+    for d in deltas:
+        u = torch.as_tensor(np.asarray(d.u, dtype=np.float32)).double()
+        v = torch.as_tensor(np.asarray(d.v, dtype=np.float32)).double()
+        for e in range(blocks):
+            part = v[e * size:(e + 1) * size]
+            if part.numel() and bool(part.abs().sum() > 0):
+                w_down = block(e)[1]
+                w_down.add_((u @ part.t()).to(w_down.dtype))
+    for e, j in tombs:
+        block(e)[1][:, j] = 0.0
+    return edited
+
+
+class PatchedMoeFfn:
+    """An `FfnBackend`: `MoeFfn` with the experts an overlay edits replaced by edited copies
+    (`source.layer_edits(layer)` returns `build_moe_layer_edits`'s dict, or None)."""
+
+    def __init__(self, ffn: MoeFfn, source):
+        self.moe_ffn, self.source, self.act = ffn, source, ffn.act
+
+    def route(self, layer: int, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.moe_ffn.route(layer, x)
+
+    def forward(self, layer: int, x: torch.Tensor, hooks: Hooks | None = None) -> torch.Tensor:
+        return self.moe_ffn.forward(layer, x, hooks, overrides=self.source.layer_edits(layer))
 
 
 class MoeFfn:
@@ -51,13 +111,19 @@ class MoeFfn:
         self.shared_in: list[torch.Tensor | None] = []
         self.shared_down: list[torch.Tensor | None] = []
         self.shared_gate: list[torch.Tensor | None] = []
+        self.router_scale: list[torch.Tensor | None] = []  # Gemma 4 (`MoeSpec.beside_dense`)
+        self.expert_scale: list[torch.Tensor | None] = []
+        stores = (self.router, self.w_in, self.w_down, self.shared_in, self.shared_down, self.shared_gate,
+                  self.router_scale, self.expert_scale)
         for i in range(spec.num_layers):
             if i not in owned:
-                for store in (self.router, self.w_in, self.w_down, self.shared_in, self.shared_down, self.shared_gate):
+                for store in stores:
                     store.append(None)
                 continue
             p = f"layers.{i}."
             self.router.append(weights[p + "router.weight"])
+            self.router_scale.append(weights.get(p + "router.scale"))
+            self.expert_scale.append(weights.get(p + "router.expert_scale"))
             self.w_in.append([self._fuse(weights, f"{p}experts.{e}.") for e in range(self.moe.num_experts)])
             self.w_down.append([weights[f"{p}experts.{e}.down.weight"] for e in range(self.moe.num_experts)])
             if self.moe.shared_size:
@@ -81,21 +147,89 @@ class MoeFfn:
         return linear(self.act(gate) * up, w_down)
 
     def route(self, layer: int, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(weights [N, k] float32, expert ids [N, k]) for tokens x [N, H]."""
-        return route(linear(x, self.router[layer]), self.moe.top_k, self.moe.renormalize)
+        """(weights [N, k] float32, expert ids [N, k]) for router inputs x [N, H].
 
-    def forward(self, layer: int, x: torch.Tensor, hooks: Hooks | None = None) -> torch.Tensor:
-        if hooks and any(f"blocks.{layer}.mlp.{h}" in hooks for h in _FEATURE_HOOKS):
-            raise CapabilityError(f"layer {layer} is a mixture of experts: its FFN features are per expert, "
-                                  "and feature hooks (ablate/steer features) do not reach them yet")
+        Gemma 4 routes from the residual through a weightless RMS norm, `router.scale` and
+        1/sqrt(H), and scales the chosen weights per expert after renormalising."""
+        if self.moe.beside_dense:
+            xf = x.float()
+            xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.spec.norm_eps)
+            x = xf.to(x.dtype) * self.router_scale[layer] * self.spec.hidden_size**-0.5
+        weights, ids = route(linear(x, self.router[layer]), self.moe.top_k, self.moe.renormalize)
+        if self.moe.beside_dense:
+            weights = weights * self.expert_scale[layer][ids].float()
+        return weights, ids
+
+    def num_features(self, layer: int) -> int:
+        """Features of the layer in the vindex's layout: every expert's, then the shared expert's."""
+        return self.moe.expert_size * self.moe.num_experts + (self.moe.shared_size if self.shared_in[layer] is not None
+                                                             else 0)
+
+    def _forward_features(self, layer: int, flat: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor,
+                          hooks: Hooks, overrides: dict | None) -> torch.Tensor:
+        """The layer as one wide FFN over all experts' features (feature e·F + j = expert e's j):
+        activations [N, E·F (+ shared)] hold each routed expert's act(gate)·up times its routing
+        weight (the shared expert's times its sigmoid gate), zero for experts not chosen, so that
+        out = Σ_f a_f · d_f exactly. `mlp.hook_post` sees (and may replace) them: DESCRIBE, TRACE,
+        explain and feature ablation read a MoE layer like a dense one."""
+        size, n = self.moe.expert_size, self.moe.num_experts
+        blocks = n + (1 if self.shared_in[layer] is not None else 0)
+        weight = lambda e: (overrides or {}).get(e) or self.expert_weights(layer, e)  # noqa: E731
+        acts = torch.zeros(flat.shape[0], self.num_features(layer), dtype=flat.dtype)
+        for e in torch.unique(ids).tolist():
+            rows, slot = (ids == e).nonzero(as_tuple=True)
+            gate, up = linear(flat[rows], weight(e)[0]).chunk(2, dim=-1)
+            acts[rows, e * size:(e + 1) * size] = self.act(gate) * up * weights[rows, slot, None]
+        if blocks > n:
+            gate, up = linear(flat, weight(n)[0]).chunk(2, dim=-1)
+            a = self.act(gate) * up
+            if self.shared_gate[layer] is not None:
+                a = torch.sigmoid(linear(flat, self.shared_gate[layer])) * a
+            acts[:, n * size:] = a
+        acts = run_hook(hooks, f"blocks.{layer}.mlp.hook_post", acts)
+        out = torch.zeros_like(flat)
+        for e in range(blocks):
+            part = acts[:, e * size:(e + 1) * size] if e < n else acts[:, n * size:]
+            if e == n or bool(part.any()):
+                out = out + linear(part, weight(e)[1])
+        return out
+
+    def expert_weights(self, layer: int, expert: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(fused gate+up [2F, H], down [H, F]) of an expert; `num_experts` is the shared expert
+        (the vindex numbers its features after the routed experts', as LARQL does)."""
+        if expert == self.moe.num_experts and self.shared_in[layer] is not None:
+            return self.shared_in[layer], self.shared_down[layer]
+        if not 0 <= expert < self.moe.num_experts:
+            raise ValueError(f"layer {layer} has no expert {expert}")
+        return self.w_in[layer][expert], self.w_down[layer][expert]
+
+    def forward(self, layer: int, x: torch.Tensor, hooks: Hooks | None = None,
+                route_input: torch.Tensor | None = None,
+                overrides: dict[int, tuple[torch.Tensor, torch.Tensor]] | None = None) -> torch.Tensor:
+        """Experts' output for FFN input x [..., H]; the router reads `route_input` (same shape;
+        default x), which differs from x only in Gemma 4 (the un-normalised residual).
+        `overrides` replaces experts' (fused in, down) weights (an edit overlay: `PatchedMoeFfn`)."""
+        if hooks and any(f"blocks.{layer}.mlp.{h}" in hooks for h in ("hook_pre", "hook_pre_linear")):
+            raise CapabilityError(f"layer {layer} is a mixture of experts: hook its features' activations "
+                                  "(mlp.hook_post, one column per expert feature), not their pre-activations")
         shape = x.shape
         flat = x.reshape(-1, shape[-1])
-        weights, ids = self.route(layer, flat)
+        weights, ids = self.route(layer, flat if route_input is None else route_input.reshape(flat.shape))
         if hooks:
             ids = run_hook(hooks, f"blocks.{layer}.mlp.hook_expert_ids", ids)
             weights = run_hook(hooks, f"blocks.{layer}.mlp.hook_expert_weights", weights)
         weights = weights.to(x.dtype)
+        if hooks and f"blocks.{layer}.mlp.hook_post" in hooks:
+            return self._forward_features(layer, flat, weights, ids, hooks, overrides).reshape(shape)
         w_in, w_down = self.w_in[layer], self.w_down[layer]
+        shared_in, shared_down = self.shared_in[layer], self.shared_down[layer]
+        if overrides:
+            w_in, w_down = list(w_in), list(w_down)
+            for e, (wi, wd) in overrides.items():
+                if e == self.moe.num_experts:
+                    shared_in, shared_down = wi, wd
+                else:
+                    w_in[e], w_down[e] = wi, wd
         if flat.shape[0] == 1:
             out = torch.zeros_like(flat)
             for j, e in enumerate(ids[0].tolist()):
@@ -106,8 +240,8 @@ class MoeFfn:
                 rows, slot = (ids == e).nonzero(as_tuple=True)
                 y = self._expert(flat[rows], w_in[e], w_down[e]) * weights[rows, slot, None]
                 out.index_add_(0, rows, y)
-        if self.shared_in[layer] is not None:
-            s = self._expert(flat, self.shared_in[layer], self.shared_down[layer])
+        if shared_in is not None:
+            s = self._expert(flat, shared_in, shared_down)
             if self.shared_gate[layer] is not None:
                 s = torch.sigmoid(linear(flat, self.shared_gate[layer])) * s
             out = out + s

@@ -67,8 +67,16 @@ def _feature_row(vindex, labs, layer: int, f: int, meta, score: float | None = N
         layer=layer, feature=f, token=meta.top_token, token_id=meta.top_token_id, c_score=meta.c_score,
         score=score if walked else meta.c_score, score_kind="gate" if walked else "c_score",
         also=_also(meta), top_tokens=tuple(t for t, _i, _v in meta.top_k), relation=rel, source=src,
-        gate_score=score,
+        gate_score=score, expert=_expert(vindex, layer, f),
     )
+
+
+def _expert(vindex, layer: int, feature: int) -> int | None:
+    """The expert a MoE layer's feature belongs to (None: a dense layer, or a vindex without experts)."""
+    expert_of = getattr(vindex, "expert_of", None)
+    if expert_of is None or feature < 0 or layer < 0:
+        return None
+    return expert_of(layer, feature)[0]
 
 
 def _norm_cond(c) -> Condition:
@@ -200,8 +208,9 @@ def select(
 
     `where`: `Condition(field, op, value)`s (or `(field, op, value)` tuples, or any object with
     `.field/.op/.value`). Fields: entity/token (top-token substring), relation (label; `=` is
-    mutual containment, LIKE takes `%`), layer, feature, score/confidence/c_score (c_score;
-    `=` within 0.001).
+    mutual containment, LIKE takes `%`), layer, feature, expert (a MoE layer's features: the
+    expert they belong to; dense layers match no expert condition), score/confidence/c_score
+    (c_score; `=` within 0.001).
 
     EDGES with both entity and relation: the entity is walked (K = 500 per layer) and hits
     whose label matches are kept, scored by signed gate score — with `mode` "embedding" (the
@@ -216,11 +225,11 @@ def select(
     conds = [_norm_cond(c) for c in where]
     labs = labels if labels is not None else labels_for(vindex)
     fields = {c.field for c in conds}
-    known = {"entity", "token", "relation", "layer", "feature", "score", "confidence", "c_score"}
+    known = {"entity", "token", "relation", "layer", "feature", "expert", "score", "confidence", "c_score"}
     unknown = fields - known
     if unknown:
         raise SelectError(f"unknown field {sorted(unknown)[0]!r} in WHERE (use entity, relation, layer, feature, "
-                          "confidence)")
+                          "expert, confidence)")
     if src == "entities":
         return _select_entities(vindex, conds, limit, t0)
 
@@ -237,6 +246,9 @@ def select(
                     return False
             elif c.field == "feature":
                 if not _cmp_num(c.op, row.feature, c.value):
+                    return False
+            elif c.field == "expert":
+                if row.expert is None or not _cmp_num(c.op, row.expert, c.value):
                     return False
             elif not skip_score and not _cmp_num(c.op, row.c_score, c.value, eps=0.001):
                 return False
@@ -336,6 +348,9 @@ def _patch_rows(vindex, conds: list[Condition], rows: list[FeatureRow]) -> list[
                 ok = f.layer is not None and _cmp_num(c.op, f.layer, c.value)
             elif c.field == "feature":
                 ok = f.feature is not None and _cmp_num(c.op, f.feature, c.value)
+            elif c.field == "expert":
+                e = _expert(vindex, row.layer, row.feature)
+                ok = e is not None and _cmp_num(c.op, e, c.value)
             if not ok:
                 break
         if ok:
@@ -352,6 +367,8 @@ def _matches_conds(row: FeatureRow, conds: list[Condition]) -> bool:
         if c.field == "layer" and not _cmp_num(c.op, row.layer, c.value):
             return False
         if c.field == "feature" and not _cmp_num(c.op, row.feature, c.value):
+            return False
+        if c.field == "expert" and (row.expert is None or not _cmp_num(c.op, row.expert, c.value)):
             return False
     return True
 

@@ -88,19 +88,20 @@ def _gate_norm(ps: PatchSession, layer: int) -> float:
     return cache[layer]
 
 
-def _free_slot(ps: PatchSession, layer: int) -> int:
+def _free_slot(ps: PatchSession, layer: int, within: range | None = None) -> int:
     """First feature with no base metadata and no overlay gate; else the weakest real feature
-    (lowest base c_score) without an overlay gate."""
+    (lowest base c_score) without an overlay gate. `within`: only those features (one expert's)."""
     top, c, present = ps.base.meta_arrays(layer)
     n = ps.base.num_features(layer)
+    allowed = range(n) if within is None else within
     taken = {f for (l, f), s in ps.state.slots.items() if l == layer and (s.gate is not None or s.tombstone)}
     present = np.asarray(present, dtype=bool)
-    for f in range(n):
+    for f in allowed:
         if (f >= len(present) or not present[f]) and f not in taken:
             return f
     order = np.argsort(np.asarray(c, dtype=np.float64), kind="stable")
     for f in order.tolist():
-        if f not in taken:
+        if f not in taken and f in allowed:
             return int(f)
     raise EditError("no free feature slots in target layers")
 
@@ -194,6 +195,11 @@ def insert_compose(ps: PatchSession, entity: str, relation: str, target: str, la
     phrasings = [prompt] + [t.replace("{X}", entity) for t in M.relation_templates(relation)
                             if t.replace("{X}", entity) != prompt]
     pos = _residuals(base, phrasings, l)
+    if base.spec.moe is not None and base.dense_ffn is None:
+        # a MoE layer: the slot goes into the expert the canonical prompt is routed to, where
+        # the compiled model will run it too
+        _, ids = base.ffn.route(l, pos[:1])
+        f = _free_slot(ps, l, ps.base.expert_range(l, int(ids[0, 0])))
     cache = _compose_cache(ps)
     installs: dict[int, dict[int, dict]] = cache["installs"]
     priors = [(info, target_probability(ps.model(), info["prompt"], info["target"]))
@@ -213,7 +219,7 @@ def insert_compose(ps: PatchSession, entity: str, relation: str, target: str, la
     gate, up = vecs[f]
     # value: the write δ that makes every phrasing predict the target's first token (ROME's v*),
     # divided by the slot's activation on the canonical prompt
-    act = float(base.dense_ffn.act(torch.tensor(float(gate @ pos[0].numpy()))))
+    act = float((base.dense_ffn or base.ffn).act(torch.tensor(float(gate @ pos[0].numpy()))))
     if base.spec.gated_ffn:
         act *= float(up @ pos[0].numpy())
     req = M.EditRequest(entity, relation, target)

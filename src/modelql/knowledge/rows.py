@@ -235,6 +235,7 @@ class FeatureRow:
     gate_score: float | None = None  # set when walked
     entity: str | None = None  # source "patch": the fact's entity
     patch: str | None = None  # source "patch": the patch (and edit mode) that inserted the fact
+    expert: int | None = None  # a MoE layer's feature: its expert (`feature` stays the layer-wide index)
 
     def to_json(self) -> dict[str, Any]:
         d = _json(self)

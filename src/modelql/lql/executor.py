@@ -241,7 +241,7 @@ def _conditions(where: Iterable[ast.Condition]):
 #: token a feature writes (the column INSERT INTO EDGES fills), `entity` / `token` the same column.
 SELECT_COLUMNS = {"layer": "layer", "feature": "feature", "token": "token", "entity": "token", "target": "token",
                   "relation": "relation", "also": "also", "score": "score", "confidence": "c_score",
-                  "c_score": "c_score", "top_tokens": "top_tokens"}
+                  "c_score": "c_score", "top_tokens": "top_tokens", "expert": "expert"}
 
 
 def select_where(where: Iterable[ast.Condition]):

@@ -474,7 +474,8 @@ def _select_blocks(stmt, s) -> list:
         from modelql.lql.executor import SELECT_COLUMNS
 
         t = Table([f.capitalize() for f in fields],
-                  align="".join("r" if SELECT_COLUMNS.get(f) in ("layer", "feature", "score", "c_score") else "l"
+                  align="".join("r" if SELECT_COLUMNS.get(f) in ("layer", "feature", "expert", "score", "c_score")
+                                else "l"
                                 for f in fields))
         for r in s.rows:
             t.rows.append([_column(r, SELECT_COLUMNS.get(f, f)) for f in fields])
@@ -483,11 +484,14 @@ def _select_blocks(stmt, s) -> list:
     relation_filtered = any(c.field == "relation" for c in getattr(stmt, "where", ()))
     show_also = full or s.has_also
     show_rel = full or s.has_relation or relation_filtered
-    cols = ["Layer", "Feature", "Token"] + (["Also"] if show_also else []) + (["Relation"] if show_rel else []) \
-        + ["Score"]
-    t = Table(cols, align="rrl" + ("l" if show_also else "") + ("l" if show_rel else "") + "r")
+    show_expert = any(getattr(r, "expert", None) is not None for r in s.rows)  # a MoE vindex
+    cols = ["Layer"] + (["Expert"] if show_expert else []) + ["Feature", "Token"] + (["Also"] if show_also else []) \
+        + (["Relation"] if show_rel else []) + ["Score"]
+    t = Table(cols, align="r" + ("r" if show_expert else "") + "rl" + ("l" if show_also else "")
+              + ("l" if show_rel else "") + "r")
     for r in s.rows:
-        row = [f"L{r.layer}", f"F{r.feature}", r.token]
+        row = [f"L{r.layer}"] + ([f"E{r.expert}" if r.expert is not None else ""] if show_expert else []) \
+            + [f"F{r.feature}", r.token]
         if show_also:
             row.append(", ".join(r.also))
         if show_rel:

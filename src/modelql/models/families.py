@@ -65,7 +65,7 @@ def _rope(params: dict | None, fallback_theta: float, partial: float, max_pos: i
     kind = params.get("rope_type") or params.get("type") or "default"
     if kind == "su":
         kind = "longrope"
-    if kind not in ("default", "linear", "llama3", "longrope", "yarn", "dynamic"):
+    if kind not in ("default", "linear", "llama3", "longrope", "yarn", "dynamic", "proportional"):
         raise UnsupportedModelError(f"rope scaling type {kind!r} is not supported")
     if kind == "dynamic":
         # Dynamic NTK only changes frequencies beyond the trained length, which is rejected anyway.
@@ -267,6 +267,110 @@ def _gemma3(cfg: dict) -> ModelSpec:
     )
 
 
+def _per_layer(cfg: dict, layer: int, key: str, full: bool, global_key: str) -> int | None:
+    """A Gemma 4 per-layer override: `per_layer_config` (transformers' serialised form) or the
+    `global_*` keys of the hub configs (full-attention layers only)."""
+    table = cfg.get("per_layer_config") or {}
+    entry = table.get(str(layer), table.get(layer)) if isinstance(table, dict) else None
+    if isinstance(entry, dict) and entry.get(key) is not None:
+        return int(entry[key])
+    return int(cfg[global_key]) if full and cfg.get(global_key) is not None else None
+
+
+_GEMMA4_PLE_LAYER = {
+    "ple_gate.weight": TensorMap("model.layers.{i}.per_layer_input_gate.weight"),
+    "ple_proj.weight": TensorMap("model.layers.{i}.per_layer_projection.weight"),
+    "ple_norm.weight": TensorMap("model.layers.{i}.post_per_layer_input_norm.weight"),
+}
+_GEMMA4_PLE_GLOBAL = {
+    "ple_embed.weight": TensorMap("model.embed_tokens_per_layer.weight"),
+    "ple_model_proj.weight": TensorMap("model.per_layer_model_projection.weight"),
+    "ple_proj_norm.weight": TensorMap("model.per_layer_projection_norm.weight"),
+}
+
+
+def _gemma4(cfg: dict) -> ModelSpec:
+    """Gemma 4 text: per-head q/k norms and a weightless v norm, no query scaling (the norms set
+    the scale), wider heads (and fewer kv heads, values = keys) on full-attention layers, the last
+    `num_kv_shared_layers` layers attending over an earlier layer's cache, proportional RoPE on
+    full layers, per-layer token embeddings (PLE), a scalar per block, and optionally experts
+    running beside the dense FFN. Norm weights are used as stored (no Gemma `1 +`)."""
+    if cfg.get("use_bidirectional_attention") == "all":
+        raise UnsupportedModelError("gemma4 with bidirectional attention is not a causal language model")
+    spec = _base(cfg)
+    n = spec.num_layers
+    types = cfg.get("layer_types")
+    if not (isinstance(types, list) and len(types) == n):
+        raise ModelFormatError("gemma4 config.json needs layer_types, one per layer")
+    full = [t == "full_attention" for t in types]
+    head = [(_per_layer(cfg, i, "head_dim", full[i], "global_head_dim") or spec.head_dim) for i in range(n)]
+    k_eq_v = [bool(cfg.get("attention_k_eq_v")) and full[i] for i in range(n)]
+    kv_heads = [(_per_layer(cfg, i, "num_key_value_heads", k_eq_v[i], "num_global_key_value_heads")
+                 or spec.num_kv_heads) for i in range(n)]
+    shared = int(cfg.get("num_kv_shared_layers") or 0)
+    first = n - shared
+    source = list(range(n))
+    for i in range(first, n):
+        producers = [j for j in range(first) if types[j] == types[i]]
+        if not producers:
+            raise ModelFormatError(f"gemma4 layer {i} shares keys/values, but no earlier layer is {types[i]}")
+        source[i] = producers[-1]
+    layer_map = {**spec.layer_map, **_GEMMA2_NORMS, **_QK_NORM}
+    for name in ("k.weight", "v.weight", "k_norm.weight"):
+        layer_map[name] = replace(layer_map[name], optional=True)
+    layer_map["layer_scalar"] = TensorMap("model.layers.{i}.layer_scalar")
+    global_map = dict(spec.global_map)
+    ple = int(cfg.get("hidden_size_per_layer_input") or 0)
+    if ple:
+        layer_map.update(_GEMMA4_PLE_LAYER)
+        global_map.update(_GEMMA4_PLE_GLOBAL)
+    spec = replace(
+        spec,
+        activation=_act(cfg, "gelu_tanh"),
+        embed_scale=math.sqrt(spec.hidden_size),
+        qk_norm=True,
+        v_norm=True,
+        post_attn_norm=True,
+        post_ffn_norm=True,
+        query_scale=1.0,
+        final_softcap=cfg.get("final_logit_softcapping"),
+        sliding_window=int(cfg["sliding_window"]) if cfg.get("sliding_window") else None,
+        layer_sliding=tuple(not f for f in full) if cfg.get("sliding_window") else (),
+        layer_head_dim=tuple(head),
+        layer_kv_heads=tuple(kv_heads),
+        layer_kv_source=tuple(source) if shared else (),
+        layer_k_eq_v=tuple(k_eq_v) if any(k_eq_v) else (),
+        layer_scalar=True,
+        per_layer_input=ple,
+        global_map=global_map,
+        layer_map=layer_map,
+    )
+    if cfg.get("enable_moe_block"):
+        spec = _gemma4_moe(cfg, spec)
+    return spec
+
+
+def _gemma4_moe(cfg: dict, spec: ModelSpec) -> ModelSpec:
+    """Experts beside the dense FFN; expert weights are stacked [E, ...] in the checkpoint."""
+    experts = int(_require(cfg, "num_experts"))
+    size = int(_require(cfg, "moe_intermediate_size"))
+    p = "model.layers.{i}."
+    layer_map = dict(spec.layer_map)
+    layer_map["router.weight"] = TensorMap(p + "router.proj.weight")
+    layer_map["router.scale"] = TensorMap(p + "router.scale")
+    layer_map["router.expert_scale"] = TensorMap(p + "router.per_expert_scale")
+    for e in range(experts):
+        layer_map[f"experts.{e}.gate.weight"] = TensorMap(p + "experts.gate_up_proj", f"index:{e},split:0/2")
+        layer_map[f"experts.{e}.up.weight"] = TensorMap(p + "experts.gate_up_proj", f"index:{e},split:1/2")
+        layer_map[f"experts.{e}.down.weight"] = TensorMap(p + "experts.down_proj", f"index:{e}")
+    layer_map["moe_norm.weight"] = TensorMap(p + "pre_feedforward_layernorm_2.weight")
+    layer_map["post_dense_norm.weight"] = TensorMap(p + "post_feedforward_layernorm_1.weight")
+    layer_map["post_moe_norm.weight"] = TensorMap(p + "post_feedforward_layernorm_2.weight")
+    moe = MoeSpec(num_experts=experts, top_k=int(_require(cfg, "top_k_experts")), expert_size=size,
+                  renormalize=True, beside_dense=True)
+    return replace(spec, moe=moe, layer_map=layer_map)
+
+
 def _phi3(cfg: dict) -> ModelSpec:
     spec = _base(cfg)
     q, kv, f = spec.q_size, spec.kv_size, spec.intermediate_size
@@ -447,6 +551,8 @@ FAMILIES: dict[str, Callable[[dict], ModelSpec]] = {
     "gemma2": _gemma2,
     "gemma3": _gemma3,
     "gemma3_text": _gemma3,
+    "gemma4": _gemma4,
+    "gemma4_text": _gemma4,
     "phi3": _phi3,
     "gpt2": _gpt2,
     "olmo2": _olmo2,

@@ -13,7 +13,9 @@ extraction need no GGUF knowledge:
   transposed Conv1D weights; Phi-3 keeps its fused `qkv_proj` / `gate_up_proj`.
 * `.tokenizer()` rebuilds the tokenizer from `tokenizer.ggml.*` (`modelql.models.gguf_tokenizer`).
 
-Supported architectures: llama (also Mistral), qwen2, qwen3, gemma, gemma2, gemma3, phi3, gpt2.
+Supported architectures: llama (also Mistral and Mixtral), qwen2, qwen3, gemma, gemma2, gemma3, phi3,
+gpt2, and the mixtures of experts qwen2moe, qwen3moe, olmoe: their experts are stored stacked
+(`blk.N.ffn_{gate,up,down}_exps`, [E, rows, cols]) and read one expert at a time from its own bytes.
 Supported tensor types: F32, F16, BF16, Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, Q2_K, Q3_K, Q4_K, Q5_K, Q6_K
 (dequantised with `gguf.quants.dequantize`). Anything else is an `UnsupportedModelError`; a
 truncated or corrupt file is a `ModelFormatError`.
@@ -43,7 +45,8 @@ from ..errors import ModelFormatError, ModelNotFoundError, UnsupportedModelError
 
 log = logging.getLogger(__name__)
 
-ARCHITECTURES = ("gemma", "gemma2", "gemma3", "gpt2", "llama", "phi3", "qwen2", "qwen3")
+ARCHITECTURES = ("gemma", "gemma2", "gemma3", "gpt2", "llama", "olmoe", "phi3", "qwen2", "qwen2moe", "qwen3",
+                 "qwen3moe")
 SUPPORTED_TYPES = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q2_K", "Q3_K", "Q4_K",
                    "Q5_K", "Q6_K")
 
@@ -51,7 +54,23 @@ HF_ARCHITECTURES = {
     "llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM",
     "qwen3": "Qwen3ForCausalLM", "gemma": "GemmaForCausalLM", "gemma2": "Gemma2ForCausalLM",
     "gemma3_text": "Gemma3ForCausalLM", "phi3": "Phi3ForCausalLM", "gpt2": "GPT2LMHeadModel",
+    "mixtral": "MixtralForCausalLM", "qwen2_moe": "Qwen2MoeForCausalLM", "qwen3_moe": "Qwen3MoeForCausalLM",
+    "olmoe": "OlmoeForCausalLM",
 }
+_MOE_MODEL_TYPE = {"qwen2moe": "qwen2_moe", "qwen3moe": "qwen3_moe", "olmoe": "olmoe"}
+#: llama.cpp's routing when the file has no `expert_weights_norm` key (Mixtral and Qwen3-MoE
+#: renormalise the top-k weights, Qwen2-MoE and OLMoE do not)
+_MOE_NORM_DEFAULT = {"llama": True, "qwen3moe": True, "qwen2moe": False, "olmoe": False}
+#: stacked expert tensors [E, ...] → (HF block, HF projection names) per model type
+_EXPERT_LEAVES = ("ffn_gate_exps", "ffn_up_exps", "ffn_down_exps")
+_MOE_HF = {
+    "mixtral": ("block_sparse_moe", ("w1", "w3", "w2")),
+    "qwen2_moe": ("mlp", ("gate_proj", "up_proj", "down_proj")),
+    "qwen3_moe": ("mlp", ("gate_proj", "up_proj", "down_proj")),
+    "olmoe": ("mlp", ("gate_proj", "up_proj", "down_proj")),
+}
+_SHARED_EXPERT = {"ffn_gate_shexp": "mlp.shared_expert.gate_proj", "ffn_up_shexp": "mlp.shared_expert.up_proj",
+                  "ffn_down_shexp": "mlp.shared_expert.down_proj", "ffn_gate_inp_shexp": "mlp.shared_expert_gate"}
 
 _LAYER = {  # llama.cpp leaf name → HF module (Llama naming) under model.layers.{i}.
     "attn_norm": "input_layernorm",
@@ -397,6 +416,27 @@ class GgufSource:
         except Exception as exc:  # gguf raises assorted errors on malformed blocks
             raise ModelFormatError(f"{self.path.name}: cannot read tensor {gguf_name}: {exc}") from None
 
+    def expert_array(self, gguf_name: str, expert: int) -> np.ndarray:
+        """Expert `expert` of a stacked [E, rows, cols] GGUF tensor, dequantised from its own bytes
+        only (each expert's blocks are contiguous)."""
+        from gguf import GGMLQuantizationType as Q
+        from gguf.quants import dequantize
+
+        t = self._tensors[gguf_name]
+        count, shape = t.shape[0], t.shape[1:]
+        per = t.nbytes // count
+        raw = np.frombuffer(self._mm, dtype=np.uint8, count=per, offset=t.offset + expert * per)
+        try:
+            if t.tensor_type == Q.F32:
+                out = raw.view("<f4").astype(np.float32)
+            elif t.tensor_type == Q.F16:
+                out = raw.view("<f2").astype(np.float32)
+            else:
+                out = dequantize(raw.reshape(*shape[:-1], -1), t.tensor_type)
+            return out.reshape(shape)
+        except Exception as exc:  # gguf raises assorted errors on malformed blocks
+            raise ModelFormatError(f"{self.path.name}: cannot read tensor {gguf_name}: {exc}") from None
+
     def packed(self, hf_name: str):
         """The HF tensor `hf_name` in `MatMulNBits` layout (`modelql.models.quant.Packed`) made from the
         file's blocks without a float copy of the matrix, or None when it is not a quantisable matrix
@@ -469,6 +509,12 @@ class GgufSource:
 
             return run
 
+        def pick(gguf_name: str, expert: int) -> Callable[[], torch.Tensor]:
+            return lambda: torch.from_numpy(self.expert_array(gguf_name, expert))
+
+        model_type = cfg.get("model_type")
+        moe_block, moe_proj = _MOE_HF.get(model_type, ("mlp", ()))
+
         def concat(*gguf_names: str) -> Callable[[], torch.Tensor]:
             return lambda: torch.cat([torch.from_numpy(self.array(n)) for n in gguf_names])
 
@@ -488,6 +534,16 @@ class GgufSource:
                     module, conv1d = _GPT2_LAYER[leaf]
                     hf = f"transformer.h.{i}.{module}.{suffix}"
                     recipes[hf] = load(gname, "t") if conv1d and suffix == "weight" else load(gname)
+                    continue
+                if leaf in _EXPERT_LEAVES and moe_proj and suffix == "weight":
+                    proj = moe_proj[_EXPERT_LEAVES.index(leaf)]
+                    for e in range(self._tensors[gname].shape[0]):
+                        recipes[f"model.layers.{i}.{moe_block}.experts.{e}.{proj}.weight"] = pick(gname, e)
+                    continue
+                if moe_proj and leaf in ("ffn_gate_inp", *_SHARED_EXPERT):
+                    module = f"{moe_block}.gate" if leaf == "ffn_gate_inp" else _SHARED_EXPERT[leaf]
+                    hf = f"model.layers.{i}.{module}.{suffix}"
+                    recipes[hf] = load(gname)
                     continue
                 table = _GEMMA2_LAYER if arch in ("gemma2", "gemma3") else _PHI3_LAYER if arch == "phi3" else _LAYER
                 if leaf not in table:
@@ -628,9 +684,12 @@ class GgufSource:
 
         theta = float(self._scalar("rope.freq_base", 10000.0))
         rope_dims = int(self._scalar("rope.dimension_count", head_dim))
-        model_type = {"gemma3": "gemma3_text"}.get(arch, arch)
+        model_type = {"gemma3": "gemma3_text", **_MOE_MODEL_TYPE}.get(arch, arch)
         window = self._scalar("attention.sliding_window")
-        if arch == "llama" and window:
+        experts = int(self._scalar("expert_count", 0) or 0)
+        if arch == "llama" and experts:
+            model_type = "mixtral"
+        elif arch == "llama" and window:
             model_type = "mistral"
         cfg.update({
             "architectures": [HF_ARCHITECTURES[model_type]],
@@ -650,14 +709,16 @@ class GgufSource:
         if scaling is not None:
             cfg["rope_scaling"] = scaling
         has_q_bias = "blk.0.attn_q.bias" in self._tensors
-        if arch in ("llama", "qwen3"):
+        if arch in ("llama", "qwen3", "qwen3moe", "olmoe"):
             cfg["attention_bias"] = has_q_bias
             cfg["mlp_bias"] = "blk.0.ffn_up.bias" in self._tensors
-        if arch in ("llama", "qwen2", "qwen3", "phi3"):
+        if arch in ("llama", "qwen2", "qwen3", "phi3", "qwen2moe", "qwen3moe", "olmoe"):
             cfg["hidden_act"] = "silu"
-        if model_type == "mistral":
-            cfg["sliding_window"] = int(window)
-        if arch in ("qwen2", "qwen3"):
+        if model_type in ("mistral", "mixtral"):
+            cfg["sliding_window"] = int(window) if window else None
+        if experts:
+            cfg.update(self._moe_config(arch, model_type, experts, n_ff))
+        if arch in ("qwen2", "qwen3", "qwen2moe", "qwen3moe"):
             cfg["use_sliding_window"] = bool(window)
             cfg["sliding_window"] = int(window) if window else None
             pattern = self._layer_pattern(n_layer, None) if window else None
@@ -709,6 +770,24 @@ class GgufSource:
                 cfg["sliding_window"] = None
                 cfg["layer_types"] = ["full_attention"] * n_layer
         return cfg
+
+    def _moe_config(self, arch: str, model_type: str, experts: int, n_ff: int) -> dict[str, Any]:
+        """The HF router/expert keys from llama.cpp's `expert_*` metadata."""
+        used = int(self._scalar("expert_used_count", required=True))
+        size = int(self._scalar("expert_feed_forward_length", 0) or 0)
+        if not size:
+            down = self._shape("blk.0.ffn_down_exps.weight")
+            size = down[2] if down else n_ff
+        norm = self._key("expert_weights_norm")
+        out: dict[str, Any] = {"num_experts_per_tok": used}
+        if model_type == "mixtral":
+            out.update(num_local_experts=experts, intermediate_size=size)
+            return out
+        out.update(num_experts=experts, moe_intermediate_size=size, decoder_sparse_step=1, mlp_only_layers=[],
+                   norm_topk_prob=bool(_MOE_NORM_DEFAULT[arch] if norm is None else norm))
+        if arch == "qwen2moe":
+            out["shared_expert_intermediate_size"] = int(self._scalar("expert_shared_feed_forward_length", 0) or 0)
+        return out
 
     def _dtype_name(self) -> str:
         kinds = {t.tensor_type.name for t in self._tensors.values() if len(t.dims) >= 2}

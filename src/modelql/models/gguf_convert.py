@@ -5,7 +5,9 @@ hyper-parameters llama.cpp reads, the tokenizer metadata (`modelql.models.gguf_t
 the tensors under llama.cpp's names (`gguf.get_tensor_name_map`, llama.cpp's own table) with its
 transforms: Q/K rows permuted for the `llama` architecture (Llama, Mistral), Gemma norm weights
 stored as `w + 1`, GPT-2 Conv1D weights transposed (and its tied `output.weight` written as a copy
-of `token_embd`), Llama-3 RoPE scaling as the `rope_freqs` tensor. Types: `f32`; `f16` and `q8_0`
+of `token_embd`), Llama-3 RoPE scaling as the `rope_freqs` tensor, a mixture of experts' per-expert
+matrices stacked into one [E, rows, cols] tensor per projection (`ffn_{gate,up,down}_exps`) with the
+`expert_*` metadata. Types: `f32`; `f16` and `q8_0`
 keep 1-D tensors, norms and position embeddings in F32 as llama.cpp does (a tensor whose rows are
 not a multiple of 32 falls back to F16 under q8_0).
 
@@ -19,6 +21,7 @@ from __future__ import annotations
 
 import logging
 import math
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
@@ -37,6 +40,7 @@ OUT_TYPES = ("f32", "f16", "q8_0")
 GGUF_ARCH = {
     "llama": "llama", "mistral": "llama", "qwen2": "qwen2", "qwen3": "qwen3", "gemma": "gemma",
     "gemma2": "gemma2", "gemma3": "gemma3", "gemma3_text": "gemma3", "phi3": "phi3", "gpt2": "gpt2",
+    "mixtral": "llama", "qwen2_moe": "qwen2moe", "qwen3_moe": "qwen3moe", "olmoe": "olmoe",
 }
 
 
@@ -133,12 +137,20 @@ def _write_hparams(w, arch: str, cfg: dict, spec, n_vocab: int) -> list[tuple[st
         w.add_key_length(spec.head_dim)
         w.add_value_length(spec.head_dim)
 
+    if spec.moe is not None:
+        m = spec.moe
+        w.add_expert_count(m.num_experts)
+        w.add_expert_used_count(m.top_k)
+        w.add_expert_feed_forward_length(m.expert_size)
+        w.add_expert_weights_norm(m.renormalize)
+        if m.shared_size:
+            w.add_expert_shared_feed_forward_length(m.shared_size)
     if arch == "llama":
         w.add_vocab_size(n_vocab)
         w.add_rope_dimension_count(spec.head_dim)
         if spec.sliding_window:
             w.add_sliding_window(spec.sliding_window)
-    elif arch in ("qwen2", "qwen3"):
+    elif arch in ("qwen2", "qwen3", "qwen2moe", "qwen3moe"):
         if spec.sliding_window:
             w.add_sliding_window(spec.sliding_window)
             w.add_sliding_window_pattern(list(spec.layer_sliding))
@@ -184,9 +196,13 @@ def _qtype(name: str, data: np.ndarray, out_type: str):
     return Q.Q8_0 if data.shape[-1] % 32 == 0 else Q.F16
 
 
+_EXPERT = re.compile(r"(?P<block>.+\.experts)\.(?P<e>\d+)\.(?P<proj>\w+)\.weight$")
+
+
 def _hf_tensors(source, spec, cfg: dict, arch: str):
     """(gguf name, float32 numpy array) for every text-model tensor, llama.cpp's transforms applied."""
     import gguf
+    import numpy as np
     import torch
 
     from .gguf import permute_qk
@@ -199,6 +215,8 @@ def _hf_tensors(source, spec, cfg: dict, arch: str):
     arch_enum = next(k for k, v in gguf.MODEL_ARCH_NAMES.items() if v == arch)
     tmap = gguf.get_tensor_name_map(arch_enum, spec.num_layers)
     gemma = arch in ("gemma", "gemma2", "gemma3")
+    pending: dict[str, dict[int, np.ndarray]] = {}  # stacked expert tensor → experts read so far
+    experts = spec.moe.num_experts if spec.moe is not None else 0
     for key in names:
         if not key.startswith(head):
             continue
@@ -208,6 +226,18 @@ def _hf_tensors(source, spec, cfg: dict, arch: str):
         if arch == "gpt2" and name.endswith((".attn.bias", ".attn.masked_bias")):
             continue
         if name == "lm_head.weight" and spec.tie_embeddings:
+            continue
+        expert = _EXPERT.match(name) if experts else None
+        if expert is not None:  # llama.cpp stores a layer's experts stacked: [E, rows, cols]
+            stacked = f"{expert['block']}.{expert['proj']}.weight"
+            got = pending.setdefault(stacked, {})
+            got[int(expert["e"])] = source.get(key).to(torch.float32).numpy()
+            if len(got) == experts:
+                new = tmap.get_name(stacked, try_suffixes=(".weight",))
+                if new is None:
+                    raise UnsupportedModelError(f"tensor {stacked} has no GGUF name for architecture {arch}")
+                yield new, np.stack([got[e] for e in range(experts)])
+                del pending[stacked]
             continue
         new = tmap.get_name(name, try_suffixes=(".weight", ".bias"))
         if new is None:

@@ -112,6 +112,8 @@ def _apply(t: torch.Tensor, transform: str) -> torch.Tensor:
             continue
         if step == "t":
             t = t.t()
+        elif step.startswith("index:"):  # one expert of a stacked [E, ...] tensor
+            t = t[int(step[6:])]
         elif step.startswith("split:"):
             part, _, sizes = step[6:].partition("@")
             index, _, count = part.partition("/")

@@ -19,7 +19,7 @@ class RopeSpec:
     """Rotary embedding parameters for one kind of layer (global or sliding)."""
 
     theta: float = 10000.0
-    kind: str = "default"  # default | linear | llama3 | longrope | yarn
+    kind: str = "default"  # default | linear | llama3 | longrope | yarn | proportional
     factor: float = 1.0
     low_freq_factor: float = 1.0
     high_freq_factor: float = 4.0
@@ -38,7 +38,9 @@ class TensorMap:
 
     `transform` is "id" (same layout), "t" (transpose: GPT-2 Conv1D stores [in, out]), or
     "split:i/n" / "split:i@a+b+c" (slice i of a tensor fused along dim 0, in n equal parts or
-    parts of the given sizes: Phi-3's qkv_proj and gate_up_proj). An optional map may be absent.
+    parts of the given sizes: Phi-3's qkv_proj and gate_up_proj), or "index:e" (entry e of a tensor
+    stacked along dim 0: one expert of Gemma 4's [E, ...] expert weights); steps chain with ",".
+    An optional map may be absent.
     """
 
     hf_name: str
@@ -63,6 +65,10 @@ class MoeSpec:
     renormalize: bool
     shared_size: int = 0
     shared_gate: bool = False
+    #: Gemma 4: the experts run beside the dense FFN (each branch post-normed, then summed); the
+    #: router reads the residual through a weightless RMS norm times `router.scale` / sqrt(H), and
+    #: the renormalised top-k weights are multiplied by `router.per_expert_scale`
+    beside_dense: bool = False
 
 
 @dataclass(frozen=True)
@@ -112,6 +118,15 @@ class ModelSpec:
     layer_sliding: tuple[bool, ...] = ()
     layer_rope: tuple[bool, ...] = ()  # per layer: False = no positional rotation (SmolLM3's NoPE layers)
 
+    # Gemma 4 (empty / zero: every layer alike)
+    layer_head_dim: tuple[int, ...] = ()  # per layer: head width (full-attention layers are wider)
+    layer_kv_heads: tuple[int, ...] = ()
+    layer_kv_source: tuple[int, ...] = ()  # per layer: the layer whose cached keys/values it attends over
+    layer_k_eq_v: tuple[bool, ...] = ()  # per layer: values are the keys' projection (no v weight)
+    v_norm: bool = False  # values pass a weightless per-head RMS norm
+    layer_scalar: bool = False  # each block's output is multiplied by its `layer_scalar` weight
+    per_layer_input: int = 0  # width of the per-layer token embeddings added after each block (PLE)
+
     tie_embeddings: bool = False
     bos_token_id: int | None = None
     eos_token_ids: tuple[int, ...] = ()
@@ -135,6 +150,23 @@ class ModelSpec:
         if self.is_sliding(layer) and self.rope_local is not None:
             return self.rope_local
         return self.rope
+
+    def head_dim_at(self, layer: int) -> int:
+        return self.layer_head_dim[layer] if self.layer_head_dim else self.head_dim
+
+    def kv_heads_at(self, layer: int) -> int:
+        return self.layer_kv_heads[layer] if self.layer_kv_heads else self.num_kv_heads
+
+    def kv_source(self, layer: int) -> int:
+        return self.layer_kv_source[layer] if self.layer_kv_source else layer
+
+    def k_eq_v(self, layer: int) -> bool:
+        return bool(self.layer_k_eq_v) and self.layer_k_eq_v[layer]
+
+    @property
+    def uniform_attention(self) -> bool:
+        """Every layer has the same head shapes and its own keys/values (all but Gemma 4)."""
+        return not (self.layer_head_dim or self.layer_kv_heads or self.layer_kv_source or self.layer_k_eq_v)
 
     @property
     def q_size(self) -> int:

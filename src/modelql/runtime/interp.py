@@ -93,8 +93,8 @@ def hook_names(model: Model) -> list[str]:
         names += [b + "hook_resid_pre", b + "ln1.hook_normalized"]
         names += [b + "attn.hook_q", b + "attn.hook_k", b + "attn.hook_v", b + "attn.hook_z"]
         names += [b + "hook_attn_out", b + "hook_resid_mid", b + "ln2.hook_normalized"]
-        if spec.moe is not None:  # routing, not features: those are per expert
-            names += [b + "mlp.hook_expert_ids", b + "mlp.hook_expert_weights"]
+        if spec.moe is not None:  # routing, and every expert's features as one wide layer
+            names += [b + "mlp.hook_expert_ids", b + "mlp.hook_expert_weights", b + "mlp.hook_post"]
         else:
             names.append(b + "mlp.hook_pre")
             if spec.gated_ffn:

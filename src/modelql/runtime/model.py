@@ -11,7 +11,8 @@ sitting. Hook points use TransformerLens names and cost one dict lookup when unu
 
 A hook is `fn(tensor, name) -> tensor | None`; returning a tensor replaces the activation.
 `hook_attn_out` and `hook_mlp_out` are exactly what is added to the residual stream (after a
-family's post-norms), so the residual is always their running sum.
+family's post-norms), so the residual is their running sum — except in Gemma 4, whose blocks
+then add per-layer token embeddings and scale the result (`layer_scalar`).
 """
 
 from __future__ import annotations
@@ -22,14 +23,21 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from ..errors import ContextLengthError
-from ..ffn.base import FfnBackend, Hooks, run_hook
+from ..errors import CapabilityError, ContextLengthError
+from ..ffn.base import FfnBackend, Hooks, activation, run_hook
 from ..ffn.dense import DenseFfn
 from ..models.spec import ModelSpec, RopeSpec
 from ..linear import linear
 from .rope import apply_rotary, inverse_frequencies
 
 DTYPES = {"float32": torch.float32, "f32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
+
+
+def kv_shape(spec: ModelSpec, layer: int, capacity: int) -> tuple[int, int, int]:
+    """[kv_heads, capacity, head_dim] of a layer's cache; empty for a layer that attends over
+    another layer's keys and values (Gemma 4's shared-KV layers)."""
+    own = spec.kv_source(layer) == layer
+    return (spec.kv_heads_at(layer), capacity if own else 0, spec.head_dim_at(layer))
 
 
 @dataclass
@@ -51,10 +59,9 @@ class KVCache:
         if needed <= capacity:
             return
         new_cap = max(needed, 2 * capacity, 64)
-        shape = (spec.num_kv_heads, new_cap, spec.head_dim)
         for store in (self.k, self.v):
             for i in range(spec.num_layers):
-                grown = torch.zeros(shape, dtype=dtype)
+                grown = torch.zeros(kv_shape(spec, i, new_cap), dtype=dtype)
                 if i < len(store):
                     grown[:, : self.length] = store[i][:, : self.length]
                     store[i] = grown
@@ -82,9 +89,8 @@ class KVBlock:
     def __init__(self, spec: ModelSpec, dtype: torch.dtype, slots: int, capacity: int = 256):
         self.spec, self.dtype, self.slots = spec, dtype, slots
         self.capacity = min(max(1, capacity), spec.max_position)
-        shape = (slots, spec.num_kv_heads, self.capacity, spec.head_dim)
-        self.k = [torch.zeros(shape, dtype=dtype) for _ in range(spec.num_layers)]
-        self.v = [torch.zeros(shape, dtype=dtype) for _ in range(spec.num_layers)]
+        self.k = [torch.zeros((slots, *kv_shape(spec, i, self.capacity)), dtype=dtype) for i in range(spec.num_layers)]
+        self.v = [torch.zeros((slots, *kv_shape(spec, i, self.capacity)), dtype=dtype) for i in range(spec.num_layers)]
         self.members: list[KVCache | None] = [None] * slots
 
     def _bind(self, cache: KVCache, slot: int) -> None:
@@ -100,6 +106,8 @@ class KVBlock:
         cap = min(max(needed, 2 * self.capacity), max(needed, self.spec.max_position))
         for store in (self.k, self.v):
             for i, old in enumerate(store):
+                if old.shape[2] == 0:  # a shared-KV layer's empty cache
+                    continue
                 grown = old.new_zeros((old.shape[0], old.shape[1], cap, old.shape[3]))
                 grown[:, :, : self.capacity] = old
                 store[i] = grown
@@ -141,7 +149,8 @@ class Model:
     """A loaded model: spec, canonical weights in the compute dtype, FFN backend, tokenizer."""
 
     #: attributes a quantized model builds only when something asks for float weights (`_materialize`)
-    _FLOAT_ATTRS = frozenset({"weights", "dense_ffn", "ffn", "embed", "lm_head", "qkv_w", "qkv_b"})
+    _FLOAT_ATTRS = frozenset({"weights", "dense_ffn", "ffn", "moe_ffn", "embed", "lm_head", "qkv_w", "qkv_b",
+                              "qkv_sizes"})
 
     def __init__(self, spec: ModelSpec, weights: dict[str, torch.Tensor] | None, dtype: torch.dtype,
                  tokenizer=None, path: Path | None = None, ffn: FfnBackend | None = None, quant=None):
@@ -149,7 +158,7 @@ class Model:
         self.dtype = dtype
         self.tokenizer = tokenizer
         self.path = path
-        self._inv_freq: dict[tuple[RopeSpec, bool], tuple[torch.Tensor, float]] = {}
+        self._inv_freq: dict[tuple[RopeSpec, bool, int], tuple[torch.Tensor, float]] = {}
         #: a `runtime.quantized.QuantState` while the weights are low-bit (None: float weights)
         self.quant = quant
         if quant is None:
@@ -160,7 +169,9 @@ class Model:
         self._fuse_qkv()
         # a remote-FFN client loads no FFN weights: then the given backend is the only FFN
         has_ffn = all(f"layers.{i}.down.weight" in weights for i in range(self.spec.num_layers))
-        if self.spec.moe is not None:  # no dense FFN: features, edits and walks are per expert (not built yet)
+        self.moe_ffn = None
+        if self.spec.moe is not None and not self.spec.moe.beside_dense:
+            # no dense FFN: features, edits and walks are per expert (not built yet)
             from ..ffn.moe import MoeFfn
 
             self.dense_ffn = None
@@ -168,8 +179,13 @@ class Model:
         else:
             self.dense_ffn = DenseFfn(self.spec, weights) if has_ffn or ffn is None else None
             self.ffn = ffn or self.dense_ffn
+            if self.spec.moe is not None:  # Gemma 4: experts beside the dense FFN
+                from ..ffn.moe import MoeFfn
+
+                self.moe_ffn = MoeFfn(self.spec, weights)
         self.embed = weights["embed.weight"]
         self.lm_head = weights.get("lm_head.weight", self.embed)
+        self.act = activation(self.spec.activation)
 
     def __getattr__(self, name: str):
         # only reached for attributes not set: a quantized model's float weights, built on first use
@@ -195,20 +211,32 @@ class Model:
         return self.quant is not None
 
     def _fuse_qkv(self) -> None:
-        """One [q+2kv, H] matrix per layer; the canonical q/k/v weights become views of it."""
-        self.qkv_w, self.qkv_b = [], []
+        """One [q+2kv, H] matrix per layer; the canonical q/k/v weights become views of it.
+
+        A layer whose values are its keys has no v rows; one that attends over another layer's
+        cache (Gemma 4) has only q rows."""
+        from ..errors import ModelFormatError
+
+        self.qkv_w, self.qkv_b, self.qkv_sizes = [], [], []
         for i in range(self.spec.num_layers):
             p = f"layers.{i}."
-            parts = [self.weights[p + n + ".weight"] for n in "qkv"]
+            names = "q"
+            if self.spec.kv_source(i) == i:
+                names = "qk" if self.spec.k_eq_v(i) else "qkv"
+            missing = [n for n in names if p + n + ".weight" not in self.weights]
+            if missing:
+                raise ModelFormatError(f"layer {i} has no {'/'.join(missing)} projection weights")
+            parts = [self.weights[p + n + ".weight"] for n in names]
             fused = torch.cat(parts)
             sizes = [t.shape[0] for t in parts]
             views = fused.split(sizes)
-            for n, view in zip("qkv", views):
+            for n, view in zip(names, views):
                 self.weights[p + n + ".weight"] = view
             self.qkv_w.append(fused)
+            self.qkv_sizes.append(sizes)
             if self.spec.attn_bias:
-                b = torch.cat([self.weights[p + n + ".bias"] for n in "qkv"])
-                for n, view in zip("qkv", b.split(sizes)):
+                b = torch.cat([self.weights[p + n + ".bias"] for n in names])
+                for n, view in zip(names, b.split(sizes)):
                     self.weights[p + n + ".bias"] = view
                 self.qkv_b.append(b)
             else:
@@ -241,15 +269,21 @@ class Model:
             return (xf * (spec.norm_weight_offset + w.float())).to(x.dtype)
         return w * xf.to(x.dtype)
 
+    def rms(self, x: torch.Tensor) -> torch.Tensor:
+        """RMS norm without a weight (Gemma 4's value norm)."""
+        xf = x.float()
+        return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.spec.norm_eps)).to(x.dtype)
+
     def _rope(self, layer: int, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
         rope = self.spec.rope_for(layer)
         if rope is None:
             return None
         long = rope.kind == "longrope" and int(positions.max()) + 1 > (rope.original_max_position or 0)
-        key = (rope, long)
+        head_dim = self.spec.head_dim_at(layer)
+        key = (rope, long, head_dim)
         if key not in self._inv_freq:
             seq = (rope.original_max_position or 0) + 1 if long else 1
-            self._inv_freq[key] = inverse_frequencies(rope, self.spec.head_dim, self.spec.max_position, seq)
+            self._inv_freq[key] = inverse_frequencies(rope, head_dim, self.spec.max_position, seq)
         inv, scale = self._inv_freq[key]
         freqs = positions.float()[..., None] * inv
         emb = torch.cat((freqs, freqs), dim=-1)
@@ -277,9 +311,9 @@ class Model:
             # whose small parallel bmm/softmax calls are slow (and very slow on a busy machine)
             return F.scaled_dot_product_attention(
                 q[None], k[None], v[None], attn_mask=mask, scale=spec.query_scale,
-                enable_gqa=spec.num_kv_heads != spec.num_heads,
+                enable_gqa=k.shape[0] != q.shape[0],
             )[0]
-        rep = spec.num_heads // spec.num_kv_heads
+        rep = q.shape[0] // k.shape[0]
         k, v = k.repeat_interleave(rep, 0), v.repeat_interleave(rep, 0)
         scores = (q @ k.transpose(-1, -2)) * spec.query_scale
         scores = torch.tanh(scores / spec.attn_softcap) * spec.attn_softcap
@@ -295,17 +329,20 @@ class Model:
         spec = self.spec
         b = q.shape[0]
         rows = torch.arange(b)
-        block.k[layer][rows, :, positions] = k[:, :, 0]
-        block.v[layer][rows, :, positions] = v[:, :, 0]
+        src = spec.kv_source(layer)
+        if src == layer:
+            block.k[layer][rows, :, positions] = k[:, :, 0]
+            block.v[layer][rows, :, positions] = v[:, :, 0]
         longest = int(positions.max()) + 1
         kpos = torch.arange(longest)[None, :]
         mask = kpos <= positions[:, None]
         window = spec.window(layer)
         if window is not None:
             mask = mask & (kpos > positions[:, None] - window)
+        keys, values = block.k[src][:b, :, :longest], block.v[src][:b, :, :longest]
         return F.scaled_dot_product_attention(
-            q, block.k[layer][:b, :, :longest], block.v[layer][:b, :, :longest], attn_mask=mask[:, None, None, :],
-            scale=spec.query_scale, enable_gqa=spec.num_kv_heads != spec.num_heads)
+            q, keys, values, attn_mask=mask[:, None, None, :],
+            scale=spec.query_scale, enable_gqa=keys.shape[1] != q.shape[1])
 
     def attention(self, layer: int, x: torch.Tensor, caches: list[KVCache], hooks: Hooks | None,
                   rotations: dict | None = None) -> torch.Tensor:
@@ -315,17 +352,27 @@ class Model:
         spec = self.spec
         b, t, _ = x.shape
         p = f"layers.{layer}."
-        qkv = linear(x, self.qkv_w[layer], self.qkv_b[layer])
-        q, k, v = qkv.split([spec.q_size, spec.kv_size, spec.kv_size], dim=-1)
+        hd, nkv, src = spec.head_dim_at(layer), spec.kv_heads_at(layer), spec.kv_source(layer)
+        own = src == layer  # False: attend over layer `src`'s cached keys/values (Gemma 4)
+        parts = linear(x, self.qkv_w[layer], self.qkv_b[layer]).split(self.qkv_sizes[layer], dim=-1)
+        q, k, v = parts[0], None, None
+        if own:
+            k = parts[1]
+            v = parts[2] if len(parts) == 3 else k
         if spec.qk_norm and not spec.qk_norm_per_head:
             q, k = self.norm(q, p + "q_norm"), self.norm(k, p + "k_norm")
-        q = q.view(b, t, spec.num_heads, spec.head_dim).transpose(1, 2)
-        k = k.view(b, t, spec.num_kv_heads, spec.head_dim).transpose(1, 2)
-        v = v.view(b, t, spec.num_kv_heads, spec.head_dim).transpose(1, 2)
+        q = q.view(b, t, spec.num_heads, hd).transpose(1, 2)
+        if own:
+            k = k.view(b, t, nkv, hd).transpose(1, 2)
+            v = v.view(b, t, nkv, hd).transpose(1, 2)
         if spec.qk_norm and spec.qk_norm_per_head:
-            q, k = self.norm(q, p + "q_norm"), self.norm(k, p + "k_norm")
+            q = self.norm(q, p + "q_norm")
+            if own:
+                k = self.norm(k, p + "k_norm")
+        if own and spec.v_norm:
+            v = self.rms(v)
         starts = [c.length for c in caches]
-        kind = spec.rope_for(layer)
+        kind = (spec.rope_for(layer), hd)
         if rotations is not None and kind in rotations:
             rot = rotations[kind]
         else:
@@ -335,10 +382,14 @@ class Model:
                 rotations[kind] = rot
         if rot is not None:
             cos, sin = rot[0][:, None], rot[1][:, None]
-            q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+            q = apply_rotary(q, cos, sin)
+            if own:
+                k = apply_rotary(k, cos, sin)
         a = f"blocks.{layer}.attn."
         if hooks:
-            q, k, v = run_hook(hooks, a + "hook_q", q), run_hook(hooks, a + "hook_k", k), run_hook(hooks, a + "hook_v", v)
+            q = run_hook(hooks, a + "hook_q", q)
+            if own:
+                k, v = run_hook(hooks, a + "hook_k", k), run_hook(hooks, a + "hook_v", v)
         block = rotations.get("block") if rotations is not None else None
         if block is not None:
             z = self._attend_block(layer, q, k, v, block, rotations["positions"])
@@ -346,13 +397,14 @@ class Model:
             outs = []
             for i, cache in enumerate(caches):
                 end = starts[i] + t
-                cache.k[layer][:, starts[i] : end] = k[i]
-                cache.v[layer][:, starts[i] : end] = v[i]
-                outs.append(self._attend(layer, q[i], cache.k[layer][:, :end], cache.v[layer][:, :end], starts[i]))
+                if own:
+                    cache.k[layer][:, starts[i] : end] = k[i]
+                    cache.v[layer][:, starts[i] : end] = v[i]
+                outs.append(self._attend(layer, q[i], cache.k[src][:, :end], cache.v[src][:, :end], starts[i]))
             z = outs[0][None] if b == 1 else torch.stack(outs)
         if hooks:
             z = run_hook(hooks, a + "hook_z", z)
-        z = z.transpose(1, 2).reshape(b, t, spec.q_size)
+        z = z.transpose(1, 2).reshape(b, t, spec.num_heads * hd)
         return linear(z, self.weights[p + "o.weight"], self.weights.get(p + "o.bias"))
 
     def block(self, layer: int, h: torch.Tensor, caches: list[KVCache], hooks: Hooks | None,
@@ -369,12 +421,34 @@ class Model:
         h = run_hook(hooks, n + "hook_resid_mid", h)
         x = run_hook(hooks, n + "ln2.hook_normalized", self.norm(h, p + "ffn_norm") if spec.pre_norms else h)
         m = self.ffn.forward(layer, x, hooks)
+        if self.moe_ffn is not None:  # Gemma 4: experts beside the dense FFN, routed from the residual
+            routing = {k: v for k, v in hooks.items() if "hook_expert" in k} if hooks else None  # features: the dense FFN's
+            experts = self.moe_ffn.forward(layer, self.norm(h, p + "moe_norm"), routing, route_input=h)
+            m = self.norm(m, p + "post_dense_norm") + self.norm(experts, p + "post_moe_norm")
         if spec.post_ffn_norm:
             m = self.norm(m, p + "post_ffn_norm")
         if spec.residual_scale != 1.0:
             m = m * spec.residual_scale
         h = h + run_hook(hooks, n + "hook_mlp_out", m)
+        if spec.per_layer_input:
+            if rotations is None or "ple" not in rotations:
+                raise CapabilityError(f"{spec.family} needs its per-layer token embeddings: run it through "
+                                      "Model.forward, not block by block")
+            g = self.act(linear(h, self.weights[p + "ple_gate.weight"])) * rotations["ple"][:, :, layer]
+            h = h + self.norm(linear(g, self.weights[p + "ple_proj.weight"]), p + "ple_norm")
+        if spec.layer_scalar:
+            h = h * self.weights[p + "layer_scalar"]
         return run_hook(hooks, n + "hook_resid_post", h)
+
+    def per_layer_inputs(self, ids: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+        """Gemma 4's per-layer embeddings [B, T, L, P]: a token table and a projection of the
+        embedded input, each normalised and averaged (÷√2), one slice fed to each block."""
+        spec = self.spec
+        n, width = spec.num_layers, spec.per_layer_input
+        tok = F.embedding(ids, self.weights["ple_embed.weight"]) * torch.tensor(width**0.5, dtype=self.dtype)
+        proj = linear(h, self.weights["ple_model_proj.weight"]) * spec.hidden_size**-0.5
+        proj = self.norm(proj.reshape(*ids.shape, n, width), "ple_proj_norm")
+        return (proj + tok.reshape(*ids.shape, n, width)) * 2**-0.5
 
     def _quant_forward(self, ids: torch.Tensor, caches: list[KVCache], logits: str) -> torch.Tensor | None:
         """The low-bit graph (`runtime.ort_decode`), or None when it cannot run this call (then the
@@ -464,7 +538,9 @@ class Model:
             if out is not None:
                 return out
         h = self.embed_tokens(ids, [c.length for c in caches], hooks)
-        rotations: dict = {}  # cos/sin per RoPE kind (and the packed decode block), computed once per call
+        rotations: dict = {}  # cos/sin per RoPE kind (and the packed decode block, PLE), computed once per call
+        if self.spec.per_layer_input:
+            rotations["ple"] = self.per_layer_inputs(ids, h)
         block = caches[0].block
         if t == 1 and block is not None and self.spec.attn_softcap is None and block.packed(caches):
             rotations["block"] = block

@@ -42,6 +42,8 @@ def supports(spec: ModelSpec) -> str | None:
         (spec.attn_softcap is None, "attention soft-capping"),
         (spec.sliding_window is None and spec.rope_local is None, "sliding-window attention"),
         (not spec.learned_positions, "learned positions"),
+        (spec.moe is None, "mixture-of-experts layers"),
+        (spec.uniform_attention and not spec.per_layer_input, "per-layer attention shapes"),
         (rope is not None and rope.kind in ("default", "linear", "llama3", "yarn")
          and rope.partial_rotary_factor == 1.0, "its RoPE variant"),
     ]

@@ -14,6 +14,8 @@ from ..models.spec import RopeSpec
 
 
 def rotary_dim(rope: RopeSpec, head_dim: int) -> int:
+    if rope.kind == "proportional":  # rotates the whole head; the unrotated pairs get frequency 0
+        return head_dim
     return int(head_dim * rope.partial_rotary_factor)
 
 
@@ -23,7 +25,12 @@ def inverse_frequencies(rope: RopeSpec, head_dim: int, max_position: int, seq_le
     exponents = torch.arange(0, dim, 2, dtype=torch.int64).float() / dim
     inv = 1.0 / (rope.theta**exponents)
     scale = 1.0
-    if rope.kind == "linear":
+    if rope.kind == "proportional":
+        # Gemma 4's full layers: the first partial·head_dim/2 pairs of each half rotate at the
+        # frequencies a full head would give them; the rest do not rotate
+        angles = int(rope.partial_rotary_factor * head_dim // 2)
+        inv = torch.cat([inv[:angles], torch.zeros(head_dim // 2 - angles)]) / rope.factor
+    elif rope.kind == "linear":
         inv = inv / rope.factor
     elif rope.kind == "llama3":
         orig = rope.original_max_position or max_position

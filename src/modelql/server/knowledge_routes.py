@@ -162,6 +162,7 @@ class SelectRequest(BaseModel):
     order: Literal["desc", "asc"] = "desc"
     features: list[int] | None = Field(None, max_length=MAX_LIMIT,
                                        description="modelql: only these feature ids (LARQL ignores it)")
+    expert: int | None = Field(None, ge=0, description="modelql: a MoE vindex's features of this expert only")
 
 
 def _like_value(text: str) -> str:
@@ -181,6 +182,8 @@ def select_conditions(body: SelectRequest) -> list:
         conds.append(Condition("layer", "=", body.layer))
     if body.features is not None:
         conds.append(Condition("feature", "IN", list(body.features)))
+    if body.expert is not None:
+        conds.append(Condition("expert", "=", body.expert))
     if body.min_confidence is not None:
         if not math.isfinite(body.min_confidence):
             raise HttpError(400, "min_confidence must be a finite number")
@@ -205,6 +208,8 @@ async def select(body: SelectRequest, request: Request):
         row = {"layer": r["layer"], "feature": r["feature"], "target": r["token"], "c_score": _r(r["c_score"], 4)}
         if r["relation"]:
             row["relation"] = r["relation"]
+        if r.get("expert") is not None:
+            row["expert"] = r["expert"]
         row["top_tokens"] = r["top_tokens"][:5]
         edges.append(row)
     return {"edges": edges, "total": res.total, "latency_ms": _r(res.latency_ms, 1)}

@@ -38,6 +38,7 @@ def build(model_ref: str | Path | None, config: ServerConfig, dtype: str = "floa
     knowledge group browsing `vindex_source` (default: `VindexSource.for_model_ref(model_ref)` — the
     vindex given, or a model directory's cached vindex, extracted in the background on first use).
     `patches` (`serve --patch`) are applied into the served patch session (`apply_patches`)."""
+    from ..remote import expert_routes
     from ..remote import routes as ffn_routes
     from . import knowledge_routes, stream_routes
     from .app import create_app
@@ -58,7 +59,7 @@ def build(model_ref: str | Path | None, config: ServerConfig, dtype: str = "floa
                     queue_full_status=config.queue_full_status)
     from . import web
 
-    app = create_app(config, engine, knowledge=[knowledge_routes.router, stream_routes.router, ffn_routes.router,
+    app = create_app(config, engine, knowledge=[knowledge_routes.router, stream_routes.router, ffn_routes.router, expert_routes.router,
                                                 *web.routers()])
     if vindex_source is None:
         try:

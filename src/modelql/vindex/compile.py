@@ -133,13 +133,24 @@ def effective_state(ps: PatchSession, policy: str = "last_wins") -> tuple[Overla
 # ---------------------------------------------------------------------------------------------
 
 
+_FFN_COMPONENTS = ("gate.weight", "up.weight", "down.weight")
+
+
+def _expert_blocks(spec) -> list[str]:
+    """A MoE layer's FFN blocks in the vindex's feature order (routed experts, then shared)."""
+    return [f"experts.{e}." for e in range(spec.moe.num_experts)] + (["shared."] if spec.moe.shared_size else [])
+
+
 def _ffn_maps(spec, layer: int) -> dict[str, Any]:
-    """canonical component → TensorMap (HF name formatted) for gate / up / down of `layer`."""
+    """canonical component → TensorMap (HF name formatted) for gate / up / down of `layer`
+    (a MoE layer: every expert's, under `experts.{e}.gate.weight` ...)."""
     out = {}
-    for comp in ("gate.weight", "up.weight", "down.weight"):
-        tm = spec.layer_map.get(comp)
-        if tm is not None:
-            out[comp] = type(tm)(tm.hf_name.format(i=layer), tm.transform, tm.optional)
+    blocks = _expert_blocks(spec) if spec.moe is not None else [""]
+    for block in blocks:
+        for comp in _FFN_COMPONENTS:
+            tm = spec.layer_map.get(block + comp)
+            if tm is not None:
+                out[block + comp] = type(tm)(tm.hf_name.format(i=layer), tm.transform, tm.optional)
     return out
 
 
@@ -195,6 +206,8 @@ def _edit_layer(spec, state: OverlayState, layer: int, tensors: dict[str, torch.
                 counts: dict, extra_deltas: Iterable = ()) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
     """Apply `layer`'s edits to f32 copies of its FFN tensors among `tensors` (HF names) and add
     to `counts`; returns (HF key → edited f32 copy, canonical component → view of a copy)."""
+    if spec.moe is not None:
+        return _edit_moe_layer(spec, state, layer, tensors, prefix, counts, extra_deltas)
     work: dict[str, torch.Tensor] = {}
     views: dict[str, torch.Tensor] = {}
     for comp, tm in _ffn_maps(spec, layer).items():
@@ -206,6 +219,35 @@ def _edit_layer(spec, state: OverlayState, layer: int, tensors: dict[str, torch.
         views[comp] = _canonical_view(work[key], tm.transform)
     for k, v in _layer_edits_canonical(spec, state, layer, views, extra_deltas).items():
         counts[k] += v
+    return work, views
+
+
+def _edit_moe_layer(spec, state: OverlayState, layer: int, tensors: dict[str, torch.Tensor], prefix: str,
+                    counts: dict, extra_deltas: Iterable = ()) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """`_edit_layer` of a MoE layer: the experts' gate/up rows and down columns concatenated in
+    the vindex's feature order (feature e·F + j = expert e's j), edited as one dense layer,
+    and copied back into each expert's tensors."""
+    maps = _ffn_maps(spec, layer)
+    work: dict[str, torch.Tensor] = {}
+    parts: dict[str, list[torch.Tensor]] = {c: [] for c in _FFN_COMPONENTS}
+    for block in _expert_blocks(spec):
+        for comp in _FFN_COMPONENTS:
+            tm = maps[block + comp]
+            key = _hf_key(prefix, tm.hf_name)
+            if key not in work:
+                work[key] = tensors[key].to(torch.float32).clone()
+            parts[comp].append(_canonical_view(work[key], tm.transform))
+    views = {"gate.weight": torch.cat(parts["gate.weight"]), "up.weight": torch.cat(parts["up.weight"]),
+             "down.weight": torch.cat(parts["down.weight"], dim=1)}
+    for k, v in _layer_edits_canonical(spec, state, layer, views, extra_deltas).items():
+        counts[k] += v
+    start = 0
+    for i in range(len(parts["gate.weight"])):
+        n = parts["gate.weight"][i].shape[0]
+        parts["gate.weight"][i].copy_(views["gate.weight"][start:start + n])
+        parts["up.weight"][i].copy_(views["up.weight"][start:start + n])
+        parts["down.weight"][i].copy_(views["down.weight"][:, start:start + n])
+        start += n
     return work, views
 
 
@@ -652,6 +694,11 @@ def _ffn_weights(vx, layer: int) -> dict[str, torch.Tensor] | None:
             with safe_open(str(src / wmap[key]), framework="pt") as fh:
                 t = fh.get_tensor(key).to(torch.float32)
             out[comp] = _canonical_view(t, tm.transform).clone()
+        if spec.moe is not None:  # the experts as one layer of the vindex's features
+            blocks = _expert_blocks(spec)
+            out = {"gate.weight": torch.cat([out[b + "gate.weight"] for b in blocks]),
+                   "up.weight": torch.cat([out[b + "up.weight"] for b in blocks]),
+                   "down.weight": torch.cat([out[b + "down.weight"] for b in blocks], dim=1)}
         out["_gated"] = spec.gated_ffn
         cache[layer] = out
     w = {k: (v.clone() if isinstance(v, torch.Tensor) else v) for k, v in cache[layer].items()}

@@ -311,6 +311,10 @@ def model_config_block(spec: ModelSpec, cfg: dict) -> dict[str, Any]:
     if spec.sliding_window:
         mc["sliding_window"] = int(spec.sliding_window)
     mc["moe"] = None
+    if spec.moe is not None:  # LARQL's MoeConfig
+        mc["moe"] = {"num_experts": spec.moe.num_experts, "top_k": spec.moe.top_k,
+                     "shared_expert": bool(spec.moe.shared_size), "router_type": "top_k_softmax",
+                     "moe_intermediate_size": spec.moe.expert_size, "norm_topk_prob": spec.moe.renormalize}
     if spec.rope is not None and spec.rope.partial_rotary_factor != 1.0:
         mc["partial_rotary_factor"] = spec.rope.partial_rotary_factor
     pattern = cfg.get("sliding_window_pattern", cfg.get("_sliding_window_pattern"))
@@ -423,9 +427,9 @@ def extract(
     t0 = time.perf_counter()
     source = _open_source(model)
     spec = spec_from_config(source.config)
-    if spec.moe is not None:
-        raise VindexError(f"{spec.family} is a mixture-of-experts model: a vindex of expert FFNs is not supported yet "
-                          "(the model runs with generate/serve)")
+    if spec.moe is not None and spec.moe.beside_dense:
+        raise VindexError(f"{spec.family}: a vindex of experts beside a dense FFN (Gemma 4's MoE) is not supported "
+                          "yet (the model runs with generate/serve)")
     tmp = staging_directory(out)
     shards: list[ShardSet] = []
     try:
@@ -473,6 +477,17 @@ def _metadata_dir(source: WeightSource, tmp: Path) -> Path:
     for name, text in make().items():
         (meta / name).write_text(text, encoding="utf-8")
     return meta
+
+
+def expert_features(source: WeightSource, spec: ModelSpec, layer: int, prefix: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """A MoE layer's features as LARQL lays them out: every expert's gate rows in expert order
+    (then the shared expert's), and the matching down columns — feature `e·F + j` is expert e's
+    feature j (`Vindex.expert_of`)."""
+    moe = spec.moe
+    blocks = [f"experts.{e}." for e in range(moe.num_experts)] + (["shared."] if moe.shared_size else [])
+    gates = [canonical_tensor(source, spec, f"layers.{layer}.{b}gate.weight", prefix) for b in blocks]
+    downs = [canonical_tensor(source, spec, f"layers.{layer}.{b}down.weight", prefix) for b in blocks]
+    return torch.cat(gates), torch.cat(downs, dim=1)
 
 
 def _extract_into(tmp: Path, source: WeightSource, spec: ModelSpec, src_dir: Path, tokenizer, level: str,
@@ -531,11 +546,17 @@ def _extract_into(tmp: Path, source: WeightSource, spec: ModelSpec, src_dir: Pat
         bar.start()
         task = bar.add_task(f"extract {spec.family} → {level}", total=n, rate="")
     try:
-        with (tmp / fmt.GATE_FILE).open("wb") as gate_fh, \
+        router_path = tmp / fmt.ROUTER_FILE if spec.moe is not None else os.devnull
+        with (tmp / fmt.GATE_FILE).open("wb") as gate_fh, open(router_path, "wb") as router_fh, \
                 fmt.DownMetaWriter(tmp / fmt.DOWN_META_FILE, n, top_k) as dm:
             for i in range(n):
-                gate = canonical_tensor(reader, spec, f"layers.{i}.{gate_name}", prefix)
-                down = canonical_tensor(reader, spec, f"layers.{i}.down.weight", prefix)
+                if spec.moe is not None:
+                    gate, down = expert_features(reader, spec, i, prefix)
+                    router = canonical_tensor(reader, spec, f"layers.{i}.router.weight", prefix)
+                    router_fh.write(_tensor_bytes(router.to(torch.float32).contiguous()))
+                else:
+                    gate = canonical_tensor(reader, spec, f"layers.{i}.{gate_name}", prefix)
+                    down = canonical_tensor(reader, spec, f"layers.{i}.down.weight", prefix)
                 F = gate.shape[0]
                 if gate.shape[1] != H or tuple(down.shape) != (H, F):
                     raise ModelFormatError(
@@ -544,7 +565,10 @@ def _extract_into(tmp: Path, source: WeightSource, spec: ModelSpec, src_dir: Pat
                 g = gate.to(torch.float32).to(torch_dtype).contiguous()
                 gate_fh.write(_tensor_bytes(g))
                 length = F * H * np_dtype.itemsize
-                layer_infos.append(fmt.LayerInfo(layer=i, num_features=F, offset=offset, length=length))
+                layer_infos.append(fmt.LayerInfo(
+                    layer=i, num_features=F, offset=offset, length=length,
+                    num_experts=spec.moe.num_experts if spec.moe is not None else None,
+                    num_features_per_expert=spec.moe.expert_size if spec.moe is not None else None))
                 offset += length
                 del g, gate
                 dm.begin_layer(i, F)

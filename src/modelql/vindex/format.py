@@ -29,6 +29,7 @@ INDEX_FILE = "index.json"
 GATE_FILE = "gate_vectors.bin"
 EMBED_FILE = "embeddings.bin"
 DOWN_META_FILE = "down_meta.bin"
+ROUTER_FILE = "router_weights.bin"  # MoE: each layer's router [E, H] f32, layer after layer (LARQL's name)
 DOWN_META_JSONL = "down_meta.jsonl"
 KNN_FILE = "knn_store.bin"
 LABELS_FILE = "feature_labels.json"  # probe labels, {"L<layer>_F<feature>": relation} (§6)

@@ -472,7 +472,12 @@ class PatchSession:
             for cache in ("_memit_covariance", "_memit_preserve", "_memit_gcov", "_memit_state"):
                 base.__dict__.setdefault(cache, {})
             m = copy.copy(base)
-            m.ffn = PatchedFfn(base.spec, base.dense_ffn, self)
+            if base.spec.moe is not None and base.dense_ffn is None:
+                from ..ffn.moe import PatchedMoeFfn
+
+                m.ffn = PatchedMoeFfn(base.ffn, self)
+            else:
+                m.ffn = PatchedFfn(base.spec, base.dense_ffn, self)
             from .knn_match import KnnRecall
 
             m.recall = KnnRecall(self.knn_entries, base.tokenizer)
@@ -494,7 +499,12 @@ class PatchSession:
                 # normal tensors even when first needed inside an inference-mode forward: weight-level
                 # edits (MEMIT) later run autograd through this FFN
                 with torch.inference_mode(False):
-                    e = build_layer_edits(base.spec, base.dense_ffn, layer, slots, deltas)
+                    if base.dense_ffn is None and base.spec.moe is not None:
+                        from ..ffn.moe import build_moe_layer_edits
+
+                        e = build_moe_layer_edits(base.ffn, layer, slots, deltas) or None
+                    else:
+                        e = build_layer_edits(base.spec, base.dense_ffn, layer, slots, deltas)
             self._ffn_cache[layer] = e
             return e
 

@@ -402,6 +402,38 @@ class Vindex:
             raise VindexError(f"layer {layer} is not loaded in {self.path.name} (loaded: {self._layers_text()})")
         return info
 
+    def expert_of(self, layer: int, feature: int) -> tuple[int | None, int]:
+        """(expert, feature within the expert) of a MoE layer's feature (LARQL's layout: experts'
+        features in expert order, the shared expert's last as expert `num_experts`);
+        (None, feature) on a dense layer."""
+        info = self.layer_info(layer)
+        per = info.num_features_per_expert
+        if not info.num_experts or not per:
+            return None, feature
+        return feature // per, feature % per
+
+    def expert_range(self, layer: int, expert: int) -> range:
+        """The layer's features that belong to `expert` (empty on a dense layer)."""
+        info = self.layer_info(layer)
+        per = info.num_features_per_expert
+        if not info.num_experts or not per:
+            return range(0)
+        return range(expert * per, min((expert + 1) * per, info.num_features))
+
+    def router(self, layer: int) -> torch.Tensor:
+        """A MoE layer's router [E, H] float32, from `router_weights.bin`."""
+        info = self.layer_info(layer)
+        if not info.num_experts:
+            raise VindexError(f"layer {layer} of {self.path.name} is not a mixture of experts")
+        path = self.path / fmt.ROUTER_FILE
+        if not path.is_file():
+            raise VindexError(f"{self.path.name} has no {fmt.ROUTER_FILE}")
+        rows = info.num_experts * self.hidden_size
+        flat = np.fromfile(path, dtype="<f4", count=rows, offset=4 * rows * layer)
+        if flat.size != rows:
+            raise VindexError(f"{fmt.ROUTER_FILE} of {self.path.name} is truncated at layer {layer}")
+        return torch.from_numpy(flat.reshape(info.num_experts, self.hidden_size).copy())
+
     def _layers_text(self) -> str:
         ls = self.layers()
         if not ls:
