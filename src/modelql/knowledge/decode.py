@@ -122,22 +122,34 @@ def attribute(model, acts: Mapping[int, torch.Tensor], finals: torch.Tensor, tok
     """layer → per-feature contribution to the token's (relative) logit, averaged over the
     contexts: `acts[L]` [C, F] activations, `finals` [C, H] final residuals. A norm after the FFN
     (Gemma 2/3) is linearised like the final one, at the layer's own output."""
+    return attribute_many(model, acts, finals, [(list(range(finals.shape[0])), token_id)])[0]
+
+
+def attribute_many(model, acts: Mapping[int, torch.Tensor], finals: torch.Tensor,
+                   items: Sequence[tuple[Sequence[int], int]]) -> list[dict[int, torch.Tensor]]:
+    """`attribute` of several (context indices, token) at once — acts [C, F] and finals [C, H] of
+    all contexts: each layer's down matrix is read once for every claim of a DESCRIBE."""
     spec = model.spec
-    dirs = torch.stack([token_direction(model, f, token_id) for f in finals])  # [C, H]
-    out = {}
-    for L, a in acts.items():
-        d = _down(model, L, a.shape[-1])
+    rows = [c for ctxs, _t in items for c in ctxs]
+    dirs = torch.stack([token_direction(model, finals[c], t) for ctxs, t in items for c in ctxs])  # [N, H]
+    ridx = torch.tensor(rows, dtype=torch.long)
+    out: list[dict[int, torch.Tensor]] = [{} for _ in items]
+    for L, a_all in acts.items():
+        d = _down(model, L, a_all.shape[-1])
         if d is None:
             continue
-        a = a.float()
+        a = a_all.float()[ridx]
         v = dirs
         if spec.post_ffn_norm:
             w = model.weights[f"layers.{L}.post_ffn_norm.weight"].float()
             gamma = w + spec.norm_weight_offset if spec.norm_weight_offset else w
-            pre = a @ d.float().T  # [C, H]: the FFN output before its norm
+            pre = a @ d.float().T  # [N, H]: the FFN output before its norm
             v = dirs * gamma * torch.rsqrt(pre.pow(2).mean(-1, keepdim=True) + spec.norm_eps)
-        proj = v @ d.float()  # [C, F]: d_f · v_t per context
-        out[L] = (a * proj).mean(dim=0)
+        contrib = a * (v @ d.float())  # [N, F]: a_f · (d_f · v_t) per (claim, context)
+        start = 0
+        for i, (ctxs, _t) in enumerate(items):
+            out[i][L] = contrib[start:start + len(ctxs)].mean(dim=0)
+            start += len(ctxs)
     return out
 
 
@@ -168,11 +180,15 @@ def _phrase_ok(text: str, entity: str) -> bool:
 
 
 def extend_phrases(model, tokenizer, prompt_ids: Sequence[list[int]], first: Sequence[int],
-                   max_tokens: int = MAX_PHRASE_TOKENS, caches: Sequence | None = None) -> list[list[int]]:
+                   max_tokens: int = MAX_PHRASE_TOKENS, caches: Sequence | None = None,
+                   limits: Sequence[int] | None = None) -> list[list[int]]:
     """Greedy continuation of each `prompt + [first]` while the model goes on naming the same
     thing: stop at an end-of-sequence id, a special or blank token (a lone space goes on: some
     tokenizers spell " euro" as " ", "e", "uro"), a `PHRASE_STOP` word, or punctuation — except
     an `INTRA_WORD` mark directly followed by a glued word ("Sub-Saharan", "Nur-Sultan").
+    `limits` caps each phrase's length in tokens (the relation's longest answer, measured at
+    labelling: `calibrate.answer_lengths`): a phrase that reaches it is not looked past, which
+    saves the sequential single-token passes of answers that ramble on.
     Returns each phrase's ids (first id included).
 
     With `caches` (each prompt's KV cache, at the prompt's length; consumed), every step is one
@@ -182,7 +198,9 @@ def extend_phrases(model, tokenizer, prompt_ids: Sequence[list[int]], first: Seq
     eos = eos_token_ids(model)
     phrases = [[int(t)] for t in first]
     glued = [False] * len(phrases)  # the phrase ends with an intra-word mark that needs a glued word
-    active = [i for i, t in enumerate(first) if int(t) not in eos]
+    cap = [max_tokens + 1 if limits is None else max(1, min(max_tokens + 1, int(n))) for n in
+           (limits if limits is not None else [0] * len(phrases))]
+    active = [i for i, t in enumerate(first) if int(t) not in eos and cap[i] > 1]
     fed = [0] * len(phrases)  # phrase tokens already in each cache
 
     def next_tokens(idxs: list[int]) -> dict[int, int]:
@@ -223,7 +241,8 @@ def extend_phrases(model, tokenizer, prompt_ids: Sequence[list[int]], first: Seq
                     continue  # punctuation ends the phrase
                 glued[i] = True  # "Sub" "-" "Saharan", "Sana" "'" "a": kept if a glued word follows
             phrases[i].append(int(t))
-            still.append(i)
+            if len(phrases[i]) < cap[i]:
+                still.append(i)
         active = still
     for i, g in enumerate(glued):
         if g:
@@ -248,7 +267,8 @@ def candidates(logits: torch.Tensor, cardinality: float = 1.0) -> tuple[list[int
 
 
 def decode_claims(model, rq, relation_contexts: Mapping[str, Sequence[int]], entity: str,
-                  cardinality: Mapping[str, float] | None = None, tokenizer=None) -> list[Claim]:
+                  cardinality: Mapping[str, float] | None = None, tokenizer=None,
+                  phrase_tokens: Mapping[str, int] | None = None) -> list[Claim]:
     """Every relation's claims from a `ResidualQuery` captured `with_logits`:
     `relation_contexts` maps a relation to the indices of its probe contexts in `rq.contexts`
     (the first one's prompt is the one the claimed tokens are continued from)."""
@@ -273,20 +293,26 @@ def decode_claims(model, rq, relation_contexts: Mapping[str, Sequence[int]], ent
             if caches is not None:
                 c = rq.caches[idx[0]]
                 caches.append(c if n == len(cands) - 1 else c.copy())
-    phrases = extend_phrases(model, tok, prompts, [t for _r, _i, t, _s in todo], caches=caches) if todo else []
+    limits = [(phrase_tokens or {}).get(r, MAX_PHRASE_TOKENS + 1) for r, _i, _t, _s in todo]
+    phrases = extend_phrases(model, tok, prompts, [t for _r, _i, t, _s in todo], caches=caches,
+                             limits=limits) if todo else []
     texts = [tok.decode(p, skip_special_tokens=True).strip() for p in phrases]
-    out: list[Claim] = []
+    kept = []
     seen = set()
     for (rel, ix, t, st), text in zip(todo, texts):
         multi = card.get(rel, 1.0) >= MULTI_VALUED_MIN
         if not _phrase_ok(text, entity if multi else "") or (rel, text.lower()) in seen:
             continue
         seen.add((rel, text.lower()))
-        acts = {L: a[ix] for L, a in rq.per_context_act.items()}
-        layer, feature, contrib, layers, count, total = _group(attribute(model, acts, rq.final[ix], t))
+        kept.append((rel, ix, t, st, text))
+    contribs = attribute_many(model, rq.per_context_act, rq.final, [(ix.tolist(), t) for _r, ix, t, _s, _x in kept]) \
+        if kept else []
+    out: list[Claim] = []
+    for (rel, ix, t, st, text), contrib_l in zip(kept, contribs):
+        layer, feature, contrib, layers, count, total = _group(contrib_l)
         if layer < 0 or total <= 0:
             continue  # the scanned layers' features do not write this token
-        act = float(acts[layer][:, feature].float().mean())
+        act = float(rq.per_context_act[layer][ix][:, feature].float().mean())
         out.append(Claim(relation=rel, token_id=t, text=text, logit=float(st["logit"][t]), z=float(st["z"][t]),
                          prob=float(st["logprob"][t].exp()), layer=layer, feature=feature, contribution=contrib,
                          activation=act, layers=layers, count=count, ffn_logit=total))

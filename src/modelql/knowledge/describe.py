@@ -369,7 +369,9 @@ def _describe(vindex, entity: str, t0: float, *, mode, band, layer, layers, rela
                 probes.setdefault(ctx_rel[c], []).append(i)
         decoded = set(probes)
         if probes:
-            claims = decode_claims(m_, rq, probes, entity, relation_cardinality(vindex), vindex.tokenizer)
+            cal = calibration_for(vindex)
+            claims = decode_claims(m_, rq, probes, entity, relation_cardinality(vindex), vindex.tokenizer,
+                                   phrase_tokens=cal.answer_tokens if cal is not None else None)
         for L in scanned if neutral else ():
             xs, acts = rq.per_context[L][neutral], rq.per_context_act[L][neutral]
             if combine == "mean":
