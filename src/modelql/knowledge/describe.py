@@ -79,8 +79,16 @@ multi-valued relation: the greedy continuation names one or two neighbours, DESC
 20 made-up names → 0 confident claims.
 On the previous (54-epoch) model the same code measured capital 89.8 / 89.8 % (60) and
 92.1 / 90.9 % (244), all relations 82.7 / 81.9 % (60), against 1.1 / 6.8 % and 6.4 / 26.5 % for
-the static labels. A DESCRIBE costs ≈ 8 small forward passes: the 2 neutral and 7 probe contexts
-(batched by token length), then the answers' phrase continuations.
+the static labels.
+
+Cost: one padded forward pass runs every context (the 2 neutral ones and one probe per calibrated
+relation), then one batched single-token pass per token of the longest answer phrase. Each
+probe's entity-independent head (a two-shot prompt's examples: ≈ 20 of its ≈ 25 tokens on
+SmolLM2-135M) is run once per model and its KV state reused (`knowledge.prefix_cache`, exact: the
+reused positions are the common prefix of the ids), so the first pass runs ≈ 6 tokens per context
+instead of ≈ 25; the claims' attributions share one pass over the down matrices
+(`decode.attribute_many`); a phrase stops at its relation's answer length measured at labelling
+(`calibrate.answer_lengths`).
 
 The static-label column is the previous residual mode (each edge's target = its feature's
 down_meta top token, label = the feature's probe label): FFN features are polysemantic (a
