@@ -125,3 +125,29 @@ def test_answer_lengths_are_a_quantile_of_the_objects_plus_an_article():
     pairs = [[f"s{i}", f"x{i}" if i < 19 else "y y y y y"] for i in range(20)]
     assert answer_lengths(tok, {"r": {"pairs": pairs}}) == {"r": 2}  # one long outlier of 20 does not set it
     assert answer_lengths(tok, {"r": {"pairs": [["a", "x x x"]]}}) == {"r": 4}
+
+
+@pytest.mark.parametrize("draft", ["right", "wrong", "half", "none"])
+def test_drafted_phrases_are_the_step_by_step_ones(tiny, draft):
+    """A draft continuation checked in one pass keeps only the model's own greedy tokens: right,
+    wrong, half-right or no drafts all give the phrases of the step-by-step continuation."""
+    from types import SimpleNamespace
+
+    from modelql.knowledge.decode import extend_phrases
+
+    m = tiny
+    tok = SimpleNamespace(decode=lambda ids, skip_special_tokens=True: " w" + "".join(f"{i}" for i in ids))
+    prompts = [[3, 17, 42], [5, 8, 13, 21], [9, 9, 2]]
+    first = [int(m.forward(torch.tensor([p]), logits="last")[0].argmax()) for p in prompts]
+    ref = extend_phrases(m, tok, prompts, first, max_tokens=4)
+    true = [r[1:] for r in ref]
+    drafts = {"right": true, "wrong": [[(t + 1) % 50 for t in d] for d in true],
+              "half": [d[:1] + [(t + 1) % 50 for t in d[1:]] for d in true], "none": [[] for _ in true]}[draft]
+    caches = []
+    for p in prompts:
+        c = m.new_cache()
+        m.forward(torch.tensor([p]), c, logits="none")
+        caches.append(c)
+    got = extend_phrases(m, tok, prompts, first, max_tokens=4, caches=caches, drafts=drafts)
+    assert got == ref
+    assert all(c.length <= len(p) + len(r) for c, p, r in zip(caches, prompts, ref))  # no unchecked draft kept

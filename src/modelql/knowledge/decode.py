@@ -39,6 +39,7 @@ from __future__ import annotations
 import math
 import threading
 import weakref
+from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Mapping, Sequence
 
@@ -181,7 +182,8 @@ def _phrase_ok(text: str, entity: str) -> bool:
 
 def extend_phrases(model, tokenizer, prompt_ids: Sequence[list[int]], first: Sequence[int],
                    max_tokens: int = MAX_PHRASE_TOKENS, caches: Sequence | None = None,
-                   limits: Sequence[int] | None = None) -> list[list[int]]:
+                   limits: Sequence[int] | None = None, drafts: Sequence[Sequence[int]] | None = None
+                   ) -> list[list[int]]:
     """Greedy continuation of each `prompt + [first]` while the model goes on naming the same
     thing: stop at an end-of-sequence id, a special or blank token (a lone space goes on: some
     tokenizers spell " euro" as " ", "e", "uro"), a `PHRASE_STOP` word, or punctuation — except
@@ -192,7 +194,13 @@ def extend_phrases(model, tokenizer, prompt_ids: Sequence[list[int]], first: Seq
     Returns each phrase's ids (first id included).
 
     With `caches` (each prompt's KV cache, at the prompt's length; consumed), every step is one
-    batched single-token forward over all rows; without, rows of equal length run as one batch."""
+    batched single-token forward over all rows; without, rows of equal length run as one batch.
+    `drafts` (with caches): a guessed continuation per row (`draft_index`: the relation's object
+    that starts with the row's first token, "Rio" → " de Janeiro"), checked in one pass for all
+    rows — each draft token is kept only while it is the model's own greedy token, so the phrases
+    are exactly the step-by-step ones — and a row goes on step by step from its first miss. Why:
+    one pass per answer token was most of a DESCRIBE's cost, and an answer the model knows is
+    mostly one of the relation's objects."""
     from ..runtime.generate import eos_token_ids
 
     eos = eos_token_ids(model)
@@ -202,6 +210,25 @@ def extend_phrases(model, tokenizer, prompt_ids: Sequence[list[int]], first: Seq
            (limits if limits is not None else [0] * len(phrases))]
     active = [i for i, t in enumerate(first) if int(t) not in eos and cap[i] > 1]
     fed = [0] * len(phrases)  # phrase tokens already in each cache
+
+    def accept(i: int, t: int) -> bool:
+        """Apply the phrase rules to row i's next token t; whether the phrase goes on."""
+        raw = tokenizer.decode([t], skip_special_tokens=True)
+        word = raw.strip()
+        wordlike = any(c.isalnum() for c in word)
+        if glued[i] and not (wordlike and raw == raw.lstrip()):
+            phrases[i].pop()  # "Paris" "." " It": the mark ended the phrase
+            glued[i] = False
+            return False
+        glued[i] = False
+        if t in eos or not raw or (raw != " " and not word) or word.lower() in PHRASE_STOP:
+            return False  # end of text, a special/blank token, a stop word
+        if not wordlike:
+            if raw != word or word not in INTRA_WORD:
+                return False  # punctuation ends the phrase
+            glued[i] = True  # "Sub" "-" "Saharan", "Sana" "'" "a": kept if a glued word follows
+        phrases[i].append(int(t))
+        return len(phrases[i]) < cap[i]
 
     def next_tokens(idxs: list[int]) -> dict[int, int]:
         if caches is not None:
@@ -219,35 +246,64 @@ def extend_phrases(model, tokenizer, prompt_ids: Sequence[list[int]], first: Seq
             got.update(zip(group, model.forward(ids, logits="last").argmax(dim=-1).tolist()))
         return got
 
+    if caches is not None and drafts is not None and active:
+        # every row in one pass: its first token and its draft (rows without one: the first only)
+        seqs = {i: [phrases[i][0]] + [int(t) for t in drafts[i]][:cap[i] - 1] for i in active}
+        width = max(len(q) for q in seqs.values())
+        ids = torch.tensor([seqs[i] + [seqs[i][-1]] * (width - len(seqs[i])) for i in active])
+        base = {i: caches[i].length for i in active}
+        pred = model.forward(ids, [caches[i] for i in active], logits="all").argmax(dim=-1).tolist()
+        still = []
+        for r, i in enumerate(active):
+            q, j = seqs[i], 0
+            while True:  # pred[r][j] follows q[:j + 1], all of it in the cache
+                t = pred[r][j]
+                go = accept(i, t)
+                if go and j + 1 < len(q) and t == q[j + 1]:
+                    j += 1
+                    continue
+                break
+            caches[i].truncate(base[i] + j + 1)
+            fed[i] = j + 1
+            if go:
+                still.append(i)
+        active = still
+
     for _step in range(max_tokens):
         if not active:
             break
         nxt = next_tokens(active)
-        still = []
-        for i in active:
-            t = nxt[i]
-            raw = tokenizer.decode([t], skip_special_tokens=True)
-            word = raw.strip()
-            wordlike = any(c.isalnum() for c in word)
-            if glued[i] and not (wordlike and raw == raw.lstrip()):
-                phrases[i].pop()  # "Paris" "." " It": the mark ended the phrase
-                glued[i] = False
-                continue
-            glued[i] = False
-            if t in eos or not raw or (raw != " " and not word) or word.lower() in PHRASE_STOP:
-                continue  # end of text, a special/blank token, a stop word
-            if not wordlike:
-                if raw != word or word not in INTRA_WORD:
-                    continue  # punctuation ends the phrase
-                glued[i] = True  # "Sub" "-" "Saharan", "Sana" "'" "a": kept if a glued word follows
-            phrases[i].append(int(t))
-            if len(phrases[i]) < cap[i]:
-                still.append(i)
-        active = still
+        active = [i for i in active if accept(i, nxt[i])]
     for i, g in enumerate(glued):
         if g:
             phrases[i].pop()
     return phrases
+
+
+#: Draft indexes kept (per tokenizer and object list).
+_DRAFTS_MAX = 64
+_drafts: "OrderedDict[tuple, dict[int, tuple[int, ...]]]" = OrderedDict()
+
+
+def draft_index(tokenizer, objects: Sequence[str]) -> dict[int, tuple[int, ...]]:
+    """first token id → the rest of the first of `objects` (most frequent first) that starts with
+    it, in its mid-sentence form (" Rio de Janeiro"): the drafts `extend_phrases` checks."""
+    key = (id(tokenizer), tuple(objects))
+    with _lock:
+        got = _drafts.get(key)
+        if got is not None:
+            _drafts.move_to_end(key)
+            return got
+    got = {}
+    for o in objects:
+        ids = tokenizer.encode(" " + str(o).strip(), add_special_tokens=False)
+        if len(ids) > 1 and ids[0] not in got:
+            got[int(ids[0])] = tuple(int(t) for t in ids[1:])
+    with _lock:
+        _drafts[key] = got
+        while len(_drafts) > _DRAFTS_MAX:
+            _drafts.popitem(last=False)
+    return got
 
 
 def candidates(logits: torch.Tensor, cardinality: float = 1.0) -> tuple[list[int], dict[str, torch.Tensor]]:
@@ -268,7 +324,8 @@ def candidates(logits: torch.Tensor, cardinality: float = 1.0) -> tuple[list[int
 
 def decode_claims(model, rq, relation_contexts: Mapping[str, Sequence[int]], entity: str,
                   cardinality: Mapping[str, float] | None = None, tokenizer=None,
-                  phrase_tokens: Mapping[str, int] | None = None) -> list[Claim]:
+                  phrase_tokens: Mapping[str, int] | None = None,
+                  objects: Mapping[str, Sequence[str]] | None = None) -> list[Claim]:
     """Every relation's claims from a `ResidualQuery` captured `with_logits`:
     `relation_contexts` maps a relation to the indices of its probe contexts in `rq.contexts`
     (the first one's prompt is the one the claimed tokens are continued from)."""
@@ -294,8 +351,12 @@ def decode_claims(model, rq, relation_contexts: Mapping[str, Sequence[int]], ent
                 c = rq.caches[idx[0]]
                 caches.append(c if n == len(cands) - 1 else c.copy())
     limits = [(phrase_tokens or {}).get(r, MAX_PHRASE_TOKENS + 1) for r, _i, _t, _s in todo]
+    drafts = None
+    if objects and caches is not None:
+        index = {r: draft_index(tok, objects[r]) for r in {r for r, _i, _t, _s in todo} if objects.get(r)}
+        drafts = [index.get(r, {}).get(int(t), ()) for r, _i, t, _s in todo]
     phrases = extend_phrases(model, tok, prompts, [t for _r, _i, t, _s in todo], caches=caches,
-                             limits=limits) if todo else []
+                             limits=limits, drafts=drafts) if todo else []
     texts = [tok.decode(p, skip_special_tokens=True).strip() for p in phrases]
     kept = []
     seen = set()

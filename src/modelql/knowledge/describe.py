@@ -379,7 +379,8 @@ def _describe(vindex, entity: str, t0: float, *, mode, band, layer, layers, rela
         if probes:
             cal = calibration_for(vindex)
             claims = decode_claims(m_, rq, probes, entity, relation_cardinality(vindex), vindex.tokenizer,
-                                   phrase_tokens=cal.answer_tokens if cal is not None else None)
+                                   phrase_tokens=cal.answer_tokens if cal is not None else None,
+                                   objects=cal.objects if cal is not None else None)
         for L in scanned if neutral else ():
             xs, acts = rq.per_context[L][neutral], rq.per_context_act[L][neutral]
             if combine == "mean":
