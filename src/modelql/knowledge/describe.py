@@ -77,6 +77,15 @@ bench/describe.py --vindex V --calibrated``, floors per relation, 120 negatives)
 (0 % recall when one made-up name set its floor), demonym 100 / 97.0 %, borders 34.1 / 98.2 % (a
 multi-valued relation: the greedy continuation names one or two neighbours, DESCRIBE claims more);
 20 made-up names → 0 confident claims.
+
+SmolLM2-135M-Instruct Q4_1 (a real pretrained model; ``python bench/describe.py --vindex V
+--calibrated --relations capital`` on its inference-level vindex labelled with the embedded facts):
+the model's greedy plain-template continuation names the capital of 60 of 243 countries; over
+those 60, DESCRIBE's confident capital claims are 90.9 % precise with 83.3 % recall (55 claims);
+20 made-up names (not the calibration's) → 0 confident claims; "asdfgh", "Frnace", "france",
+"Germny" → none, with a one-line note and the suggestion. (Over all 215 entities with some right
+answer, without the restriction: 34.5 % / 83.3 %: it also claims capitals the plain template
+gets wrong.)
 On the previous (54-epoch) model the same code measured capital 89.8 / 89.8 % (60) and
 92.1 / 90.9 % (244), all relations 82.7 / 81.9 % (60), against 1.1 / 6.8 % and 6.4 / 26.5 % for
 the static labels.
