@@ -85,7 +85,9 @@ those 60, DESCRIBE's confident capital claims are 90.9 % precise with 83.3 % rec
 20 made-up names (not the calibration's) → 0 confident claims; "asdfgh", "Frnace", "france",
 "Germny" → none, with a one-line note and the suggestion. (Over all 215 entities with some right
 answer, without the restriction: 34.5 % / 83.3 %: it also claims capitals the plain template
-gets wrong.)
+gets wrong.) Labels checked causally (`modelql label`, a right prediction crediting the late
+features that write the answer): 58 / 78 pass on SmolLM2-135M (74.4 %; 25 / 41 = 61.0 % when the
+strongest activation was credited), 306 / 403 on the embedded model (75.9 %; was 72.0 %).
 On the previous (54-epoch) model the same code measured capital 89.8 / 89.8 % (60) and
 92.1 / 90.9 % (244), all relations 82.7 / 81.9 % (60), against 1.1 / 6.8 % and 6.4 / 26.5 % for
 the static labels.
