@@ -330,6 +330,7 @@ def calibrated_report(vx, triples, args) -> None:
     ref_ms = statistics.median(ref)
     describe(vx, "Atlantis")  # warm (model, labels); results are cached per entity, so not one of `ents`
     acc = {r: RelationScore(r) for r in rels}
+    known = {r: RelationScore(r) for r in rels}  # per relation, only the entities it answers right
     lat = []
     for e in ents:
         t1 = time.perf_counter()
@@ -337,12 +338,20 @@ def calibrated_report(vx, triples, args) -> None:
         lat.append((time.perf_counter() - t1) * 1e3)
         res = _confident_only(res)
         score_result(res, truth.get(e, {}), rels, acc)
-    print(f"\nDESCRIBE confident claims vs the facts the model answers right ({len(ents)} entities):")
-    print(f"{'relation':<11}{'facts':>6}{'claims':>8}{'precision':>11}{'recall':>9}")
+        for r in truth.get(e, {}):
+            if r in known:
+                score_result(res, truth[e], [r], known)
+    print(f"\nDESCRIBE confident claims vs the facts the model answers right ({len(ents)} entities with a right "
+          "answer; 'known only': per relation, the entities whose fact of that relation it answers right):")
+    print(f"{'relation':<11}{'facts':>6}{'claims':>8}{'precision':>11}{'recall':>9} | {'known only: claims':>18}"
+          f"{'precision':>11}{'recall':>9}")
     for r, s in acc.items():
-        print(f"{r:<11}{s.facts:>6}{s.claims:>8}{_fmt(s.precision):>11}{_fmt(s.recall):>9}")
+        k = known[r]
+        print(f"{r:<11}{s.facts:>6}{s.claims:>8}{_fmt(s.precision):>11}{_fmt(s.recall):>9} | {k.claims:>18}"
+              f"{_fmt(k.precision):>11}{_fmt(k.recall):>9}")
     p50 = statistics.median(lat) if lat else 0.0
-    print(f"latency p50 {p50:.0f} ms (one forward of a probe prompt: {ref_ms:.0f} ms; ratio {p50 / ref_ms:.1f}x)")
+    print(f"latency p50 {p50:.0f} ms (one forward of a probe prompt: {ref_ms:.0f} ms; ratio {p50 / ref_ms:.1f}x; "
+          f"machine load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs)")
     names = made_up_names(40, seed=2026)
     names = [n for n in names if n.lower() not in {x.lower() for x in made_up_names()}][:20]
     conf = 0
@@ -376,26 +385,54 @@ def _ref_forward_ms(m, tok, prompt: str, n: int = 5) -> float:
     return statistics.median(got)
 
 
+def _count_forwards(m):
+    """Wrap `m.forward` to count the passes (and the token rows) DESCRIBE runs; returns the log."""
+    log: list[tuple[int, int]] = []
+    inner = m.forward
+
+    def forward(ids, *a, **k):
+        import torch
+
+        shape = tuple(torch.as_tensor(ids).shape)
+        log.append(shape if len(shape) == 2 else (1, shape[0]))
+        return inner(ids, *a, **k)
+
+    m.forward = forward
+    return log
+
+
 def latency_report(vx, m, tok, template: str, subjects, n: int) -> None:
-    """DESCRIBE p50 over `n` entities (cold per entity: results are cached per entity), with the
-    reference forward measured before and after (the machine's load drifts)."""
+    """DESCRIBE p50 over `n` entities (cold per entity: results are cached per entity), wall and
+    process CPU time, with the reference forward measured before and after (the machine's load
+    drifts), the forward passes per DESCRIBE and the machine's load average."""
     import statistics
 
     from modelql.knowledge import describe
 
     ents = sorted(random.Random(1).sample(list(subjects), min(n, len(subjects))))
-    describe(vx, "Atlantis")  # warm: model, labels
+    describe(vx, "Atlantis")  # warm: model, labels, the probes' shared heads
     ref0 = _ref_forward_ms(m, tok, template.replace("{X}", ents[0]))
-    lat = []
+    load0 = os.getloadavg()[0]
+    log = _count_forwards(m)
+    lat, cpu, passes, rows = [], [], [], []
     for e in ents:
-        t1 = time.perf_counter()
+        n0 = len(log)
+        t1, c1 = time.perf_counter(), time.process_time()
         describe(vx, e)
         lat.append((time.perf_counter() - t1) * 1e3)
+        cpu.append((time.process_time() - c1) * 1e3)
+        passes.append(len(log) - n0)
+        rows.append(sum(b * t for b, t in log[n0:]))
+    del m.forward
     ref1 = _ref_forward_ms(m, tok, template.replace("{X}", ents[-1]))
+    load1 = os.getloadavg()[0]
     p50, ref = statistics.median(lat), (ref0 + ref1) / 2
-    print(f"\nDESCRIBE latency over {len(ents)} entities: p50 {p50:.0f} ms, p90 "
-          f"{sorted(lat)[int(0.9 * (len(lat) - 1))]:.0f} ms; one forward of a probe prompt {ref0:.0f} / {ref1:.0f} ms "
-          f"(before / after); ratio p50 / forward {p50 / ref:.1f}x")
+    print(f"\nDESCRIBE latency over {len(ents)} entities: p50 {p50:.0f} ms wall, {statistics.median(cpu):.0f} ms "
+          f"process CPU (threads {__import__('torch').get_num_threads()}), p90 {sorted(lat)[int(0.9 * (len(lat) - 1))]:.0f} ms; "
+          f"one forward of a probe prompt {ref0:.0f} / {ref1:.0f} ms (before / after); ratio p50 / forward "
+          f"{p50 / ref:.1f}x; forward passes per DESCRIBE p50 {statistics.median(passes):.0f} "
+          f"(token rows {statistics.median(rows):.0f}); machine load average {load0:.1f} / {load1:.1f} on "
+          f"{os.cpu_count()} CPUs")
 
 
 def quick_claims(m, tok, cal, truth, rels, t0) -> None:  # noqa: C901

@@ -77,3 +77,77 @@ def test_feature_attribution_sums_to_the_ffn_write(tiny):
     assert best == pytest.approx(float(flat.max())) and 1 <= count <= flat.numel() and layer in layers
     assert total == pytest.approx(float(flat.sum()), rel=1e-4, abs=1e-4)
     assert float(contrib[layer][feature]) == pytest.approx(best)
+
+
+def test_attribution_of_many_claims_is_each_claims_own(tiny):
+    """`attribute_many` (one pass over the down matrices for every claim of a DESCRIBE) gives each
+    (contexts, token) what `attribute` gives it alone."""
+    from modelql.knowledge.decode import attribute_many
+
+    m = tiny
+    n = m.spec.num_layers
+    runs = [_run(m, ids) for ids in ([3, 17, 42, 99], [5, 8, 13], [21, 34, 55, 89, 1])]
+    finals = torch.stack([c[f"blocks.{n - 1}.hook_resid_post"].float() for c in runs])
+    acts = {L: torch.stack([c[f"blocks.{L}.mlp.hook_post"].float() for c in runs]) for L in range(n)}
+    items = [([0], 11), ([1, 2], 7), ([0, 2], 11), ([2], 123)]
+    many = attribute_many(m, acts, finals, items)
+    for (ctxs, t), got in zip(items, many):
+        ix = torch.tensor(ctxs)
+        one = attribute(m, {L: a[ix] for L, a in acts.items()}, finals[ix], t)
+        assert set(got) == set(one)
+        for L in one:
+            assert torch.allclose(got[L], one[L], atol=1e-5, rtol=1e-4)
+
+
+def test_phrases_stop_at_their_limit(tiny):
+    """`extend_phrases` grows each phrase greedily, no longer than its row's limit: a capped phrase
+    is the uncapped one's prefix."""
+    from types import SimpleNamespace
+
+    from modelql.knowledge.decode import extend_phrases
+
+    m = tiny
+    tok = SimpleNamespace(decode=lambda ids, skip_special_tokens=True: " w" + "".join(f"{i}" for i in ids))
+    prompts = [[3, 17, 42], [5, 8, 13, 21]]
+    first = [int(m.forward(torch.tensor([p]), logits="last")[0].argmax()) for p in prompts]
+    free = extend_phrases(m, tok, prompts, first, max_tokens=4)
+    capped = extend_phrases(m, tok, prompts, first, max_tokens=4, limits=[2, 1])
+    assert capped == [free[0][:2], free[1][:1]]
+    assert len(free[0]) > 2 or len(free[1]) > 1  # every token reads as a word: phrases run on uncapped
+
+
+def test_answer_lengths_are_a_quantile_of_the_objects_plus_an_article():
+    from types import SimpleNamespace
+
+    from modelql.knowledge.calibrate import answer_lengths
+
+    tok = SimpleNamespace(encode=lambda text, add_special_tokens=False: text.split())
+    pairs = [[f"s{i}", f"x{i}" if i < 19 else "y y y y y"] for i in range(20)]
+    assert answer_lengths(tok, {"r": {"pairs": pairs}}) == {"r": 2}  # one long outlier of 20 does not set it
+    assert answer_lengths(tok, {"r": {"pairs": [["a", "x x x"]]}}) == {"r": 4}
+
+
+@pytest.mark.parametrize("draft", ["right", "wrong", "half", "none"])
+def test_drafted_phrases_are_the_step_by_step_ones(tiny, draft):
+    """A draft continuation checked in one pass keeps only the model's own greedy tokens: right,
+    wrong, half-right or no drafts all give the phrases of the step-by-step continuation."""
+    from types import SimpleNamespace
+
+    from modelql.knowledge.decode import extend_phrases
+
+    m = tiny
+    tok = SimpleNamespace(decode=lambda ids, skip_special_tokens=True: " w" + "".join(f"{i}" for i in ids))
+    prompts = [[3, 17, 42], [5, 8, 13, 21], [9, 9, 2]]
+    first = [int(m.forward(torch.tensor([p]), logits="last")[0].argmax()) for p in prompts]
+    ref = extend_phrases(m, tok, prompts, first, max_tokens=4)
+    true = [r[1:] for r in ref]
+    drafts = {"right": true, "wrong": [[(t + 1) % 50 for t in d] for d in true],
+              "half": [d[:1] + [(t + 1) % 50 for t in d[1:]] for d in true], "none": [[] for _ in true]}[draft]
+    caches = []
+    for p in prompts:
+        c = m.new_cache()
+        m.forward(torch.tensor([p]), c, logits="none")
+        caches.append(c)
+    got = extend_phrases(m, tok, prompts, first, max_tokens=4, caches=caches, drafts=drafts)
+    assert got == ref
+    assert all(c.length <= len(p) + len(r) for c, p, r in zip(caches, prompts, ref))  # no unchecked draft kept

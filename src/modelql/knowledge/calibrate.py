@@ -107,6 +107,9 @@ def _forward_last(model, prompts: Sequence[list[int]], batch: int = 64) -> list[
     return out
 
 
+#: The quantile of a relation's object lengths its answer phrases are capped at (+1 for an article).
+ANSWER_QUANTILE = 0.9
+
 #: The context a name's familiarity is read in (mid-sentence: the tokenizer's leading-space form).
 FAMILIARITY_CONTEXT = "about {X}"
 
@@ -148,6 +151,37 @@ def two_shot(template: str, examples: Sequence[tuple[str, str]]) -> str:
     return " ".join(parts + [template])
 
 
+def objects_by_frequency(triples: Mapping[str, Any]) -> dict[str, list[str]]:
+    """relation → its distinct objects, most frequent first (ties: first seen): what DESCRIBE
+    drafts an answer's continuation from (`decode.draft_index`)."""
+    from collections import Counter
+
+    out = {}
+    for rel, body in triples.items():
+        c = Counter(str(o).strip() for _s, o in body["pairs"] if str(o).strip())
+        out[rel] = [o for o, _n in c.most_common()]
+    return out
+
+
+def answer_lengths(tok, triples: Mapping[str, Any]) -> dict[str, int]:
+    """relation → the longest phrase DESCRIBE grows its answer into, in tokens: the
+    `ANSWER_QUANTILE` quantile of its objects' lengths (mid-sentence form) plus one for an article
+    ("the euro"). Why: the phrase is grown one batched forward pass per token until the model
+    stops naming the thing, and a rambling continuation ("the Arab Republic of the North
+    African") cost most of a DESCRIBE's passes; the longest object ("Sri Jayawardenepura Kotte",
+    7 tokens on SmolLM2) would not cap anything. A longer answer is cut to a whole-word prefix."""
+    from .decode import MAX_PHRASE_TOKENS
+
+    out = {}
+    for rel, body in triples.items():
+        objs = sorted({str(o).strip() for _s, o in body["pairs"] if str(o).strip()})
+        if objs:
+            lens = sorted(len(tok.encode(" " + o, add_special_tokens=False)) for o in objs)
+            n = lens[min(len(lens) - 1, int(ANSWER_QUANTILE * len(lens)))]
+            out[rel] = min(MAX_PHRASE_TOKENS + 1, n + 1)
+    return out
+
+
 def first_token_right(tok, token_id: int, targets: Sequence[str]) -> bool:
     """The decoded first token (≥ 2 chars) starts one of the targets' forms."""
     s = tok.decode([int(token_id)], skip_special_tokens=True).strip().lower()
@@ -169,6 +203,8 @@ class Calibration:
     negatives_passing: int = 0
     negatives: int = 0
     subjects: list[str] = field(default_factory=list)  # the labelling subjects (near-miss suggestions)
+    answer_tokens: dict[str, int] = field(default_factory=dict)  # relation → longest answer phrase (tokens)
+    objects: dict[str, list[str]] = field(default_factory=dict)  # relation → its objects, most frequent first
     #: relation → (subject, objects) the chosen template answers right (not stored; the label check)
     right: dict[str, list[tuple[str, list[str]]]] = field(default_factory=dict, repr=False)
 
@@ -179,7 +215,7 @@ class Calibration:
                 "min_familiarity_by_relation": {r: round(v, 4) for r, v in self.min_familiarity_rel.items()},
                 "recall": {r: round(v, 4) for r, v in self.recall.items()},
                 "negatives": self.negatives, "negatives_passing": self.negatives_passing,
-                "subjects": self.subjects}
+                "subjects": self.subjects, "answer_tokens": self.answer_tokens, "objects": self.objects}
 
     @classmethod
     def from_json(cls, d: Mapping[str, Any] | None) -> Calibration | None:
@@ -194,7 +230,9 @@ class Calibration:
                                         for k, v in (d.get("min_familiarity_by_relation") or {}).items()},
                    recall={str(k): float(v) for k, v in (d.get("recall") or {}).items()},
                    negatives=int(d.get("negatives") or 0), negatives_passing=int(d.get("negatives_passing") or 0),
-                   subjects=[str(s) for s in d.get("subjects") or []])
+                   subjects=[str(s) for s in d.get("subjects") or []],
+                   answer_tokens={str(k): int(v) for k, v in (d.get("answer_tokens") or {}).items()},
+                   objects={str(k): [str(o) for o in v] for k, v in (d.get("objects") or {}).items()})
 
     def confident(self, relation: str, prob: float, fam: float) -> bool:
         floor = self.min_prob.get(relation)
@@ -269,6 +307,8 @@ def calibrate(model, tok, triples: Mapping[str, Any], templates: Mapping[str, Se
             subs = sorted(random.Random(0).sample(subs, max_subjects))
         per_rel[rel] = (subs, [objs[s] for s in subs])
     cal.subjects = list(subjects_all)
+    cal.answer_tokens = answer_lengths(tok, triples)
+    cal.objects = objects_by_frequency(triples)
     pos_probs: dict[str, list[tuple[str, float]]] = {}
     neg_probs: dict[str, list[float]] = {}
     for n, (rel, (subs, objs)) in enumerate(per_rel.items()):

@@ -39,6 +39,7 @@ from __future__ import annotations
 import math
 import threading
 import weakref
+from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Mapping, Sequence
 
@@ -122,22 +123,34 @@ def attribute(model, acts: Mapping[int, torch.Tensor], finals: torch.Tensor, tok
     """layer → per-feature contribution to the token's (relative) logit, averaged over the
     contexts: `acts[L]` [C, F] activations, `finals` [C, H] final residuals. A norm after the FFN
     (Gemma 2/3) is linearised like the final one, at the layer's own output."""
+    return attribute_many(model, acts, finals, [(list(range(finals.shape[0])), token_id)])[0]
+
+
+def attribute_many(model, acts: Mapping[int, torch.Tensor], finals: torch.Tensor,
+                   items: Sequence[tuple[Sequence[int], int]]) -> list[dict[int, torch.Tensor]]:
+    """`attribute` of several (context indices, token) at once — acts [C, F] and finals [C, H] of
+    all contexts: each layer's down matrix is read once for every claim of a DESCRIBE."""
     spec = model.spec
-    dirs = torch.stack([token_direction(model, f, token_id) for f in finals])  # [C, H]
-    out = {}
-    for L, a in acts.items():
-        d = _down(model, L, a.shape[-1])
+    rows = [c for ctxs, _t in items for c in ctxs]
+    dirs = torch.stack([token_direction(model, finals[c], t) for ctxs, t in items for c in ctxs])  # [N, H]
+    ridx = torch.tensor(rows, dtype=torch.long)
+    out: list[dict[int, torch.Tensor]] = [{} for _ in items]
+    for L, a_all in acts.items():
+        d = _down(model, L, a_all.shape[-1])
         if d is None:
             continue
-        a = a.float()
+        a = a_all.float()[ridx]
         v = dirs
         if spec.post_ffn_norm:
             w = model.weights[f"layers.{L}.post_ffn_norm.weight"].float()
             gamma = w + spec.norm_weight_offset if spec.norm_weight_offset else w
-            pre = a @ d.float().T  # [C, H]: the FFN output before its norm
+            pre = a @ d.float().T  # [N, H]: the FFN output before its norm
             v = dirs * gamma * torch.rsqrt(pre.pow(2).mean(-1, keepdim=True) + spec.norm_eps)
-        proj = v @ d.float()  # [C, F]: d_f · v_t per context
-        out[L] = (a * proj).mean(dim=0)
+        contrib = a * (v @ d.float())  # [N, F]: a_f · (d_f · v_t) per (claim, context)
+        start = 0
+        for i, (ctxs, _t) in enumerate(items):
+            out[i][L] = contrib[start:start + len(ctxs)].mean(dim=0)
+            start += len(ctxs)
     return out
 
 
@@ -168,22 +181,54 @@ def _phrase_ok(text: str, entity: str) -> bool:
 
 
 def extend_phrases(model, tokenizer, prompt_ids: Sequence[list[int]], first: Sequence[int],
-                   max_tokens: int = MAX_PHRASE_TOKENS, caches: Sequence | None = None) -> list[list[int]]:
+                   max_tokens: int = MAX_PHRASE_TOKENS, caches: Sequence | None = None,
+                   limits: Sequence[int] | None = None, drafts: Sequence[Sequence[int]] | None = None
+                   ) -> list[list[int]]:
     """Greedy continuation of each `prompt + [first]` while the model goes on naming the same
     thing: stop at an end-of-sequence id, a special or blank token (a lone space goes on: some
     tokenizers spell " euro" as " ", "e", "uro"), a `PHRASE_STOP` word, or punctuation — except
     an `INTRA_WORD` mark directly followed by a glued word ("Sub-Saharan", "Nur-Sultan").
+    `limits` caps each phrase's length in tokens (the relation's longest answer, measured at
+    labelling: `calibrate.answer_lengths`): a phrase that reaches it is not looked past, which
+    saves the sequential single-token passes of answers that ramble on.
     Returns each phrase's ids (first id included).
 
     With `caches` (each prompt's KV cache, at the prompt's length; consumed), every step is one
-    batched single-token forward over all rows; without, rows of equal length run as one batch."""
+    batched single-token forward over all rows; without, rows of equal length run as one batch.
+    `drafts` (with caches): a guessed continuation per row (`draft_index`: the relation's object
+    that starts with the row's first token, "Rio" → " de Janeiro"), checked in one pass for all
+    rows — each draft token is kept only while it is the model's own greedy token, so the phrases
+    are exactly the step-by-step ones — and a row goes on step by step from its first miss. Why:
+    one pass per answer token was most of a DESCRIBE's cost, and an answer the model knows is
+    mostly one of the relation's objects."""
     from ..runtime.generate import eos_token_ids
 
     eos = eos_token_ids(model)
     phrases = [[int(t)] for t in first]
     glued = [False] * len(phrases)  # the phrase ends with an intra-word mark that needs a glued word
-    active = [i for i, t in enumerate(first) if int(t) not in eos]
+    cap = [max_tokens + 1 if limits is None else max(1, min(max_tokens + 1, int(n))) for n in
+           (limits if limits is not None else [0] * len(phrases))]
+    active = [i for i, t in enumerate(first) if int(t) not in eos and cap[i] > 1]
     fed = [0] * len(phrases)  # phrase tokens already in each cache
+
+    def accept(i: int, t: int) -> bool:
+        """Apply the phrase rules to row i's next token t; whether the phrase goes on."""
+        raw = tokenizer.decode([t], skip_special_tokens=True)
+        word = raw.strip()
+        wordlike = any(c.isalnum() for c in word)
+        if glued[i] and not (wordlike and raw == raw.lstrip()):
+            phrases[i].pop()  # "Paris" "." " It": the mark ended the phrase
+            glued[i] = False
+            return False
+        glued[i] = False
+        if t in eos or not raw or (raw != " " and not word) or word.lower() in PHRASE_STOP:
+            return False  # end of text, a special/blank token, a stop word
+        if not wordlike:
+            if raw != word or word not in INTRA_WORD:
+                return False  # punctuation ends the phrase
+            glued[i] = True  # "Sub" "-" "Saharan", "Sana" "'" "a": kept if a glued word follows
+        phrases[i].append(int(t))
+        return len(phrases[i]) < cap[i]
 
     def next_tokens(idxs: list[int]) -> dict[int, int]:
         if caches is not None:
@@ -201,34 +246,64 @@ def extend_phrases(model, tokenizer, prompt_ids: Sequence[list[int]], first: Seq
             got.update(zip(group, model.forward(ids, logits="last").argmax(dim=-1).tolist()))
         return got
 
+    if caches is not None and drafts is not None and active:
+        # every row in one pass: its first token and its draft (rows without one: the first only)
+        seqs = {i: [phrases[i][0]] + [int(t) for t in drafts[i]][:cap[i] - 1] for i in active}
+        width = max(len(q) for q in seqs.values())
+        ids = torch.tensor([seqs[i] + [seqs[i][-1]] * (width - len(seqs[i])) for i in active])
+        base = {i: caches[i].length for i in active}
+        pred = model.forward(ids, [caches[i] for i in active], logits="all").argmax(dim=-1).tolist()
+        still = []
+        for r, i in enumerate(active):
+            q, j = seqs[i], 0
+            while True:  # pred[r][j] follows q[:j + 1], all of it in the cache
+                t = pred[r][j]
+                go = accept(i, t)
+                if go and j + 1 < len(q) and t == q[j + 1]:
+                    j += 1
+                    continue
+                break
+            caches[i].truncate(base[i] + j + 1)
+            fed[i] = j + 1
+            if go:
+                still.append(i)
+        active = still
+
     for _step in range(max_tokens):
         if not active:
             break
         nxt = next_tokens(active)
-        still = []
-        for i in active:
-            t = nxt[i]
-            raw = tokenizer.decode([t], skip_special_tokens=True)
-            word = raw.strip()
-            wordlike = any(c.isalnum() for c in word)
-            if glued[i] and not (wordlike and raw == raw.lstrip()):
-                phrases[i].pop()  # "Paris" "." " It": the mark ended the phrase
-                glued[i] = False
-                continue
-            glued[i] = False
-            if t in eos or not raw or (raw != " " and not word) or word.lower() in PHRASE_STOP:
-                continue  # end of text, a special/blank token, a stop word
-            if not wordlike:
-                if raw != word or word not in INTRA_WORD:
-                    continue  # punctuation ends the phrase
-                glued[i] = True  # "Sub" "-" "Saharan", "Sana" "'" "a": kept if a glued word follows
-            phrases[i].append(int(t))
-            still.append(i)
-        active = still
+        active = [i for i in active if accept(i, nxt[i])]
     for i, g in enumerate(glued):
         if g:
             phrases[i].pop()
     return phrases
+
+
+#: Draft indexes kept (per tokenizer and object list).
+_DRAFTS_MAX = 64
+_drafts: "OrderedDict[tuple, dict[int, tuple[int, ...]]]" = OrderedDict()
+
+
+def draft_index(tokenizer, objects: Sequence[str]) -> dict[int, tuple[int, ...]]:
+    """first token id → the rest of the first of `objects` (most frequent first) that starts with
+    it, in its mid-sentence form (" Rio de Janeiro"): the drafts `extend_phrases` checks."""
+    key = (id(tokenizer), tuple(objects))
+    with _lock:
+        got = _drafts.get(key)
+        if got is not None:
+            _drafts.move_to_end(key)
+            return got
+    got = {}
+    for o in objects:
+        ids = tokenizer.encode(" " + str(o).strip(), add_special_tokens=False)
+        if len(ids) > 1 and ids[0] not in got:
+            got[int(ids[0])] = tuple(int(t) for t in ids[1:])
+    with _lock:
+        _drafts[key] = got
+        while len(_drafts) > _DRAFTS_MAX:
+            _drafts.popitem(last=False)
+    return got
 
 
 def candidates(logits: torch.Tensor, cardinality: float = 1.0) -> tuple[list[int], dict[str, torch.Tensor]]:
@@ -248,7 +323,9 @@ def candidates(logits: torch.Tensor, cardinality: float = 1.0) -> tuple[list[int
 
 
 def decode_claims(model, rq, relation_contexts: Mapping[str, Sequence[int]], entity: str,
-                  cardinality: Mapping[str, float] | None = None, tokenizer=None) -> list[Claim]:
+                  cardinality: Mapping[str, float] | None = None, tokenizer=None,
+                  phrase_tokens: Mapping[str, int] | None = None,
+                  objects: Mapping[str, Sequence[str]] | None = None) -> list[Claim]:
     """Every relation's claims from a `ResidualQuery` captured `with_logits`:
     `relation_contexts` maps a relation to the indices of its probe contexts in `rq.contexts`
     (the first one's prompt is the one the claimed tokens are continued from)."""
@@ -273,20 +350,30 @@ def decode_claims(model, rq, relation_contexts: Mapping[str, Sequence[int]], ent
             if caches is not None:
                 c = rq.caches[idx[0]]
                 caches.append(c if n == len(cands) - 1 else c.copy())
-    phrases = extend_phrases(model, tok, prompts, [t for _r, _i, t, _s in todo], caches=caches) if todo else []
+    limits = [(phrase_tokens or {}).get(r, MAX_PHRASE_TOKENS + 1) for r, _i, _t, _s in todo]
+    drafts = None
+    if objects and caches is not None:
+        index = {r: draft_index(tok, objects[r]) for r in {r for r, _i, _t, _s in todo} if objects.get(r)}
+        drafts = [index.get(r, {}).get(int(t), ()) for r, _i, t, _s in todo]
+    phrases = extend_phrases(model, tok, prompts, [t for _r, _i, t, _s in todo], caches=caches,
+                             limits=limits, drafts=drafts) if todo else []
     texts = [tok.decode(p, skip_special_tokens=True).strip() for p in phrases]
-    out: list[Claim] = []
+    kept = []
     seen = set()
     for (rel, ix, t, st), text in zip(todo, texts):
         multi = card.get(rel, 1.0) >= MULTI_VALUED_MIN
         if not _phrase_ok(text, entity if multi else "") or (rel, text.lower()) in seen:
             continue
         seen.add((rel, text.lower()))
-        acts = {L: a[ix] for L, a in rq.per_context_act.items()}
-        layer, feature, contrib, layers, count, total = _group(attribute(model, acts, rq.final[ix], t))
+        kept.append((rel, ix, t, st, text))
+    contribs = attribute_many(model, rq.per_context_act, rq.final, [(ix.tolist(), t) for _r, ix, t, _s, _x in kept]) \
+        if kept else []
+    out: list[Claim] = []
+    for (rel, ix, t, st, text), contrib_l in zip(kept, contribs):
+        layer, feature, contrib, layers, count, total = _group(contrib_l)
         if layer < 0 or total <= 0:
             continue  # the scanned layers' features do not write this token
-        act = float(acts[layer][:, feature].float().mean())
+        act = float(rq.per_context_act[layer][ix][:, feature].float().mean())
         out.append(Claim(relation=rel, token_id=t, text=text, logit=float(st["logit"][t]), z=float(st["z"][t]),
                          prob=float(st["logprob"][t].exp()), layer=layer, feature=feature, contribution=contrib,
                          activation=act, layers=layers, count=count, ffn_logit=total))

@@ -77,10 +77,29 @@ bench/describe.py --vindex V --calibrated``, floors per relation, 120 negatives)
 (0 % recall when one made-up name set its floor), demonym 100 / 97.0 %, borders 34.1 / 98.2 % (a
 multi-valued relation: the greedy continuation names one or two neighbours, DESCRIBE claims more);
 20 made-up names → 0 confident claims.
+
+SmolLM2-135M-Instruct Q4_1 (a real pretrained model; ``python bench/describe.py --vindex V
+--calibrated --relations capital`` on its inference-level vindex labelled with the embedded facts):
+the model's greedy plain-template continuation names the capital of 60 of 243 countries; over
+those 60, DESCRIBE's confident capital claims are 90.9 % precise with 83.3 % recall (55 claims);
+20 made-up names (not the calibration's) → 0 confident claims; "asdfgh", "Frnace", "france",
+"Germny" → none, with a one-line note and the suggestion. (Over all 215 entities with some right
+answer, without the restriction: 34.5 % / 83.3 %: it also claims capitals the plain template
+gets wrong.) Labels checked causally (`modelql label`, a right prediction crediting the late
+features that write the answer): 58 / 78 pass on SmolLM2-135M (74.4 %; 25 / 41 = 61.0 % when the
+strongest activation was credited), 306 / 403 on the embedded model (75.9 %; was 72.0 %).
 On the previous (54-epoch) model the same code measured capital 89.8 / 89.8 % (60) and
 92.1 / 90.9 % (244), all relations 82.7 / 81.9 % (60), against 1.1 / 6.8 % and 6.4 / 26.5 % for
-the static labels. A DESCRIBE costs ≈ 8 small forward passes: the 2 neutral and 7 probe contexts
-(batched by token length), then the answers' phrase continuations.
+the static labels.
+
+Cost: one padded forward pass runs every context (the 2 neutral ones and one probe per calibrated
+relation), then one batched single-token pass per token of the longest answer phrase. Each
+probe's entity-independent head (a two-shot prompt's examples: ≈ 20 of its ≈ 25 tokens on
+SmolLM2-135M) is run once per model and its KV state reused (`knowledge.prefix_cache`, exact: the
+reused positions are the common prefix of the ids), so the first pass runs ≈ 6 tokens per context
+instead of ≈ 25; the claims' attributions share one pass over the down matrices
+(`decode.attribute_many`); a phrase stops at its relation's answer length measured at labelling
+(`calibrate.answer_lengths`).
 
 The static-label column is the previous residual mode (each edge's target = its feature's
 down_meta top token, label = the feature's probe label): FFN features are polysemantic (a
@@ -369,7 +388,10 @@ def _describe(vindex, entity: str, t0: float, *, mode, band, layer, layers, rela
                 probes.setdefault(ctx_rel[c], []).append(i)
         decoded = set(probes)
         if probes:
-            claims = decode_claims(m_, rq, probes, entity, relation_cardinality(vindex), vindex.tokenizer)
+            cal = calibration_for(vindex)
+            claims = decode_claims(m_, rq, probes, entity, relation_cardinality(vindex), vindex.tokenizer,
+                                   phrase_tokens=cal.answer_tokens if cal is not None else None,
+                                   objects=cal.objects if cal is not None else None)
         for L in scanned if neutral else ():
             xs, acts = rq.per_context[L][neutral], rq.per_context_act[L][neutral]
             if combine == "mean":

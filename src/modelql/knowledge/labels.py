@@ -398,9 +398,12 @@ def probe_features(vindex, triples: Mapping[str, Any], templates: Mapping[str, S
     and activations at the last position; the layer's top-`top_k` features by |activation| whose
     activation z-score is ≥ `min_z` and whose down top-k tokens contain a form of the subject's
     object for that relation score one hit; a correct prediction in the model's top 10 adds a
-    hit to the strongest feature of each of the last 4 scanned layers. Labels need ≥ 2 hits and
-    a majority.
+    hit to the feature of each of the last 4 scanned layers that writes the most of that answer's
+    logit (direct contribution, `decode.attribute_many`). Labels need ≥ 2 hits and a majority.
+    Why the writer and not the strongest activation: the strongest features of late layers fire
+    on every prompt (SmolLM2-135M) and their labels failed the causal check.
     """
+    from .decode import attribute_many
     from .queries import model_for
 
     t0 = time.perf_counter()
@@ -462,9 +465,9 @@ def probe_features(vindex, triples: Mapping[str, Any], templates: Mapping[str, S
             _c[n] = t[_r, _l].detach().float().clone()
 
         h = m.forward(ids, hooks={n: grab for n in names}, logits="none")
+        h_last = h[rows_, last_].float()
         logits = m.unembed(h[rows_, last_])
         fired: dict[int, list[list[int]]] = {}
-        strongest: dict[int, list[int]] = {}
         for L in layers:
             a = cache[f"blocks.{L}.mlp.hook_post"]  # [B, F]
             z = (a - a.mean(dim=1, keepdim=True)) / a.std(dim=1, keepdim=True).clamp_min(1e-12)
@@ -472,7 +475,7 @@ def probe_features(vindex, triples: Mapping[str, Any], templates: Mapping[str, S
             top = torch.topk(a.abs(), k, dim=1).indices  # [B, k]
             ok = z.gather(1, top) >= min_z
             fired[L] = [row[m_].tolist() for row, m_ in zip(top, ok)]
-            strongest[L] = torch.argmax(a.abs(), dim=1).tolist()
+        matched: list[tuple[int, int, str, str]] = []  # (row, right token, relation, subject)
         for row, i in enumerate(chunk):
             rel, subj, _ids = prompts[i]
             sl = subj.strip().lower()
@@ -494,10 +497,18 @@ def probe_features(vindex, triples: Mapping[str, Any], templates: Mapping[str, S
                 if index.get((sl, t)) == rel:
                     if n_ == 0:
                         answered[rel].append(subj)
-                    for L in layers[-PRED_LAST_LAYERS:]:
-                        hits[(L, strongest[L][row])][rel] += 1
-                        evidence[(L, strongest[L][row])][rel].append(subj)
+                    matched.append((row, tid, rel, subj))
                     break
+        if matched:  # the right answer's writers: the largest direct contributor of each late layer
+            late = layers[-PRED_LAST_LAYERS:]
+            contribs = attribute_many(m, {L: cache[f"blocks.{L}.mlp.hook_post"] for L in late}, h_last,
+                                      [([row], tid) for row, tid, _r, _s in matched])
+            for (row, tid, rel, subj), per_layer in zip(matched, contribs):
+                for L, c in per_layer.items():
+                    f = int(c.argmax())
+                    if float(c[f]) > 0:
+                        hits[(L, f)][rel] += 1
+                        evidence[(L, f)][rel].append(subj)
     labels = {}
     for key, c in hits.items():
         rel, n = sorted(c.items(), key=lambda x: (-x[1], x[0]))[0]

@@ -22,10 +22,15 @@ from typing import Sequence
 import torch
 
 from ..errors import CapabilityError, EmptyPromptError, ModelqlError
+from .prefix_cache import prefix_state
+from .prefix_cache import shared as _shared
 
 #: Neutral contexts of the residual mode, captured at the entity's last token: "{X}" (sentence
 #: start, after BOS) and "about {X}" (mid-sentence, with the tokenizer's leading-space form).
 DEFAULT_CONTEXTS: tuple[str, ...] = ("{X}", "about {X}")
+
+#: Positions a query's caches are allocated beyond its prompt (the relation decode continues answers).
+PHRASE_ROOM = 8
 
 _models: "weakref.WeakKeyDictionary[object, object]" = weakref.WeakKeyDictionary()
 _models_lock = threading.Lock()
@@ -104,7 +109,7 @@ class ResidualQuery:
 
 def residual_query(vindex, entity: str, model=None, contexts: Sequence[str] | None = None,
                    layers: Sequence[int] | None = None, with_logits: bool = False,
-                   token_logprobs: Sequence[int] = ()) -> ResidualQuery | None:
+                   token_logprobs: Sequence[int] = (), use_prefix: bool = True) -> ResidualQuery | None:
     """Run `entity` through `contexts` and capture `x_L` and the FFN activations at the last
     token of each context (`{X}` is replaced by the entity; the default contexts end with it).
     `with_logits` also keeps each context's next-token logits and final residual (what the
@@ -112,7 +117,8 @@ def residual_query(vindex, entity: str, model=None, contexts: Sequence[str] | No
     cache (to continue its answer); `token_logprobs` (context indices) keeps the log-probability of
     each of those contexts' tokens after the first (the entity familiarity of `knowledge.calibrate`).
 
-    Returns None when the entity tokenises to nothing.
+    `use_prefix=False` runs every context from its first token (the reference the prefix reuse is
+    tested against). Returns None when the entity tokenises to nothing.
     """
     if not entity.strip() or not entity_ids(vindex, entity):
         return None
@@ -137,21 +143,26 @@ def residual_query(vindex, entity: str, model=None, contexts: Sequence[str] | No
             encoded.append((ctx, ids))
     if not encoded:
         return None
-    # one forward pass for every context: shorter ones are padded at the end by repeating their
-    # last token (causal attention keeps the padding out of every real position) and each row is
-    # read at its own last token; the caches are cut back to the real lengths, so the relation
-    # decode can continue a probe's answer from them (`knowledge.decode.extend_phrases`)
+    # every context's entity-independent head (its template's text before {X}: a two-shot
+    # prompt's examples) is run once per model and its KV reused (`prefix_state`); one forward
+    # pass then runs the rest of every context: shorter ones are padded at the end by repeating
+    # their last token (causal attention keeps the padding out of every real position) and each
+    # row is read at its own last token; the caches are cut back to the real lengths, so the
+    # relation decode can continue a probe's answer from them (`knowledge.decode.extend_phrases`)
+    heads = [prefix_state(m, tok, c.split("{X}")[0]) if use_prefix else None for c, _ids in encoded]
+    reuse = [_shared(h.ids, ids) if h is not None else 0 for h, (_c, ids) in zip(heads, encoded)]
     lens = [len(ids) for _c, ids in encoded]
-    width = max(lens)
+    tails = [ids[n:] for n, (_c, ids) in zip(reuse, encoded)]
+    width = max(len(t) for t in tails)
     rows = torch.arange(len(encoded))
-    last = torch.tensor(lens) - 1
+    last = torch.tensor([len(t) for t in tails]) - 1
     cache: dict[str, torch.Tensor] = {}
 
     def grab(t: torch.Tensor, n: str) -> None:
         cache[n] = t[rows, last].detach().float().clone()
 
-    caches = [m.new_cache() for _ in encoded] if with_logits else None
-    ids = torch.tensor([ids + [ids[-1]] * (width - len(ids)) for _c, ids in encoded])
+    caches = [h.fork(n, width + PHRASE_ROOM) if n else m.new_cache() for h, n in zip(heads, reuse)]
+    ids = torch.tensor([t + [t[-1]] * (width - len(t)) for t in tails])
     h = m.forward(ids, caches, hooks={n: grab for n in names if n != final_name}, logits="none")
     h_last = h[rows, last]
     logits = finals = None
@@ -163,7 +174,9 @@ def residual_query(vindex, entity: str, model=None, contexts: Sequence[str] | No
     token_lp = {}
     for i in (token_logprobs or ()):
         if 0 <= i < len(encoded) and lens[i] > 1:
-            lp = torch.log_softmax(m.unembed(h[i, : lens[i] - 1]).double(), dim=-1)
+            n = reuse[i]
+            hs = torch.cat([heads[i].hidden[:n], h[i, : lens[i] - n]]) if n else h[i, : lens[i]]
+            lp = torch.log_softmax(m.unembed(hs[: lens[i] - 1]).double(), dim=-1)
             nxt = torch.tensor(encoded[i][1][1:])
             token_lp[encoded[i][0]] = lp[torch.arange(lens[i] - 1), nxt].tolist()
     xs = {L: cache[f"blocks.{L}.ln2.hook_normalized"] for L in wanted}
@@ -171,6 +184,6 @@ def residual_query(vindex, entity: str, model=None, contexts: Sequence[str] | No
     used = [c for c, _ids in encoded]
     return ResidualQuery(
         entity=entity, contexts=tuple(used), per_context=xs, per_context_act=acts, logits=logits, final=finals,
-        caches=tuple(caches) if caches is not None else None, ids=tuple(tuple(ids) for _c, ids in encoded),
+        caches=tuple(caches) if with_logits else None, ids=tuple(tuple(ids) for _c, ids in encoded),
         token_logprobs=token_lp,
     )
