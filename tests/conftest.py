@@ -84,12 +84,9 @@ def real_vindex(real_model_file, tmp_path_factory):
     """The real model extracted at level inference (no clusters) and probe-labelled for the capital
     relation only (`modelql label` with a one-relation triples set: calibration, probes, causal
     check), once per session."""
-    import torch
-
     from modelql.knowledge.labels import default_triples, label_vindex
     from modelql.vindex import Vindex, extract
 
-    torch.set_num_threads(1)
     out = tmp_path_factory.mktemp("real") / "smollm2.vindex"
     extract(real_model_file, out, level="inference", dtype="f16", clusters=False)
     label_vindex(out, {"capital": default_triples()["capital"]}, max_subjects=24, clusters=False)
