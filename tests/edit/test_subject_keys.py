@@ -13,7 +13,7 @@ def test_early_stopped_capture_equals_a_full_forward(base_model):
     m = base_model
     seqs = [m.tokenizer.encode(t) for t in ("The capital of France is", "Once upon a time there", "def f(x):")]
     names = ["blocks.0.mlp.hook_post", f"blocks.{m.spec.num_layers - 2}.hook_resid_post"]
-    got = MS._multi(m, seqs, names, chunk=2)
+    got = MS._multi(m, seqs, names)
     full = {}
 
     def cap(t, n):
