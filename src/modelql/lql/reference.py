@@ -50,7 +50,8 @@ ENTRIES: tuple[Entry, ...] = (
     Entry("SHOW", "show", "List relations, layers, a layer's features, entities, models or active patches.",
           "SHOW RELATIONS;  SHOW LAYERS 0-3;  SHOW PATCHES;"),
     Entry("INSERT", "insert", "Add facts (entity, relation, target) to the model. Default mode: modelql's weight-level MEMIT edit; MODE KNN is LARQL's "
-          "retrieval override, MODE COMPOSE installs a feature slot.",
+          "retrieval override (no weights change; the fact is recalled in INFER and in generation when the prompt names its entity), "
+          "MODE COMPOSE installs a feature slot.",
           'INSERT INTO EDGES (entity, relation, target) VALUES ("France", "capital", "Lyon") MODE KNN;'),
     Entry("DELETE", "delete", "Remove the edges (feature slots, KNN facts, inserted facts) a WHERE selects.",
           'DELETE FROM EDGES WHERE entity = "France" AND relation = "capital";'),
