@@ -150,7 +150,6 @@ def trace(model: Model, prompts: Sequence[tuple[str, str]], width: int | None = 
 def edit_site(model: Model, prompts: Sequence[tuple[str, str]]) -> EditSite:
     """The model's edit site: cached in memory and in $MODELQL_CACHE/memit/<fingerprint>-site.json;
     traced over `prompts` (the first edit's own) when neither holds it."""
-
     state = model.__dict__.setdefault("_memit_state", {})
     got = state.get("site")
     if got is not None:
@@ -175,5 +174,4 @@ def edit_site(model: Model, prompts: Sequence[tuple[str, str]]) -> EditSite:
 
 
 def site_cached(model: Model) -> bool:
-
     return "site" in model.__dict__.get("_memit_state", {}) or stored_path(model, "site").with_suffix(".json").is_file()

@@ -87,7 +87,6 @@ def sample(model: Model, openers: Sequence[str] = OPENERS, per_opener: int = SAM
 def corpus(model: Model) -> list[list[int]]:
     """The model's sampled generic text (token ids), cached in memory and in
     $MODELQL_CACHE/memit/<weights fingerprint>-corpus.json. Sampled with the base FFN."""
-
     state = model.__dict__.setdefault("_memit_state", {})
     got = state.get("corpus")
     if got is not None:

@@ -96,7 +96,6 @@ def _multi(model: Model, seqs: Sequence[Sequence[int]], names: Sequence[str], ch
 def generic_covariance(model: Model, layers: Sequence[int]) -> dict[int, torch.Tensor]:
     """E[k kᵀ] of each layer's FFN keys over the model's sampled generic text, all missing
     layers in one pass; cached in memory and on disk (base weights)."""
-
     cache = model.__dict__.setdefault("_memit_gcov", {})
     missing = []
     for l in layers:
@@ -126,7 +125,6 @@ def generic_covariance(model: Model, layers: Sequence[int]) -> dict[int, torch.T
 
 
 def generic_ready(model: Model, layers: Sequence[int]) -> bool:
-
     cache = model.__dict__.get("_memit_gcov", {})
     return all(l in cache or stored_path(model, f"gcov-{G.corpus_tag()}-L{l}").is_file() for l in layers)
 
@@ -220,7 +218,6 @@ def _at_subject(model: Model, rows: list[SubjectRow], names: Sequence[str], n: i
 def subject_edit(model: Model, requests, layers: Sequence[int], p,
                  progress: Callable[[str, int, int], None] | None = None):
     """Low-rank down_proj deltas (one per layer of `layers`) stating every request."""
-
     layers = tuple(sorted(layers))
     report = progress or (lambda stage, i, n: None)
     cov = generic_covariance(model, layers)
