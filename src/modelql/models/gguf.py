@@ -397,21 +397,25 @@ class GgufSource:
 
     def array(self, gguf_name: str) -> np.ndarray:
         """One GGUF tensor dequantised to float32, in its stored (llama.cpp) layout."""
-        from gguf import GGMLQuantizationType as Q
-        from gguf.quants import dequantize
-
         t = self._tensors.get(gguf_name)
         if t is None:
             raise ModelFormatError(f"{self.path.name}: tensor {gguf_name} not found")
         shape = t.shape
         raw = self._raw(t)
+        return self._decode(raw, t.tensor_type, shape, gguf_name)
+
+    def _decode(self, raw: np.ndarray, tensor_type, shape, gguf_name: str) -> np.ndarray:
+        """float32 array of `shape` from a tensor's raw bytes (an owned copy, never a view of the mapping)."""
+        from gguf import GGMLQuantizationType as Q
+        from gguf.quants import dequantize
+
         try:
-            if t.tensor_type == Q.F32:
-                out = raw.view("<f4").astype(np.float32)  # an owned copy, never a view of the mapping
-            elif t.tensor_type == Q.F16:
+            if tensor_type == Q.F32:
+                out = raw.view("<f4").astype(np.float32)
+            elif tensor_type == Q.F16:
                 out = raw.view("<f2").astype(np.float32)
             else:
-                out = dequantize(raw.reshape(*shape[:-1], -1), t.tensor_type)
+                out = dequantize(raw.reshape(*shape[:-1], -1), tensor_type)
             return out.reshape(shape)
         except Exception as exc:  # gguf raises assorted errors on malformed blocks
             raise ModelFormatError(f"{self.path.name}: cannot read tensor {gguf_name}: {exc}") from None
@@ -419,23 +423,11 @@ class GgufSource:
     def expert_array(self, gguf_name: str, expert: int) -> np.ndarray:
         """Expert `expert` of a stacked [E, rows, cols] GGUF tensor, dequantised from its own bytes
         only (each expert's blocks are contiguous)."""
-        from gguf import GGMLQuantizationType as Q
-        from gguf.quants import dequantize
-
         t = self._tensors[gguf_name]
         count, shape = t.shape[0], t.shape[1:]
         per = t.nbytes // count
         raw = np.frombuffer(self._mm, dtype=np.uint8, count=per, offset=t.offset + expert * per)
-        try:
-            if t.tensor_type == Q.F32:
-                out = raw.view("<f4").astype(np.float32)
-            elif t.tensor_type == Q.F16:
-                out = raw.view("<f2").astype(np.float32)
-            else:
-                out = dequantize(raw.reshape(*shape[:-1], -1), t.tensor_type)
-            return out.reshape(shape)
-        except Exception as exc:  # gguf raises assorted errors on malformed blocks
-            raise ModelFormatError(f"{self.path.name}: cannot read tensor {gguf_name}: {exc}") from None
+        return self._decode(raw, t.tensor_type, shape, gguf_name)
 
     def packed(self, hf_name: str):
         """The HF tensor `hf_name` in `MatMulNBits` layout (`modelql.models.quant.Packed`) made from the
