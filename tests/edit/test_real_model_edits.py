@@ -4,6 +4,8 @@ guard. One module-scoped batch keeps this to one solve; the full figures are ben
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 
 from modelql.knowledge import memit as M
@@ -34,9 +36,7 @@ def edited(real_model, tmp_path_factory):
         assert len(known) >= 4, "the real model should know these capitals"
         edits = [(known[0][0], known[1][1]), (known[1][0], known[0][1])]
         reqs = [M.EditRequest(e, "capital", t) for e, t in edits]
-        # the guard is checked on its own below (today's solver changes some of its prompts'
-        # continuations: bench/edit.py --model has the figures)
-        deltas = M.memit_edit(m, reqs, params=M.MemitParams(fluency_bound=1.0))
+        deltas = M.memit_edit(m, reqs)  # the default fluency guard is on: it must let the batch through
         yield m, known, edits, deltas
     finally:
         for k in ("_memit_state", "_memit_gcov"):
@@ -52,7 +52,8 @@ def test_edit_site_is_measured_mid_layers_at_the_subject(edited):
     site = m.__dict__["_memit_state"]["site"]
     assert site.key == "subject"
     assert 0 < min(site.layers) and max(site.layers) < m.spec.num_layers - 1
-    assert sorted(d.layer for d in deltas) == list(site.layers)
+    # the default solver adds one neuron per fact at the top traced layer
+    assert [(d.layer, d.neurons, d.u.shape[1]) for d in deltas] == [(max(site.layers), True, 2)]
 
 
 def test_batch_states_the_new_capitals_and_leaves_the_others(edited):
@@ -70,11 +71,26 @@ def test_batch_states_the_new_capitals_and_leaves_the_others(edited):
         m.ffn = saved
 
 
+def test_batch_keeps_generic_text(edited):
+    """Every guard prompt's greedy continuation is unchanged (the neurons stay off on generic text)."""
+    from modelql.knowledge.generic_text import GUARD_PROMPTS
+
+    m, _, _, deltas = edited
+    prompts = list(GUARD_PROMPTS) + ["Once upon a time, a young fox", "def fibonacci(n):"]
+    before = greedy(m, prompts, 10)
+    saved = m.ffn
+    m.ffn = M.DeltaFfn(saved, deltas)
+    try:
+        assert greedy(m, prompts, 10) == before
+    finally:
+        m.ffn = saved
+
+
 def test_fluency_guard_reports_a_batch_that_breaks_generic_text(edited):
     m, _, _, deltas = edited
     saved = m.ffn
     assert M.fluency_guard(m, deltas, 1.0) is deltas
-    loud = [M.DownDelta(d.layer, d.u * 200, d.v, d.facts) for d in deltas]
+    loud = [dataclasses.replace(d, u=d.u * 200, gate=d.gate / 30) for d in deltas]
     with pytest.raises(M.FluencyGuardError, match="generic prompts"):
         M.fluency_guard(m, loud, 0.0)
     assert m.ffn is saved  # reported, not applied

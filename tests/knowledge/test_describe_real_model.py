@@ -32,9 +32,7 @@ def test_a_memit_insert_shows_in_describe_and_its_deletion_removes_it(real_vinde
     ps = PatchSession(real_vindex, model_for(real_vindex))
     probe = "The capital of France is"
     assert _top(ps.model(), probe) == "Paris"  # measured first: the model knows it
-    # the guard is tested on its own (tests/edit/test_real_model_edits.py); with this fixture's
-    # 12-step δ on the f16 vindex it counts 3 of 8 guard prompts changed and would refuse
-    edit.insert(ps, "France", "capital", "Lima", mode="memit", fluency_bound=1.0)
+    edit.insert(ps, "France", "capital", "Lima", mode="memit")  # the default fluency guard lets it through
     assert _top(ps.model(), probe) == "Lima"  # a weight edit: the model itself now answers Lima
     res = describe(ps.view, "France")
     caps = _capitals(res)

@@ -68,6 +68,8 @@ def build_moe_layer_edits(ffn: MoeFfn, layer: int, slots: dict[int, object],
         if s.down is not None:
             w_down[:, j] = torch.from_numpy(np.asarray(s.down, dtype=np.float32)).to(w_down.dtype)
     for d in deltas:
+        if d.v is None:
+            raise CapabilityError("neuron edits (a gated dense FFN's) cannot apply to a mixture-of-experts layer")
         u = torch.as_tensor(np.asarray(d.u, dtype=np.float32)).double()
         v = torch.as_tensor(np.asarray(d.v, dtype=np.float32)).double()
         for e in range(blocks):

@@ -9,7 +9,9 @@ computed as the dense matmuls plus small corrections, so an edit costs almost no
 * tombstoned features are zeroed after the activation (they contribute nothing);
 * overridden down vectors add `h[idx] @ (d̂ − d)` to the output;
 * weight-level edits (`down_delta`, MEMIT) add the low-rank `(h @ V) @ Uᵀ`, with `h` the FFN
-  activations: exactly `(W_down + U Vᵀ) h`.
+  activations: exactly `(W_down + U Vᵀ) h`;
+* neuron edits (`down_delta` with gate/up rows) add `(act(x·Gᵀ) ⊙ x·Upᵀ) @ Dᵀ`: extra neurons,
+  kept out of `hook_post` (the layer's own features).
 
 Layers without edits take the dense path unchanged, so with an empty overlay the logits are
 bit-identical to `DenseFfn`. The edits come from a provider's `layer_edits(layer)` (a
@@ -43,6 +45,9 @@ class LayerEdits:
     down_diff: torch.Tensor | None = None  # [d, H] d̂_f − d_f
     U: torch.Tensor | None = None  # [H, R]
     V: torch.Tensor | None = None  # [F, R]
+    n_gate: torch.Tensor | None = None  # [N, H] added neurons' gate rows
+    n_up: torch.Tensor | None = None  # [N, H]
+    n_down: torch.Tensor | None = None  # [H, N]
 
 
 class EditSource(Protocol):
@@ -78,9 +83,17 @@ def build_layer_edits(spec: ModelSpec, dense: DenseFfn, layer: int, slots: Mappi
         e.down_idx = torch.tensor(down, dtype=torch.long)
         new = torch.stack([torch.from_numpy(np.asarray(live[f].down, dtype=np.float32)) for f in down])
         e.down_diff = (new - w_down[:, e.down_idx].t().float()).to(dtype)
-    if deltas:
-        e.U = torch.from_numpy(np.concatenate([np.asarray(d.u, dtype=np.float32) for d in deltas], axis=1)).to(dtype)
-        e.V = torch.from_numpy(np.concatenate([np.asarray(d.v, dtype=np.float32) for d in deltas], axis=1)).to(dtype)
+    low_rank = [d for d in deltas if d.v is not None]
+    if low_rank:
+        e.U = torch.from_numpy(np.concatenate([np.asarray(d.u, dtype=np.float32) for d in low_rank], axis=1)).to(dtype)
+        e.V = torch.from_numpy(np.concatenate([np.asarray(d.v, dtype=np.float32) for d in low_rank], axis=1)).to(dtype)
+    neurons = [d for d in deltas if d.v is None]
+    if neurons:
+        def cat(name: str, axis: int) -> torch.Tensor:
+            return torch.from_numpy(np.concatenate([np.asarray(getattr(d, name), dtype=np.float32) for d in neurons],
+                                                   axis=axis)).to(dtype)
+
+        e.n_gate, e.n_up, e.n_down = cat("gate", 0), cat("up", 0), cat("u", 1)
     return e
 
 
@@ -123,4 +136,6 @@ class PatchedFfn:
             out = out + a[..., e.down_idx] @ e.down_diff
         if e.U is not None:
             out = out + (a @ e.V) @ e.U.t()
+        if e.n_gate is not None:
+            out = out + (self.act(F.linear(x, e.n_gate)) * F.linear(x, e.n_up)) @ e.n_down.t()
         return out

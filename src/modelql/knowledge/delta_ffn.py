@@ -1,4 +1,5 @@
-"""A weight-level edit as data: low-rank down_proj deltas, and the FFN backend that adds them.
+"""A weight-level edit as data: low-rank down_proj deltas or new FFN neurons, and the FFN backend
+that adds them.
 
 Kept apart from the solvers (`memit`, `memit_subject`) so the overlay, COMPILE and both solvers
 share one representation without importing each other."""
@@ -22,15 +23,35 @@ class EditRequest:
 
 @dataclass(frozen=True)
 class DownDelta:
-    """A low-rank update of one layer's down_proj: ΔW = u @ v.T (u [H, r], v [F, r])."""
+    """A rank-r weight-level edit of one layer's FFN, in one of two forms:
+
+    * on the layer's own activations h: ΔW_down = u @ v.T (u [H, r], v [F, r]);
+    * r new neurons (`gate`, `up` [r, H], v None) whose down columns are u:
+      ΔFFN(x) = u @ (act(gate·x) ⊙ up·x). A neuron whose gate is negative on every generic
+      token adds nothing there (SiLU(-9) ≈ -1e-3), which a linear ΔW cannot do.
+    """
 
     layer: int
     u: torch.Tensor
-    v: torch.Tensor
+    v: torch.Tensor | None
     facts: tuple[EditRequest, ...] = ()
+    gate: torch.Tensor | None = None
+    up: torch.Tensor | None = None
+
+    @property
+    def neurons(self) -> bool:
+        return self.gate is not None
 
     def dense(self) -> torch.Tensor:
+        if self.v is None:
+            raise ValueError("a neuron edit has no dense down_proj form")
         return self.u @ self.v.T
+
+    def apply(self, x: torch.Tensor, h: torch.Tensor, act) -> torch.Tensor:
+        """This edit's output for FFN input `x` and activations `h`."""
+        if self.v is None:
+            return act(x @ self.gate.to(x.dtype).T) * (x @ self.up.to(x.dtype).T) @ self.u.to(x.dtype).T
+        return (h @ self.v.to(h.dtype)) @ self.u.to(h.dtype).T
 
 
 class DeltaFfn:
@@ -38,6 +59,7 @@ class DeltaFfn:
 
     def __init__(self, base: FfnBackend, deltas: Sequence[DownDelta] = ()):
         self.base = base
+        self.act = getattr(base, "act", None)  # the family's activation, for neuron edits
         self.by_layer: dict[int, list[DownDelta]] = {}
         for d in deltas:
             self.add(d)
@@ -61,5 +83,5 @@ class DeltaFfn:
         y = self.base.forward(layer, x, {**(hooks or {}), name: capture})
         h = seen["h"]
         for d in deltas:
-            y = y + (h @ d.v.to(h.dtype)) @ d.u.to(h.dtype).T
+            y = y + d.apply(x, h, self.act)
         return y

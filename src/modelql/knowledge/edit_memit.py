@@ -25,11 +25,11 @@ def insert_memit(ps: PatchSession, items: list[tuple[str, str, str]], layer: int
     deltas = M.memit_edit(model, requests, layers=layers, params=params)
     edit_id = uuid.uuid4().hex[:12]
     conf = None if confidence is None else float(confidence)
-    ops = [vlp.DownDeltaOp(int(d.layer), d.u.detach().float().numpy().astype(np.float32),
-                           d.v.detach().float().numpy().astype(np.float32),
+    ops = [vlp.DownDeltaOp(int(d.layer), _f32(d.u), _f32(d.v),
                            entity=tuple(e for e, _, _ in items), relation=tuple(r for _, r, _ in items),
-                           target=tuple(t for _, _, t in items), edit_id=edit_id, method="memit",
-                           confidence=conf)
+                           target=tuple(t for _, _, t in items), edit_id=edit_id,
+                           method="memit-neurons" if d.neurons else "memit", confidence=conf,
+                           gate=_f32(d.gate), up=_f32(d.up))
            for d in deltas]
     auto = ps.record(ops)
     used = tuple(sorted(int(d.layer) for d in deltas))
@@ -39,6 +39,10 @@ def insert_memit(ps: PatchSession, items: list[tuple[str, str, str]], layer: int
                          1.0 if conf is None else conf, layers=used, auto_patch=auto and i == 0,
                          latency_ms=ms / len(items))
             for i, (e, r, t) in enumerate(items)]
+
+
+def _f32(t) -> np.ndarray | None:
+    return None if t is None else t.detach().float().numpy().astype(np.float32)
 
 
 def _memit_args(ps: PatchSession, layer: int | None, hparams: dict):

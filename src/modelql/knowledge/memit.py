@@ -53,6 +53,7 @@ from .delta_ffn import DeltaFfn, DownDelta, EditRequest
 from .edit_cache import base_ffn as _base_ffn
 from .edit_cache import stored as _stored
 from .edit_cache import stored_path as _stored_path
+from . import memit_neurons
 from .memit_subject import generic_covariance, generic_ready, subject_edit
 
 
@@ -88,6 +89,7 @@ class MemitParams:
     neighbours: int | None = None  # subject keys: nearest vocabulary names whose keys are preserved (`knowledge.neighbours`)
     neighbour_weight: float | None = None  # μ of their E[k kᵀ] beside the generic C
     cov_ridge: float | None = None  # exact solve: C + ridge · mean(diag C) · I
+    solver: str | None = None  # subject keys: "neurons" (new gated neurons, `memit_neurons`) | "update" (ΔW_down)
 
     def resolved(self, key: str) -> MemitParams:
         import dataclasses
@@ -108,10 +110,10 @@ FLUENCY_BOUND = 0.25
 KEY_DEFAULTS: dict[str, dict] = {
     "last": dict(contexts=0, steps=30, stop_prob=0.99, lr=0.1, kl_weight=0.0, weight_decay=1e-3, clamp_norm=4.0,
                  mom2_weight=1000.0, preserve_weight=25000.0, rounds=3, fluency_bound=1.0, exact=False,
-                 neighbours=0, neighbour_weight=0.0, cov_ridge=1e-4),
+                 neighbours=0, neighbour_weight=0.0, cov_ridge=1e-4, solver="update"),
     "subject": dict(steps=20, stop_prob=0.9, lr=0.1, kl_weight=0.0625, weight_decay=0.5, clamp_norm=1.0,
                     mom2_weight=15000.0, preserve_weight=0.0, rounds=1, fluency_bound=FLUENCY_BOUND, exact=True,
-                    contexts=2, neighbours=100, neighbour_weight=10.0, cov_ridge=1e-2),
+                    contexts=2, neighbours=100, neighbour_weight=10.0, cov_ridge=1e-2, solver="neurons"),
 }
 
 
@@ -198,6 +200,8 @@ def statistics_ready(model: Model, layers: Sequence[int] | None = None, params: 
         return False
     key, layers = site_for(model, (), layers, p)
     if key == "subject":
+        if _neurons(model, p.resolved(key)):
+            return memit_neurons.generic_ready(model, max(layers))
         return generic_ready(model, layers)
     n_pre = p.context_prefixes if p.context_in_preserve else 0
     mem_c, mem_p = model.__dict__.get("_memit_covariance", {}), model.__dict__.get("_memit_preserve", {})
@@ -214,7 +218,10 @@ def prepare_statistics(model: Model, layers: Sequence[int] | None = None, params
     p = params or MemitParams()
     key, layers = site_for(model, requests, layers, p)
     if key == "subject":
-        generic_covariance(model, layers)
+        if _neurons(model, p.resolved(key)):
+            memit_neurons.generic_inputs(model, max(layers))
+        else:
+            generic_covariance(model, layers)
         return
     prefixes = context_prefixes(p.context_prefixes) if p.context_in_preserve else ()
     for l in layers:
@@ -486,8 +493,8 @@ def memit_edit(model: Model, requests: Sequence[EditRequest], layers: Sequence[i
     if any(not 0 <= l < model.spec.num_layers for l in layers):
         raise ModelqlError(f"edit layers {layers} are outside 0..{model.spec.num_layers - 1}")
     if key == "subject":
-
-        return fluency_guard(model, subject_edit(model, requests, layers, p, progress), p.fluency_bound)
+        solve = memit_neurons.neuron_edit if _neurons(model, p) else subject_edit
+        return fluency_guard(model, solve(model, requests, layers, p, progress), p.fluency_bound)
     prefixes = context_prefixes(p.context_prefixes)
     key_templates = {r: with_contexts(relation_templates(r.relation), prefixes) for r in requests}
     templates = key_templates if p.context_in_delta else {r: relation_templates(r.relation) for r in requests}
@@ -517,6 +524,13 @@ def memit_edit(model: Model, requests: Sequence[EditRequest], layers: Sequence[i
                                            tuple(requests))
                                  for l in sorted({d.layer for d in parts})
                                  for ds in [[d for d in parts if d.layer == l]]], p.fluency_bound)
+
+
+def _neurons(model: Model, p: MemitParams) -> bool:
+    """Does a subject-key edit add neurons (`memit_neurons`) rather than update down_proj?"""
+    if p.solver not in ("neurons", "update"):
+        raise ModelqlError(f"unknown solver {p.solver!r} (neurons or update)")
+    return p.solver == "neurons" and memit_neurons.supported(model)
 
 
 class FluencyGuardError(ModelqlError):

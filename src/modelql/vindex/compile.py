@@ -188,7 +188,8 @@ def _layer_edits_canonical(spec, state: OverlayState, layer: int, tensors: dict[
         if s.down is not None:
             D[:, f] = torch.from_numpy(s.down)
             counts["down"] += 1
-    deltas = list(state.deltas.get(layer, [])) + [d for d in extra_deltas if int(d.layer) == layer]
+    deltas = [d for d in list(state.deltas.get(layer, [])) + [d for d in extra_deltas if int(d.layer) == layer]
+              if d.v is not None]  # neuron edits grow the FFN: `_add_neurons`
     for d in deltas:
         u = torch.as_tensor(np.asarray(d.u, dtype=np.float32)) if not isinstance(d.u, torch.Tensor) else d.u.float()
         v = torch.as_tensor(np.asarray(d.v, dtype=np.float32)) if not isinstance(d.v, torch.Tensor) else d.v.float()
@@ -279,6 +280,10 @@ def _compile_vindex_into(ps: PatchSession, state: OverlayState, tmp: Path, out: 
                          policy: str) -> CompileResult:
     base = ps.base
     src = Path(base.path)
+    if any(d.v is None for ds in state.deltas.values() for d in ds):
+        raise CompileError("COMPILE INTO VINDEX cannot store neuron edits (the weight-level INSERTs on subject keys "
+                           "add FFN neurons) yet; nothing was written. COMPILE CURRENT INTO MODEL bakes them: "
+                           "EXTRACT the compiled model for a vindex.")
     idx = fmt.IndexJson.read(src)
     touched = _touched(state)
     meta_layers = sorted({l for (l, _f), s in state.slots.items() if s.meta is not None or s.tombstone}
@@ -585,6 +590,8 @@ def _compile_model_into(ps: PatchSession, state: OverlayState, extra: list, tmp:
         work, _ = _edit_layer(spec, state, l, tensors, prefix, counts, extra)
         for key, t in work.items():
             tensors[key] = t
+    grown = _add_neurons(spec, state, extra, tensors, prefix)
+    counts["delta"] += sum(1 for l in range(spec.num_layers) for d in _neuron_deltas(state, extra, l))
     # standard HF names: drop a multimodal prefix (the vindex already normalised them)
     final = {k: (t.to(dtype) if t.is_floating_point() else t).contiguous() for k, t in tensors.items()}
     shards = _plan_shards(final, shard_bytes)
@@ -611,6 +618,8 @@ def _compile_model_into(ps: PatchSession, state: OverlayState, extra: list, tmp:
             cfg[key] = dname
     if "torch_dtype" not in cfg and "dtype" not in cfg:
         cfg["torch_dtype"] = dname
+    if grown:
+        cfg["intermediate_size"] = int(cfg["intermediate_size"]) + grown
     cfg_path.write_text(json.dumps(cfg, indent=2) + "\n", encoding="utf-8")
     n_features = sum(ps.base.num_features(l) for l in ps.base.layers())
     return CompileResult(
@@ -619,6 +628,49 @@ def _compile_model_into(ps: PatchSession, state: OverlayState, extra: list, tmp:
         deltas_baked=counts["delta"], knn_materialised=len({(e.entity.casefold(), e.relation.casefold())
                                                             for e in state.knn}) if extra else 0,
         tombstones=counts["tomb"], gate_overrides=counts["gate"], format="safetensors", dtype=dname)
+
+
+def _neuron_deltas(state: OverlayState, extra: Iterable, layer: int) -> list:
+    return [d for d in list(state.deltas.get(layer, [])) + [d for d in extra if int(d.layer) == layer]
+            if d.v is None]
+
+
+def _f32(a) -> torch.Tensor:
+    return a.float() if isinstance(a, torch.Tensor) else torch.as_tensor(np.asarray(a, dtype=np.float32))
+
+
+def _add_neurons(spec, state: OverlayState, extra: Iterable, tensors: dict[str, torch.Tensor], prefix: str) -> int:
+    """Bake neuron edits into the checkpoint: every layer's FFN grows by the largest number of
+    neurons any layer adds (HF configs have one intermediate size), the new rows of the layers
+    without neurons zero, so they add nothing. Returns the growth (0: no neuron edits)."""
+    extra = list(extra)
+    per_layer = {l: ds for l in range(spec.num_layers) if (ds := _neuron_deltas(state, extra, l))}
+    if not per_layer:
+        return 0
+    if spec.moe is not None or not spec.gated_ffn:
+        raise CompileError("neuron edits compile into a gated dense FFN only (this model has none)")
+    grow = max(sum(int(d.u.shape[1]) for d in ds) for ds in per_layer.values())
+    for l in range(spec.num_layers):
+        maps = _ffn_maps(spec, l)
+        if any(tm.transform not in ("", "id") for tm in maps.values()) or len(maps) != 3:
+            raise CompileError(f"neuron edits cannot grow this checkpoint's FFN layout ({spec.family}: fused "
+                               "or transformed FFN tensors)")
+        keys = {comp: _hf_key(prefix, tm.hf_name) for comp, tm in maps.items()}
+        ds = per_layer.get(l, [])
+        gate, up, down = (tensors[keys[c]] for c in _FFN_COMPONENTS)
+        h = down.shape[0]
+        g_rows = torch.zeros(grow, h, dtype=torch.float32)
+        u_rows = torch.zeros(grow, h, dtype=torch.float32)
+        d_cols = torch.zeros(h, grow, dtype=torch.float32)
+        k = 0
+        for d in ds:
+            r = int(d.u.shape[1])
+            g_rows[k:k + r], u_rows[k:k + r], d_cols[:, k:k + r] = _f32(d.gate), _f32(d.up), _f32(d.u)
+            k += r
+        tensors[keys["gate.weight"]] = torch.cat([gate.float(), g_rows])
+        tensors[keys["up.weight"]] = torch.cat([up.float(), u_rows])
+        tensors[keys["down.weight"]] = torch.cat([down.float(), d_cols], 1)
+    return grow
 
 
 def _plan_shards(tensors: dict[str, torch.Tensor], limit: int) -> list[list[str]]:

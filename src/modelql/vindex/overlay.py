@@ -70,12 +70,19 @@ class Slot:
 
 @dataclass
 class Delta:
-    """A weight-level edit of one layer: `ΔW_down += u @ v.T` (float32 numpy)."""
+    """A weight-level edit of one layer: `ΔW_down += u @ v.T`, or r new neurons (`gate`, `up`)
+    with down columns u (float32 numpy; `knowledge.delta_ffn.DownDelta`)."""
 
     layer: int
     u: np.ndarray  # [H, r]
-    v: np.ndarray  # [F, r]
+    v: np.ndarray | None  # [F, r]; None for neurons
     op: vlp.DownDeltaOp | None = None
+    gate: np.ndarray | None = None  # [r, H]
+    up: np.ndarray | None = None  # [r, H]
+
+    @property
+    def neurons(self) -> bool:
+        return self.gate is not None
 
 
 class OverlayState:
@@ -107,7 +114,7 @@ class OverlayState:
             e = op.entity.casefold()
             self.knn = [k for k in self.knn if k.entity.casefold() != e]
         elif kind == "down_delta":
-            self.deltas.setdefault(op.layer, []).append(Delta(op.layer, op.u, op.v, op))
+            self.deltas.setdefault(op.layer, []).append(Delta(op.layer, op.u, op.v, op, op.gate, op.up))
         elif kind == "delete_edit":
             for layer, ds in self.deltas.items():
                 self.deltas[layer] = [d for d in ds if d.op is None or d.op.edit_id != op.edit_id]

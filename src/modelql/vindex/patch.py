@@ -16,7 +16,9 @@ Operations (`op` tag), spec §12.2:
   mode. Fields: `layer`, `rank` (r), `u_b64` (f32 `[H, r]` row-major), `v_b64` (f32 `[F, r]`
   row-major), `entity` / `relation` / `target` (parallel lists: the facts the edit carries),
   optional `edit_id` (groups the per-layer deltas of one batch edit), `method` (e.g. "memit"),
-  `confidence`. LARQL does not know this op and rejects or ignores it; modelql refuses patches
+  `confidence`. A neuron edit (`method` "memit-neurons") instead adds r gated neurons:
+  `gate_b64` and `up_b64` (f32 `[r, H]` row-major, their gate and up rows) replace `v_b64`, and
+  `U` holds their down columns: `ΔFFN(x) = U · (act(gate·x) ⊙ up·x)`. LARQL does not know this op and rejects or ignores it; modelql refuses patches
   with any other unknown op.
 * **modelql extension** `delete_edit`: `edit_id`, `reason` (str|null): removes every earlier
   `down_delta` of that `edit_id` from the overlay (DELETE / UPDATE of a weight-level fact; the
@@ -125,13 +127,15 @@ class DownDeltaOp:
 
     layer: int
     u: np.ndarray
-    v: np.ndarray
+    v: np.ndarray | None  # None: a neuron edit (gate / up)
     entity: tuple[str, ...] = ()
     relation: tuple[str, ...] = ()
     target: tuple[str, ...] = ()
     edit_id: str | None = None
     method: str | None = None
     confidence: float | None = None
+    gate: np.ndarray | None = None  # [r, H]
+    up: np.ndarray | None = None  # [r, H]
     op: str = "down_delta"
 
     @property
@@ -323,9 +327,12 @@ def op_to_json(op: Op) -> dict[str, Any]:
     if isinstance(op, DeleteEditOp):
         return {"op": "delete_edit", "edit_id": op.edit_id, "reason": op.reason}
     if isinstance(op, DownDeltaOp):
-        d = {"op": "down_delta", "layer": op.layer, "rank": op.rank,
-             "u_b64": encode_vector(op.u), "v_b64": encode_vector(op.v),
-             "entity": list(op.entity), "relation": list(op.relation), "target": list(op.target)}
+        d = {"op": "down_delta", "layer": op.layer, "rank": op.rank, "u_b64": encode_vector(op.u)}
+        if op.v is not None:
+            d["v_b64"] = encode_vector(op.v)
+        else:
+            d["gate_b64"], d["up_b64"] = encode_vector(op.gate), encode_vector(op.up)
+        d |= {"entity": list(op.entity), "relation": list(op.relation), "target": list(op.target)}
         if op.edit_id is not None:
             d["edit_id"] = op.edit_id
         if op.method is not None:
@@ -447,7 +454,21 @@ def op_from_json(d: Any, n: int, shape: PatchShape | None) -> Op:
                            confidence=_float(d, "confidence", where))
     # down_delta
     rank = _int(d, "rank", where, 1)
-    if shape is not None:
+    gate = up = None
+    if "gate_b64" in d or "up_b64" in d:
+        if "v_b64" in d:
+            raise PatchError(f"{where}: a down_delta has either 'v_b64' or 'gate_b64'/'up_b64', not both")
+        if shape is not None:
+            u = decode_vector(d.get("u_b64"), H * rank, where).reshape(H, rank)
+            gate = decode_vector(d.get("gate_b64"), rank * H, where).reshape(rank, H)
+            up = decode_vector(d.get("up_b64"), rank * H, where).reshape(rank, H)
+        else:
+            u, gate, up = vec("u_b64"), vec("gate_b64"), vec("up_b64")
+            if u is None or gate is None or up is None or u.size % rank or gate.size != u.size or up.size != u.size:
+                raise PatchError(f"invalid vector in {where}")
+            u, gate, up = u.reshape(-1, rank), gate.reshape(rank, -1), up.reshape(rank, -1)
+        v = None
+    elif shape is not None:
         F = shape.num_features(layer)
         u = decode_vector(d.get("u_b64"), H * rank, where).reshape(H, rank)
         v = decode_vector(d.get("v_b64"), F * rank, where).reshape(F, rank)
@@ -461,7 +482,8 @@ def op_from_json(d: Any, n: int, shape: PatchShape | None) -> Op:
     if not (len(ents) == len(rels) == len(tgts)):
         raise PatchError(f"{where}: 'entity', 'relation' and 'target' lists differ in length")
     return DownDeltaOp(layer, u, v, ents, rels, tgts, edit_id=_str(d, "edit_id", where, nullable=True),
-                       method=_str(d, "method", where, nullable=True), confidence=_float(d, "confidence", where))
+                       method=_str(d, "method", where, nullable=True), confidence=_float(d, "confidence", where),
+                       gate=gate, up=up)
 
 
 def patch_from_json(data: Any, shape: PatchShape | None = None, base_model: str | None = None,

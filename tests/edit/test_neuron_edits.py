@@ -1,0 +1,114 @@
+"""Neuron edits (weight-level INSERT on subject keys adds gated FFN neurons): the FFN algebra,
+the patch format, the overlay, DELETE, and COMPILE INTO MODEL loaded by transformers."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from modelql.knowledge.delta_ffn import DeltaFfn, DownDelta
+from modelql.vindex import patch as vlp
+from modelql.vindex.compile import CompileError, compile_model, compile_vindex
+
+PROMPTS = ["The capital of France is", "Hello world", "The capital of Japan is Tokyo"]
+
+
+def _neurons(H: int, r: int, seed: int, scale: float = 0.5):
+    g = np.random.default_rng(seed)
+    return tuple((g.standard_normal(shape) * scale).astype(np.float32) for shape in ((H, r), (r, H), (r, H)))
+
+
+def _op(layer: int, H: int, r: int = 3, seed: int = 0, edit_id: str = "n1") -> vlp.DownDeltaOp:
+    u, gate, up = _neurons(H, r, seed)
+    return vlp.DownDeltaOp(layer, u, None, ("France",) * r, ("capital",) * r, ("Lima",) * r, edit_id=edit_id,
+                           method="memit-neurons", gate=gate, up=up)
+
+
+def _logits(model, prompt):
+    return model.forward(model.tokenizer.encode(prompt), logits="last")[0]
+
+
+def test_a_neuron_delta_adds_act_gate_times_up_through_its_down_columns(base_model):
+    H = base_model.spec.hidden_size
+    u, gate, up = (torch.from_numpy(a) for a in _neurons(H, 4, 1))
+    d = DownDelta(1, u, None, gate=gate, up=up)
+    x = torch.randn(2, 5, H)
+    want = base_model.ffn.forward(1, x) + (F.silu(x @ gate.T) * (x @ up.T)) @ u.T
+    got = DeltaFfn(base_model.ffn, [d]).forward(1, x)
+    assert torch.allclose(got, want, atol=1e-5)
+    assert torch.equal(DeltaFfn(base_model.ffn, [d]).forward(0, x), base_model.ffn.forward(0, x))
+    with pytest.raises(ValueError, match="no dense down_proj form"):
+        d.dense()
+
+
+def test_patch_round_trip_of_a_neuron_edit(session):
+    op = _op(1, session.base.hidden_size)
+    d = vlp.op_to_json(op)
+    assert "v_b64" not in d and {"gate_b64", "up_b64", "u_b64"} <= set(d) and d["rank"] == 3
+    for shape in (vlp.PatchShape.of(session.base), None):
+        back = vlp.op_from_json(json.loads(json.dumps(d)), 1, shape)
+        assert back.v is None and np.array_equal(back.u, op.u)
+        assert np.array_equal(back.gate, op.gate) and np.array_equal(back.up, op.up)
+    with pytest.raises(vlp.PatchError, match="either 'v_b64' or 'gate_b64'"):
+        vlp.op_from_json({**d, "v_b64": d["u_b64"]}, 1, None)
+    with pytest.raises(vlp.PatchError, match="invalid vector in operation #2"):
+        vlp.op_from_json({**d, "gate_b64": vlp.encode_vector(op.gate[:2])}, 2, vlp.PatchShape.of(session.base))
+
+
+def test_overlay_applies_neurons_and_delete_restores_bit_identical(session, base_model):
+    H = session.base.hidden_size
+    before = {p: _logits(session.model(), p) for p in PROMPTS}
+    op = _op(1, H)
+    session.record([op])
+    ref = DeltaFfn(base_model.ffn, [DownDelta(1, torch.from_numpy(op.u), None, gate=torch.from_numpy(op.gate),
+                                              up=torch.from_numpy(op.up))])
+    saved = base_model.ffn
+    base_model.ffn = ref
+    try:
+        want = {p: _logits(base_model, p) for p in PROMPTS}
+    finally:
+        base_model.ffn = saved
+    for p in PROMPTS:
+        got = _logits(session.model(), p)
+        assert torch.allclose(got, want[p], atol=1e-5)
+        assert not torch.allclose(got, before[p], atol=1e-3)
+    session.record([vlp.DeleteEditOp("n1")])
+    for p in PROMPTS:
+        assert torch.equal(_logits(session.model(), p), before[p])
+
+
+def test_compile_model_grows_the_ffn_and_transformers_agrees(session, tmp_path):
+    import transformers
+
+    from modelql.runtime import load_model
+
+    H, F_ = session.base.hidden_size, session.base.num_features(0)
+    session.record([_op(1, H, r=3, seed=2), _op(1, H, r=2, seed=3, edit_id="n2"), _op(0, H, r=1, seed=4, edit_id="n3")])
+    r = compile_model(session, tmp_path / "m", dtype="float32", materialise_knn=False)
+    assert r.deltas_baked == 3
+    cfg = json.loads((tmp_path / "m" / "config.json").read_text())
+    assert cfg["intermediate_size"] == F_ + 5  # the most any layer adds; the others' new rows are zero
+    hf = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path / "m"), dtype=torch.float32).eval()
+    mine = load_model(tmp_path / "m")
+    for p in PROMPTS:
+        ids = session.model().tokenizer.encode(p)
+        with torch.no_grad():
+            h = hf(input_ids=torch.tensor([ids])).logits[0, -1]
+        assert torch.allclose(h, _logits(session.model(), p), atol=1e-4)
+        assert torch.allclose(_logits(mine, p), _logits(session.model(), p), atol=1e-4)
+    g = compile_model(session, tmp_path / "m.gguf", format="gguf", materialise_knn=False)
+    assert g.deltas_baked == 3
+    gm = load_model(tmp_path / "m.gguf")
+    for p in PROMPTS:
+        assert torch.allclose(_logits(gm, p), _logits(session.model(), p), atol=1e-4)
+
+
+def test_compile_vindex_refuses_neuron_edits_and_writes_nothing(session, tmp_path):
+    session.record([_op(1, session.base.hidden_size)])
+    with pytest.raises(CompileError, match="cannot store neuron edits.*COMPILE CURRENT INTO MODEL"):
+        compile_vindex(session, tmp_path / "out.vindex")
+    assert list(tmp_path.iterdir()) == []
