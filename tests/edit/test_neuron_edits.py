@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 from modelql.knowledge.delta_ffn import DeltaFfn, DownDelta
 from modelql.vindex import patch as vlp
-from modelql.vindex.compile import CompileError, compile_model, compile_vindex
+from modelql.vindex.compile import compile_model, compile_vindex
 
 PROMPTS = ["The capital of France is", "Hello world", "The capital of Japan is Tokyo"]
 
@@ -107,8 +107,25 @@ def test_compile_model_grows_the_ffn_and_transformers_agrees(session, tmp_path):
         assert torch.allclose(_logits(gm, p), _logits(session.model(), p), atol=1e-4)
 
 
-def test_compile_vindex_refuses_neuron_edits_and_writes_nothing(session, tmp_path):
+def test_compile_vindex_re_extracts_with_the_neurons(session, vindex_dir, tmp_path):
+    """The FFN grows, so the vindex is extracted again from the compiled weights: same answers,
+    the base's features keep their indices (gate rows equal) and its labels are carried over."""
+    from modelql.vindex import Vindex
+    from modelql.vindex.overlay import PatchSession
+
+    from tests.edit.conftest import file_digests
+
+    before = file_digests(vindex_dir)
     session.record([_op(1, session.base.hidden_size)])
-    with pytest.raises(CompileError, match="cannot store neuron edits.*COMPILE CURRENT INTO MODEL"):
-        compile_vindex(session, tmp_path / "out.vindex")
-    assert list(tmp_path.iterdir()) == []
+    r = compile_vindex(session, tmp_path / "out.vindex")
+    assert file_digests(vindex_dir) == before
+    assert [p.name for p in tmp_path.iterdir()] == ["out.vindex"] and r.deltas_baked == 1
+    vx = Vindex.load(tmp_path / "out.vindex")
+    assert vx.verify().ok
+    F_ = session.base.num_features(1)
+    assert vx.num_features(1) == F_ + 3 and vx.num_features(0) == session.base.num_features(0) + 3
+    assert torch.allclose(vx.gate_row(1, 5), session.base.gate_row(1, 5))
+    assert (tmp_path / "out.vindex" / "feature_labels.json").read_text() == (vindex_dir / "feature_labels.json").read_text()
+    fresh = PatchSession(vx)
+    for p in PROMPTS:
+        assert torch.allclose(_logits(fresh.model(), p), _logits(session.model(), p), atol=1e-4)

@@ -372,4 +372,39 @@ over generic keys = tr(R (KᵀC⁻¹K)⁻¹ Rᵀ), which C from 6k sampled token
 larger sampled corpus (the capture now stops at the top edited layer, a third of the cost),
 more layers for a smaller per-layer R, and a KL term on generic text in δ's objective.
 
+Neuron edits (the default for subject keys since stop 26, `knowledge.memit_neurons`). The
+leakage above is linear: ΔW k is non-zero for every generic key k that overlaps the subjects'
+keys. Measured on the 20-edit batch, the held-out generic tokens (the fluency prompts'
+continuations) leaked 1.6–2× more than the sampled corpus C was fitted on (mean ‖ΔW k‖ 7.5 vs
+4.8 at layer 5), so a better C alone could not close it. A gated neuron can be silent instead:
+at every layer 3–11 a ridge least-squares read-out of the FFN input separated each edited
+subject (its prompt after the sampled prefixes) from all ~33k held-out negative tokens (the
+fluency continuations, the locality prompts; 3 of 32,840 above 0, the mean maximum −0.3 against
++1 on the subject). One neuron per fact at the top traced layer, gate = 30 × that read-out,
+down = δ / its activation, same δ, same batch (the harness):
+
+=================================================  ========  ========  ========  =======  =========
+configuration (same δ as above)                    efficacy  para all  locality  fluency  ppl ratio
+=================================================  ========  ========  ========  =======  =========
+ΔW_down, 100 neighbours, μ = 10 (the old default)    100.0%     70.0%     94.9%    25.0%     1.0368
+20 least-used neurons of layer 9 replaced            100.0%     88.0%     94.9%    90.0%     1.0048
+  same, down × 2                                     100.0%     80.0%     94.9%    90.0%     1.0048
+20 neurons added at layer 9 (the default)            100.0%     86.0%     97.4%   100.0%     1.0000
+  same, down × 0 (the neurons alone)                   0.0%      0.0%    100.0%   100.0%     1.0000
+=================================================  ========  ========  ========  =======  =========
+
+Replacing existing neurons (no change of shape) cost 10% fluency by itself, so the edit adds
+them: the overlay runs them beside the layer's features, and COMPILE grows every layer's FFN by
+the largest number any layer adds (zero rows elsewhere; HF configs have one intermediate size).
+
+The default through the product path (`python bench/edit.py --model SmolLM2-135M-Instruct.Q4_1.gguf
+--edits 20`, the default fluency guard on; load average ≈ 9 on 2 cores):
+
+==============================  ========  ========  ==========  ========  =======  =========
+stage (neurons at layer 9)      efficacy  para all  para known  locality  fluency  ppl ratio
+==============================  ========  ========  ==========  ========  =======  =========
+session                           100.0%     83.8%       89.7%    100.0%   100.0%     1.0000
+COMPILE → transformers            100.0%     83.8%       89.7%    100.0%   100.0%     1.0000
+==============================  ========  ========  ==========  ========  =======  =========
+
 """

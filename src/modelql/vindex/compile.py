@@ -36,7 +36,7 @@ from ..errors import CapabilityError, CompileError, VindexError
 from ..fsutil import atomic_directory
 from . import format as fmt
 from . import patch as vlp
-from .checksums import compute_checksums
+from .checksums import compute_checksums, files_to_hash
 from .overlay import OverlayState, OverlayView, PatchSession
 
 CONFLICT_POLICIES = ("last_wins", "highest_confidence", "fail")
@@ -281,9 +281,7 @@ def _compile_vindex_into(ps: PatchSession, state: OverlayState, tmp: Path, out: 
     base = ps.base
     src = Path(base.path)
     if any(d.v is None for ds in state.deltas.values() for d in ds):
-        raise CompileError("COMPILE INTO VINDEX cannot store neuron edits (the weight-level INSERTs on subject keys "
-                           "add FFN neurons) yet; nothing was written. COMPILE CURRENT INTO MODEL bakes them: "
-                           "EXTRACT the compiled model for a vindex.")
+        return _compile_vindex_regrown(ps, state, tmp, out, coll, policy)
     idx = fmt.IndexJson.read(src)
     touched = _touched(state)
     meta_layers = sorted({l for (l, _f), s in state.slots.items() if s.meta is not None or s.tombstone}
@@ -340,8 +338,6 @@ def _compile_vindex_into(ps: PatchSession, state: OverlayState, tmp: Path, out: 
     names = [n for n in rewritten if (tmp / n).is_file()]
     fresh = compute_checksums(tmp, names) if names else {}
     sums = {}
-    from .checksums import files_to_hash
-
     for n in files_to_hash(tmp):
         if n in fresh:
             sums[n] = fresh[n]
@@ -358,6 +354,53 @@ def _compile_vindex_into(ps: PatchSession, state: OverlayState, tmp: Path, out: 
         strategy=policy.upper(), down_overrides=counts["down"], layers_touched=len(touched),
         knn_entries=len(knn), size_bytes=_size(tmp), deltas_baked=counts["delta"], tombstones=counts["tomb"],
         gate_overrides=len(gate_rows), files_rewritten=tuple(sorted(n for n in rewritten if (tmp / n).exists())))
+
+
+def _compile_vindex_regrown(ps: PatchSession, state: OverlayState, tmp: Path, out: Path, coll: dict,
+                            policy: str) -> CompileResult:
+    """A vindex with neuron edits baked in. They grow every layer's FFN, which the base's files
+    cannot take in place, so the edited model is compiled (as COMPILE INTO MODEL does) and
+    extracted again at the base's level and dtype. The neurons are appended, every base feature
+    keeps its index, so the base's probe labels, clusters and any other file extraction does not
+    make are carried over; the KNN store is the effective one."""
+    from .extract import extract
+
+    base = ps.base
+    src = Path(base.path)
+    if not ps.has_weights or not base.has_weights:
+        raise CapabilityError(f"COMPILE INTO VINDEX of neuron edits re-extracts the edited model and needs its "
+                              f"weights: {src.name} is a {base.extract_level}-level vindex.")
+    idx = fmt.IndexJson.read(src)
+    model_dir = tmp / ".model"
+    model_dir.mkdir()
+    m = _compile_model_into(ps, state, [], model_dir, out, None, DEFAULT_MODEL_SHARD_BYTES)
+    fresh = tmp / ".vindex"
+    extract(model_dir, fresh, level=base.extract_level, dtype=idx.dtype, down_top_k=idx.down_top_k or 10,
+            clusters=False, model_id=idx.model)
+    shutil.rmtree(model_dir)
+    for p in fresh.iterdir():
+        p.rename(tmp / p.name)
+    fresh.rmdir()
+    carried = []
+    for p in sorted(src.iterdir()):
+        if p.is_file() and not p.name.startswith(".") and (not (tmp / p.name).exists() or p.name == fmt.LABELS_FILE):
+            (tmp / p.name).unlink(missing_ok=True)
+            _link_or_copy(p, tmp / p.name)
+            carried.append(p.name)
+    if state.knn:
+        fmt.write_knn_store(tmp / fmt.KNN_FILE, state.knn, idx.hidden_size)
+        carried.append(fmt.KNN_FILE)
+    new = fmt.IndexJson.read(tmp)
+    sums = dict(new.checksums or {})
+    sums.update(compute_checksums(tmp, [n for n in carried if n in set(files_to_hash(tmp))]))
+    new.checksums = sums
+    new.write(tmp)
+    n_features = sum(new.layer_info(l).num_features for l in range(new.num_layers) if new.layer_info(l))
+    return CompileResult(
+        source=str(src), output=str(out), target="vindex", features=n_features, conflicts=len(coll),
+        strategy=policy.upper(), down_overrides=m.down_overrides, layers_touched=m.layers_touched,
+        knn_entries=len(state.knn), size_bytes=_size(tmp), deltas_baked=m.deltas_baked, tombstones=m.tombstones,
+        gate_overrides=m.gate_overrides, files_rewritten=tuple(sorted(p.name for p in tmp.iterdir() if p.is_file())))
 
 
 def _weight_index(src: Path) -> dict[str, str]:
