@@ -59,8 +59,10 @@ EXTENSIONS: tuple[Extension, ...] = (
     Extension("HTTP", "X-Session-Id on walk-ffn / infer", "a session's own overlay for every route"),
     Extension("HTTP", "/v1/{model_id}/... (multi-model mode)", "knowledge routes of several served models"),
     # -- .vlp patches --
-    Extension("patch", "op \"down_delta\"", "a MEMIT weight edit (low-rank update of a layer's down "
-              "projection): not one of LARQL's ops, so only modelql applies a patch holding one"),
+    Extension("patch", "op \"down_delta\"", "a MEMIT weight edit: a low-rank update of a layer's down "
+              "projection (`u_b64`, `v_b64`), or new gated FFN neurons (`u_b64` their down columns, `gate_b64`, "
+              "`up_b64` their gate and up rows `[rank, H]`, `method` \"memit-neurons\"; COMPILE grows the FFN by "
+              "their number). Not one of LARQL's ops, so only modelql applies a patch holding one"),
     # -- vindex files --
     Extension("vindex", "checksums of every file", "index.json lists a SHA-256 for every file, not only "
               "LARQL's ten (LARQL reads the ones it knows)"),

@@ -21,7 +21,7 @@ from typing import Any
 from modelql.errors import CapabilityError, ModelqlError, PatchError
 from modelql.lql import ast
 from modelql.lql import render as _render
-from modelql.lql.executor import Executor, handles
+from modelql.lql.handlers import Executing, handles
 from modelql.lql.render import Table, format_bytes, format_count
 from modelql.lql.session import LqlExecutionError
 
@@ -141,7 +141,7 @@ class Diffed:
 
 @handles(ast.Insert)
 @_errors
-def _insert(ex: Executor, stmt: ast.Insert):
+def _insert(ex: Executing, stmt: ast.Insert):
     from modelql.knowledge import edit
 
     ps = patch_session(ex.session, "INSERT")
@@ -160,7 +160,7 @@ def _insert(ex: Executor, stmt: ast.Insert):
 
 @handles(ast.Delete)
 @_errors
-def _delete(ex: Executor, stmt: ast.Delete):
+def _delete(ex: Executing, stmt: ast.Delete):
     from modelql.knowledge import edit
 
     ps = patch_session(ex.session, "DELETE")
@@ -169,7 +169,7 @@ def _delete(ex: Executor, stmt: ast.Delete):
 
 @handles(ast.Update)
 @_errors
-def _update(ex: Executor, stmt: ast.Update):
+def _update(ex: Executing, stmt: ast.Update):
     from modelql.knowledge import edit
 
     ps = patch_session(ex.session, "UPDATE")
@@ -178,7 +178,7 @@ def _update(ex: Executor, stmt: ast.Update):
 
 @handles(ast.Merge)
 @_errors
-def _merge(ex: Executor, stmt: ast.Merge):
+def _merge(ex: Executing, stmt: ast.Merge):
     from modelql.knowledge import edit
 
     session = ex.session
@@ -204,7 +204,7 @@ def _merge(ex: Executor, stmt: ast.Merge):
 
 
 @handles(ast.BeginPatch)
-def _begin(ex: Executor, stmt: ast.BeginPatch):
+def _begin(ex: Executing, stmt: ast.BeginPatch):
     ps = patch_session(ex.session, "BEGIN PATCH")
     kept = len(ps.recording.ops) if ps.recording is not None and ps.recording.anonymous else 0
     try:
@@ -215,7 +215,7 @@ def _begin(ex: Executor, stmt: ast.BeginPatch):
 
 
 @handles(ast.SavePatch)
-def _save(ex: Executor, stmt: ast.SavePatch):
+def _save(ex: Executing, stmt: ast.SavePatch):
     session = ex.session
     ps = getattr(session, "overlay", None)
     if ps is None or ps.recording is None:
@@ -233,7 +233,7 @@ def _save(ex: Executor, stmt: ast.SavePatch):
 
 
 @handles(ast.ApplyPatch)
-def _apply(ex: Executor, stmt: ast.ApplyPatch):
+def _apply(ex: Executing, stmt: ast.ApplyPatch):
     session = ex.session
     ps = patch_session(session, "APPLY PATCH")
     path = session.resolve(stmt.path)
@@ -250,7 +250,7 @@ def _apply(ex: Executor, stmt: ast.ApplyPatch):
 
 
 @handles(ast.RemovePatch)
-def _remove(ex: Executor, stmt: ast.RemovePatch):
+def _remove(ex: Executing, stmt: ast.RemovePatch):
     session = ex.session
     ps = getattr(session, "overlay", None)
     if ps is None:
@@ -269,7 +269,7 @@ def _remove(ex: Executor, stmt: ast.RemovePatch):
 
 
 @handles(ast.ShowPatches)
-def _show_patches(ex: Executor, stmt: ast.ShowPatches):
+def _show_patches(ex: Executing, stmt: ast.ShowPatches):
     session = ex.session
     session.require_vindex("SHOW PATCHES", mutation=True)
     ps = getattr(session, "overlay", None)
@@ -307,7 +307,7 @@ def _source(session, ref, keyword: str):
 
 @handles(ast.Compile)
 @_errors
-def _compile(ex: Executor, stmt: ast.Compile):
+def _compile(ex: Executing, stmt: ast.Compile):
     from modelql.vindex import compile as C
 
     session = ex.session
@@ -326,7 +326,7 @@ def _compile(ex: Executor, stmt: ast.Compile):
 
 @handles(ast.Diff)
 @_errors
-def _diff(ex: Executor, stmt: ast.Diff):
+def _diff(ex: Executing, stmt: ast.Diff):
     from modelql.vindex import compile as C
 
     session = ex.session

@@ -17,7 +17,6 @@ in one shared session, keep going after a failure; it returns one ``Outcome`` pe
 
 from __future__ import annotations
 
-import importlib
 import os
 import time
 from dataclasses import dataclass, field
@@ -29,42 +28,14 @@ from modelql.lql import ast
 from modelql.lql.results import (
     Executed, Extracted, LayerRow, LayersResult, ModelRow, ModelsResult, ModelStats, TraceSaved,
 )
+from modelql.lql.handlers import HANDLERS, NOT_YET, handles, knowledge, not_available
 from modelql.lql.session import LqlExecutionError, NoBackendError, Session
+from modelql.lql import editing as _editing  # noqa: F401 — the mutation, patch, COMPILE and DIFF handlers register themselves
 
 __all__ = [
     "Executor", "Outcome", "run_batch", "CapabilityError", "LqlExecutionError", "NoBackendError",
     "HANDLERS", "NOT_YET", "not_available",
 ]
-
-Handler = Callable[["Executor", Any], Any]
-
-#: AST class -> handler(executor, stmt) -> typed value (or a list of values).
-HANDLERS: dict[type[ast.Statement], Handler] = {}
-
-#: The spec's optional statements modelql does not implement: they parse, then answer
-#: "<KEYWORD> is not available yet".
-NOT_YET: frozenset[type[ast.Statement]] = frozenset({
-    ast.Rebalance, ast.CompactMinor, ast.CompactMajor, ast.ShowCompactStatus,
-})
-
-
-def not_available(keyword: str) -> CapabilityError:
-    return CapabilityError(f"{keyword} is not available yet")
-
-
-def handles(*classes: type[ast.Statement]):
-    def register(fn: Handler) -> Handler:
-        for cls in classes:
-            HANDLERS[cls] = fn
-        return fn
-
-    return register
-
-
-def knowledge(name: str) -> Callable[..., Any]:
-    """``modelql.knowledge.<name>``, imported when a statement first needs it (parsing stays light)."""
-    return getattr(importlib.import_module("modelql.knowledge"), name)
-
 
 # ---------------------------------------------------------------------------------------------
 # the executor
@@ -470,6 +441,3 @@ def run_batch(
             on_outcome(outcome)
     return outcomes
 
-
-# the mutation, patch, COMPILE and DIFF handlers register themselves (imported last: they import this module)
-from modelql.lql import editing as _editing  # noqa: E402,F401
