@@ -12,8 +12,9 @@ Here each fact gets one new neuron in the top edit layer L (the causal trace's c
    the fact (`memit_subject.target_deltas`, unchanged);
 2. the neuron's gate is a linear read-out of the FFN input x at L that is +1 at the subject's
    last token (the fact's prompt after the sampled generic prefixes, the prompt in the model's
-   chat template, and the bare name after a few openers) and -1 on everything it must leave
-   alone: every token of the model's own sampled generic text (`generic_text.corpus`), the
+   chat template, and the name after a few openers) and -1 on everything it must leave
+   alone: every token of the model's own sampled generic text (`generic_text.corpus`), a
+   thousand vocabulary words each opening a prompt (the first position is an outlier), the
    edited entities' nearest vocabulary names (`knowledge.neighbours`), the other tokens of the
    positive prompts and the batch's other subjects. Weighted ridge least squares, classes
    weighing alike. Scaled by `GATE_SCALE`, a negative read-out switches the neuron off
@@ -47,7 +48,10 @@ from .neighbours import neighbour_entities
 
 GATE_SCALE = 30.0
 GATE_RIDGE = 1e-3
-MENTION_OPENERS = ("", "We talked about", "I read a book about")
+# never the name alone: at a prompt's first position a δ does not carry (the attention sink; measured
+# on SmolLM2: "France's capital city is" kept its answer with the gate fully on), while a gate
+# trained to fire there fires on whatever word opens a prompt
+MENTION_OPENERS = ("We talked about", "I read a book about", "Tell me about")
 
 
 def supported(model: Model) -> bool:
@@ -60,8 +64,30 @@ def _inputs(model: Model, seqs: Sequence[Sequence[int]], layer: int) -> list[tor
     return _multi(model, seqs, [name])[name]
 
 
+FIRST_WORDS = 1000
+
+
 def _stats_name(layer: int) -> str:
-    return f"ninputs-{G.corpus_tag()}-L{layer}"
+    return f"ninputs-{G.corpus_tag()}-w{FIRST_WORDS}-L{layer}"
+
+
+def _first_words(model: Model, n: int) -> list[list[int]]:
+    """`n` vocabulary words, each alone as a prompt (token ids). The first position's state is an
+    outlier (the attention sink) that the sampled text holds only a couple of dozen of, so a gate
+    fitted without them can fire on whatever word opens a prompt ("Water boils at")."""
+    tok = model.tokenizer
+    if n <= 0:
+        return []
+    step = max(1, tok.vocab_size // (8 * n))
+    words, seen = [], set()
+    for i in range(0, tok.vocab_size, step):
+        w = tok.decode([i]).strip()
+        if len(w) >= 3 and w.isalpha() and w.casefold() not in seen:
+            seen.add(w.casefold())
+            words.append(tok.encode(w))
+            if len(words) == n:
+                break
+    return words
 
 
 def generic_inputs(model: Model, layer: int) -> tuple[torch.Tensor, torch.Tensor, int]:
@@ -72,6 +98,9 @@ def generic_inputs(model: Model, layer: int) -> tuple[torch.Tensor, torch.Tensor
         def compute() -> torch.Tensor:
             with base_ffn(model):
                 x = torch.cat(_inputs(model, G.corpus(model), layer)).double()
+                words = _first_words(model, FIRST_WORDS)
+                if words:
+                    x = torch.cat([x, torch.stack([w[-1] for w in _inputs(model, words, layer)]).double()])
             return torch.cat([x.T @ x, x.sum(0)[None], torch.full((1, x.shape[1]), float(len(x)))])
 
         cache[layer] = stored(model, _stats_name(layer), compute)
