@@ -120,6 +120,55 @@ def with_random_blocks(src: Path, dst: Path, qtype_of, seed: int = 0, std: float
     return types
 
 
+def requantized(src: Path, dst: Path, qtype: str) -> dict[str, str]:
+    """Copy the GGUF `src` to `dst` with every matrix whose rows split into `qtype` blocks quantized to
+    `qtype` by gguf-py's own quantizer (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0): the same model, quantized as
+    llama.cpp's quantizer would (those types have one rounding rule). Returns name → type."""
+    import gguf
+    from gguf import GGML_QUANT_SIZES, GGMLQuantizationType as Q
+    from gguf.quants import quantize
+
+    block = GGML_QUANT_SIZES[Q[qtype]][0]
+    return _rewrite(src, dst, lambda name, rows, cols, floats: (
+        (quantize(floats(), Q[qtype]), qtype) if cols % block == 0 else None))
+
+
+def _rewrite(src: Path, dst: Path, replace) -> dict[str, str]:
+    """Copy a GGUF with matrices replaced: `replace(name, rows, cols, floats)` → (data, type) or None."""
+    import gguf
+    from gguf.quants import dequantize
+
+    reader = gguf.GGUFReader(str(src))
+    writer = gguf.GGUFWriter(str(dst), arch=reader.get_field(gguf.Keys.General.ARCHITECTURE).contents())
+    for field in reader.fields.values():
+        if field.name == gguf.Keys.General.ARCHITECTURE or field.name.startswith("GGUF."):
+            continue
+        kind = field.types[0]
+        writer.add_key_value(field.name, field.contents(), kind,
+                             sub_type=field.types[-1] if kind == gguf.GGUFValueType.ARRAY else None)
+    types: dict[str, str] = {}
+    tensors = []
+    for t in reader.tensors:
+        data, raw = t.data, t.tensor_type
+        if len(t.shape) == 2:
+            cols, rows = (int(x) for x in t.shape)
+            floats = lambda t=t, rows=rows, cols=cols: dequantize(t.data, t.tensor_type).reshape(rows, cols)  # noqa: E731
+            got = replace(t.name, rows, cols, floats)
+            if got is not None:
+                data, qtype = got
+                raw = gguf.GGMLQuantizationType[qtype]
+                types[t.name] = qtype
+        writer.add_tensor_info(t.name, data.shape, data.dtype, data.nbytes, raw)
+        tensors.append(data)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_ti_data_to_file()
+    for data in tensors:
+        writer.write_tensor_data(data)
+    writer.close()
+    return types
+
+
 def _status_mb(key: str) -> float:
     with open("/proc/self/status") as fh:
         return int(fh.read().split(key + ":")[1].split()[0]) / 1024

@@ -53,7 +53,7 @@ def test_moe_layer_fields_round_trip():
 
 def test_index_rejections(tmp_path):
     d = _index().to_json()
-    for patch, msg in [({"dtype": "bf16"}, "unsupported dtype"), ({"quant": "q4k"}, "quantised"),
+    for patch, msg in [({"dtype": "bf16"}, "unsupported dtype"), ({"quant": "q9_9"}, "unsupported quant"),
                        ({"extract_level": "max"}, "extract_level"), ({"version": 3}, "format version 3"),
                        ({"num_layers": "x"}, "wrong type")]:
         (tmp_path / "index.json").write_text(json.dumps({**d, **patch}))

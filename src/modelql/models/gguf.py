@@ -429,29 +429,32 @@ class GgufSource:
         raw = np.frombuffer(self._mm, dtype=np.uint8, count=per, offset=t.offset + expert * per)
         return self._decode(raw, t.tensor_type, shape, gguf_name)
 
-    def packed(self, hf_name: str):
-        """The HF tensor `hf_name` in `MatMulNBits` layout (`modelql.models.quant.Packed`) made from the
-        file's blocks without a float copy of the matrix, or None when it is not a quantisable matrix
-        (a vector, a transposed GPT-2 weight, a Gemma norm, ...)."""
-        from .quant import pack_gguf
-
+    def blocks(self, hf_name: str) -> tuple[np.ndarray, str, tuple[int, int]] | None:
+        """The HF matrix `hf_name` as the file stores it: (raw blocks [N rows, bytes per row] in HF row
+        order, GGML type name, (N, K)), or None when HF's layout is not a row permutation of the file's
+        (a vector, a transposed GPT-2 weight, a Gemma norm, a fused Phi-3 matrix). Rows are a view of the
+        mapping unless they had to be reordered (llama's rotary Q/K permutation, undone exactly: blocks
+        never straddle rows)."""
         entry = self._sources.get(hf_name)
         if entry is None:
             return None
         gguf_name, steps = entry
         t = self._tensors[gguf_name]
-        if len(t.dims) != 2 or t.dims[0] % 32 or any(s not in ("unpermute_q", "unpermute_k") for s in steps):
+        if len(t.dims) != 2 or any(s not in ("unpermute_q", "unpermute_k") for s in steps):
             return None
         n, k = t.shape
-        try:
-            packed = pack_gguf(self._raw(t).reshape(n, -1), t.tensor_type.name, (n, k))
-        except Exception as exc:  # gguf raises assorted errors on malformed blocks
-            raise ModelFormatError(f"{self.path.name}: cannot read tensor {gguf_name}: {exc}") from None
+        raw = self._raw(t).reshape(n, -1)
         for step in steps:
             heads = self.config["num_attention_heads" if step == "unpermute_q" else "num_key_value_heads"]
-            order = unpermute_qk(torch.arange(n), heads).numpy()
-            packed = packed.take_rows(order)
-        return packed
+            raw = raw[unpermute_qk(torch.arange(n), heads).numpy()]
+        return raw, t.tensor_type.name, (n, k)
+
+    def packed(self, hf_name: str):
+        """The HF tensor `hf_name` in `MatMulNBits` layout (`modelql.models.quant.Packed`) made from the
+        file's blocks without a float copy of the matrix, or None when it is not a quantisable matrix."""
+        from .quant import pack_blocks
+
+        return pack_blocks(self.blocks(hf_name), f"{self.path.name}: tensor {hf_name}")
 
     def release_pages(self) -> None:
         """Drop the file's pages from this process's resident set (they are re-read on demand)."""
@@ -461,10 +464,12 @@ class GgufSource:
             except (OSError, ValueError):
                 pass
 
-    def storage_types(self) -> dict[str, int]:
-        """GGUF tensor type → parameter count, over the whole file."""
+    def storage_types(self, matrices: bool = False) -> dict[str, int]:
+        """GGUF tensor type → parameter count, over the whole file (`matrices`: 2-D and larger tensors only)."""
         out: dict[str, int] = {}
         for t in self._tensors.values():
+            if matrices and len(t.dims) < 2:
+                continue
             out[t.tensor_type.name] = out.get(t.tensor_type.name, 0) + int(np.prod(t.dims, dtype=np.int64))
         return out
 

@@ -320,6 +320,36 @@ def pack_gguf(raw: np.ndarray, qtype: str, shape: tuple[int, int], measure: bool
     return out
 
 
+def pack_blocks(blocks: tuple[np.ndarray, str, tuple[int, int]] | None, what: str) -> Packed | None:
+    """`pack_gguf` of a source's `blocks(name)` answer (None stays None, as does a row width the kernel's
+    blocks of 32 do not divide); a malformed block is a `ModelFormatError` naming `what`."""
+    from ..errors import ModelFormatError
+
+    if blocks is None:
+        return None
+    raw, qtype, shape = blocks
+    if shape[1] % BLOCK:
+        return None
+    try:
+        return pack_gguf(raw, qtype, shape)
+    except Exception as exc:  # gguf raises assorted errors on malformed blocks
+        raise ModelFormatError(f"{what}: cannot read blocks ({exc})") from None
+
+
+def dequantize_rows(raw: np.ndarray, qtype: str, width: int) -> np.ndarray:
+    """float32 [n, width] from raw rows of blocks [n, bytes per row] of GGML type `qtype` (gguf's own
+    dequantisers; F32/F16/BF16 rows are reinterpreted)."""
+    raw = np.asarray(raw)
+    if qtype in ("F32", "F16", "BF16"):
+        out = _float_rows(np.ascontiguousarray(raw), qtype)
+    else:
+        from gguf import GGMLQuantizationType
+        from gguf.quants import dequantize
+
+        out = dequantize(raw, GGMLQuantizationType[qtype])
+    return np.ascontiguousarray(out, np.float32).reshape(raw.shape[0], width)
+
+
 def _float_rows(rows: np.ndarray, qtype: str) -> np.ndarray:
     if qtype == "F32":
         return rows.copy().view(np.float32)

@@ -29,6 +29,10 @@ def open_source(path: str | Path | None) -> WeightSource:
         return GgufSource(p)
     if p.is_dir() and (p / "index.json").exists() and not (p / "config.json").exists():
         raise ModelFormatError(f"{p} is a browse-only vindex: it has no model weights")
+    from ..vindex.blocks import BlockSource, is_block_vindex
+
+    if p.is_dir() and is_block_vindex(p):
+        return BlockSource(p)
     return SafetensorsSource(p)
 
 

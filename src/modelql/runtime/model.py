@@ -201,10 +201,12 @@ class Model:
         from ..models.source import load_canonical
 
         quant = self.quant
-        weights = load_canonical(quant.source, self.spec, self.dtype)
-        ffn = self.__dict__.pop("ffn", None)
-        self.quant = None
-        self._init_float(weights, ffn)
+        # outside inference mode even when first reached inside it: edits take gradients through these
+        with torch.inference_mode(False):
+            weights = load_canonical(quant.source, self.spec, self.dtype)
+            ffn = self.__dict__.pop("ffn", None)
+            self.quant = None
+            self._init_float(weights, ffn)
 
     @property
     def quantized(self) -> bool:

@@ -44,6 +44,7 @@ def supports(spec: ModelSpec) -> str | None:
         (not spec.learned_positions, "learned positions"),
         (spec.moe is None, "mixture-of-experts layers"),
         (spec.uniform_attention and not spec.per_layer_input, "per-layer attention shapes"),
+        (spec.head_dim % 16 == 0, "a head size that is not a multiple of 16"),  # GroupQueryAttention's rule
         (rope is not None and rope.kind in ("default", "linear", "llama3", "yarn")
          and rope.partial_rotary_factor == 1.0, "its RoPE variant"),
     ]

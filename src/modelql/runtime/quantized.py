@@ -58,9 +58,9 @@ def ort_available() -> bool:
 
 
 def gguf_is_quantized(source) -> bool:
-    """Whether a GGUF file's matrices are stored low-bit (so loading them as float would multiply memory)."""
-    types = {t.tensor_type.name for t in source._tensors.values() if len(t.dims) >= 2}
-    return bool(types - {"F32", "F16", "BF16"})
+    """Whether a block source's (GGUF file, quantized vindex) matrices are stored low-bit (so loading them
+    as float would multiply memory)."""
+    return bool(set(source.storage_types(matrices=True)) - {"F32", "F16", "BF16"})
 
 
 def why_not(spec: ModelSpec, source: WeightSource, mode: str) -> str | None:
@@ -149,27 +149,18 @@ def load_quantized(source: WeightSource, spec: ModelSpec, mode: str, threads: in
 def _embedding_reader(source: WeightSource, spec: ModelSpec, prefix: str, mode: str):
     """ids → float32 rows: from the GGUF's blocks per lookup, or from a packed copy of the table."""
     hf = prefix + spec.global_map["embed.weight"].hf_name
-    raw_entry = getattr(source, "_sources", {}).get(hf)
-    if mode == "gguf" and raw_entry is not None and not raw_entry[1]:
-        from gguf import GGMLQuantizationType
-        from gguf.quants import dequantize
+    blocks = source.blocks(hf) if mode == "gguf" and hasattr(source, "blocks") else None
+    if blocks is not None:
+        from ..models.quant import dequantize_rows
 
-        t = source._tensors[raw_entry[0]]
-        rows = source._raw(t).reshape(t.shape[0], -1)
-        qtype = GGMLQuantizationType[t.tensor_type.name]
-        width = t.shape[1]
+        rows, qtype, (_, width) = blocks
 
-        def gguf_rows(ids: torch.Tensor) -> torch.Tensor:
+        def block_rows(ids: torch.Tensor) -> torch.Tensor:
             flat = ids.reshape(-1).numpy()
-            if t.tensor_type.name == "F32":
-                out = rows[flat].copy().view(np.float32)
-            elif t.tensor_type.name == "F16":
-                out = rows[flat].copy().view(np.float16).astype(np.float32)
-            else:
-                out = dequantize(rows[flat], qtype).reshape(len(flat), width)
-            return torch.from_numpy(np.ascontiguousarray(out, np.float32)).reshape(*ids.shape, width)
+            out = dequantize_rows(rows[flat], qtype, width)
+            return torch.from_numpy(out).reshape(*ids.shape, width)
 
-        return gguf_rows
+        return block_rows
     table = _matrix(source, spec, "embed.weight", prefix, mode if mode != "gguf" else "int8")
 
     def packed_rows(ids: torch.Tensor) -> torch.Tensor:

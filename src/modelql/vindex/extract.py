@@ -38,6 +38,7 @@ from ..models.source import WeightSource, canonical_tensor, resolve_prefix
 from ..models.spec import ModelSpec
 from . import format as fmt
 from .bands import resolve_bands
+from .blocks import WEIGHT_MANIFEST, BlockWriter, is_low_bit, layer_order, quant_name
 from .checksums import compute_checksums, files_to_hash, record
 from .vindex import decode_vocab, load_tokenizer, topk_exact
 
@@ -83,6 +84,17 @@ class ExtractResult:
     bytes_written: int
     seconds: float
     seconds_down_meta: float = 0.0  # of which: the E·W_down logits and their top-K
+    quant: str = "none"  # index.json's quant: the weights' block type ("none": float safetensors)
+    storage_types: dict[str, int] | None = None  # block vindex: matrix parameters per stored type
+
+    @property
+    def storage(self) -> str:
+        """What the weights are stored as, for messages."""
+        if not self.storage_types:
+            return f"gate/embeddings {self.dtype}" + (", weights float safetensors" if self.level != "browse" else "")
+        total = sum(self.storage_types.values())
+        parts = ", ".join(f"{t} {n / total:.0%}" for t, n in sorted(self.storage_types.items(), key=lambda x: -x[1]))
+        return f"weights quant {self.quant} (the source's blocks: {parts})"
 
     @property
     def gb_per_s(self) -> float:
@@ -397,6 +409,7 @@ def extract(
     dtype: str = "f16",
     down_top_k: int = 10,
     *,
+    quant: str = "auto",
     progress: bool = False,
     clusters: bool = True,
     force: bool = False,
@@ -410,7 +423,11 @@ def extract(
     Every vindex gets `feature_labels.json` (LARQL's probe-label file, `{"L<l>_F<f>": relation}`),
     checksummed with the rest: `labeller(staging_dir)` — the probe step, which runs the model and so
     needs level inference — writes it into the staging directory before the rename, so the labels
-    are there from the vindex's first moment; without one it is `{}` until `modelql label` fills it."""
+    are there from the vindex's first moment; without one it is `{}` until `modelql label` fills it.
+
+    `quant` "auto" keeps a low-bit GGUF's (or block vindex's) matrices in their own blocks at level
+    inference (`modelql.vindex.blocks`; no gate_vectors.bin / embeddings.bin, read from the blocks);
+    "none" stores float safetensors as for any other source."""
     if level == "all":
         level = "inference"
     if level not in EXTRACT_LEVELS:
@@ -419,6 +436,8 @@ def extract(
         raise VindexError(f"unsupported dtype {dtype!r} (use f16 or f32)")
     if down_top_k < 1:
         raise VindexError("--down-top-k must be at least 1")
+    if quant not in ("auto", "none"):
+        raise VindexError(f"unknown --quant {quant!r} (use auto or none)")
     if labeller is not None and level != "inference":
         raise VindexError("probe labels at extract need --level inference (the probe runs the model)")
     out = Path(out)
@@ -437,8 +456,9 @@ def extract(
         if not (src_dir / "tokenizer.json").exists():
             raise VindexError(f"{src_dir} has no tokenizer.json (needed for down_meta and the vindex)")
         tokenizer = load_tokenizer(src_dir)
+        blockwise = quant == "auto" and level == "inference" and spec.moe is None and is_low_bit(source)
         result = _extract_into(tmp, source, spec, src_dir, tokenizer, level, dtype, down_top_k, progress,
-                               clusters, shard_bytes, model_id, on_layer, shards, t0)
+                               clusters, shard_bytes, model_id, on_layer, shards, t0, blockwise)
         if src_dir.parent == tmp:
             shutil.rmtree(src_dir)
         if labeller is not None:
@@ -492,7 +512,7 @@ def expert_features(source: WeightSource, spec: ModelSpec, layer: int, prefix: s
 
 def _extract_into(tmp: Path, source: WeightSource, spec: ModelSpec, src_dir: Path, tokenizer, level: str,
                   dtype: str, top_k: int, progress: bool, clusters: bool, shard_bytes: int,
-                  model_id: str | None, on_layer, shards: list[ShardSet], t0: float) -> ExtractResult:
+                  model_id: str | None, on_layer, shards: list, t0: float, blockwise: bool = False) -> ExtractResult:
     reader = _LayerReader(source)
     names = reader.names()
     prefix = resolve_prefix(names, spec.global_map["embed.weight"].hf_name)
@@ -506,8 +526,9 @@ def _extract_into(tmp: Path, source: WeightSource, spec: ModelSpec, src_dir: Pat
     V, H = embed.shape
     if H != spec.hidden_size:
         raise ModelFormatError(f"embedding has width {H}, config hidden_size is {spec.hidden_size}")
-    with (tmp / fmt.EMBED_FILE).open("wb") as fh:
-        fh.write(_tensor_bytes(embed.to(torch_dtype)))
+    if not blockwise:  # a block vindex reads its embedding from the blocks
+        with (tmp / fmt.EMBED_FILE).open("wb") as fh:
+            fh.write(_tensor_bytes(embed.to(torch_dtype)))
     reader.release()
     empty = empty_token_mask(tokenizer, V)
 
@@ -525,10 +546,19 @@ def _extract_into(tmp: Path, source: WeightSource, spec: ModelSpec, src_dir: Pat
                 continue
             comp_names[comp].setdefault(layer, []).append(key)
         for comp in ("embed", "attn", "ffn"):
-            if comp_names[comp]:
+            if comp_names[comp] and not blockwise:
                 hf_by_layer = {l: [key_to_hf[k] for k in ks] for l, ks in comp_names[comp].items()}
                 shards.append(ShardSet(tmp, comp, hf_by_layer, shard_bytes))
     shard = {s.component: s for s in shards}
+    bw = None
+    if blockwise:
+        bw = BlockWriter(tmp)
+        shards.append(bw)
+        embed_hf = spec.global_map["embed.weight"].hf_name
+        for k in comp_names["embed"].get(-1, []):
+            hf = key_to_hf[k]
+            _add_blocks(bw, reader, k, hf, "embed" if hf == embed_hf else "lm_head" if hf == "lm_head.weight" else "norms")
+        reader.release()
 
     if "embed" in shard:
         keys = comp_names["embed"].get(-1, [])
@@ -547,7 +577,8 @@ def _extract_into(tmp: Path, source: WeightSource, spec: ModelSpec, src_dir: Pat
         task = bar.add_task(f"extract {spec.family} → {level}", total=n, rate="")
     try:
         router_path = tmp / fmt.ROUTER_FILE if spec.moe is not None else os.devnull
-        with (tmp / fmt.GATE_FILE).open("wb") as gate_fh, open(router_path, "wb") as router_fh, \
+        gate_path = os.devnull if blockwise else tmp / fmt.GATE_FILE  # a block vindex's gates are its FFN blocks
+        with open(gate_path, "wb") as gate_fh, open(router_path, "wb") as router_fh, \
                 fmt.DownMetaWriter(tmp / fmt.DOWN_META_FILE, n, top_k) as dm:
             for i in range(n):
                 if spec.moe is not None:
@@ -582,6 +613,9 @@ def _extract_into(tmp: Path, source: WeightSource, spec: ModelSpec, src_dir: Pat
                     if comp in shard:
                         keys = comp_names[comp].get(i, [])
                         shard[comp].add_layer(i, [(key_to_hf[k], reader.get(k)) for k in keys])
+                    elif bw is not None:
+                        for k in sorted(comp_names[comp].get(i, []), key=lambda k: (layer_order(key_to_hf[k]), k)):
+                            _add_blocks(bw, reader, k, key_to_hf[k], comp)
                 reader.release()
                 if on_layer is not None:
                     on_layer(i, n)
@@ -607,7 +641,7 @@ def _extract_into(tmp: Path, source: WeightSource, spec: ModelSpec, src_dir: Pat
         shutil.copyfile(src_dir / "config.json", tmp / "config.json")
 
     weights_dtype = None
-    if weights:
+    if weights and bw is None:  # (a block vindex's manifests were written by bw.close())
         weight_map: dict[str, str] = {}
         total = 0
         for s in shards:
@@ -624,7 +658,10 @@ def _extract_into(tmp: Path, source: WeightSource, spec: ModelSpec, src_dir: Pat
     family = spec.family
     bands = resolve_bands(family, n)
     ext: dict[str, Any] = {"format": 1}
-    if weights:
+    if bw is not None:
+        ext.update({"weights_format": "blocks", "weights_index": WEIGHT_MANIFEST,
+                    "storage_types": dict(sorted(bw.types.items()))})
+    elif weights:
         ext.update({"weights_format": "safetensors", "weights_dtype": weights_dtype or "f32",
                     "weights_index": fmt.WEIGHTS_INDEX})
     ext["created_by"] = _version()
@@ -646,7 +683,7 @@ def _extract_into(tmp: Path, source: WeightSource, spec: ModelSpec, src_dir: Pat
         embed_scale=float(spec.embed_scale),
         extract_level=level,
         dtype=dtype,
-        quant="none",
+        quant=quant_name(bw.types) if bw is not None else "none",
         layer_bands=bands.to_json(),
         layers=layer_infos,
         down_top_k=top_k,
@@ -663,7 +700,20 @@ def _extract_into(tmp: Path, source: WeightSource, spec: ModelSpec, src_dir: Pat
     idx.write(tmp)
     written = sum(p.stat().st_size for p in tmp.iterdir() if p.is_file())
     return ExtractResult(path=tmp, level=level, dtype=dtype, num_layers=n, bytes_read=reader.bytes_read,
-                         bytes_written=written, seconds=0.0, seconds_down_meta=dm_seconds)
+                         bytes_written=written, seconds=0.0, seconds_down_meta=dm_seconds, quant=idx.quant,
+                         storage_types=dict(bw.types) if bw is not None else None)
+
+
+def _add_blocks(bw: BlockWriter, reader: _LayerReader, key: str, hf: str, place: str) -> None:
+    """One source tensor into the block files: its own blocks when it has them (rows in HF order), else
+    float32 (vectors, and matrices whose HF layout is not the file's: they go with the norms)."""
+    b = reader.source.blocks(key)
+    if b is None:
+        bw.add_float("norms", hf, reader.get(key))
+        return
+    raw, qtype, shape = b
+    reader.bytes_read += raw.nbytes
+    bw.add_blocks(place, hf, raw, qtype, shape)
 
 
 def _relation_clusters(directory: Path) -> bool:

@@ -40,6 +40,9 @@ READABLE_VERSIONS = (1, 2)
 LEVELS = ("browse", "attention", "inference", "all")
 BYTES_PER_FLOAT = {"f32": 4, "f16": 2}
 NP_DTYPE = {"f32": np.dtype("<f4"), "f16": np.dtype("<f2")}
+#: `quant` of a vindex whose weights are blocks (`modelql.vindex.blocks`): LARQL's "q4k" (its Q4_K/Q6_K mix),
+#: else the GGML type holding most parameters
+QUANTS = ("q4k", "q4_0", "q4_1", "q5_0", "q5_1", "q8_0", "q2_k", "q3_k", "q4_k", "q5_k", "q6_k")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -173,8 +176,8 @@ class IndexJson:
             raise VindexError(f"{where} has a field of the wrong type ({exc})") from None
         if idx.dtype not in BYTES_PER_FLOAT:
             raise VindexError(f"{where}: unsupported dtype {idx.dtype!r} (expected f32 or f16)")
-        if idx.quant != "none":
-            raise VindexError(f"{where}: quantised vindexes (quant={idx.quant!r}) are not supported")
+        if idx.quant != "none" and idx.quant not in QUANTS:
+            raise VindexError(f"{where}: unsupported quant {idx.quant!r} (expected none, {', '.join(QUANTS)})")
         if idx.extract_level not in LEVELS:
             raise VindexError(f"{where}: unknown extract_level {idx.extract_level!r}")
         if idx.hidden_size <= 0 or idx.num_layers <= 0:

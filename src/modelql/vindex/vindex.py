@@ -288,6 +288,8 @@ class Vindex:
         self._cache = _LayerCache(_cache_budget(cache_bytes))
         self._lock = threading.Lock()
         self._gate_buf = None
+        self._blocks = None  # a block vindex's weights (modelql.vindex.blocks): its gates and embedding
+        self._block_keys: tuple[str, str] | None = None
         self._open_gates()
         self._embed_dtype: str | None = None
         self._embed: torch.Tensor | None = None
@@ -321,6 +323,11 @@ class Vindex:
         gate_path = self.path / fmt.GATE_FILE
         self._gate_missing = not gate_path.exists()
         if self._gate_missing:
+            if self.index.quant != "none":
+                from .blocks import BlockStore
+
+                self._blocks = BlockStore(self.path)
+                self._gate_missing = False
             return
         size = gate_path.stat().st_size
         fmt.check_gate_file(self.index, size)
@@ -442,8 +449,50 @@ class Vindex:
 
     # -- gates -----------------------------------------------------------------------------------
 
+    # -- a block vindex: gates and embedding dequantized from the stored blocks --------------------
+
+    @property
+    def quantized(self) -> bool:
+        """True when the weights are kept in the source's blocks (index.json `quant`; no gate_vectors.bin)."""
+        return self._blocks is not None
+
+    def _keys(self) -> tuple[str, str]:
+        """(gate key template, embedding key) of the block weights, from the model's spec."""
+        if self._block_keys is None:
+            from ..models.families import spec_from_config
+            from ..models.source import read_json
+
+            spec = spec_from_config(read_json(self.path / "config.json", "the model config"))
+            tm = spec.layer_map["gate.weight" if spec.gated_ffn else "up.weight"]
+            if tm.transform != "id":
+                raise VindexError(f"{self.path.name}: {spec.family} gates are not rows of a stored matrix")
+            self._block_keys = (tm.hf_name, spec.global_map["embed.weight"].hf_name)
+        return self._block_keys
+
+    def _gate_key(self, layer: int) -> str:
+        self.layer_info(layer)
+        return self._keys()[0].format(i=layer)
+
+    def _block_scores(self, layer: int, q: torch.Tensor) -> torch.Tensor:
+        """`G_L @ q` dequantizing ~32 MiB of rows at a time (no f32 copy of the layer is kept)."""
+        from ..models.quant import dequantize_rows
+
+        raw, qtype, (F, H) = self._blocks.blocks(self._gate_key(layer))
+        rows = _CHUNK_ROWS or max(1, _CHUNK_BYTES // (4 * max(H, 1)))
+        out = torch.empty(F, dtype=torch.float32) if q.dim() == 1 else torch.empty(q.shape[0], F, dtype=torch.float32)
+        for i in range(0, F, rows):
+            c = torch.from_numpy(dequantize_rows(raw[i:i + rows], qtype, H))
+            if q.dim() == 1:
+                torch.mv(c, q, out=out[i:i + c.shape[0]])
+            else:
+                out[:, i:i + c.shape[0]] = torch.mm(q, c.t())
+        return out
+
     def gate_array(self, layer: int) -> np.ndarray:
-        """Layer `layer`'s `[F, H]` gates as a zero-copy numpy view in the stored dtype (read-only use)."""
+        """Layer `layer`'s `[F, H]` gates as a zero-copy numpy view in the stored dtype (read-only use;
+        a block vindex: the dequantized float32 rows)."""
+        if self._blocks is not None:
+            return self.gate(layer).numpy()
         info = self.layer_info(layer)
         if self._gate_missing:
             raise VindexError(f"{self.path.name} has no {fmt.GATE_FILE}")
@@ -459,6 +508,10 @@ class Vindex:
         cached = self._cache.get(layer)
         if cached is not None:
             return cached
+        if self._blocks is not None:
+            out = self._blocks.tensor(self._gate_key(layer))
+            self._cache.put(layer, out)
+            return out
         arr = self.gate_array(layer)
         t = torch.from_numpy(arr)
         if self.dtype == "f32":
@@ -469,6 +522,11 @@ class Vindex:
 
     def gate_row(self, layer: int, feature: int) -> torch.Tensor:
         """One gate row `g_f` as a fresh float32 [H] tensor (no layer decode)."""
+        if self._blocks is not None:
+            n = self.layer_info(layer).num_features
+            if not 0 <= feature < n:
+                raise VindexError(f"feature {feature} is outside layer {layer} (0..{n - 1})")
+            return torch.from_numpy(self._blocks.rows(self._gate_key(layer), [feature])[0])
         arr = self.gate_array(layer)
         if not 0 <= feature < arr.shape[0]:
             raise VindexError(f"feature {feature} is outside layer {layer} (0..{arr.shape[0] - 1})")
@@ -497,7 +555,12 @@ class Vindex:
         t = q if isinstance(q, torch.Tensor) else torch.as_tensor(np.asarray(q))
         t = self._query(t, t.dim() == 2)
         g = self._cache.get(layer)
-        if g is None and self.dtype == "f16":
+        if g is None and self._blocks is not None:
+            uses = self._uses.get(layer, 0) + 1
+            self._uses[layer] = uses
+            if uses < 2 or not self._cache_fits_all:
+                return self._block_scores(layer, t)
+        elif g is None and self.dtype == "f16":
             uses = self._uses.get(layer, 0) + 1
             self._uses[layer] = uses
             if uses < 2 or not self._cache_fits_all:
@@ -511,7 +574,7 @@ class Vindex:
         done = []
         for layer in (self.layers() if layers is None else layers):
             self.gate(layer)
-            if self.dtype == "f32" or layer in self._cache:
+            if (self.dtype == "f32" and self._blocks is None) or layer in self._cache:
                 done.append(layer)
         return done
 
@@ -544,11 +607,16 @@ class Vindex:
 
     @property
     def has_embeddings(self) -> bool:
-        return self._embed_dtype is not None
+        return self._embed_dtype is not None or (self._blocks is not None and self._keys()[1] in self._blocks)
 
     def embeddings(self) -> torch.Tensor:
         """The raw (unscaled) `[V, H]` embedding matrix in float32 (f16 decoded once, lazily)."""
         if self._embed is not None:
+            return self._embed
+        if self._embed_dtype is None and self.has_embeddings:  # a block vindex
+            with self._lock:
+                if self._embed is None:
+                    self._embed = self._blocks.tensor(self._keys()[1])
             return self._embed
         if self._embed_dtype is None:
             raise VindexError(f"{self.path.name} has no {fmt.EMBED_FILE}")
@@ -566,7 +634,10 @@ class Vindex:
         """One embedding row, times `embed_scale` unless `scaled=False`."""
         if not 0 <= token_id < self.vocab_size:
             raise VindexError(f"token id {token_id} is outside the vocabulary (0..{self.vocab_size - 1})")
-        row = self.embeddings()[token_id].clone()
+        if self._embed is None and self._embed_dtype is None and self.has_embeddings:  # one row of blocks
+            row = torch.from_numpy(self._blocks.rows(self._keys()[1], [token_id])[0])
+        else:
+            row = self.embeddings()[token_id].clone()
         return row * self.embed_scale if scaled else row
 
     # -- tokens and metadata ---------------------------------------------------------------------
@@ -648,7 +719,8 @@ class Vindex:
             return False
         if not (self.path / "config.json").exists():
             return False
-        return (self.path / fmt.WEIGHTS_INDEX).exists() or (self.path / "model.safetensors").exists()
+        return (self._blocks is not None or (self.path / fmt.WEIGHTS_INDEX).exists()
+                or (self.path / "model.safetensors").exists())
 
     def load_model(self, dtype: str | torch.dtype = "float32"):
         """The runtime `Model` from the vindex's own safetensors weights (inference level only)."""
@@ -682,7 +754,8 @@ class Vindex:
 
     def __repr__(self) -> str:
         return (f"Vindex({str(self.path)!r}, model={self.model!r}, layers={len(self._infos)}/{self.num_layers}, "
-                f"H={self.hidden_size}, dtype={self.dtype}, level={self.extract_level})")
+                f"H={self.hidden_size}, dtype={self.dtype}, level={self.extract_level}"
+                + (f", quant={self.index.quant}" if self.quantized else "") + ")")
 
 
 def verify(path: str | Path, workers: int = 2) -> VerifyReport:
