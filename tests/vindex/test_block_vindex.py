@@ -167,4 +167,20 @@ def test_insert_and_compile_round_trip(quantized, tmp_path):
     fresh = PatchSession(vx)
     after = infer(fresh.model(), prompt, top=3)
     assert [p.token_id for p in after.predictions] == [p.token_id for p in before.predictions]
-    assert after.predictions[0].token.strip() == "Tokyo"
+    # the compiled model is the edited one: on float weights as the session's; on the low-bit kernels up to
+    # their 8-bit requantization of the three float32 matrices (its measured error bounds the gap); both far
+    # from the unedited model's
+    from modelql.runtime import load_model
+
+    ids = session.model().tokenizer.encode(prompt)
+    edited_logits = session.model().forward(ids, logits="last")[0]
+    assert torch.allclose(fresh.model().forward(ids, logits="last")[0], edited_logits, atol=1e-4)
+    kernel = load_model(out)
+    assert kernel.quantized
+    compiled = kernel.forward(ids, logits="last")[0]
+    unedited = load_model(vx_dir).forward(ids, logits="last")[0]
+    rms = max(w.error_rms for w in kernel.quant.info)
+    scale = edited_logits.abs().max()
+    gap, effect = (compiled - edited_logits).abs().max(), (unedited - edited_logits).abs().max()
+    print(f"requantization rms {rms:.4f}, gap {gap / scale:.4f}, edit effect {effect / scale:.4f} (of max |logit|)")
+    assert gap <= 4 * rms * scale and effect > 10 * gap

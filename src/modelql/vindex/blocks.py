@@ -331,6 +331,26 @@ class BlockSource:
         self.store.release_pages()
 
 
+def rewrite_edited(store: BlockStore, out: Path, tensors: dict[str, torch.Tensor]) -> set[str]:
+    """Write into `out` a weight manifest and edits file in which `tensors` (HF name → edited float matrix)
+    replace their block entries in float32 (earlier edits of `store` are carried over); the other block
+    files are unchanged. Returns the files written."""
+    manifests = read_manifests(store.dir)
+    keep = [e for e in manifests[WEIGHT_MANIFEST] if e.get("file") != EDITS_FILE]
+    bw = BlockWriter(out, {WEIGHT_MANIFEST: keep})
+    try:
+        for key, e in store.entries.items():
+            if e.file == EDITS_FILE and key not in tensors:
+                bw.add_float("edits", key, store.tensor(key))
+        for key, t in tensors.items():
+            bw.add_float("edits", key, t)
+    except BaseException:
+        bw.abort()
+        raise
+    bw.close()
+    return {EDITS_FILE, WEIGHT_MANIFEST}
+
+
 def is_block_vindex(path: Path) -> bool:
     """A vindex directory whose weights are stored as blocks (and so read by `BlockSource`)."""
     p = Path(path) / "index.json"

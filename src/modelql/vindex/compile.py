@@ -36,6 +36,7 @@ from ..errors import CapabilityError, CompileError, VindexError
 from ..fsutil import atomic_directory
 from . import format as fmt
 from . import patch as vlp
+from .blocks import is_block_vindex
 from .checksums import compute_checksums, files_to_hash
 from .overlay import OverlayState, OverlayView, PatchSession
 
@@ -306,8 +307,8 @@ def _compile_vindex_into(ps: PatchSession, state: OverlayState, tmp: Path, out: 
     counts = {"gate": 0, "up": 0, "down": 0, "tomb": 0, "delta": 0}
     new_down: dict[int, torch.Tensor] = {}
     if touched and base.has_weights:
-        shard_files = _rewrite_ffn_shards(ps, state, src, tmp, touched, counts, new_down)
-        rewritten.update(shard_files)
+        rewrite = _rewrite_ffn_blocks if is_block_vindex(src) else _rewrite_ffn_shards
+        rewritten.update(rewrite(ps, state, src, tmp, touched, counts, new_down))
 
     # down_meta.bin
     if meta_layers and (src / fmt.DOWN_META_FILE).exists():
@@ -346,6 +347,10 @@ def _compile_vindex_into(ps: PatchSession, state: OverlayState, tmp: Path, out: 
         else:
             sums.update(compute_checksums(tmp, [n]))
     idx.checksums = sums
+    if idx.quant != "none" and idx.modelql is not None:
+        from .blocks import BlockStore
+
+        idx.modelql["storage_types"] = dict(sorted(BlockStore(tmp).storage_types(matrices=True).items()))
     idx.write(tmp)
 
     n_features = sum(base.num_features(l) for l in base.layers())
@@ -404,6 +409,11 @@ def _compile_vindex_regrown(ps: PatchSession, state: OverlayState, tmp: Path, ou
 
 
 def _weight_index(src: Path) -> dict[str, str]:
+    """HF tensor name → the file holding it (safetensors shards, or a block vindex's block files)."""
+    if is_block_vindex(src):
+        from .blocks import BlockStore
+
+        return {k: e.file for k, e in BlockStore(src).entries.items()}
     p = src / fmt.WEIGHTS_INDEX
     if p.exists():
         return dict(json.loads(p.read_text(encoding="utf-8")).get("weight_map", {}))
@@ -457,6 +467,48 @@ def _rewrite_ffn_shards(ps: PatchSession, state: OverlayState, src: Path, tmp: P
                 tensors[key] = t.to(tensors[key].dtype).contiguous()
         save_file(tensors, str(tmp / fname), metadata=meta)
     return set(files)
+
+
+def _rewrite_ffn_blocks(ps: PatchSession, state: OverlayState, src: Path, tmp: Path, touched: list[int],
+                        counts: dict, new_down: dict) -> set[str]:
+    """`_rewrite_ffn_shards` of a block vindex: each touched layer's FFN matrices are dequantized, edited
+    and stored in float32 (`blocks.rewrite_edited`); every other matrix keeps its blocks."""
+    from .blocks import BlockStore, rewrite_edited
+
+    store = BlockStore(src)
+    spec, _, prefix = _spec_and_prefix(src)
+    edited: dict[str, torch.Tensor] = {}
+    for l in touched:
+        tensors = {}
+        for tm in _ffn_maps(spec, l).values():
+            key = _hf_key(prefix, tm.hf_name)
+            if key in store:
+                tensors[key] = store.tensor(key)
+        work, views = _edit_layer(spec, state, l, tensors, prefix, counts)
+        new_down[l] = views["down.weight"].clone()
+        edited.update(work)
+    return rewrite_edited(store, tmp, edited)
+
+
+def _read_tensors(src: Path, wmap: dict[str, str], keys: Iterable[str]) -> dict[str, torch.Tensor]:
+    """The named tensors of a vindex's weights (a block vindex's dequantized to float32)."""
+    keys = list(keys)
+    if is_block_vindex(src):
+        from .blocks import BlockStore
+
+        store = BlockStore(src)
+        return {k: store.tensor(k) for k in keys}
+    from safetensors import safe_open
+
+    out: dict[str, torch.Tensor] = {}
+    by_file: dict[str, list[str]] = {}
+    for k in keys:
+        by_file.setdefault(wmap[k], []).append(k)
+    for fname, names in by_file.items():
+        with safe_open(str(src / fname), framework="pt") as fh:
+            for k in names:
+                out[k] = fh.get_tensor(k)
+    return out
 
 
 def _rewrite_down_meta(ps: PatchSession, state: OverlayState, src: Path, tmp: Path, layers: list[int],
@@ -615,18 +667,13 @@ def materialise_knn_facts(ps: PatchSession, entries, params=None) -> list:
 
 def _compile_model_into(ps: PatchSession, state: OverlayState, extra: list, tmp: Path, out: Path,
                         out_dtype, shard_bytes: int) -> CompileResult:
-    from safetensors import safe_open
     from safetensors.torch import save_file
 
     src = Path(ps.base.path)
     spec, wmap, prefix = _spec_and_prefix(src)
     touched = _touched(state, extra)
     counts = {"gate": 0, "up": 0, "down": 0, "tomb": 0, "delta": 0}
-    tensors: dict[str, torch.Tensor] = {}
-    for fname in sorted(set(wmap.values())):
-        with safe_open(str(src / fname), framework="pt") as fh:
-            for k in fh.keys():
-                tensors[k] = fh.get_tensor(k)
+    tensors = _read_tensors(src, wmap, wmap)
     src_dtype = next((t.dtype for k, t in tensors.items() if t.is_floating_point()), torch.float32)
     dtype = out_dtype or src_dtype
     for l in touched:
@@ -778,16 +825,13 @@ def _ffn_weights(vx, layer: int) -> dict[str, torch.Tensor] | None:
         except AttributeError:
             pass
     if layer not in cache:
-        from safetensors import safe_open
-
         spec, wmap, prefix = _spec_and_prefix(src)
         out = {}
         for comp, tm in _ffn_maps(spec, layer).items():
             key = _hf_key(prefix, tm.hf_name)
             if key not in wmap:
                 continue
-            with safe_open(str(src / wmap[key]), framework="pt") as fh:
-                t = fh.get_tensor(key).to(torch.float32)
+            t = _read_tensors(src, wmap, [key])[key].to(torch.float32)
             out[comp] = _canonical_view(t, tm.transform).clone()
         if spec.moe is not None:  # the experts as one layer of the vindex's features
             blocks = _expert_blocks(spec)
