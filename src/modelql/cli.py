@@ -340,12 +340,31 @@ def model_info(model) -> dict[str, Any]:
         "dtype": str(model.dtype).removeprefix("torch.") if storage is None else f"{model.quant.activations} activations",
         "checkpoint_dtype": spec.torch_dtype if storage is None else "+".join(r["source"] for r in storage["types"]),
         "storage": storage,
+        "vindex_storage": _vindex_storage(model.path),
         "memory_bytes": memory,
         "tokenizer": tok is not None,
         "chat_template": bool(tok is not None and tok.has_chat_template),
         "bos_token": tok.bos_token if tok is not None else None,
         "eos_token": tok.eos_token if tok is not None else None,
     }
+
+
+def _vindex_storage(path) -> str | None:
+    """How a block vindex stores its weights (index.json `quant`, types, bytes on disk), else None."""
+    from pathlib import Path
+
+    from .vindex.blocks import BlockStore, is_block_vindex
+
+    if path is None or not is_block_vindex(Path(path)):
+        return None
+    import json
+
+    quant = json.loads((Path(path) / "index.json").read_text(encoding="utf-8")).get("quant")
+    store = BlockStore(path)
+    types = store.storage_types(matrices=True)
+    total = sum(types.values()) or 1
+    parts = ", ".join(f"{t} {n / total:.0%}" for t, n in sorted(types.items(), key=lambda x: -x[1]))
+    return f"vindex quant {quant}: the source's blocks ({parts}), {store.nbytes / 2**20:.1f} MiB"
 
 
 @command("info", help="Show a model's family, layers, parameters, dtype and memory.")
@@ -376,6 +395,7 @@ def info_cmd(
         ("parameters", f"{_human(info['parameters'])} ({info['parameters']:,})"),
         ("dtype", info["dtype"] + (f" (checkpoint {info['checkpoint_dtype']})" if info["checkpoint_dtype"] else "")),
         *([("weights", info["storage"]["summary"])] if info["storage"] else []),
+        *([("storage", info["vindex_storage"])] if info["vindex_storage"] else []),
         ("memory", f"{info['memory_bytes'] / 2**20:.1f} MiB of weights"),
         ("tokenizer", tok),
     ]

@@ -13,6 +13,8 @@ def extract_command(
     level: str = typer.Option("browse", "--level", help="browse | attention | inference"),
     dtype: str = typer.Option("f16", "--dtype", help="storage dtype of gate_vectors.bin / embeddings.bin: f16 | f32"),
     down_top_k: int = typer.Option(10, "--down-top-k", help="tokens kept per feature in down_meta.bin"),
+    quant: str = typer.Option("auto", "--quant", help="auto: a low-bit GGUF's weights keep their blocks (level "
+                                                      "inference) | none: float safetensors"),
     force: bool = typer.Option(False, "--force", help="replace OUTPUT if it exists"),
     no_clusters: bool = typer.Option(False, "--no-clusters", help="skip relation clustering"),
     label: bool = typer.Option(False, "--label", help="probe-label the features into feature_labels.json "
@@ -36,9 +38,9 @@ def extract_command(
 
         labeller = extract_labeller(triples)
     result = extract(model, output, level=level, dtype=dtype, down_top_k=down_top_k, progress=not quiet,
-                     clusters=not no_clusters, force=force, labeller=labeller)
+                     clusters=not no_clusters, force=force, labeller=labeller, quant=quant)
     Console(stderr=True, soft_wrap=True, highlight=False).print(
-        f"wrote {escape(str(result.path))} ({result.level}, {result.dtype}): {result.num_layers} layers, "
+        f"wrote {escape(str(result.path))} ({result.level}, {escape(result.storage)}): {result.num_layers} layers, "
         f"{result.bytes_written / 1e6:.1f} MB in {result.seconds:.1f}s "
         f"({result.gb_per_s:.2f} GB/s of weights read)"
     )
