@@ -198,6 +198,9 @@ class BlockStore:
         for name in MANIFESTS:  # weight_manifest.json last: its (edited) entries replace the others
             default = {ATTN_MANIFEST: ATTN_FILE, FFN_MANIFEST: FFN_FILE}.get(name)
             for d in manifests[name]:
+                file = d.get("file") if isinstance(d, dict) else None
+                if not (self.dir / str(file or default)).exists():  # a slice (`modelql slice`) left it out
+                    continue
                 e = self._entry(d, default, name)
                 self.entries[e.key] = e
         if not self.entries:

@@ -28,13 +28,13 @@ from . import format as fmt
 from .checksums import files_to_hash, sha256_file
 
 PARTS: dict[str, tuple[str, ...]] = {
-    "embed": ("embeddings.bin", "model-embed.safetensors"),
+    "embed": ("embeddings.bin", "model-embed.safetensors", "embed_tokens.bin"),
     "norms": ("norms.bin",),
     "attn": ("attn_weights*", "model-attn-*.safetensors"),
     "gate": ("gate_vectors.bin", "gate_vectors_*"),
     "down_meta": ("down_meta.bin", "down_meta.jsonl"),
     "ffn": ("interleaved*", "up_weights.bin", "down_weights.bin", "up_features.bin", "down_features.bin",
-            "model-ffn-*.safetensors"),
+            "model-ffn-*.safetensors", "ffn_edits_f32.bin"),
     "expert_layers": ("layers",),
     "lm_head": ("lm_head*", "model-embed.safetensors"),
     "router": ("router_weights.bin",),
