@@ -166,19 +166,28 @@ def residual_query(vindex, entity: str, model=None, contexts: Sequence[str] | No
     h = m.forward(ids, caches, hooks={n: grab for n in names if n != final_name}, logits="none")
     h_last = h[rows, last]
     logits = finals = None
+    # the probes' last positions and the scored contexts' positions go through one unembedding
+    # (the vocabulary matrix is the largest weight a pass reads)
+    scored = [i for i in (token_logprobs or ()) if 0 <= i < len(encoded) and lens[i] > 1]
+    parts = [h_last] if with_logits else []
+    for i in scored:
+        n = reuse[i]
+        hs = torch.cat([heads[i].hidden[:n], h[i, : lens[i] - n]]) if n else h[i, : lens[i]]
+        parts.append(hs[: lens[i] - 1])
+    all_logits = m.unembed(torch.cat(parts)) if parts else None
+    at = 0
     if with_logits:
-        logits = m.unembed(h_last).detach().float()
+        logits = all_logits[: len(encoded)].detach().float()
+        at = len(encoded)
         finals = h_last.detach().float().clone()
         for c, n in zip(caches, lens):
             c.truncate(n)
     token_lp = {}
-    for i in (token_logprobs or ()):
-        if 0 <= i < len(encoded) and lens[i] > 1:
-            n = reuse[i]
-            hs = torch.cat([heads[i].hidden[:n], h[i, : lens[i] - n]]) if n else h[i, : lens[i]]
-            lp = torch.log_softmax(m.unembed(hs[: lens[i] - 1]).double(), dim=-1)
-            nxt = torch.tensor(encoded[i][1][1:])
-            token_lp[encoded[i][0]] = lp[torch.arange(lens[i] - 1), nxt].tolist()
+    for i in scored:
+        lp = torch.log_softmax(all_logits[at:at + lens[i] - 1].double(), dim=-1)
+        at += lens[i] - 1
+        nxt = torch.tensor(encoded[i][1][1:])
+        token_lp[encoded[i][0]] = lp[torch.arange(lens[i] - 1), nxt].tolist()
     xs = {L: cache[f"blocks.{L}.ln2.hook_normalized"] for L in wanted}
     acts = {L: cache[f"blocks.{L}.mlp.hook_post"] for L in wanted}
     used = [c for c, _ids in encoded]
