@@ -45,6 +45,7 @@ from typing import Mapping, Sequence
 
 import torch
 
+from .prefixed import packs
 from .tokens import content
 
 #: A relation is multi-valued when its triples have at least this many objects per subject.
@@ -257,12 +258,15 @@ def extend_phrases(model, tokenizer, prompt_ids: Sequence[list[int]], first: Seq
             for j, d in enumerate(opts):
                 seq = [phrases[i][0]] + [int(t) for t in d][:cap[i] - 1]
                 virt.append((i, seq, caches[i] if j == len(opts) - 1 else caches[i].copy()))
-        width = max(len(q) for _i, q, _c in virt)
-        ids = torch.tensor([q + [q[-1]] * (width - len(q)) for _i, q, _c in virt])
         base = {i: caches[i].length for i in active}
-        h = model.forward(ids, [c for _i, _q, c in virt], logits="none")
-        # only the real (unpadded) positions are read through the vocabulary
-        real = torch.cat([h[r, :len(q)] for r, (_i, q, _c) in enumerate(virt)])
+        if packs(model):  # one unpadded row (`Model.forward_packed`)
+            real, _offsets = model.forward_packed([q for _i, q, _c in virt], [c for _i, _q, c in virt])
+        else:
+            width = max(len(q) for _i, q, _c in virt)
+            ids = torch.tensor([q + [q[-1]] * (width - len(q)) for _i, q, _c in virt])
+            h = model.forward(ids, [c for _i, _q, c in virt], logits="none")
+            # only the real (unpadded) positions are read through the vocabulary
+            real = torch.cat([h[r, :len(q)] for r, (_i, q, _c) in enumerate(virt)])
         flat = model.unembed(real).argmax(dim=-1).tolist()
         pred, at = [], 0
         for _i, q, _c in virt:

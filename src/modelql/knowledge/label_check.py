@@ -70,17 +70,28 @@ def _score(logits: torch.Tensor, right: Sequence[int], measure: str) -> float:
 MEASURES = ("log_odds", "prob")
 
 
-def _zero(pairs: Sequence[tuple[int, int]]):
-    """A hook zeroing feature f of row r at every position, for each (r, f)."""
-    r_idx = torch.tensor([p[0] for p in pairs])
-    f_idx = torch.tensor([p[1] for p in pairs])
+def _zero(pairs: Sequence[tuple[int, int]], spans: Sequence[tuple[int, int]] | None):
+    """A hook zeroing feature f of row r at all its positions, for each (r, f): padded rows
+    [B, T, F] (`spans` None) or one packed row [1, N, F] where row r holds `spans[r]`."""
+    if spans is None:
+        r_idx = torch.tensor([p[0] for p in pairs])
+        f_idx = torch.tensor([p[1] for p in pairs])
 
-    def fn(t: torch.Tensor, n: str) -> torch.Tensor:
+        def fn(t: torch.Tensor, n: str) -> torch.Tensor:
+            t = t.clone()
+            t[r_idx, :, f_idx] = 0
+            return t
+
+        return fn
+    pos = torch.tensor([o + j for r, _f in pairs for o, n in [spans[r]] for j in range(n)], dtype=torch.long)
+    feat = torch.tensor([f for r, f in pairs for _j in range(spans[r][1])], dtype=torch.long)
+
+    def packed(t: torch.Tensor, n: str) -> torch.Tensor:
         t = t.clone()
-        t[r_idx, :, f_idx] = 0
+        t[0, pos, feat] = 0
         return t
 
-    return fn
+    return packed
 
 
 def check_labels(model, tok, labels: Mapping[tuple[int, int], str], templates: Mapping[str, str],
@@ -132,14 +143,14 @@ def check_labels(model, tok, labels: Mapping[tuple[int, int], str], templates: M
     for b in range(0, len(order), batch):
         chunk = order[b:b + batch]
 
-        def ablations(batch_rows: list[int], _chunk=chunk) -> dict:
+        def ablations(batch_rows: list[int], spans, _chunk=chunk) -> dict:
             """Each row of the pass zeroes its own feature (rows: indices into `_chunk`)."""
             per_layer: dict[int, list[tuple[int, int]]] = {}
             for row, j in enumerate(batch_rows):
                 i = _chunk[j]
                 if rows[i][2] >= 0:
                     per_layer.setdefault(rows[i][2], []).append((row, rows[i][3]))
-            return {f"blocks.{L}.mlp.hook_post": _zero(p) for L, p in per_layer.items()}
+            return {f"blocks.{L}.mlp.hook_post": _zero(p, spans) for L, p in per_layer.items()}
 
         # each row forks its template's head (run once, `knowledge.prefixed`): the ablation zeroes
         # the feature at the entity's and the template tail's positions

@@ -25,17 +25,26 @@ from .prefix_cache import prefix_state, shared
 BATCH = 96
 
 
+def packs(model) -> bool:
+    """Whether `model` runs sequences packed in one unpadded row (`Model.forward_packed`)."""
+    spec = getattr(model, "spec", None)
+    return (hasattr(model, "forward_packed") and spec is not None and not spec.per_layer_input
+            and not spec.learned_positions)
+
+
 def head_of(template: str) -> str:
     """A template's entity-independent head: its text before {X} ("" when {X} comes first)."""
     return template.split("{X}")[0]
 
 
 def last_states(model, tok, rows: Sequence[tuple[str, Sequence[int]]], *, capture: Sequence[str] = (),
-                hooks: Callable[[list[int]], Mapping] | None = None, batch: int = BATCH,
+                hooks: Callable[[list[int], list[tuple[int, int]] | None], Mapping] | None = None, batch: int = BATCH,
                 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Run `rows` — (head text, the whole prompt's ids) — and return the final residual at each
     prompt's last token [N, H] and, per hook name in `capture`, the hooked tensor there [N, ...].
-    `hooks(row_indices)` may add hooks for one batch (they see the batch's tail positions)."""
+    `hooks(row_indices, spans)` may add hooks for one pass: they see its tail positions, as one
+    packed row [1, N, ...] where row j holds positions `spans[j]` = (offset, length), or, for a
+    model that cannot pack (`spans` None), as padded rows [B, T, ...] in `row_indices` order."""
     n = len(rows)
     finals: list[torch.Tensor | None] = [None] * n
     grabbed: dict[str, list[torch.Tensor | None]] = {c: [None] * n for c in capture}
@@ -51,15 +60,26 @@ def last_states(model, tok, rows: Sequence[tuple[str, Sequence[int]]], *, captur
             reuse.append(k)
             tails.append(ids[k:])
         width = max(len(t) for t in tails)
-        caches = [states[rows[i][0]].fork(k, width) if k else model.new_cache() for i, k in zip(chunk, reuse)]
-        r_idx = torch.arange(len(chunk))
-        last = torch.tensor([len(t) for t in tails]) - 1
+        packed = packs(model)
+        room = [len(t) for t in tails] if packed else [width] * len(tails)
+        caches = [states[rows[i][0]].fork(k, r) if k else model.new_cache() for i, k, r in zip(chunk, reuse, room)]
+        if packed:
+            ends, at = [], 0
+            spans = []
+            for t in tails:
+                spans.append((at, len(t)))
+                at += len(t)
+                ends.append(at - 1)
+            where = (torch.zeros(len(chunk), dtype=torch.long), torch.tensor(ends))
+        else:
+            spans = None
+            where = (torch.arange(len(chunk)), torch.tensor([len(t) for t in tails]) - 1)
         got: dict[str, torch.Tensor] = {}
 
-        def grab(t: torch.Tensor, name: str, _g=got, _r=r_idx, _l=last) -> None:
-            _g[name] = t[_r, _l].detach().float().clone()
+        def grab(t: torch.Tensor, name: str, _g=got, _w=where) -> None:
+            _g[name] = t[_w[0], _w[1]].detach().float().clone()
 
-        hk = dict(hooks(chunk)) if hooks is not None else {}
+        hk = dict(hooks(chunk, spans)) if hooks is not None else {}
         for c in capture:
             if c in hk:
                 inner = hk[c]
@@ -72,9 +92,13 @@ def last_states(model, tok, rows: Sequence[tuple[str, Sequence[int]]], *, captur
                 hk[c] = both
             else:
                 hk[c] = grab
-        ids = torch.tensor([t + [t[-1]] * (width - len(t)) for t in tails])  # padded at the end: causal
-        h = model.forward(ids, caches, hooks=hk or None, logits="none")
-        h_last = h[r_idx, last].float()
+        if packed:  # one unpadded row (`Model.forward_packed`)
+            out, _offsets = model.forward_packed(tails, caches, hooks=hk or None)
+            h_last = out[where[1]].float()
+        else:
+            ids = torch.tensor([t + [t[-1]] * (width - len(t)) for t in tails])  # padded at the end: causal
+            h = model.forward(ids, caches, hooks=hk or None, logits="none")
+            h_last = h[where[0], where[1]].float()
         for r, i in enumerate(chunk):
             finals[i] = h_last[r]
             for c in capture:
