@@ -368,16 +368,6 @@ def object_ids(tokenizer, objects: Sequence[str]) -> list[tuple[int, tuple[int, 
     return got
 
 
-def echo_draft(prompt_ids: Sequence[int], first: int, n: int = MAX_PHRASE_TOKENS) -> tuple[int, ...]:
-    """When the answer's first token is in the prompt (the entity's own name: " Barb" of
-    " Barbados", " Est" of " Estonian"), the tokens that followed it there: answers echo the
-    entity's name more than any object."""
-    for k in range(len(prompt_ids) - 2, -1, -1):
-        if int(prompt_ids[k]) == first:
-            return tuple(int(t) for t in prompt_ids[k + 1:k + 1 + n])
-    return ()
-
-
 def guess_draft(tokenizer, objects: Sequence[str], logprob: torch.Tensor) -> tuple[int, ...]:
     """For an answer whose first token starts none of the relation's objects (an article: "the
     euro", "a"): the whole object whose first token the probe itself found likeliest, drafted
@@ -438,13 +428,10 @@ def decode_claims(model, rq, relation_contexts: Mapping[str, Sequence[int]], ent
     if objects and caches is not None:
         index = {r: draft_index(tok, objects[r]) for r in {r for r, _i, _t, _s in todo} if objects.get(r)}
         drafts = []
-        for (r, _i, t, st), ids in zip(todo, prompts):
+        for r, _i, t, st in todo:
             got = index.get(r, {}).get(int(t))
             if got is None and objects.get(r) and not any(f == int(t) for f, _ids in object_ids(tok, objects[r])):
                 got = (guess_draft(tok, objects[r], st["logprob"]),)
-            echo = echo_draft(ids, int(t))
-            if echo and echo not in (got or ()):
-                got = (got or ()) + (echo,)
             drafts.append(got or ())
     phrases = extend_phrases(model, tok, prompts, [t for _r, _i, t, _s in todo], caches=caches,
                              limits=limits, drafts=drafts) if todo else []
