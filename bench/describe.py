@@ -386,7 +386,8 @@ def _ref_forward_ms(m, tok, prompt: str, n: int = 5) -> float:
 
 
 def _count_forwards(m):
-    """Wrap `m.forward` to count the passes (and the token rows) DESCRIBE runs; returns the log."""
+    """Wrap `m.forward` (and `m.forward_packed`) to count the passes (and the token rows) DESCRIBE
+    runs; returns the log."""
     log: list[tuple[int, int]] = []
     inner = m.forward
 
@@ -398,6 +399,13 @@ def _count_forwards(m):
         return inner(ids, *a, **k)
 
     m.forward = forward
+    packed = getattr(m, "forward_packed", None)
+    if packed is not None:
+        def forward_packed(seqs, *a, **k):
+            log.append((1, sum(len(q) for q in seqs)))
+            return packed(seqs, *a, **k)
+
+        m.forward_packed = forward_packed
     return log
 
 
@@ -424,6 +432,7 @@ def latency_report(vx, m, tok, template: str, subjects, n: int) -> None:
         passes.append(len(log) - n0)
         rows.append(sum(b * t for b, t in log[n0:]))
     del m.forward
+    m.__dict__.pop("forward_packed", None)
     ref1 = _ref_forward_ms(m, tok, template.replace("{X}", ents[-1]))
     load1 = os.getloadavg()[0]
     p50, ref = statistics.median(lat), (ref0 + ref1) / 2

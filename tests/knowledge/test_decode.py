@@ -127,10 +127,11 @@ def test_answer_lengths_are_a_quantile_of_the_objects_plus_an_article():
     assert answer_lengths(tok, {"r": {"pairs": [["a", "x x x"]]}}) == {"r": 4}
 
 
-@pytest.mark.parametrize("draft", ["right", "wrong", "half", "none"])
+@pytest.mark.parametrize("draft", ["right", "wrong", "half", "none", "several"])
 def test_drafted_phrases_are_the_step_by_step_ones(tiny, draft):
     """A draft continuation checked in one pass keeps only the model's own greedy tokens: right,
-    wrong, half-right or no drafts all give the phrases of the step-by-step continuation."""
+    wrong, half-right or no drafts all give the phrases of the step-by-step continuation, and so do
+    several drafts per row (a wrong one, the half-right one and the right one, in any order)."""
     from types import SimpleNamespace
 
     from modelql.knowledge.decode import extend_phrases
@@ -142,7 +143,10 @@ def test_drafted_phrases_are_the_step_by_step_ones(tiny, draft):
     ref = extend_phrases(m, tok, prompts, first, max_tokens=4)
     true = [r[1:] for r in ref]
     drafts = {"right": true, "wrong": [[(t + 1) % 50 for t in d] for d in true],
-              "half": [d[:1] + [(t + 1) % 50 for t in d[1:]] for d in true], "none": [[] for _ in true]}[draft]
+              "half": [d[:1] + [(t + 1) % 50 for t in d[1:]] for d in true], "none": [[] for _ in true],
+              "several": [[[(t + 1) % 50 for t in d], d[:1] + [(t + 1) % 50 for t in d[1:]], d][n % 3:]
+                          + [[(t + 1) % 50 for t in d], d[:1] + [(t + 1) % 50 for t in d[1:]], d][:n % 3]
+                          for n, d in enumerate(true)]}[draft]
     caches = []
     for p in prompts:
         c = m.new_cache()

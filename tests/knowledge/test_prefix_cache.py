@@ -79,7 +79,7 @@ def test_an_overlay_edit_is_a_new_weights_version(vx):
 
 
 def test_describe_claims_the_same_without_drafts(vx, monkeypatch):
-    """The phrases drafted from the relation's objects (`decode.draft_index`) are the step-by-step
+    """The phrases drafted from the relation's objects (`decode.draft_index`, `guess_draft`) are the step-by-step
     ones: DESCRIBE claims the same without them."""
     from modelql.knowledge.describe import _result_cache
 
@@ -87,6 +87,7 @@ def test_describe_claims_the_same_without_drafts(vx, monkeypatch):
     _result_cache(vx).clear()
     got = {e: [(x.relation, x.target, x.confident) for x in describe(vx, e).edges if x.decoded] for e in ents}
     monkeypatch.setattr("modelql.knowledge.decode.draft_index", lambda *a, **k: {})
+    monkeypatch.setattr("modelql.knowledge.decode.guess_draft", lambda *a, **k: ())
     _result_cache(vx).clear()
     ref = {e: [(x.relation, x.target, x.confident) for x in describe(vx, e).edges if x.decoded] for e in ents}
     assert got == ref

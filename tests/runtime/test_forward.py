@@ -86,3 +86,37 @@ def test_packed_block_decode_matches_per_sequence(pair):
             assert (out[row] - ref).abs().max().item() < 1e-4, (stepno, i)
             toks[i] = int(ref.argmax(-1))
     assert block.capacity >= 14 + 12
+
+
+def test_packed_sequences_match_each_alone(pair):
+    """`forward_packed`: sequences of different lengths in one row, each after its own cache (one
+    empty, two holding a prompt), give the residuals each gets alone, and leave the caches as a
+    sequence-by-sequence run does (the next step reads the same logits)."""
+    from modelql.errors import CapabilityError
+
+    _, _, model = pair
+    heads = [None, _ids(5, seed=7), _ids(11, seed=8)]
+    tails = [_ids(4, seed=9)[0].tolist(), _ids(1, seed=10)[0].tolist(), _ids(7, seed=11)[0].tolist()]
+
+    def caches():
+        out = []
+        for hd in heads:
+            c = model.new_cache()
+            if hd is not None:
+                model.forward(hd, c, logits="none")
+            out.append(c)
+        return out
+
+    alone_c, packed_c = caches(), caches()
+    alone = [model.forward([t], c, logits="none")[0] for t, c in zip(tails, alone_c)]
+    try:
+        h, offsets = model.forward_packed(tails, packed_c)
+    except CapabilityError:
+        assert model.spec.per_layer_input or model.spec.learned_positions
+        return
+    for a, o, t in zip(alone, offsets, tails):
+        assert (h[o:o + len(t)] - a).abs().max().item() < 1e-4
+    nxt = [[3], [5], [7]]
+    for c_a, c_p, t in zip(alone_c, packed_c, nxt):
+        assert c_a.length == c_p.length
+        assert (model.forward([t], c_a, logits="last") - model.forward([t], c_p, logits="last")).abs().max() < 1e-4

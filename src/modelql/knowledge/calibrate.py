@@ -42,6 +42,7 @@ from typing import Any, Mapping, Sequence
 import torch
 
 from ..vindex.clusters import forms
+from .prefixed import head_of
 
 #: Subjects per relation measured when choosing templates and thresholds.
 MAX_SUBJECTS = 32
@@ -98,6 +99,22 @@ def _padded(model, prompts: Sequence[list[int]]) -> tuple[torch.Tensor, torch.Te
     return model.forward(ids, logits="none"), lens - 1
 
 
+def _top1(model, tok, rows: Sequence[tuple[str, list[int]]]) -> tuple[list[int], list[float]]:
+    """Each prompt's decoded first token and its probability (rows: (template head, ids); the
+    heads run once, `knowledge.prefixed`)."""
+    from .prefixed import last_states
+
+    finals, _ = last_states(model, tok, rows)
+    ids: list[int] = []
+    probs: list[float] = []
+    for b in range(0, finals.shape[0], 256):
+        p = torch.softmax(model.unembed(finals[b:b + 256]).double(), -1)
+        v, i = p.max(dim=-1)
+        ids += i.tolist()
+        probs += v.tolist()
+    return ids, probs
+
+
 def _forward_last(model, prompts: Sequence[list[int]], batch: int = 64) -> list[torch.Tensor]:
     """Last-position logits of each prompt."""
     out: list[torch.Tensor] = []
@@ -133,16 +150,27 @@ def familiarity(model, tok, names: Sequence[str], batch: int = 64) -> list[float
     plain = [ids[pre:] for ids in enc]
     out = [0.0] * len(names)
     for b in range(0, len(enc), batch):
-        chunk = list(range(b, min(b + batch, len(enc))))
+        chunk = [i for i in range(b, min(b + batch, len(enc))) if len(plain[i]) > 1]
+        if not chunk:
+            continue
         h, _last = _padded(model, [enc[i] for i in chunk])
-        for r, i in enumerate(chunk):
-            L, n = len(enc[i]), len(plain[i])
-            if n <= 1:
-                continue
-            lp = torch.log_softmax(model.unembed(h[r, pre:L - 1]).double(), dim=-1)  # predicts tokens pre+1..L-1
-            got = lp[torch.arange(L - 1 - pre), torch.tensor(enc[i][pre + 1:L])]
-            out[i] = float(got.mean())
+        # every scored position of the batch through one unembedding (the vocabulary matrix is
+        # read once per batch, not once per name)
+        hs = torch.cat([h[r, pre:len(enc[i]) - 1] for r, i in enumerate(chunk)])  # predict tokens pre+1..L-1
+        nxt = torch.tensor([t for i in chunk for t in enc[i][pre + 1:]])
+        got = torch.cat([_logprob_of(model, hs[k:k + 256], nxt[k:k + 256]) for k in range(0, hs.shape[0], 256)])
+        at = 0
+        for i in chunk:
+            n = len(enc[i]) - 1 - pre
+            out[i] = float(got[at:at + n].mean())
+            at += n
     return out
+
+
+def _logprob_of(model, hs: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """log p(ids[j] | residual hs[j]) for each row (double precision)."""
+    lp = torch.log_softmax(model.unembed(hs).double(), dim=-1)
+    return lp[torch.arange(hs.shape[0]), ids]
 
 
 def two_shot(template: str, examples: Sequence[tuple[str, str]]) -> str:
@@ -311,12 +339,10 @@ def calibrate(model, tok, triples: Mapping[str, Any], templates: Mapping[str, Se
     cal.objects = objects_by_frequency(triples)
     pos_probs: dict[str, list[tuple[str, float]]] = {}
     neg_probs: dict[str, list[float]] = {}
-    for n, (rel, (subs, objs)) in enumerate(per_rel.items()):
-        if progress is not None:
-            progress(n, len(per_rel), rel)
-        pairs = triples[rel]["pairs"]
+    cands_of: dict[str, list[str]] = {}
+    for rel, (subs, _objs) in per_rel.items():
         examples = []
-        for s, o in pairs:
+        for s, o in triples[rel]["pairs"]:
             if s not in subs and all(s != e for e, _ in examples):
                 examples.append((s, o))
             if len(examples) == 2:
@@ -326,14 +352,23 @@ def calibrate(model, tok, triples: Mapping[str, Any], templates: Mapping[str, Se
             cands.append(t)
             if len(examples) == 2:
                 cands.append(two_shot(t, examples))
+        cands_of[rel] = cands
+    if progress is not None:
+        progress(0, 3, "templates: " + ", ".join(per_rel))
+    # every candidate of every relation in the same passes (each row forks its template's head)
+    rows = [(head_of(t), _encode(tok, t.replace("{X}", s)))
+            for rel, (subs, _o) in per_rel.items() for t in cands_of[rel] for s in subs]
+    top, prob = _top1(model, tok, rows)
+    at = 0
+    for rel, (subs, objs) in per_rel.items():
         best = None
         accs = {}
-        for t in cands:
-            lg = _forward_last(model, [_encode(tok, t.replace("{X}", s)) for s in subs])
-            right = [first_token_right(tok, int(l.argmax()), o) for l, o in zip(lg, objs)]
+        for t in cands_of[rel]:
+            ids, probs = top[at:at + len(subs)], prob[at:at + len(subs)]
+            at += len(subs)
+            right = [first_token_right(tok, i, o) for i, o in zip(ids, objs)]
             acc = sum(right) / max(1, len(right))
             accs[t] = round(acc, 4)
-            probs = [float(torch.softmax(l.double(), -1).max()) for l in lg]
             key = (acc, -len(t))
             if best is None or key > best[0]:
                 best = (key, t, [(s, p) for s, p, ok in zip(subs, probs, right) if ok],
@@ -344,10 +379,14 @@ def calibrate(model, tok, triples: Mapping[str, Any], templates: Mapping[str, Se
         cal.templates[rel] = best[1]
         pos_probs[rel] = best[2]
         cal.right[rel] = best[3]
-        lg = _forward_last(model, [_encode(tok, best[1].replace("{X}", s)) for s in negs])
-        neg_probs[rel] = [float(torch.softmax(l.double(), -1).max()) for l in lg]
     if progress is not None:
-        progress(len(per_rel), len(per_rel), "familiarity")
+        progress(1, 3, f"made-up names ({len(negs)} per relation)")
+    chosen_t = list(cal.templates.items())
+    _ids, nprob = _top1(model, tok, [(head_of(t), _encode(tok, t.replace("{X}", s))) for _r, t in chosen_t for s in negs])
+    for k, (rel, _t) in enumerate(chosen_t):
+        neg_probs[rel] = nprob[k * len(negs):(k + 1) * len(negs)]
+    if progress is not None:
+        progress(2, 3, "familiarity")
     pos_names = sorted({s for v in pos_probs.values() for s, _p in v})
     fam = dict(zip(pos_names, familiarity(model, tok, pos_names)))
     neg_fam = familiarity(model, tok, negs)

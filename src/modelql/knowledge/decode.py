@@ -45,6 +45,7 @@ from typing import Mapping, Sequence
 
 import torch
 
+from .prefixed import packs
 from .tokens import content
 
 #: A relation is multi-valued when its triples have at least this many objects per subject.
@@ -163,11 +164,23 @@ def _group(contribs: dict[int, torch.Tensor]) -> tuple[int, int, float, tuple[in
     owner = torch.cat([torch.full((contribs[L].numel(),), L) for L in layers])
     start = {L: int(sum(contribs[M].numel() for M in layers[:i])) for i, L in enumerate(layers)}
     total = float(flat.sum())
-    vals, order = torch.sort(flat, descending=True, stable=True)
-    pos = vals.clamp_min(0)
-    if float(pos[0]) <= 0:
-        return -1, -1, 0.0, (), 0, total
-    n = int(torch.searchsorted(pos.cumsum(0), pos.sum() / 2).item()) + 1
+    # the top contributions in order (ties → lower index, as a stable sort), as few as reach
+    # half the positive total: a full sort of every feature of every layer is not needed
+    from ..vindex.vindex import topk_exact
+
+    pos_all = flat.clamp_min(0)
+    half = pos_all.sum() / 2
+    k = min(64, flat.numel())
+    while True:
+        order = topk_exact(flat, k)
+        vals = flat[order]
+        pos = vals.clamp_min(0)
+        if float(pos[0]) <= 0:
+            return -1, -1, 0.0, (), 0, total
+        if k == flat.numel() or float(pos.sum()) >= float(half):
+            break
+        k = min(flat.numel(), k * 4)
+    n = int(torch.searchsorted(pos.cumsum(0), half).item()) + 1
     group = owner[order[:n]]
     L = int(owner[order[0]])
     return L, int(order[0]) - start[L], float(vals[0]), tuple(sorted(set(group.tolist()))), n, total
@@ -247,15 +260,43 @@ def extend_phrases(model, tokenizer, prompt_ids: Sequence[list[int]], first: Seq
         return got
 
     if caches is not None and drafts is not None and active:
-        # every row in one pass: its first token and its draft (rows without one: the first only)
-        seqs = {i: [phrases[i][0]] + [int(t) for t in drafts[i]][:cap[i] - 1] for i in active}
-        width = max(len(q) for q in seqs.values())
-        ids = torch.tensor([seqs[i] + [seqs[i][-1]] * (width - len(seqs[i])) for i in active])
+        # every row in one pass, each of its drafts as its own row (a copy of its cache): its first
+        # token and the draft (rows without one: the first only); a row goes on from the draft the
+        # model's greedy tokens follow longest
+        caches = list(caches)
+        virt: list[tuple[int, list[int], object]] = []  # (row, first + draft, cache)
+        for i in active:
+            opts = _alternatives(drafts[i])
+            for j, d in enumerate(opts):
+                seq = [phrases[i][0]] + [int(t) for t in d][:cap[i] - 1]
+                virt.append((i, seq, caches[i] if j == len(opts) - 1 else caches[i].copy()))
         base = {i: caches[i].length for i in active}
-        pred = model.forward(ids, [caches[i] for i in active], logits="all").argmax(dim=-1).tolist()
+        if packs(model):  # one unpadded row (`Model.forward_packed`)
+            real, _offsets = model.forward_packed([q for _i, q, _c in virt], [c for _i, _q, c in virt])
+        else:
+            width = max(len(q) for _i, q, _c in virt)
+            ids = torch.tensor([q + [q[-1]] * (width - len(q)) for _i, q, _c in virt])
+            h = model.forward(ids, [c for _i, _q, c in virt], logits="none")
+            # only the real (unpadded) positions are read through the vocabulary
+            real = torch.cat([h[r, :len(q)] for r, (_i, q, _c) in enumerate(virt)])
+        flat = model.unembed(real).argmax(dim=-1).tolist()
+        pred, at = [], 0
+        for _i, q, _c in virt:
+            pred.append(flat[at:at + len(q)])
+            at += len(q)
+        best: dict[int, tuple[int, int]] = {}  # row → (draft tokens the model follows, virtual row)
+        for r, (i, q, _c) in enumerate(virt):
+            n = 0
+            while n + 1 < len(q) and pred[r][n] == q[n + 1]:
+                n += 1
+            if i not in best or n > best[i][0]:
+                best[i] = (n, r)
         still = []
-        for r, i in enumerate(active):
-            q, j = seqs[i], 0
+        for i in active:
+            r = best[i][1]
+            q = virt[r][1]
+            caches[i] = virt[r][2]
+            j = 0
             while True:  # pred[r][j] follows q[:j + 1], all of it in the cache
                 t = pred[r][j]
                 go = accept(i, t)
@@ -280,30 +321,62 @@ def extend_phrases(model, tokenizer, prompt_ids: Sequence[list[int]], first: Seq
     return phrases
 
 
+def _alternatives(draft) -> list[Sequence[int]]:
+    """A row's drafts: one continuation (a sequence of ids) or several (a sequence of sequences)."""
+    if draft is None or len(draft) == 0:
+        return [()]
+    if isinstance(draft[0], (list, tuple)):
+        return list(draft) or [()]
+    return [draft]
+
+
+#: Drafts per answer whose first token starts several objects ("New" → " Delhi", " York").
+MAX_DRAFTS = 2
 #: Draft indexes kept (per tokenizer and object list).
 _DRAFTS_MAX = 64
 _drafts: "OrderedDict[tuple, dict[int, tuple[int, ...]]]" = OrderedDict()
 
 
-def draft_index(tokenizer, objects: Sequence[str]) -> dict[int, tuple[int, ...]]:
-    """first token id → the rest of the first of `objects` (most frequent first) that starts with
-    it, in its mid-sentence form (" Rio de Janeiro"): the drafts `extend_phrases` checks."""
+def draft_index(tokenizer, objects: Sequence[str]) -> dict[int, tuple[tuple[int, ...], ...]]:
+    """first token id → the rests of the first `MAX_DRAFTS` of `objects` (most frequent first)
+    that start with it, in their mid-sentence form (" Rio de Janeiro"): the drafts
+    `extend_phrases` checks."""
+    got: dict[int, tuple[tuple[int, ...], ...]] = {}
+    for first, ids in object_ids(tokenizer, objects):
+        if len(ids) > 1 and len(got.get(first, ())) < MAX_DRAFTS:
+            got[first] = got.get(first, ()) + (ids[1:],)
+    return got
+
+
+def object_ids(tokenizer, objects: Sequence[str]) -> list[tuple[int, tuple[int, ...]]]:
+    """(first id, ids) of each of `objects` in its mid-sentence form, cached per tokenizer and list."""
     key = (id(tokenizer), tuple(objects))
     with _lock:
         got = _drafts.get(key)
         if got is not None:
             _drafts.move_to_end(key)
             return got
-    got = {}
+    got = []
     for o in objects:
         ids = tokenizer.encode(" " + str(o).strip(), add_special_tokens=False)
-        if len(ids) > 1 and ids[0] not in got:
-            got[int(ids[0])] = tuple(int(t) for t in ids[1:])
+        if ids:
+            got.append((int(ids[0]), tuple(int(t) for t in ids)))
     with _lock:
         _drafts[key] = got
         while len(_drafts) > _DRAFTS_MAX:
             _drafts.popitem(last=False)
     return got
+
+
+def guess_draft(tokenizer, objects: Sequence[str], logprob: torch.Tensor) -> tuple[int, ...]:
+    """For an answer whose first token starts none of the relation's objects (an article: "the
+    euro", "a"): the whole object whose first token the probe itself found likeliest, drafted
+    after that first token."""
+    objs = object_ids(tokenizer, objects)
+    if not objs:
+        return ()
+    firsts = torch.tensor([f for f, _ids in objs])
+    return objs[int(logprob[firsts].argmax())][1]
 
 
 def candidates(logits: torch.Tensor, cardinality: float = 1.0) -> tuple[list[int], dict[str, torch.Tensor]]:
@@ -354,7 +427,12 @@ def decode_claims(model, rq, relation_contexts: Mapping[str, Sequence[int]], ent
     drafts = None
     if objects and caches is not None:
         index = {r: draft_index(tok, objects[r]) for r in {r for r, _i, _t, _s in todo} if objects.get(r)}
-        drafts = [index.get(r, {}).get(int(t), ()) for r, _i, t, _s in todo]
+        drafts = []
+        for r, _i, t, st in todo:
+            got = index.get(r, {}).get(int(t))
+            if got is None and objects.get(r) and not any(f == int(t) for f, _ids in object_ids(tok, objects[r])):
+                got = (guess_draft(tok, objects[r], st["logprob"]),)
+            drafts.append(got or ())
     phrases = extend_phrases(model, tok, prompts, [t for _r, _i, t, _s in todo], caches=caches,
                              limits=limits, drafts=drafts) if todo else []
     texts = [tok.decode(p, skip_special_tokens=True).strip() for p in phrases]

@@ -261,6 +261,19 @@ def _layer_hits(scores: torch.Tensor, ranking: torch.Tensor, layer: int, k: int,
     return out
 
 
+def _activation_hits(vindex, x: torch.Tensor, acts: torch.Tensor, layer: int, k: int, unit: str) -> list[_Hit]:
+    """`_layer_hits` ranked by the activations `acts` [F], each hit's raw gate score `g·x` read for
+    the top-k only (`Vindex.gate_scores_at`: a DESCRIBE does not read every layer's gate matrix)."""
+    from ..vindex.vindex import topk_abs
+
+    mu = acts.mean()
+    sd = acts.std().clamp_min(1e-12)
+    idx = topk_abs(acts, k)
+    raw = vindex.gate_scores_at(layer, x, idx).tolist()
+    zs = ((acts[idx] - mu) / sd).tolist()
+    return [_Hit(layer, f, s, z, z if unit == "z" else s) for f, s, z in zip(idx.tolist(), raw, zs)]
+
+
 def describe(
     vindex,
     entity: str,
@@ -398,9 +411,13 @@ def _describe(vindex, entity: str, t0: float, *, mode, band, layer, layers, rela
                 xs, acts = xs.mean(dim=0, keepdim=True), acts.mean(dim=0, keepdim=True)
             best: dict[int, _Hit] = {}
             for x, a in zip(xs, acts):
-                s = vindex.gate_scores(L, x)
-                ranking = a if (score == "activation" and a.numel() == s.numel()) else s
-                for h in _layer_hits(s, ranking, L, k, unit, s):
+                if score == "activation" and a.numel() == vindex.num_features(L):
+                    # ranked by activation: only the top-k features' gate scores are read
+                    got = _activation_hits(vindex, x, a, L, k, unit)
+                else:
+                    s = vindex.gate_scores(L, x)
+                    got = _layer_hits(s, s, L, k, unit, s)
+                for h in got:
                     old = best.get(h.feature)
                     if old is None or h.gate > old.gate:
                         best[h.feature] = h

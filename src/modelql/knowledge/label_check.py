@@ -4,7 +4,8 @@ A probe label says a feature *fires* on R's prompts and *promotes* R's objects; 
 model uses it to answer R. The check: for each labelled feature (L, f, R), run R's calibrated
 template on subjects the model answers right — first those whose probes earned the label (where
 the feature fired), then others — once with feature f of layer L zeroed (its activation after the
-nonlinearity, at every position) and once with a random feature of the same layer zeroed; the
+nonlinearity, at every position after the template's head — the head, a two-shot prompt's
+examples, is run once per model and reused, `knowledge.prefixed`) and once with a random feature of the same layer zeroed; the
 label passes when zeroing f lowers the right first tokens' mean log-odds more than zeroing the
 random one (`measure="prob"`: their probability). Why those subjects: relation features are
 subject-specific (on the embedded model a "capital" feature of layer 0 moves Egypt's capital by
@@ -21,6 +22,8 @@ from dataclasses import dataclass, field
 from typing import Mapping, Sequence
 
 import torch
+
+from .prefixed import head_of, last_states
 
 #: Subjects per relation the check runs on (answered right by the model).
 CHECK_SUBJECTS = 6
@@ -67,6 +70,30 @@ def _score(logits: torch.Tensor, right: Sequence[int], measure: str) -> float:
 MEASURES = ("log_odds", "prob")
 
 
+def _zero(pairs: Sequence[tuple[int, int]], spans: Sequence[tuple[int, int]] | None):
+    """A hook zeroing feature f of row r at all its positions, for each (r, f): padded rows
+    [B, T, F] (`spans` None) or one packed row [1, N, F] where row r holds `spans[r]`."""
+    if spans is None:
+        r_idx = torch.tensor([p[0] for p in pairs])
+        f_idx = torch.tensor([p[1] for p in pairs])
+
+        def fn(t: torch.Tensor, n: str) -> torch.Tensor:
+            t = t.clone()
+            t[r_idx, :, f_idx] = 0
+            return t
+
+        return fn
+    pos = torch.tensor([o + j for r, _f in pairs for o, n in [spans[r]] for j in range(n)], dtype=torch.long)
+    feat = torch.tensor([f for r, f in pairs for _j in range(spans[r][1])], dtype=torch.long)
+
+    def packed(t: torch.Tensor, n: str) -> torch.Tensor:
+        t = t.clone()
+        t[0, pos, feat] = 0
+        return t
+
+    return packed
+
+
 def check_labels(model, tok, labels: Mapping[tuple[int, int], str], templates: Mapping[str, str],
                  subjects: Mapping[str, Sequence[tuple[str, Sequence[str]]]], *, seed: int = 0,
                  n_subjects: int = CHECK_SUBJECTS, batch: int = 96, measure: str = "log_odds",
@@ -81,7 +108,7 @@ def check_labels(model, tok, labels: Mapping[tuple[int, int], str], templates: M
     rng = random.Random(seed)
     res = CheckResult()
     n_feat = {}
-    rows: list[tuple[list[int], set[int], int, int, tuple, str]] = []  # ids, right, layer, feat, key, kind
+    rows: list[tuple[list[int], set[int], int, int, tuple, str, str]] = []  # ids, right, layer, feat, key, kind, template
     base_rows: dict[tuple[str, str], int] = {}
     uses: dict[tuple[int, int], list[int]] = {}  # label → its prompts' base rows
     for key, rel in sorted(labels.items()):
@@ -105,42 +132,35 @@ def check_labels(model, tok, labels: Mapping[tuple[int, int], str], templates: M
         for s, objs in pairs:
             ids = tok.encode(templates[rel].replace("{X}", s), add_special_tokens=True)
             right = set().union(*[_first_ids(tok, o) for o in objs])
-            rows.append((ids, right, L, f, key, "feature"))
-            rows.append((ids, right, L, rnd, key, "random"))
+            rows.append((ids, right, L, f, key, "feature", templates[rel]))
+            rows.append((ids, right, L, rnd, key, "random", templates[rel]))
             if (rel, s) not in base_rows:  # the unablated run, once per prompt
                 base_rows[(rel, s)] = len(rows)
-                rows.append((ids, right, -1, -1, (rel, s), "base"))
+                rows.append((ids, right, -1, -1, (rel, s), "base", templates[rel]))
             uses.setdefault(key, []).append(base_rows[(rel, s)])
     probs: list[float] = [0.0] * len(rows)
     order = sorted(range(len(rows)), key=lambda i: len(rows[i][0]))
     for b in range(0, len(order), batch):
         chunk = order[b:b + batch]
-        per_layer: dict[int, list[tuple[int, int]]] = {}
-        for row, i in enumerate(chunk):
-            if rows[i][2] >= 0:
-                per_layer.setdefault(rows[i][2], []).append((row, rows[i][3]))
 
-        def make(pairs):
-            r_idx = torch.tensor([p[0] for p in pairs])
-            f_idx = torch.tensor([p[1] for p in pairs])
+        def ablations(batch_rows: list[int], spans, _chunk=chunk) -> dict:
+            """Each row of the pass zeroes its own feature (rows: indices into `_chunk`)."""
+            per_layer: dict[int, list[tuple[int, int]]] = {}
+            for row, j in enumerate(batch_rows):
+                i = _chunk[j]
+                if rows[i][2] >= 0:
+                    per_layer.setdefault(rows[i][2], []).append((row, rows[i][3]))
+            return {f"blocks.{L}.mlp.hook_post": _zero(p, spans) for L, p in per_layer.items()}
 
-            def fn(t: torch.Tensor, n: str) -> torch.Tensor:
-                t = t.clone()
-                t[r_idx, :, f_idx] = 0
-                return t
-
-            return fn
-
-        hooks = {f"blocks.{L}.mlp.hook_post": make(p) for L, p in per_layer.items()}
-        lens = [len(rows[i][0]) for i in chunk]
-        width = max(lens)
-        ids = torch.tensor([rows[i][0] + [rows[i][0][-1]] * (width - n) for i, n in zip(chunk, lens)])
-        h = model.forward(ids, hooks=hooks, logits="none")  # padded at the end: causal, so harmless
-        lg = model.unembed(h[torch.arange(len(chunk)), torch.tensor(lens) - 1]).double()
+        # each row forks its template's head (run once, `knowledge.prefixed`): the ablation zeroes
+        # the feature at the entity's and the template tail's positions
+        h, _ = last_states(model, tok, [(head_of(rows[i][6]), rows[i][0]) for i in chunk], hooks=ablations,
+                           batch=len(chunk))
+        lg = model.unembed(h).double()
         for row, i in enumerate(chunk):
             probs[i] = _score(lg[row], sorted(rows[i][1]), measure)
     acc: dict[tuple[int, int], dict[str, list[float]]] = {}
-    for (ids, _r, _L, _f, key, kind), pr in zip(rows, probs):
+    for (ids, _r, _L, _f, key, kind, _t), pr in zip(rows, probs):
         if kind != "base":
             acc.setdefault(key, {}).setdefault(kind, []).append(pr)
     for key, d in acc.items():

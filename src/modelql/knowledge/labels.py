@@ -428,6 +428,7 @@ def probe_features(vindex, triples: Mapping[str, Any], templates: Mapping[str, S
             toks.append(tuple(t.strip().lower() for t, _i, _v in meta.top_k if len(t.strip()) >= 2) if meta else ())
         feat_tokens[L] = toks
     prompts: list[tuple[str, str, list[int]]] = []  # (relation, subject, ids)
+    heads: list[str] = []  # each prompt's template
     for rel, body in triples.items():
         subs = _subjects(body["pairs"])
         if max_subjects is not None:
@@ -437,6 +438,7 @@ def probe_features(vindex, triples: Mapping[str, Any], templates: Mapping[str, S
                 ids = tok.encode(t.replace("{X}", s), add_special_tokens=True)
                 if ids:
                     prompts.append((rel, s, ids))
+                    heads.append(t)
     hits: dict[tuple[int, int], Counter] = defaultdict(Counter)
     answered: dict[str, list[str]] = defaultdict(list)
     evidence: dict[tuple[int, int], dict[str, list[str]]] = defaultdict(lambda: defaultdict(list))
@@ -450,23 +452,16 @@ def probe_features(vindex, triples: Mapping[str, Any], templates: Mapping[str, S
             vocab_cache[i] = s
         return s
 
-    # batches of prompts sorted by length, padded at the end by repeating the last token (causal
-    # attention keeps the padding out of the real positions), each row read at its own last token
+    # batches of prompts (each forks its template's head, run once: `knowledge.prefixed`), each
+    # row read at its own last token
+    from .prefixed import head_of, last_states
+
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i][2]))
     chunks = [order[b:b + batch_size] for b in range(0, len(order), batch_size)]
     for chunk in chunks:
-        lens = [len(prompts[i][2]) for i in chunk]
-        width = max(lens)
-        ids = torch.tensor([prompts[i][2] + [prompts[i][2][-1]] * (width - n) for i, n in zip(chunk, lens)])
-        rows_, last_ = torch.arange(len(chunk)), torch.tensor(lens) - 1
-        cache: dict[str, torch.Tensor] = {}
-
-        def grab(t: torch.Tensor, n: str, _c=cache, _r=rows_, _l=last_) -> None:
-            _c[n] = t[_r, _l].detach().float().clone()
-
-        h = m.forward(ids, hooks={n: grab for n in names}, logits="none")
-        h_last = h[rows_, last_].float()
-        logits = m.unembed(h[rows_, last_])
+        h_last, cache = last_states(m, tok, [(head_of(heads[i]), prompts[i][2]) for i in chunk], capture=names,
+                                    batch=len(chunk))
+        logits = m.unembed(h_last)
         fired: dict[int, list[list[int]]] = {}
         for L in layers:
             a = cache[f"blocks.{L}.mlp.hook_post"]  # [B, F]

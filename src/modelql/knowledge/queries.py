@@ -24,6 +24,7 @@ import torch
 from ..errors import CapabilityError, EmptyPromptError, ModelqlError
 from .prefix_cache import prefix_state
 from .prefix_cache import shared as _shared
+from .prefixed import packs
 
 #: Neutral contexts of the residual mode, captured at the entity's last token: "{X}" (sentence
 #: start, after BOS) and "about {X}" (mid-sentence, with the tokenizer's leading-space form).
@@ -153,32 +154,59 @@ def residual_query(vindex, entity: str, model=None, contexts: Sequence[str] | No
     reuse = [_shared(h.ids, ids) if h is not None else 0 for h, (_c, ids) in zip(heads, encoded)]
     lens = [len(ids) for _c, ids in encoded]
     tails = [ids[n:] for n, (_c, ids) in zip(reuse, encoded)]
-    width = max(len(t) for t in tails)
-    rows = torch.arange(len(encoded))
-    last = torch.tensor([len(t) for t in tails]) - 1
     cache: dict[str, torch.Tensor] = {}
+    hook_names = [n for n in names if n != final_name]
+    packed = packs(m)
+    if packed:  # one unpadded row holding every tail (`Model.forward_packed`)
+        ends_l, at = [], 0
+        for t in tails:
+            at += len(t)
+            ends_l.append(at - 1)
+        ends = torch.tensor(ends_l)
 
-    def grab(t: torch.Tensor, n: str) -> None:
-        cache[n] = t[rows, last].detach().float().clone()
+        def grab(t: torch.Tensor, n: str) -> None:
+            cache[n] = t[0, ends].detach().float().clone()
 
-    caches = [h.fork(n, width + PHRASE_ROOM) if n else m.new_cache() for h, n in zip(heads, reuse)]
-    ids = torch.tensor([t + [t[-1]] * (width - len(t)) for t in tails])
-    h = m.forward(ids, caches, hooks={n: grab for n in names if n != final_name}, logits="none")
-    h_last = h[rows, last]
+        caches = [h.fork(n, len(t) + PHRASE_ROOM) if n else m.new_cache() for h, n, t in zip(heads, reuse, tails)]
+        out, offsets = m.forward_packed(tails, caches, hooks={n: grab for n in hook_names})
+        h_last = out[ends]
+        rows_of = [out[o:o + len(t)] for o, t in zip(offsets, tails)]
+    else:
+        width = max(len(t) for t in tails)
+        rows = torch.arange(len(encoded))
+        last = torch.tensor([len(t) for t in tails]) - 1
+
+        def grab(t: torch.Tensor, n: str) -> None:
+            cache[n] = t[rows, last].detach().float().clone()
+
+        caches = [h.fork(n, width + PHRASE_ROOM) if n else m.new_cache() for h, n in zip(heads, reuse)]
+        ids = torch.tensor([t + [t[-1]] * (width - len(t)) for t in tails])
+        h = m.forward(ids, caches, hooks={n: grab for n in hook_names}, logits="none")
+        h_last = h[rows, last]
+        rows_of = [h[i, :len(t)] for i, t in enumerate(tails)]
     logits = finals = None
+    # the probes' last positions and the scored contexts' positions go through one unembedding
+    # (the vocabulary matrix is the largest weight a pass reads)
+    scored = [i for i in (token_logprobs or ()) if 0 <= i < len(encoded) and lens[i] > 1]
+    parts = [h_last] if with_logits else []
+    for i in scored:
+        n = reuse[i]
+        hs = torch.cat([heads[i].hidden[:n], rows_of[i]]) if n else rows_of[i]
+        parts.append(hs[: lens[i] - 1])
+    all_logits = m.unembed(torch.cat(parts)) if parts else None
+    at = 0
     if with_logits:
-        logits = m.unembed(h_last).detach().float()
+        logits = all_logits[: len(encoded)].detach().float()
+        at = len(encoded)
         finals = h_last.detach().float().clone()
         for c, n in zip(caches, lens):
             c.truncate(n)
     token_lp = {}
-    for i in (token_logprobs or ()):
-        if 0 <= i < len(encoded) and lens[i] > 1:
-            n = reuse[i]
-            hs = torch.cat([heads[i].hidden[:n], h[i, : lens[i] - n]]) if n else h[i, : lens[i]]
-            lp = torch.log_softmax(m.unembed(hs[: lens[i] - 1]).double(), dim=-1)
-            nxt = torch.tensor(encoded[i][1][1:])
-            token_lp[encoded[i][0]] = lp[torch.arange(lens[i] - 1), nxt].tolist()
+    for i in scored:
+        lp = torch.log_softmax(all_logits[at:at + lens[i] - 1].double(), dim=-1)
+        at += lens[i] - 1
+        nxt = torch.tensor(encoded[i][1][1:])
+        token_lp[encoded[i][0]] = lp[torch.arange(lens[i] - 1), nxt].tolist()
     xs = {L: cache[f"blocks.{L}.ln2.hook_normalized"] for L in wanted}
     acts = {L: cache[f"blocks.{L}.mlp.hook_post"] for L in wanted}
     used = [c for c, _ids in encoded]

@@ -374,11 +374,13 @@ class Model:
         if own and spec.v_norm:
             v = self.rms(v)
         starts = [c.length for c in caches]
+        packed = rotations.get("packed") if rotations is not None else None  # [(offset, length)] per cache
         kind = (spec.rope_for(layer), hd)
         if rotations is not None and kind in rotations:
             rot = rotations[kind]
         else:
-            positions = torch.tensor(starts)[:, None] + torch.arange(t)[None, :]
+            positions = (rotations["packed_positions"] if packed is not None
+                         else torch.tensor(starts)[:, None] + torch.arange(t)[None, :])
             rot = self._rope(layer, positions)
             if rotations is not None:
                 rotations[kind] = rot
@@ -395,6 +397,17 @@ class Model:
         block = rotations.get("block") if rotations is not None else None
         if block is not None:
             z = self._attend_block(layer, q, k, v, block, rotations["positions"])
+        elif packed is not None:  # one row holding every sequence: each attends over its own cache
+            outs = []
+            for i, cache in enumerate(caches):
+                o, n = packed[i]
+                end = starts[i] + n
+                if own:
+                    cache.k[layer][:, starts[i]:end] = k[0, :, o:o + n]
+                    cache.v[layer][:, starts[i]:end] = v[0, :, o:o + n]
+                outs.append(self._attend(layer, q[0, :, o:o + n], cache.k[src][:, :end], cache.v[src][:, :end],
+                                         starts[i]))
+            z = torch.cat(outs, dim=1)[None]
         else:
             outs = []
             for i, cache in enumerate(caches):
@@ -519,6 +532,38 @@ class Model:
         """
         with torch.inference_mode(not grad):
             return self._forward(ids, caches, hooks, logits)
+
+    def forward_packed(self, seqs: list[list[int]], caches: list[KVCache], hooks: Hooks | None = None
+                       ) -> tuple[torch.Tensor, list[int]]:
+        """Run sequences of different lengths, each after what its own cache holds, as ONE row
+        without padding: the final residual [N, H] of all their tokens in order, and each
+        sequence's offset in it. Hooks see [1, N, ...]. Why: a batch padded to its longest
+        sequence runs the padding through every layer (DESCRIBE's probe tails are 1–9 tokens)."""
+        if len(seqs) != len(caches) or not seqs or any(len(q) == 0 for q in seqs):
+            raise ValueError("forward_packed needs one non-empty sequence per cache")
+        if self.spec.per_layer_input or self.spec.learned_positions:
+            raise CapabilityError(f"{self.spec.family}: packed sequences are not supported")
+        offsets, at = [], 0
+        for q in seqs:
+            offsets.append(at)
+            at += len(q)
+        with torch.inference_mode():
+            ids = torch.tensor([[t for q in seqs for t in q]], dtype=torch.long)
+            for c, q in zip(caches, seqs):
+                if c.length + len(q) > self.spec.max_position:
+                    raise ContextLengthError(
+                        f"{c.length + len(q)} tokens exceed the context window of {self.spec.max_position}")
+                c.reserve(self.spec, self.dtype, c.length + len(q))
+            h = self.embed_tokens(ids, [0], hooks)
+            rotations: dict = {
+                "packed": list(zip(offsets, [len(q) for q in seqs])),
+                "packed_positions": torch.cat([c.length + torch.arange(len(q)) for c, q in zip(caches, seqs)])[None],
+            }
+            for layer in range(self.spec.num_layers):
+                h = self.block(layer, h, caches, hooks, rotations)
+            for c, q in zip(caches, seqs):
+                c.length += len(q)
+        return h[0], offsets
 
     def _forward(self, ids, caches, hooks, logits) -> torch.Tensor:
         ids = torch.as_tensor(ids, dtype=torch.long)

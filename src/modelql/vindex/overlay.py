@@ -558,6 +558,20 @@ class OverlayView:
             scores[..., tomb] = 0.0
         return scores
 
+    def gate_scores_at(self, layer: int, q: torch.Tensor, features: torch.Tensor) -> torch.Tensor:
+        idx = torch.as_tensor(features, dtype=torch.long)
+        scores = self.base.gate_scores_at(layer, q, idx).clone()
+        gated, G, tomb = self._layer_overrides(layer)
+        if gated or tomb:
+            t = q.detach().to(torch.float32)
+            pos = {f: j for j, f in enumerate(gated)}
+            for n, f in enumerate(idx.tolist()):
+                if f in pos:
+                    scores[n] = torch.from_numpy(G[pos[f]]).float() @ t
+                if f in tomb:
+                    scores[n] = 0.0
+        return scores
+
     def _knn(self, scores: torch.Tensor, layer: int, k: int, tomb: list[int]) -> torch.Tensor:
         a = scores.abs()
         if tomb:

@@ -569,6 +569,19 @@ class Vindex:
             g = self.gate(layer)  # f32: the mapping itself; f16: decoded into the cache
         return torch.mv(g, t) if t.dim() == 1 else torch.mm(t, g.t())
 
+    def gate_scores_at(self, layer: int, q: torch.Tensor, features: torch.Tensor) -> torch.Tensor:
+        """The signed scores `g_f · q` of `features` only ([k] for q [H]): what a caller that ranks
+        features by something else (DESCRIBE's activations) reads for its top few, without a pass
+        over the whole gate matrix."""
+        t = self._query(q, False)
+        idx = torch.as_tensor(features, dtype=torch.long)
+        g = self._cache.get(layer)
+        if g is None and self.dtype != "f32":
+            rows = torch.from_numpy(np.ascontiguousarray(self.gate_array(layer)[idx.numpy()])).float()
+        else:
+            rows = (g if g is not None else self.gate(layer))[idx]
+        return rows @ t
+
     def warm(self, layers: Iterable[int] | None = None) -> list[int]:
         """Decode f16 layers into the cache ahead of use (as many as the budget holds); returns them."""
         done = []
