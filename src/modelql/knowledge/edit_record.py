@@ -398,13 +398,27 @@ them: the overlay runs them beside the layer's features, and COMPILE grows every
 the largest number any layer adds (zero rows elsewhere; HF configs have one intermediate size).
 
 The default through the product path (`python bench/edit.py --model SmolLM2-135M-Instruct.Q4_1.gguf
---edits 20`, the default fluency guard on; load average ≈ 9 on 2 cores):
+--edits 20`, the default fluency guard on; load average 9–15 on 2 cores):
 
 ==============================  ========  ========  ==========  ========  =======  =========
 stage (neurons at layer 9)      efficacy  para all  para known  locality  fluency  ppl ratio
 ==============================  ========  ========  ==========  ========  =======  =========
-session                           100.0%     83.8%       89.7%    100.0%   100.0%     1.0000
-COMPILE → transformers            100.0%     83.8%       89.7%    100.0%   100.0%     1.0000
+capital, session                  100.0%     67.5%       81.0%    100.0%   100.0%     1.0000
+capital, COMPILE → transformers   100.0%     67.5%       81.0%    100.0%   100.0%     1.0000
+language, session                 100.0%     90.0%       93.0%    100.0%   100.0%     1.0000
+language, COMPILE → transformers  100.0%     90.0%       93.0%    100.0%   100.0%     1.0000
 ==============================  ========  ========  ==========  ========  =======  =========
+
+A first version also fired on the name alone at a prompt's first position (capital paraphrases
+83.8% / 89.7% known, language fluency 95%). In the 2-edit test batch its gate then fired on
+whatever word opened a prompt ("Water boils at" → "1,800 degrees"), and a δ at the first
+position does not carry anyway (the attention sink): "France's capital city is" kept its answer
+with the gate fully on. So the positives never sit at position 0 and 1,000 vocabulary words,
+each opening a prompt, are negatives: the first-position paraphrase "{X}'s capital city is" is
+lost (the table above), nothing else moved.
+
+Statistics (cold: causal trace, sampling, the generic inputs' Gram) 89.5 s at load ≈ 15 (114 s
+wall / 137 s CPU in a separate timing at load 12.7); one edit 23.7–32.5 s wall at load 12.9
+(30–39 s CPU over 2 threads); DELETE restores bit-identical logits.
 
 """

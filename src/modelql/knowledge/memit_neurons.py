@@ -25,7 +25,7 @@ Here each fact gets one new neuron in the top edit layer L (the causal trace's c
 Measured on SmolLM2-135M-Instruct through the product path (bench/edit.py --model, 20
 counterfactual edits together, against the down_proj update it replaces): capitals, greedy
 generic continuations unchanged 50 → 100 %, locality 97.4 → 100 %, held-out paraphrases the
-model knew 82.8 → 89.7 %, perplexity −1.9 → ±0.0 %; official languages, fluency 50 → 95 %,
+model knew 82.8 → 81.0 %, perplexity −1.9 → ±0.0 %; official languages, fluency 50 → 100 %,
 locality 86.7 → 100 %; identical after COMPILE in transformers (`knowledge.edit_record`).
 Replacing 20 little-used neurons instead of adding them cost 10 % fluency, so the edit adds
 neurons: COMPILE grows the FFN by their number (zero rows in the other layers).
