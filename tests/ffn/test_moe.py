@@ -96,6 +96,22 @@ def test_info_shows_experts_and_counts_every_parameter(moe_model):
     assert f"({hf.num_parameters():,})" in result.output
 
 
+@pytest.mark.parametrize("family", ["gemma4", "gemma4_moe"])
+def test_info_counts_gemma4_parameters_as_transformers_does(family, tmp_path):
+    """Gemma 4's per-block `layer_scalar` is in the checkpoint but is a buffer, not a parameter, in
+    transformers: the count leaves it out (and counts the stacked experts once each)."""
+    from typer.testing import CliRunner
+
+    from modelql.cli import app
+
+    hf = make_tiny(family, tmp_path / family)
+    result = CliRunner().invoke(app, ["info", str(tmp_path / family), "--json"])
+    assert result.exit_code == 0, result.output
+    import json
+
+    assert json.loads(result.output)["parameters"] == hf.num_parameters()
+
+
 def test_extract_refuses_gemma4_experts_beside_dense_in_one_line(tmp_path):
     """Mixtral-style MoE vindexes are built (tests/edit/test_moe_edit.py); Gemma 4's experts beside a
     dense FFN are not yet: one line, nothing written."""

@@ -40,12 +40,14 @@ class TensorMap:
     "split:i/n" / "split:i@a+b+c" (slice i of a tensor fused along dim 0, in n equal parts or
     parts of the given sizes: Phi-3's qkv_proj and gate_up_proj), or "index:e" (entry e of a tensor
     stacked along dim 0: one expert of Gemma 4's [E, ...] expert weights); steps chain with ",".
-    An optional map may be absent.
+    An optional map may be absent. A `buffer` is stored in the checkpoint but is no trained
+    parameter in transformers (Gemma 4's `layer_scalar`): `modelql info` leaves it out of the count.
     """
 
     hf_name: str
     transform: str = "id"
     optional: bool = False
+    buffer: bool = False
 
 
 @dataclass(frozen=True)
@@ -182,7 +184,7 @@ class ModelSpec:
         for i in range(self.num_layers):
             for name, tm in self.layer_map.items():
                 out.append(
-                    (f"layers.{i}.{name}", TensorMap(tm.hf_name.format(i=i), tm.transform, tm.optional))
+                    (f"layers.{i}.{name}", TensorMap(tm.hf_name.format(i=i), tm.transform, tm.optional, tm.buffer))
                 )
         return out
 
