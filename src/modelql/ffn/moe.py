@@ -172,7 +172,7 @@ class MoeFfn:
         return self.moe.expert_size * self.moe.num_experts + self.moe.shared_size
 
     def _forward_features(self, layer: int, flat: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor,
-                          hooks: Hooks, overrides: dict | None) -> torch.Tensor:
+                          hooks: Hooks, overrides: dict | None, lead: tuple[int, ...] = ()) -> torch.Tensor:
         """The layer as one wide FFN over all experts' features (feature e·F + j = expert e's j):
         activations [N, E·F (+ shared)] hold each routed expert's act(gate)·up times its routing
         weight (the shared expert's times its sigmoid gate), zero for experts not chosen, so that
@@ -192,7 +192,9 @@ class MoeFfn:
             if self.shared_gate[layer] is not None:
                 a = torch.sigmoid(linear(flat, self.shared_gate[layer])) * a
             acts[:, n * size:] = a
-        acts = run_hook(hooks, f"blocks.{layer}.mlp.hook_post", acts)
+        # the hook sees [..., F] in the input's leading shape ([B, T, F]), as a dense layer's
+        acts = run_hook(hooks, f"blocks.{layer}.mlp.hook_post", acts.reshape(*lead, acts.shape[-1]) if lead else acts)
+        acts = acts.reshape(flat.shape[0], -1)
         out = torch.zeros_like(flat)
         for e in range(blocks):
             part = acts[:, e * size:(e + 1) * size] if e < n else acts[:, n * size:]
@@ -259,7 +261,7 @@ class MoeFfn:
             weights = run_hook(hooks, f"blocks.{layer}.mlp.hook_expert_weights", weights)
         weights = weights.to(x.dtype)
         if hooks and f"blocks.{layer}.mlp.hook_post" in hooks:
-            return self._forward_features(layer, flat, weights, ids, hooks, overrides).reshape(shape)
+            return self._forward_features(layer, flat, weights, ids, hooks, overrides, tuple(shape[:-1])).reshape(shape)
         w_in, w_down = self.w_in[layer], self.w_down[layer]
         shared_in, shared_down = self.shared_in[layer], self.shared_down[layer]
         if overrides:
