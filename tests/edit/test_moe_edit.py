@@ -163,3 +163,91 @@ def test_overlay_and_compiled_experts_compute_the_same(trained, vindex_path, tmp
         a = compiled.forward([ids], logits="last")[0]
         b = ps.model().forward([ids], logits="last")[0]
         assert (a - b).abs().max().item() < 1e-4
+
+
+def _hf(trained):
+    import transformers as T
+
+    hf = T.AutoModelForCausalLM.from_pretrained(str(trained), dtype=torch.float32).eval()
+    return hf, T.AutoTokenizer.from_pretrained(str(trained))
+
+
+def test_trace_reads_the_experts_output(trained, vindex_path):
+    """TRACE on the MoE model: each layer's FFN and attention logit-lens values are transformers' own
+    MoE-block and attention outputs read through its final norm and lm_head, and the final row is its
+    prediction (Paris, rank 1)."""
+    from modelql.knowledge.trace import trace
+    from modelql.runtime import load_model
+
+    hf, tok = _hf(trained)
+    prompt = "The capital of France is"
+    ids = tok(prompt, return_tensors="pt").input_ids
+    paris = tok.convert_tokens_to_ids("Paris")
+    outs: dict[str, torch.Tensor] = {}
+    handles = []
+    for i, layer in enumerate(hf.model.layers):
+        handles.append(layer.mlp.register_forward_hook(lambda m, a, o, i=i: outs.__setitem__(f"mlp{i}", o)))
+        handles.append(layer.self_attn.register_forward_hook(lambda m, a, o, i=i: outs.__setitem__(f"attn{i}", o[0])))
+    with torch.no_grad():
+        probs = torch.softmax(hf(ids).logits[0, -1].double(), -1)
+        lens = lambda v: hf.lm_head(hf.model.norm(v[0, -1]))[paris].item()  # noqa: E731
+        want = [(lens(outs[f"attn{i}"]), lens(outs[f"mlp{i}"])) for i in range(len(hf.model.layers))]
+    for h in handles:
+        h.remove()
+    t = trace(load_model(vindex_path), prompt, for_token="Paris")
+    rows = [r for r in t.rows if r.layer >= 0]
+    assert [r.layer for r in rows] == [0, 1]
+    for r, (attn, ffn) in zip(rows, want):
+        assert r.attn_logit == pytest.approx(attn, abs=1e-3) and r.ffn_logit == pytest.approx(ffn, abs=1e-3)
+    assert rows[-1].answer_rank == 1 and rows[-1].answer_prob == pytest.approx(float(probs[paris]), abs=1e-5)
+
+
+def test_walk_is_the_brute_force_top_k_over_every_experts_gate_rows(trained, vindex_path):
+    """WALK's features and scores are the top |w1_e · E[last token]| over all experts' gate rows of the
+    checkpoint (feature e·F + j = expert e's row j), per layer."""
+    from safetensors.torch import load_file
+
+    from modelql.knowledge.browse import walk
+    from modelql.vindex import Vindex
+
+    vx = Vindex.load(vindex_path)
+    w = load_file(str(trained / "model.safetensors"))
+    hf, tok = _hf(trained)
+    r = walk(vx, "The capital of France is", top=6)
+    q = w["model.embed_tokens.weight"][tok("The capital of France is").input_ids[-1]].double()
+    for layer in (0, 1):
+        gates = torch.cat([w[f"model.layers.{layer}.block_sparse_moe.experts.{e}.w1.weight"] for e in range(8)]).double()
+        scores = gates @ q
+        order = [int(f) for f in scores.abs().argsort(descending=True) if vx.feature_meta(layer, int(f))][:6]
+        got = [row for row in r.rows if row.layer == layer]
+        assert [row.feature for row in got] == order
+        assert [row.gate_score for row in got] == pytest.approx([float(scores[f]) for f in order], abs=1e-4)
+
+
+def test_describe_feature_edges_come_from_the_routed_experts(trained, vindex_path):
+    """DESCRIBE on the MoE vindex finds feature edges (it found none while the experts' activations
+    reached it flattened), and each edge's feature belongs to an expert transformers' router chose
+    for the entity in one of DESCRIBE's contexts ("{X}", "about {X}")."""
+    from modelql.knowledge.describe import describe
+    from modelql.knowledge.queries import DEFAULT_CONTEXTS
+    from modelql.vindex import Vindex
+
+    vx = Vindex.load(vindex_path)
+    hf, tok = _hf(trained)
+    for country in ("France", "Japan"):
+        chosen: dict[int, set[int]] = {0: set(), 1: set()}
+        for ctx in DEFAULT_CONTEXTS:
+            ids = tok(ctx.replace("{X}", country), return_tensors="pt").input_ids
+            seen = {}
+            hooks = [layer.mlp.gate.register_forward_hook(lambda m, a, o, i=i: seen.__setitem__(i, o[2]))
+                     for i, layer in enumerate(hf.model.layers)]
+            with torch.no_grad():
+                hf(ids)
+            for h in hooks:
+                h.remove()
+            for i, index in seen.items():
+                chosen[i] |= set(index[-1].tolist())
+        edges = describe(vx, country).edges
+        assert edges, country
+        for e in edges:
+            assert vx.expert_of(e.layer, e.feature)[0] in chosen[e.layer], (country, e.layer, e.feature, chosen)
