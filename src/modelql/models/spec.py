@@ -166,6 +166,12 @@ class ModelSpec:
         return bool(self.layer_k_eq_v) and self.layer_k_eq_v[layer]
 
     @property
+    def experts_are_features(self) -> bool:
+        """Whether a layer's vindex features are its experts' (Mixtral-style MoE). Gemma 4's experts
+        run beside a dense FFN: its features are the dense FFN's, as LARQL's hybrid-MoE vindex."""
+        return self.moe is not None and not self.moe.beside_dense
+
+    @property
     def uniform_attention(self) -> bool:
         """Every layer has the same head shapes and its own keys/values (all but Gemma 4)."""
         return not (self.layer_head_dim or self.layer_kv_heads or self.layer_kv_source or self.layer_k_eq_v)
