@@ -251,3 +251,34 @@ def test_describe_feature_edges_come_from_the_routed_experts(trained, vindex_pat
         assert edges, country
         for e in edges:
             assert vx.expert_of(e.layer, e.feature)[0] in chosen[e.layer], (country, e.layer, e.feature, chosen)
+
+
+def test_infer_trace_lists_only_features_of_the_routed_experts(trained, vindex_path):
+    """INFER's "features that fired" on an MoE layer come from the experts transformers' router chose
+    at the last position (the other experts did not run), ranked by |gate · x| among them; and the
+    routing hooks see [B, T, k] like every other hook."""
+    from modelql.knowledge.infer import infer
+    from modelql.runtime import interp, load_model
+    from modelql.vindex import Vindex
+
+    vx, model = Vindex.load(vindex_path), load_model(vindex_path)
+    hf, tok = _hf(trained)
+    prompt = "The capital of Japan is"
+    seen = {}
+    hooks = [layer.mlp.gate.register_forward_hook(lambda m, a, o, i=i: seen.__setitem__(i, o[2][-1].tolist()))
+             for i, layer in enumerate(hf.model.layers)]
+    with torch.no_grad():
+        hf(tok(prompt, return_tensors="pt").input_ids)
+    for h in hooks:
+        h.remove()
+    r = infer(model, prompt, vindex=vx, per_layer=4)
+    _, cache = interp.run_with_cache(model, prompt, ["blocks.0.mlp.hook_expert_ids", "blocks.1.ln2.hook_normalized"])
+    assert cache["blocks.0.mlp.hook_expert_ids"][-1].tolist() == seen[0]
+    x = cache["blocks.1.ln2.hook_normalized"][-1]
+    gates = torch.cat([vx.gate(1)[vx.expert_range(1, e).start:vx.expert_range(1, e).stop] for e in sorted(seen[1])])
+    feats = [f for e in sorted(seen[1]) for f in vx.expert_range(1, e)]
+    scores = gates @ x
+    want = [feats[i] for i in scores.abs().argsort(descending=True).tolist() if vx.feature_meta(1, feats[i])][:4]
+    assert [f.feature for f in r.trace if f.layer == 1] == want
+    for f in r.trace:
+        assert vx.expert_of(f.layer, f.feature)[0] in seen[f.layer]

@@ -33,6 +33,16 @@ def route(logits: torch.Tensor, top_k: int, renormalize: bool) -> tuple[torch.Te
     return weights, ids
 
 
+def routing_hooks(hooks: Hooks, layer: int, ids: torch.Tensor, weights: torch.Tensor,
+                  lead: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Run `mlp.hook_expert_ids` / `hook_expert_weights` on the routing of rows [N, k], shown in the
+    input's leading shape ([B, T, k], as every other hook sees its tensor); [N, k] back."""
+    n = ids.shape[0]
+    ids = run_hook(hooks, f"blocks.{layer}.mlp.hook_expert_ids", ids.reshape(*lead, -1)).reshape(n, -1)
+    weights = run_hook(hooks, f"blocks.{layer}.mlp.hook_expert_weights", weights.reshape(*lead, -1)).reshape(n, -1)
+    return ids, weights
+
+
 def build_moe_layer_edits(ffn: MoeFfn, layer: int, slots: dict[int, object],
                           deltas: list[object]) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
     """Edited copies of the experts an overlay touches at `layer`: {expert: (fused in, down)}.
@@ -257,8 +267,7 @@ class MoeFfn:
         flat = x.reshape(-1, shape[-1])
         weights, ids = self.route(layer, flat if route_input is None else route_input.reshape(flat.shape))
         if hooks:
-            ids = run_hook(hooks, f"blocks.{layer}.mlp.hook_expert_ids", ids)
-            weights = run_hook(hooks, f"blocks.{layer}.mlp.hook_expert_weights", weights)
+            ids, weights = routing_hooks(hooks, layer, ids, weights, tuple(shape[:-1]))
         weights = weights.to(x.dtype)
         if hooks and f"blocks.{layer}.mlp.hook_post" in hooks:
             return self._forward_features(layer, flat, weights, ids, hooks, overrides, tuple(shape[:-1])).reshape(shape)

@@ -26,8 +26,8 @@ import numpy as np
 import torch
 
 from ..errors import CapabilityError, RemoteError, WireError
-from ..ffn.base import Hooks, run_hook
-from ..ffn.moe import MoeFfn
+from ..ffn.base import Hooks
+from ..ffn.moe import MoeFfn, routing_hooks
 from . import expert_wire, q8k_wire
 from .expert_wire import ExpertTask
 
@@ -86,8 +86,7 @@ class RemoteExperts:
         with torch.inference_mode():
             weights, ids = self.router.route(layer, h)
             if hooks:
-                ids = run_hook(hooks, f"blocks.{layer}.mlp.hook_expert_ids", ids)
-                weights = run_hook(hooks, f"blocks.{layer}.mlp.hook_expert_weights", weights)
+                ids, weights = routing_hooks(hooks, layer, ids, weights, tuple(shape[:-1]))
             shared = self.router.shared_weight(layer, flat)
             # what a shard reads: Gemma 4's experts norm the residual themselves (q8k: normalised here)
             send = h if self.moe.beside_dense else flat
