@@ -282,3 +282,24 @@ def test_infer_trace_lists_only_features_of_the_routed_experts(trained, vindex_p
     assert [f.feature for f in r.trace if f.layer == 1] == want
     for f in r.trace:
         assert vx.expert_of(f.layer, f.feature)[0] in seen[f.layer]
+
+
+def test_explain_contributions_split_the_experts_logit_exactly(vindex_path):
+    """Direct logit attribution over an MoE layer's features (every expert's down columns, routed
+    activations): summed over all features it equals the MoE blocks' direct contribution to the
+    answer's logit (hook_mlp_out · v), as for a dense model."""
+    from modelql.knowledge.decode import attribute as dla
+    from modelql.knowledge.decode import token_direction
+    from modelql.runtime import interp, load_model
+
+    model = load_model(vindex_path)
+    ids = model.tokenizer.encode("The capital of Italy is")
+    rome = model.tokenizer.encode("Rome", add_special_tokens=False)[0]
+    names = [f"blocks.{i}.mlp.hook_post" for i in range(2)] + [f"blocks.{i}.hook_mlp_out" for i in range(2)] + \
+        ["blocks.1.hook_resid_post"]
+    _, cache = interp.run_with_cache(model, torch.tensor([ids]), names)
+    final = cache["blocks.1.hook_resid_post"][-1]
+    c = dla(model, {i: cache[f"blocks.{i}.mlp.hook_post"][-1][None] for i in range(2)}, final[None], rome)
+    v = token_direction(model, final, rome)
+    ffn = sum(float(cache[f"blocks.{i}.hook_mlp_out"][-1].float() @ v) for i in range(2))
+    assert set(c) == {0, 1} and sum(float(x.sum()) for x in c.values()) == pytest.approx(ffn, rel=1e-3, abs=1e-3)
