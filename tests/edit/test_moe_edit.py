@@ -303,3 +303,24 @@ def test_explain_contributions_split_the_experts_logit_exactly(vindex_path):
     v = token_direction(model, final, rome)
     ffn = sum(float(cache[f"blocks.{i}.hook_mlp_out"][-1].float() @ v) for i in range(2))
     assert set(c) == {0, 1} and sum(float(x.sum()) for x in c.values()) == pytest.approx(ffn, rel=1e-3, abs=1e-3)
+
+
+def test_describe_of_a_labelled_moe_vindex_claims_the_capitals(vindex_path, tmp_path):
+    """Probe-labelled with the five capitals it was trained on, DESCRIBE of each country on the MoE
+    vindex claims its capital (decoded from the residual, attributed to expert features)."""
+    import shutil
+
+    from modelql.knowledge.describe import describe
+    from modelql.knowledge.labels import label_vindex
+    from modelql.vindex import Vindex
+    from tests.edit.moe_model import TEMPLATES
+
+    lab = tmp_path / "lab.vindex"
+    shutil.copytree(vindex_path, lab)
+    label_vindex(lab, {"capital": {"pairs": [[c, p] for c, p in CAPITALS.items()]}}, {"capital": list(TEMPLATES)},
+                 clusters=False, causal_check=False)
+    vx = Vindex.load(lab)
+    for country, city in CAPITALS.items():
+        claims = [e for e in describe(vx, country).edges if e.relation == "capital"]
+        assert claims and claims[0].target.split()[0] == city, (country, claims)
+        assert vx.expert_of(claims[0].layer, claims[0].feature)[0] is not None
