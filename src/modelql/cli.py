@@ -308,6 +308,14 @@ def quant_storage(model) -> dict[str, Any]:
             "summary": f"{model.quant.mode}: " + "; ".join(parts)}
 
 
+def _buffer_elements(model) -> int:
+    """Elements of the tensors transformers keeps as buffers, not parameters (`TensorMap.buffer`)."""
+    buffers = {name for name, tm in model.spec.global_map.items() if tm.buffer}
+    buffers |= {f"layers.{i}.{name}" for name, tm in model.spec.layer_map.items() if tm.buffer
+                for i in range(model.spec.num_layers)}
+    return sum(model.weights[n].numel() for n in buffers if n in model.weights)
+
+
 def model_info(model) -> dict[str, Any]:
     import torch
 
@@ -320,7 +328,7 @@ def model_info(model) -> dict[str, Any]:
         storage = quant_storage(model)
         params = spec.num_parameters()
     else:
-        params = memory // element
+        params = memory // element - _buffer_elements(model)
     return {
         "path": str(model.path) if model.path else None,
         "family": spec.family,

@@ -163,3 +163,164 @@ def test_overlay_and_compiled_experts_compute_the_same(trained, vindex_path, tmp
         a = compiled.forward([ids], logits="last")[0]
         b = ps.model().forward([ids], logits="last")[0]
         assert (a - b).abs().max().item() < 1e-4
+
+
+def _hf(trained):
+    import transformers as T
+
+    hf = T.AutoModelForCausalLM.from_pretrained(str(trained), dtype=torch.float32).eval()
+    return hf, T.AutoTokenizer.from_pretrained(str(trained))
+
+
+def test_trace_reads_the_experts_output(trained, vindex_path):
+    """TRACE on the MoE model: each layer's FFN and attention logit-lens values are transformers' own
+    MoE-block and attention outputs read through its final norm and lm_head, and the final row is its
+    prediction (Paris, rank 1)."""
+    from modelql.knowledge.trace import trace
+    from modelql.runtime import load_model
+
+    hf, tok = _hf(trained)
+    prompt = "The capital of France is"
+    ids = tok(prompt, return_tensors="pt").input_ids
+    paris = tok.convert_tokens_to_ids("Paris")
+    outs: dict[str, torch.Tensor] = {}
+    handles = []
+    for i, layer in enumerate(hf.model.layers):
+        handles.append(layer.mlp.register_forward_hook(lambda m, a, o, i=i: outs.__setitem__(f"mlp{i}", o)))
+        handles.append(layer.self_attn.register_forward_hook(lambda m, a, o, i=i: outs.__setitem__(f"attn{i}", o[0])))
+    with torch.no_grad():
+        probs = torch.softmax(hf(ids).logits[0, -1].double(), -1)
+        lens = lambda v: hf.lm_head(hf.model.norm(v[0, -1]))[paris].item()  # noqa: E731
+        want = [(lens(outs[f"attn{i}"]), lens(outs[f"mlp{i}"])) for i in range(len(hf.model.layers))]
+    for h in handles:
+        h.remove()
+    t = trace(load_model(vindex_path), prompt, for_token="Paris")
+    rows = [r for r in t.rows if r.layer >= 0]
+    assert [r.layer for r in rows] == [0, 1]
+    for r, (attn, ffn) in zip(rows, want):
+        assert r.attn_logit == pytest.approx(attn, abs=1e-3) and r.ffn_logit == pytest.approx(ffn, abs=1e-3)
+    assert rows[-1].answer_rank == 1 and rows[-1].answer_prob == pytest.approx(float(probs[paris]), abs=1e-5)
+
+
+def test_walk_is_the_brute_force_top_k_over_every_experts_gate_rows(trained, vindex_path):
+    """WALK's features and scores are the top |w1_e · E[last token]| over all experts' gate rows of the
+    checkpoint (feature e·F + j = expert e's row j), per layer."""
+    from safetensors.torch import load_file
+
+    from modelql.knowledge.browse import walk
+    from modelql.vindex import Vindex
+
+    vx = Vindex.load(vindex_path)
+    w = load_file(str(trained / "model.safetensors"))
+    hf, tok = _hf(trained)
+    r = walk(vx, "The capital of France is", top=6)
+    q = w["model.embed_tokens.weight"][tok("The capital of France is").input_ids[-1]].double()
+    for layer in (0, 1):
+        gates = torch.cat([w[f"model.layers.{layer}.block_sparse_moe.experts.{e}.w1.weight"] for e in range(8)]).double()
+        scores = gates @ q
+        order = [int(f) for f in scores.abs().argsort(descending=True) if vx.feature_meta(layer, int(f))][:6]
+        got = [row for row in r.rows if row.layer == layer]
+        assert [row.feature for row in got] == order
+        assert [row.gate_score for row in got] == pytest.approx([float(scores[f]) for f in order], abs=1e-4)
+
+
+def test_describe_feature_edges_come_from_the_routed_experts(trained, vindex_path):
+    """DESCRIBE on the MoE vindex finds feature edges (it found none while the experts' activations
+    reached it flattened), and each edge's feature belongs to an expert transformers' router chose
+    for the entity in one of DESCRIBE's contexts ("{X}", "about {X}")."""
+    from modelql.knowledge.describe import describe
+    from modelql.knowledge.queries import DEFAULT_CONTEXTS
+    from modelql.vindex import Vindex
+
+    vx = Vindex.load(vindex_path)
+    hf, tok = _hf(trained)
+    for country in ("France", "Japan"):
+        chosen: dict[int, set[int]] = {0: set(), 1: set()}
+        for ctx in DEFAULT_CONTEXTS:
+            ids = tok(ctx.replace("{X}", country), return_tensors="pt").input_ids
+            seen = {}
+            hooks = [layer.mlp.gate.register_forward_hook(lambda m, a, o, i=i: seen.__setitem__(i, o[2]))
+                     for i, layer in enumerate(hf.model.layers)]
+            with torch.no_grad():
+                hf(ids)
+            for h in hooks:
+                h.remove()
+            for i, index in seen.items():
+                chosen[i] |= set(index[-1].tolist())
+        edges = describe(vx, country).edges
+        assert edges, country
+        for e in edges:
+            assert vx.expert_of(e.layer, e.feature)[0] in chosen[e.layer], (country, e.layer, e.feature, chosen)
+
+
+def test_infer_trace_lists_only_features_of_the_routed_experts(trained, vindex_path):
+    """INFER's "features that fired" on an MoE layer come from the experts transformers' router chose
+    at the last position (the other experts did not run), ranked by |gate · x| among them; and the
+    routing hooks see [B, T, k] like every other hook."""
+    from modelql.knowledge.infer import infer
+    from modelql.runtime import interp, load_model
+    from modelql.vindex import Vindex
+
+    vx, model = Vindex.load(vindex_path), load_model(vindex_path)
+    hf, tok = _hf(trained)
+    prompt = "The capital of Japan is"
+    seen = {}
+    hooks = [layer.mlp.gate.register_forward_hook(lambda m, a, o, i=i: seen.__setitem__(i, o[2][-1].tolist()))
+             for i, layer in enumerate(hf.model.layers)]
+    with torch.no_grad():
+        hf(tok(prompt, return_tensors="pt").input_ids)
+    for h in hooks:
+        h.remove()
+    r = infer(model, prompt, vindex=vx, per_layer=4)
+    _, cache = interp.run_with_cache(model, prompt, ["blocks.0.mlp.hook_expert_ids", "blocks.1.ln2.hook_normalized"])
+    assert cache["blocks.0.mlp.hook_expert_ids"][-1].tolist() == seen[0]
+    x = cache["blocks.1.ln2.hook_normalized"][-1]
+    gates = torch.cat([vx.gate(1)[vx.expert_range(1, e).start:vx.expert_range(1, e).stop] for e in sorted(seen[1])])
+    feats = [f for e in sorted(seen[1]) for f in vx.expert_range(1, e)]
+    scores = gates @ x
+    want = [feats[i] for i in scores.abs().argsort(descending=True).tolist() if vx.feature_meta(1, feats[i])][:4]
+    assert [f.feature for f in r.trace if f.layer == 1] == want
+    for f in r.trace:
+        assert vx.expert_of(f.layer, f.feature)[0] in seen[f.layer]
+
+
+def test_explain_contributions_split_the_experts_logit_exactly(vindex_path):
+    """Direct logit attribution over an MoE layer's features (every expert's down columns, routed
+    activations): summed over all features it equals the MoE blocks' direct contribution to the
+    answer's logit (hook_mlp_out · v), as for a dense model."""
+    from modelql.knowledge.decode import attribute as dla
+    from modelql.knowledge.decode import token_direction
+    from modelql.runtime import interp, load_model
+
+    model = load_model(vindex_path)
+    ids = model.tokenizer.encode("The capital of Italy is")
+    rome = model.tokenizer.encode("Rome", add_special_tokens=False)[0]
+    names = [f"blocks.{i}.mlp.hook_post" for i in range(2)] + [f"blocks.{i}.hook_mlp_out" for i in range(2)] + \
+        ["blocks.1.hook_resid_post"]
+    _, cache = interp.run_with_cache(model, torch.tensor([ids]), names)
+    final = cache["blocks.1.hook_resid_post"][-1]
+    c = dla(model, {i: cache[f"blocks.{i}.mlp.hook_post"][-1][None] for i in range(2)}, final[None], rome)
+    v = token_direction(model, final, rome)
+    ffn = sum(float(cache[f"blocks.{i}.hook_mlp_out"][-1].float() @ v) for i in range(2))
+    assert set(c) == {0, 1} and sum(float(x.sum()) for x in c.values()) == pytest.approx(ffn, rel=1e-3, abs=1e-3)
+
+
+def test_describe_of_a_labelled_moe_vindex_claims_the_capitals(vindex_path, tmp_path):
+    """Probe-labelled with the five capitals it was trained on, DESCRIBE of each country on the MoE
+    vindex claims its capital (decoded from the residual, attributed to expert features)."""
+    import shutil
+
+    from modelql.knowledge.describe import describe
+    from modelql.knowledge.labels import label_vindex
+    from modelql.vindex import Vindex
+    from tests.edit.moe_model import TEMPLATES
+
+    lab = tmp_path / "lab.vindex"
+    shutil.copytree(vindex_path, lab)
+    label_vindex(lab, {"capital": {"pairs": [[c, p] for c, p in CAPITALS.items()]}}, {"capital": list(TEMPLATES)},
+                 clusters=False, causal_check=False)
+    vx = Vindex.load(lab)
+    for country, city in CAPITALS.items():
+        claims = [e for e in describe(vx, country).edges if e.relation == "capital"]
+        assert claims and claims[0].target.split()[0] == city, (country, claims)
+        assert vx.expert_of(claims[0].layer, claims[0].feature)[0] is not None

@@ -96,13 +96,57 @@ def test_info_shows_experts_and_counts_every_parameter(moe_model):
     assert f"({hf.num_parameters():,})" in result.output
 
 
-def test_extract_refuses_gemma4_experts_beside_dense_in_one_line(tmp_path):
-    """Mixtral-style MoE vindexes are built (tests/edit/test_moe_edit.py); Gemma 4's experts beside a
-    dense FFN are not yet: one line, nothing written."""
-    from modelql.errors import VindexError
-    from modelql.vindex.extract import extract
+@pytest.mark.parametrize("family", ["gemma4", "gemma4_moe"])
+def test_info_counts_gemma4_parameters_as_transformers_does(family, tmp_path):
+    """Gemma 4's per-block `layer_scalar` is in the checkpoint but is a buffer, not a parameter, in
+    transformers: the count leaves it out (and counts the stacked experts once each)."""
+    from typer.testing import CliRunner
 
-    make_tiny("gemma4_moe", tmp_path / "g")
-    with pytest.raises(VindexError, match="experts beside a dense FFN") as err:
-        extract(tmp_path / "g", tmp_path / "vx")
-    assert "\n" not in str(err.value) and not (tmp_path / "vx").exists()
+    from modelql.cli import app
+
+    hf = make_tiny(family, tmp_path / family)
+    result = CliRunner().invoke(app, ["info", str(tmp_path / family), "--json"])
+    assert result.exit_code == 0, result.output
+    import json
+
+    assert json.loads(result.output)["parameters"] == hf.num_parameters()
+
+
+def test_gemma4_moe_vindex_has_the_dense_ffns_features_as_larql(tmp_path):
+    """Gemma 4's experts run beside a dense FFN: as in LARQL's hybrid-MoE vindex, a layer's features
+    are the dense FFN's (gate rows = `mlp.gate_proj`), the experts are weights only (`model_config.moe`
+    says hybrid); the model read back from the vindex gives transformers' logits, and an edit
+    compiles into a checkpoint transformers loads with the experts untouched."""
+    import transformers as T
+    from safetensors.torch import load_file
+
+    from modelql.knowledge import edit
+    from modelql.vindex import Vindex, extract
+    from modelql.vindex.compile import compile_model
+    from modelql.vindex.overlay import PatchSession
+    from tests.edit.moe_model import write_word_tokenizer
+
+    hf = make_tiny("gemma4_moe", tmp_path / "g")
+    write_word_tokenizer(tmp_path / "g")
+    extract(tmp_path / "g", tmp_path / "g.vindex", level="inference", dtype="f32", clusters=False)
+    vx = Vindex.load(tmp_path / "g.vindex")
+    w = load_file(str(tmp_path / "g" / "model.safetensors"))
+    for layer in range(3):
+        info = vx.layer_info(layer)
+        assert info.num_features == 48 and info.num_experts is None
+        assert torch.equal(vx.gate(layer), w[f"model.layers.{layer}.mlp.gate_proj.weight"])
+    moe = vx.index.model_config["moe"]
+    assert moe["hybrid"] is True and moe["num_experts"] == 8 and moe["moe_intermediate_size"] == 32
+    ids = torch.tensor([[3, 9, 14, 5, 22, 7]])
+    model = load_model(tmp_path / "g.vindex")
+    with torch.no_grad():
+        assert (model.forward(ids) - hf(ids).logits).abs().max().item() < 1e-4
+    ps = PatchSession(vx)
+    edit.insert(ps, "France", "capital", "Tokyo", mode="compose")
+    compile_model(ps, tmp_path / "out", dtype="float32", materialise_knn=False)
+    out = T.AutoModelForCausalLM.from_pretrained(str(tmp_path / "out"), dtype=torch.float32).eval()
+    for layer in range(3):
+        got, src = out.model.layers[layer].experts, hf.model.layers[layer].experts
+        assert torch.equal(got.gate_up_proj, src.gate_up_proj) and torch.equal(got.down_proj, src.down_proj)
+    with torch.no_grad():
+        assert (out(ids).logits - ps.model().forward(ids)).abs().max().item() < 1e-4

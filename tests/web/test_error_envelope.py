@@ -43,7 +43,7 @@ def test_every_route_error_parses_in_the_openai_client(web_srv):
         checked += 1
         # walk-ffn takes a binary frame or JSON: 400 below; the expert routes answer a dense model 404
         # before reading the body, as LARQL does (tests/server/test_larql_examples.py)
-        if "POST" in methods and path != "/v1/walk-ffn" and not path.startswith("/v1/expert/"):
+        if "POST" in methods and path != "/v1/walk-ffn" and not path.startswith(("/v1/expert/", "/v1/experts/")):
             expect_openai_error(lambda: client.post(path, cast_to=httpx.Response, body="{not json",
                                                     options={"headers": {"Content-Type": "application/json"}}), 400)
     assert checked >= 30, checked

@@ -35,6 +35,15 @@ def activation(name: str) -> Callable[[torch.Tensor], torch.Tensor]:
     raise ValueError(f"unknown activation {name!r}")
 
 
+def rms_norm(x: torch.Tensor, w: torch.Tensor, eps: float, offset: float = 0.0) -> torch.Tensor:
+    """RMS norm in float32 times `offset + w` (Gemma's norms store w - 1: offset 1)."""
+    xf = x.float()
+    xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    if offset:
+        return (xf * (offset + w.float())).to(x.dtype)
+    return w * xf.to(x.dtype)
+
+
 def run_hook(hooks: Hooks | None, name: str, t: torch.Tensor) -> torch.Tensor:
     """Call the hook registered under `name`, if any; a returned tensor replaces `t`."""
     if hooks is None:

@@ -21,7 +21,7 @@ import torch
 from ..errors import CapabilityError
 from ..linear import linear
 from ..models.spec import ModelSpec
-from .base import Hooks, activation, run_hook
+from .base import Hooks, activation, rms_norm, run_hook
 
 
 def route(logits: torch.Tensor, top_k: int, renormalize: bool) -> tuple[torch.Tensor, torch.Tensor]:
@@ -33,6 +33,16 @@ def route(logits: torch.Tensor, top_k: int, renormalize: bool) -> tuple[torch.Te
     return weights, ids
 
 
+def routing_hooks(hooks: Hooks, layer: int, ids: torch.Tensor, weights: torch.Tensor,
+                  lead: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Run `mlp.hook_expert_ids` / `hook_expert_weights` on the routing of rows [N, k], shown in the
+    input's leading shape ([B, T, k], as every other hook sees its tensor); [N, k] back."""
+    n = ids.shape[0]
+    ids = run_hook(hooks, f"blocks.{layer}.mlp.hook_expert_ids", ids.reshape(*lead, -1)).reshape(n, -1)
+    weights = run_hook(hooks, f"blocks.{layer}.mlp.hook_expert_weights", weights.reshape(*lead, -1)).reshape(n, -1)
+    return ids, weights
+
+
 def build_moe_layer_edits(ffn: MoeFfn, layer: int, slots: dict[int, object],
                           deltas: list[object]) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
     """Edited copies of the experts an overlay touches at `layer`: {expert: (fused in, down)}.
@@ -42,7 +52,7 @@ def build_moe_layer_edits(ffn: MoeFfn, layer: int, slots: dict[int, object],
     then `+ U Vᵀ` on the experts' concatenated down columns, then tombstoned columns zeroed —
     so the overlay and the compiled checkpoint compute the same thing."""
     size = ffn.moe.expert_size
-    blocks = ffn.moe.num_experts + (1 if ffn.shared_in[layer] is not None else 0)
+    blocks = ffn.moe.num_experts + (1 if ffn.moe.shared_size else 0)
     edited: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
 
     def block(e: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -101,22 +111,29 @@ class MoeFfn:
 
     `layers` limits it to those layers, as for `DenseFfn`."""
 
-    def __init__(self, spec: ModelSpec, weights: dict[str, torch.Tensor], layers: Iterable[int] | None = None):
+    def __init__(self, spec: ModelSpec, weights: dict[str, torch.Tensor], layers: Iterable[int] | None = None,
+                 experts: Iterable[int] | None = None):
         if spec.moe is None:
             raise ValueError(f"{spec.family} is not a mixture-of-experts model")
         self.spec, self.moe = spec, spec.moe
         self.act = activation(spec.activation)
         owned = set(range(spec.num_layers) if layers is None else layers)
+        blocks = self.moe.num_experts + (1 if self.moe.shared_size else 0)
+        #: the expert ids whose weights this instance holds (an expert shard's `--experts`; the shared
+        #: expert is id `num_experts`); the router is always held, so routing works everywhere
+        self.held = frozenset(range(blocks) if experts is None else (e for e in experts if 0 <= e < blocks))
         self.router: list[torch.Tensor | None] = []
-        self.w_in: list[list[torch.Tensor] | None] = []
-        self.w_down: list[list[torch.Tensor] | None] = []
+        self.w_in: list[list[torch.Tensor | None] | None] = []
+        self.w_down: list[list[torch.Tensor | None] | None] = []
         self.shared_in: list[torch.Tensor | None] = []
         self.shared_down: list[torch.Tensor | None] = []
         self.shared_gate: list[torch.Tensor | None] = []
         self.router_scale: list[torch.Tensor | None] = []  # Gemma 4 (`MoeSpec.beside_dense`)
         self.expert_scale: list[torch.Tensor | None] = []
+        self.pre_norm: list[torch.Tensor | None] = []  # Gemma 4: the experts' own input norm
         stores = (self.router, self.w_in, self.w_down, self.shared_in, self.shared_down, self.shared_gate,
-                  self.router_scale, self.expert_scale)
+                  self.router_scale, self.expert_scale, self.pre_norm)
+        n = self.moe.num_experts
         for i in range(spec.num_layers):
             if i not in owned:
                 for store in stores:
@@ -126,16 +143,16 @@ class MoeFfn:
             self.router.append(weights[p + "router.weight"])
             self.router_scale.append(weights.get(p + "router.scale"))
             self.expert_scale.append(weights.get(p + "router.expert_scale"))
-            self.w_in.append([self._fuse(weights, f"{p}experts.{e}.") for e in range(self.moe.num_experts)])
-            self.w_down.append([weights[f"{p}experts.{e}.down.weight"] for e in range(self.moe.num_experts)])
-            if self.moe.shared_size:
+            self.pre_norm.append(weights.get(p + "moe_norm.weight"))
+            self.w_in.append([self._fuse(weights, f"{p}experts.{e}.") if e in self.held else None for e in range(n)])
+            self.w_down.append([weights[f"{p}experts.{e}.down.weight"] if e in self.held else None for e in range(n)])
+            self.shared_gate.append(weights.get(p + "shared_gate.weight") if self.moe.shared_size else None)
+            if self.moe.shared_size and n in self.held:
                 self.shared_in.append(self._fuse(weights, p + "shared."))
                 self.shared_down.append(weights[p + "shared.down.weight"])
-                self.shared_gate.append(weights.get(p + "shared_gate.weight"))
             else:
                 self.shared_in.append(None)
                 self.shared_down.append(None)
-                self.shared_gate.append(None)
 
     @staticmethod
     def _fuse(weights: dict[str, torch.Tensor], prefix: str) -> torch.Tensor:
@@ -164,18 +181,17 @@ class MoeFfn:
 
     def num_features(self, layer: int) -> int:
         """Features of the layer in the vindex's layout: every expert's, then the shared expert's."""
-        return self.moe.expert_size * self.moe.num_experts + (self.moe.shared_size if self.shared_in[layer] is not None
-                                                             else 0)
+        return self.moe.expert_size * self.moe.num_experts + self.moe.shared_size
 
     def _forward_features(self, layer: int, flat: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor,
-                          hooks: Hooks, overrides: dict | None) -> torch.Tensor:
+                          hooks: Hooks, overrides: dict | None, lead: tuple[int, ...] = ()) -> torch.Tensor:
         """The layer as one wide FFN over all experts' features (feature e·F + j = expert e's j):
         activations [N, E·F (+ shared)] hold each routed expert's act(gate)·up times its routing
         weight (the shared expert's times its sigmoid gate), zero for experts not chosen, so that
         out = Σ_f a_f · d_f exactly. `mlp.hook_post` sees (and may replace) them: DESCRIBE, TRACE,
         explain and feature ablation read a MoE layer like a dense one."""
         size, n = self.moe.expert_size, self.moe.num_experts
-        blocks = n + (1 if self.shared_in[layer] is not None else 0)
+        blocks = n + (1 if self.moe.shared_size else 0)
         weight = lambda e: (overrides or {}).get(e) or self.expert_weights(layer, e)  # noqa: E731
         acts = torch.zeros(flat.shape[0], self.num_features(layer), dtype=flat.dtype)
         for e in torch.unique(ids).tolist():
@@ -188,7 +204,9 @@ class MoeFfn:
             if self.shared_gate[layer] is not None:
                 a = torch.sigmoid(linear(flat, self.shared_gate[layer])) * a
             acts[:, n * size:] = a
-        acts = run_hook(hooks, f"blocks.{layer}.mlp.hook_post", acts)
+        # the hook sees [..., F] in the input's leading shape ([B, T, F]), as a dense layer's
+        acts = run_hook(hooks, f"blocks.{layer}.mlp.hook_post", acts.reshape(*lead, acts.shape[-1]) if lead else acts)
+        acts = acts.reshape(flat.shape[0], -1)
         out = torch.zeros_like(flat)
         for e in range(blocks):
             part = acts[:, e * size:(e + 1) * size] if e < n else acts[:, n * size:]
@@ -199,11 +217,41 @@ class MoeFfn:
     def expert_weights(self, layer: int, expert: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(fused gate+up [2F, H], down [H, F]) of an expert; `num_experts` is the shared expert
         (the vindex numbers its features after the routed experts', as LARQL does)."""
-        if expert == self.moe.num_experts and self.shared_in[layer] is not None:
-            return self.shared_in[layer], self.shared_down[layer]
-        if not 0 <= expert < self.moe.num_experts:
+        blocks = self.moe.num_experts + (1 if self.moe.shared_size else 0)
+        if not 0 <= expert < blocks:
             raise ValueError(f"layer {layer} has no expert {expert}")
+        if expert not in self.held or self.router[layer] is None:
+            raise CapabilityError(f"expert {expert} of layer {layer} is not held here (this holds experts "
+                                  f"{_ranges(sorted(self.held))} of its layers)")
+        if expert == self.moe.num_experts:
+            return self.shared_in[layer], self.shared_down[layer]
         return self.w_in[layer][expert], self.w_down[layer][expert]
+
+    def shared_weight(self, layer: int, x: torch.Tensor) -> torch.Tensor | None:
+        """The shared expert's weight per row of x [N, H] (its sigmoid gate, or 1), or None without one."""
+        if not self.moe.shared_size:
+            return None
+        if self.shared_gate[layer] is None:
+            return torch.ones(x.shape[0], dtype=torch.float32)
+        return torch.sigmoid(linear(x, self.shared_gate[layer])).float().reshape(-1)
+
+    def expert_input(self, layer: int, h: torch.Tensor) -> torch.Tensor:
+        """What the experts read from the post-attention residual h: Gemma 4 normalises it with the
+        experts' own norm (`moe_norm`); the other families' experts read the FFN norm's output, which
+        is what callers hand them, so h passes unchanged."""
+        w = self.pre_norm[layer]
+        return h if w is None else rms_norm(h, w, self.spec.norm_eps, self.spec.norm_weight_offset)
+
+    def weighted_sum(self, layer: int, x: torch.Tensor, ids: list[int], weights: list[float],
+                     overrides: dict | None = None) -> torch.Tensor:
+        """Σ_k weights[k] · expert ids[k] over rows x [N, H]: LARQL's layer-batch sum (no routing)."""
+        out = torch.zeros_like(x)
+        for e, w in zip(ids, weights):
+            if w == 0.0:
+                continue
+            w_in, w_down = (overrides or {}).get(e) or self.expert_weights(layer, e)
+            out = out + float(w) * self._expert(x, w_in, w_down)
+        return out
 
     def forward(self, layer: int, x: torch.Tensor, hooks: Hooks | None = None,
                 route_input: torch.Tensor | None = None,
@@ -214,15 +262,17 @@ class MoeFfn:
         if hooks and any(f"blocks.{layer}.mlp.{h}" in hooks for h in ("hook_pre", "hook_pre_linear")):
             raise CapabilityError(f"layer {layer} is a mixture of experts: hook its features' activations "
                                   "(mlp.hook_post, one column per expert feature), not their pre-activations")
+        if len(self.held) < self.moe.num_experts + (1 if self.moe.shared_size else 0):
+            raise CapabilityError(f"this holds experts {_ranges(sorted(self.held))} only: a whole MoE layer needs "
+                                  "every expert (ask the expert routes for a subset)")
         shape = x.shape
         flat = x.reshape(-1, shape[-1])
         weights, ids = self.route(layer, flat if route_input is None else route_input.reshape(flat.shape))
         if hooks:
-            ids = run_hook(hooks, f"blocks.{layer}.mlp.hook_expert_ids", ids)
-            weights = run_hook(hooks, f"blocks.{layer}.mlp.hook_expert_weights", weights)
+            ids, weights = routing_hooks(hooks, layer, ids, weights, tuple(shape[:-1]))
         weights = weights.to(x.dtype)
         if hooks and f"blocks.{layer}.mlp.hook_post" in hooks:
-            return self._forward_features(layer, flat, weights, ids, hooks, overrides).reshape(shape)
+            return self._forward_features(layer, flat, weights, ids, hooks, overrides, tuple(shape[:-1])).reshape(shape)
         w_in, w_down = self.w_in[layer], self.w_down[layer]
         shared_in, shared_down = self.shared_in[layer], self.shared_down[layer]
         if overrides:
@@ -248,3 +298,13 @@ class MoeFfn:
                 s = torch.sigmoid(linear(flat, self.shared_gate[layer])) * s
             out = out + s
         return out.reshape(shape)
+
+
+def _ranges(xs: list[int]) -> str:
+    out, start = [], None
+    for a, b in zip(xs, xs[1:] + [None]):
+        start = a if start is None else start
+        if b != a + 1:
+            out.append(f"{start}" if start == a else f"{start}-{a}")
+            start = None
+    return ", ".join(out) or "none"

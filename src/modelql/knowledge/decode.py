@@ -113,8 +113,26 @@ def token_direction(model, final: torch.Tensor, token_id: int) -> torch.Tensor:
     return v / spec.logits_scale
 
 
+def _expert_down(model, layer: int) -> torch.Tensor:
+    """An MoE layer's down columns in the vindex's feature order (every expert's, then the shared
+    one's), an overlay's edited experts included; cached per unpatched model."""
+    ffn = model.ffn
+    moe = getattr(ffn, "moe_ffn", ffn)
+    edits = ffn.source.layer_edits(layer) if hasattr(ffn, "source") else None
+    store = None if hasattr(ffn, "source") else model.__dict__.setdefault("_expert_down", {})
+    if store is not None and layer in store:
+        return store[layer]
+    blocks = moe.moe.num_experts + (1 if moe.moe.shared_size else 0)
+    d = torch.cat([((edits or {}).get(e) or moe.expert_weights(layer, e))[1] for e in range(blocks)], dim=1)
+    if store is not None:
+        store[layer] = d
+    return d
+
+
 def _down(model, layer: int, n_features: int) -> torch.Tensor | None:
     d = model.weights.get(f"layers.{layer}.down.weight")
+    if d is None and model.spec.experts_are_features:
+        d = _expert_down(model, layer)
     if d is None or d.dim() != 2 or d.shape[1] != n_features:
         return None  # not a dense FFN with one activation per down column: no attribution
     return d

@@ -102,8 +102,31 @@ def _text(model: Model, prompt) -> str:
     return model.tokenizer.decode(interp.to_ids(model, prompt)[0].tolist()) if model.tokenizer else ""
 
 
-def _fired(vindex, labels, layer: int, x: torch.Tensor, n: int, relations_only: bool = False) -> list[FiredFeature]:
-    hits = vindex.gate_knn(layer, x.float(), TRACE_K)
+def _routed_hits(vindex, layer: int, x: torch.Tensor, experts: Iterable[int], k: int):
+    """Gate KNN over the features of `experts` only: in an MoE layer the other experts' features did
+    not fire (the router did not choose them), whatever their gate score."""
+    from ..vindex.vindex import GateHit
+
+    cand = torch.cat([torch.arange(r.start, r.stop) for r in (vindex.expert_range(layer, e) for e in sorted(experts))])
+    scores = vindex.gate_scores(layer, x.float())[cand]
+    order = torch.argsort(scores.abs(), descending=True, stable=True)[:k]
+    return [GateHit(layer, int(cand[i]), float(scores[i])) for i in order]
+
+
+def routed_experts(vindex, cache, layer: int) -> set[int] | None:
+    """The experts an MoE layer ran at the last position (the shared one too); None: a dense layer."""
+    ids = cache.get(f"blocks.{layer}.mlp.hook_expert_ids")
+    info = vindex.layer_info(layer)
+    if ids is None or not info.num_experts:
+        return None
+    blocks = info.num_features // info.num_features_per_expert
+    return set(ids[-1].tolist()) | ({info.num_experts} if blocks > info.num_experts else set())
+
+
+def _fired(vindex, labels, layer: int, x: torch.Tensor, n: int, relations_only: bool = False,
+           experts: Iterable[int] | None = None) -> list[FiredFeature]:
+    hits = vindex.gate_knn(layer, x.float(), TRACE_K) if experts is None else \
+        _routed_hits(vindex, layer, x, experts, TRACE_K)
     out = []
     for h in hits:
         meta = vindex.feature_meta(layer, h.feature)
@@ -161,9 +184,11 @@ def _require(model: Model | None, what: str, vindex=None) -> Model:
 
 def _run(model: Model, ids: torch.Tensor, dense: bool, extra: Sequence[str] = ()):
     names = [f"blocks.{i}.ln2.hook_normalized" for i in range(model.spec.num_layers)] + list(extra)
+    if model.spec.experts_are_features:
+        names += [f"blocks.{i}.mlp.hook_expert_ids" for i in range(model.spec.num_layers)]
     saved = model.ffn
-    if dense:
-        model.ffn = model.dense_ffn
+    if dense:  # the base weights: a patched MoE FFN's unedited experts
+        model.ffn = model.dense_ffn if model.dense_ffn is not None else getattr(saved, "moe_ffn", saved)
     try:
         logits, cache = interp.run_with_cache(model, ids, names)
     finally:
@@ -208,7 +233,8 @@ def infer(model: Model | None, prompt: str, top: int = 5, mode: str = "walk", co
         labels = labels_for(vindex)
         for layer in vindex.layers():
             if layer in residuals:
-                fired += _fired(vindex, labels, layer, residuals[layer], per_layer)
+                fired += _fired(vindex, labels, layer, residuals[layer], per_layer,
+                                experts=routed_experts(vindex, cache, layer))
     dense = dense_ms = None
     if compare:
         t0 = time.perf_counter()

@@ -266,9 +266,15 @@ def _preservation_rows(model: Model, pairs, prefixes: Sequence[str] = ()) -> lis
             for tpl in with_contexts(TRAIN_TEMPLATES.get(r, ())[1:], prefixes)]
 
 
+def _width(model: Model, layer: int) -> int:
+    """Features of a layer's keys: an MoE layer's are all its experts' (`MoeFfn.num_features`)."""
+    ffn = getattr(model.ffn, "moe_ffn", model.ffn)
+    return ffn.num_features(layer) if model.spec.experts_are_features else model.spec.intermediate_size
+
+
 def _keys_of(model: Model, layer: int, seqs: Sequence[Sequence[int]]) -> torch.Tensor:
     if not seqs:
-        return torch.zeros(0, model.spec.intermediate_size)
+        return torch.zeros(0, _width(model, layer))
     return torch.stack([a[-1] for a in batch_activations(model, seqs, f"blocks.{layer}.mlp.hook_post", chunk=256)])
 
 
@@ -289,7 +295,7 @@ def preservation_moment(model: Model, layer: int, prefixes: Sequence[str] = ()) 
             return torch.cat([(k.T @ k).flatten(), torch.tensor([float(k.shape[0])], dtype=torch.float64)])
 
         flat = _stored(model, _preserve_name(layer, len(prefixes)), compute)
-        f = model.spec.intermediate_size
+        f = _width(model, layer)
         cache[key] = (flat[:-1].reshape(f, f), int(flat[-1]))
     return cache[key]
 

@@ -318,7 +318,7 @@ def _gemma4(cfg: dict) -> ModelSpec:
     layer_map = {**spec.layer_map, **_GEMMA2_NORMS, **_QK_NORM}
     for name in ("k.weight", "v.weight", "k_norm.weight"):
         layer_map[name] = replace(layer_map[name], optional=True)
-    layer_map["layer_scalar"] = TensorMap("model.layers.{i}.layer_scalar")
+    layer_map["layer_scalar"] = TensorMap("model.layers.{i}.layer_scalar", buffer=True)
     global_map = dict(spec.global_map)
     ple = int(cfg.get("hidden_size_per_layer_input") or 0)
     if ple:

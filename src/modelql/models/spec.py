@@ -40,12 +40,14 @@ class TensorMap:
     "split:i/n" / "split:i@a+b+c" (slice i of a tensor fused along dim 0, in n equal parts or
     parts of the given sizes: Phi-3's qkv_proj and gate_up_proj), or "index:e" (entry e of a tensor
     stacked along dim 0: one expert of Gemma 4's [E, ...] expert weights); steps chain with ",".
-    An optional map may be absent.
+    An optional map may be absent. A `buffer` is stored in the checkpoint but is no trained
+    parameter in transformers (Gemma 4's `layer_scalar`): `modelql info` leaves it out of the count.
     """
 
     hf_name: str
     transform: str = "id"
     optional: bool = False
+    buffer: bool = False
 
 
 @dataclass(frozen=True)
@@ -164,6 +166,12 @@ class ModelSpec:
         return bool(self.layer_k_eq_v) and self.layer_k_eq_v[layer]
 
     @property
+    def experts_are_features(self) -> bool:
+        """Whether a layer's vindex features are its experts' (Mixtral-style MoE). Gemma 4's experts
+        run beside a dense FFN: its features are the dense FFN's, as LARQL's hybrid-MoE vindex."""
+        return self.moe is not None and not self.moe.beside_dense
+
+    @property
     def uniform_attention(self) -> bool:
         """Every layer has the same head shapes and its own keys/values (all but Gemma 4)."""
         return not (self.layer_head_dim or self.layer_kv_heads or self.layer_kv_source or self.layer_k_eq_v)
@@ -182,7 +190,7 @@ class ModelSpec:
         for i in range(self.num_layers):
             for name, tm in self.layer_map.items():
                 out.append(
-                    (f"layers.{i}.{name}", TensorMap(tm.hf_name.format(i=i), tm.transform, tm.optional))
+                    (f"layers.{i}.{name}", TensorMap(tm.hf_name.format(i=i), tm.transform, tm.optional, tm.buffer))
                 )
         return out
 

@@ -100,6 +100,7 @@ class Shard:
         self.down_until = 0.0
         self.last_error: str | None = None
         self.q8k = True  # until the shard answers 404 to /v1/walk-ffn-q8k
+        self.experts: tuple[int, int] | None = None  # of an MoE model: the expert ids it owns (inclusive)
 
     def owns(self, layer: int) -> bool:
         return self.layers[0] <= layer <= self.layers[1]
@@ -163,6 +164,7 @@ class RemoteFfn:
         self.retry_after = retry_after
         self.stats = ShardStats()
         self._lock = threading.Lock()
+        self.experts = None  # an MoE model's `RemoteExperts` (`attach_experts`)
         self.by_layer: list[list[Shard]] = [[s for s in shards if s.owns(i)] for i in range(num_layers)]
         missing = [i for i, owners in enumerate(self.by_layer) if not owners]
         if missing:
@@ -206,7 +208,20 @@ class RemoteFfn:
                 s.close()
             raise
 
+    def attach_experts(self, router) -> None:
+        """Route an MoE model's experts to the shards owning them (`expert_client`); `router` is the
+        client's router-only `MoeFfn`. Each shard's expert range is read from its topology."""
+        from .expert_client import RemoteExperts, expert_range
+
+        moe = router.moe
+        blocks = moe.num_experts + (1 if moe.shared_size else 0)
+        for s in self.shards:
+            s.experts = expert_range(s.url, s.client, blocks)
+        self.experts = RemoteExperts(router, self, q8k=self.wire_dtype == "q8k")
+
     def close(self) -> None:
+        if self.experts is not None:
+            self.experts.close()
         for s in self.shards:
             s.close()
 
@@ -223,6 +238,8 @@ class RemoteFfn:
             inner = f"blocks.{layer}.mlp."
             if any(name.startswith(inner) for name in hooks):
                 raise CapabilityError("FFN-internal hooks (mlp.hook_*) are not available with a remote FFN")
+        if self.experts is not None and not self.experts.moe.beside_dense:
+            return self.experts.forward(layer, x)  # a Mixtral-style layer: its experts are the FFN
         shape = x.shape
         rows = x.detach().reshape(-1, shape[-1]).float().numpy()
         out = self.request(layer, rows)
@@ -337,8 +354,20 @@ def load_remote_model(model_ref, ffn: str | Sequence[str], wire_dtype: str = "f3
     if wire_dtype not in CLIENT_WIRES:
         raise RemoteError(f"unknown --wire {wire_dtype!r} (use {', '.join(CLIENT_WIRES)})")
     entries = parse_shards(ffn)
-    return load_client_model(model_ref, lambda spec: RemoteFfn.connect(
-        entries, spec.num_layers, spec.hidden_size, wire_dtype, timeout, api_key), dtype)
+
+    def connect(spec, weights):
+        remote = RemoteFfn.connect(entries, spec.num_layers, spec.hidden_size, wire_dtype, timeout, api_key)
+        if spec.moe is not None:
+            from ..ffn.moe import MoeFfn
+
+            try:
+                remote.attach_experts(MoeFfn(spec, weights, experts=()))
+            except BaseException:
+                remote.close()
+                raise
+        return remote
+
+    return load_client_model(model_ref, connect, dtype)
 
 
 __all__ = ["RemoteFfn", "Shard", "ShardEntry", "ShardStats", "load_remote_model", "parse_shards"]

@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import CapabilityError, ContextLengthError
-from ..ffn.base import FfnBackend, Hooks, activation, run_hook
+from ..ffn.base import FfnBackend, Hooks, activation, rms_norm, run_hook
 from ..ffn.dense import DenseFfn
 from ..models.spec import ModelSpec, RopeSpec
 from ..linear import linear
@@ -182,7 +182,7 @@ class Model:
             if self.spec.moe is not None:  # Gemma 4: experts beside the dense FFN
                 from ..ffn.moe import MoeFfn
 
-                self.moe_ffn = MoeFfn(self.spec, weights)
+                self.moe_ffn = getattr(ffn, "experts", None) or MoeFfn(self.spec, weights)  # remote: RemoteExperts
         self.embed = weights["embed.weight"]
         self.lm_head = weights.get("lm_head.weight", self.embed)
         self.act = activation(self.spec.activation)
@@ -265,11 +265,7 @@ class Model:
         spec = self.spec
         if spec.norm == "layer":
             return F.layer_norm(x, (x.shape[-1],), w, self.weights.get(name + ".bias"), spec.norm_eps)
-        xf = x.float()
-        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + spec.norm_eps)
-        if spec.norm_weight_offset:
-            return (xf * (spec.norm_weight_offset + w.float())).to(x.dtype)
-        return w * xf.to(x.dtype)
+        return rms_norm(x, w, spec.norm_eps, spec.norm_weight_offset)
 
     def rms(self, x: torch.Tensor) -> torch.Tensor:
         """RMS norm without a weight (Gemma 4's value norm)."""

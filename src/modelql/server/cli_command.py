@@ -40,6 +40,9 @@ def serve_command(
     embed_only: Annotated[bool, typer.Option("--embed-only", help="embedding service mode")] = False,
     ffn_only: Annotated[bool, typer.Option("--ffn-only", help="FFN service mode (walk-ffn)")] = False,
     layers: Annotated[Optional[str], typer.Option("--layers", help="own only layers a-b (walk-ffn shards)")] = None,
+    experts: Annotated[Optional[str], typer.Option(
+        "--experts", help="MoE shard: own only experts a-b of its layers (the shared expert is id num_experts); "
+                          "served by the /v1/expert* routes")] = None,
     max_batch: Annotated[int, typer.Option(
         "--max-batch", min=1, help="sequences decoded together in one batched step")] = 16,
     max_queue: Annotated[int, typer.Option(
@@ -74,7 +77,7 @@ def serve_command(
     config = ServerConfig(
         host=host, port=port, model_id=model_id, api_key=api_key, rate_limit=rate_limit,
         trust_forwarded_for=trust_forwarded_for, max_body_bytes=max_body, cors=cors, no_infer=no_infer,
-        embed_only=embed_only, ffn_only=ffn_only, layers=layers, max_batch=max_batch, max_queue=max_queue,
+        embed_only=embed_only, ffn_only=ffn_only, layers=layers, experts=experts, max_batch=max_batch, max_queue=max_queue,
         queue_full_status=queue_full_status, max_n=max_n, strict_model_name=strict_model_name,
         graceful_timeout=graceful_timeout, log_level=log_level, i8_wire=enable_i8_wire,
         f16_wire=not disable_f16_wire, patch_dir=patch_dir,

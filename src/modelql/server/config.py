@@ -24,14 +24,15 @@ def parse_rate_limit(text: str) -> tuple[float, float]:
     return float(m.group(1)), _PERIODS[m.group(2)]
 
 
-def parse_layers(text: str) -> tuple[int, int]:
-    """`a-b` (inclusive) → (a, b)."""
-    m = re.fullmatch(r"\s*(\d+)\s*-\s*(\d+)\s*", text)
+def parse_layers(text: str, flag: str = "--layers") -> tuple[int, int]:
+    """`a-b` (inclusive) → (a, b); a single `n` is `n-n`."""
+    m = re.fullmatch(r"\s*(\d+)\s*(?:-\s*(\d+)\s*)?", text)
     if not m:
-        raise ServerConfigError(f"invalid --layers {text!r}: expected a-b, e.g. 0-15")
-    a, b = int(m.group(1)), int(m.group(2))
+        raise ServerConfigError(f"invalid {flag} {text!r}: expected a-b, e.g. 0-15")
+    a = int(m.group(1))
+    b = int(m.group(2)) if m.group(2) is not None else a
     if b < a:
-        raise ServerConfigError(f"invalid --layers {text!r}: end ({b}) must be >= start ({a})")
+        raise ServerConfigError(f"invalid {flag} {text!r}: end ({b}) must be >= start ({a})")
     return a, b
 
 
@@ -49,6 +50,7 @@ class ServerConfig:
     embed_only: bool = False
     ffn_only: bool = False
     layers: str | None = None
+    experts: str | None = None  # an MoE shard owns only these experts of its layers (--experts a-b)
     max_batch: int = 16          # sequences advanced together in one decode step
     max_queue: int = 64          # sequences waiting for a batch slot; beyond → queue_full_status
     queue_full_status: int = 503  # 503 service_unavailable (default) or 429 rate_limit_exceeded
@@ -71,6 +73,10 @@ class ServerConfig:
             parse_rate_limit(self.rate_limit)
         if self.layers:
             parse_layers(self.layers)
+        if self.experts:
+            parse_layers(self.experts, "--experts")
+            if not self.ffn_only:
+                raise ServerConfigError("--experts needs --ffn-only (an expert shard; a full server runs every expert)")
         if self.max_body_bytes < 1:
             raise ServerConfigError("--max-body must be at least 1 byte")
         if self.max_batch < 1 or self.max_queue < 0:
@@ -106,6 +112,10 @@ class ServerConfig:
     @property
     def owned_layers(self) -> tuple[int, int] | None:
         return parse_layers(self.layers) if self.layers else None
+
+    @property
+    def owned_experts(self) -> tuple[int, int] | None:
+        return parse_layers(self.experts, "--experts") if self.experts else None
 
     def unavailable_reason(self, route: str, group: str) -> str | None:
         """Why `route` (of group `generate` | `embed` | `browse` | `walk_ffn`) is not served, or None."""

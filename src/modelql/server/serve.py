@@ -47,7 +47,7 @@ def build(model_ref: str | Path | None, config: ServerConfig, dtype: str = "floa
     if model is None and config.ffn_only:
         from ..remote.loading import load_ffn_shard
 
-        model = load_ffn_shard(model_ref, config.owned_layers, dtype)
+        model = load_ffn_shard(model_ref, config.owned_layers, dtype, config.owned_experts)
         if vindex_source is None and not (Path(str(model_ref)) / "index.json").is_file():
             vindex_source = knowledge_routes.VindexSource.unavailable(
                 "this --ffn-only shard serves a model directory: browse routes need a vindex")

@@ -146,7 +146,7 @@ def _ffn_maps(spec, layer: int) -> dict[str, Any]:
     """canonical component → TensorMap (HF name formatted) for gate / up / down of `layer`
     (a MoE layer: every expert's, under `experts.{e}.gate.weight` ...)."""
     out = {}
-    blocks = _expert_blocks(spec) if spec.moe is not None else [""]
+    blocks = _expert_blocks(spec) if spec.experts_are_features else [""]
     for block in blocks:
         for comp in _FFN_COMPONENTS:
             tm = spec.layer_map.get(block + comp)
@@ -208,7 +208,7 @@ def _edit_layer(spec, state: OverlayState, layer: int, tensors: dict[str, torch.
                 counts: dict, extra_deltas: Iterable = ()) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
     """Apply `layer`'s edits to f32 copies of its FFN tensors among `tensors` (HF names) and add
     to `counts`; returns (HF key → edited f32 copy, canonical component → view of a copy)."""
-    if spec.moe is not None:
+    if spec.experts_are_features:
         return _edit_moe_layer(spec, state, layer, tensors, prefix, counts, extra_deltas)
     work: dict[str, torch.Tensor] = {}
     views: dict[str, torch.Tensor] = {}
@@ -833,7 +833,7 @@ def _ffn_weights(vx, layer: int) -> dict[str, torch.Tensor] | None:
                 continue
             t = _read_tensors(src, wmap, [key])[key].to(torch.float32)
             out[comp] = _canonical_view(t, tm.transform).clone()
-        if spec.moe is not None:  # the experts as one layer of the vindex's features
+        if spec.experts_are_features:  # the experts as one layer of the vindex's features
             blocks = _expert_blocks(spec)
             out = {"gate.weight": torch.cat([out[b + "gate.weight"] for b in blocks]),
                    "up.weight": torch.cat([out[b + "up.weight"] for b in blocks]),

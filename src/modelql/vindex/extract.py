@@ -262,7 +262,7 @@ class ShardSet:
 
 
 _LAYER_RE = re.compile(r"^(model\.layers|transformer\.h)\.(\d+)\.(.+)$")
-_FFN_PREFIXES = ("mlp.", "block_sparse_moe.", "feed_forward.")
+_FFN_PREFIXES = ("mlp.", "block_sparse_moe.", "feed_forward.", "experts.")  # Gemma 4's packed experts
 
 
 def classify(hf_name: str) -> tuple[str, int]:
@@ -325,8 +325,10 @@ def model_config_block(spec: ModelSpec, cfg: dict) -> dict[str, Any]:
     mc["moe"] = None
     if spec.moe is not None:  # LARQL's MoeConfig
         mc["moe"] = {"num_experts": spec.moe.num_experts, "top_k": spec.moe.top_k,
-                     "shared_expert": bool(spec.moe.shared_size), "router_type": "top_k_softmax",
-                     "moe_intermediate_size": spec.moe.expert_size, "norm_topk_prob": spec.moe.renormalize}
+                     "shared_expert": bool(spec.moe.shared_size),
+                     "router_type": "gemma4_top_k_softmax" if spec.moe.beside_dense else "top_k_softmax",
+                     "moe_intermediate_size": spec.moe.expert_size, "norm_topk_prob": spec.moe.renormalize,
+                     "hybrid": spec.moe.beside_dense}
     if spec.rope is not None and spec.rope.partial_rotary_factor != 1.0:
         mc["partial_rotary_factor"] = spec.rope.partial_rotary_factor
     pattern = cfg.get("sliding_window_pattern", cfg.get("_sliding_window_pattern"))
@@ -446,9 +448,6 @@ def extract(
     t0 = time.perf_counter()
     source = _open_source(model)
     spec = spec_from_config(source.config)
-    if spec.moe is not None and spec.moe.beside_dense:
-        raise VindexError(f"{spec.family}: a vindex of experts beside a dense FFN (Gemma 4's MoE) is not supported "
-                          "yet (the model runs with generate/serve)")
     tmp = staging_directory(out)
     shards: list[ShardSet] = []
     try:
@@ -576,12 +575,13 @@ def _extract_into(tmp: Path, source: WeightSource, spec: ModelSpec, src_dir: Pat
         bar.start()
         task = bar.add_task(f"extract {spec.family} → {level}", total=n, rate="")
     try:
-        router_path = tmp / fmt.ROUTER_FILE if spec.moe is not None else os.devnull
+        experts = spec.experts_are_features  # Gemma 4: the dense FFN's features; its experts are weights only
+        router_path = tmp / fmt.ROUTER_FILE if experts else os.devnull
         gate_path = os.devnull if blockwise else tmp / fmt.GATE_FILE  # a block vindex's gates are its FFN blocks
         with open(gate_path, "wb") as gate_fh, open(router_path, "wb") as router_fh, \
                 fmt.DownMetaWriter(tmp / fmt.DOWN_META_FILE, n, top_k) as dm:
             for i in range(n):
-                if spec.moe is not None:
+                if experts:
                     gate, down = expert_features(reader, spec, i, prefix)
                     router = canonical_tensor(reader, spec, f"layers.{i}.router.weight", prefix)
                     router_fh.write(_tensor_bytes(router.to(torch.float32).contiguous()))
@@ -598,8 +598,8 @@ def _extract_into(tmp: Path, source: WeightSource, spec: ModelSpec, src_dir: Pat
                 length = F * H * np_dtype.itemsize
                 layer_infos.append(fmt.LayerInfo(
                     layer=i, num_features=F, offset=offset, length=length,
-                    num_experts=spec.moe.num_experts if spec.moe is not None else None,
-                    num_features_per_expert=spec.moe.expert_size if spec.moe is not None else None))
+                    num_experts=spec.moe.num_experts if experts else None,
+                    num_features_per_expert=spec.moe.expert_size if experts else None))
                 offset += length
                 del g, gate
                 dm.begin_layer(i, F)
