@@ -13,7 +13,8 @@ from modelql.knowledge import edit
 from modelql.knowledge.infer import infer
 from modelql.vindex import Vindex
 from modelql.vindex import patch as vlp
-from modelql.vindex.compile import CompileError, compile_model, compile_vindex, diff, diff_into_patch
+from modelql.vindex.compile import CompileError, compile_model, compile_vindex
+from modelql.vindex.diff import diff, diff_into_patch
 from modelql.vindex.overlay import PatchSession
 from tests.edit.conftest import file_digests
 

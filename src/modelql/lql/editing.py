@@ -131,7 +131,7 @@ class Compiled:
 
 @dataclass(frozen=True)
 class Diffed:
-    result: Any  # vindex.compile.DiffResult
+    result: Any  # vindex.diff.DiffResult
 
 
 # ---------------------------------------------------------------------------------------------
@@ -327,15 +327,15 @@ def _compile(ex: Executing, stmt: ast.Compile):
 @handles(ast.Diff)
 @_errors
 def _diff(ex: Executing, stmt: ast.Diff):
-    from modelql.vindex import compile as C
+    from modelql.vindex import diff as D
 
     session = ex.session
     a = _source(session, stmt.a, "DIFF")
     b = _source(session, stmt.b, "DIFF")
     kw = dict(layer=stmt.layer, relation=stmt.relation, limit=stmt.limit)
     if stmt.into_patch is not None:
-        return Diffed(C.diff_into_patch(a, b, session.resolve(stmt.into_patch), **kw))
-    return Diffed(C.diff(a, b, **kw))
+        return Diffed(D.diff_into_patch(a, b, session.resolve(stmt.into_patch), **kw))
+    return Diffed(D.diff(a, b, **kw))
 
 
 # ---------------------------------------------------------------------------------------------
