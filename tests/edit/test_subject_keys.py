@@ -23,3 +23,12 @@ def test_early_stopped_capture_equals_a_full_forward(base_model):
     for n in names:
         for j, s in enumerate(seqs):
             assert torch.equal(got[n][j], full[n][j, : len(s)].float()), n
+
+
+def test_generic_sampling_fits_a_small_models_window_and_vocabulary(base_model):
+    """The sampled statistics text stops at the context window (and top-k at the vocabulary size)
+    instead of failing the first weight-level INSERT on a small model."""
+    from modelql.knowledge.generic_text import sample
+
+    seqs = sample(base_model, openers=("Once upon a time",), per_opener=2, tokens=10 * base_model.spec.max_position)
+    assert len(seqs) == 2 and all(len(s) == base_model.spec.max_position for s in seqs)

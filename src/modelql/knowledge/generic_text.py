@@ -74,8 +74,9 @@ def sample(model: Model, openers: Sequence[str] = OPENERS, per_opener: int = SAM
         last.append(logits)
         seqs += [list(ids) for _ in range(per_opener)]
     logits = torch.cat(last)
-    for _ in range(tokens):
-        top = torch.topk(logits.float(), 40, dim=-1)
+    room = model.spec.max_position - max(len(s) for s in seqs)  # a small model's context window
+    for _ in range(max(0, min(tokens, room))):
+        top = torch.topk(logits.float(), min(40, logits.shape[-1]), dim=-1)
         pick = torch.multinomial(torch.softmax(top.values, -1), 1, generator=gen)
         nxt = top.indices.gather(-1, pick)
         for s, t in zip(seqs, nxt[:, 0].tolist()):

@@ -268,8 +268,12 @@ def _preservation_rows(model: Model, pairs, prefixes: Sequence[str] = ()) -> lis
 
 def _width(model: Model, layer: int) -> int:
     """Features of a layer's keys: an MoE layer's are all its experts' (`MoeFfn.num_features`)."""
-    ffn = getattr(model.ffn, "moe_ffn", model.ffn)
-    return ffn.num_features(layer) if model.spec.experts_are_features else model.spec.intermediate_size
+    if not model.spec.experts_are_features:
+        return model.spec.intermediate_size
+    ffn = model.ffn
+    while not hasattr(ffn, "num_features"):  # through the overlay / edit wrappers to the MoE FFN
+        ffn = getattr(ffn, "moe_ffn", None) or ffn.base
+    return ffn.num_features(layer)
 
 
 def _keys_of(model: Model, layer: int, seqs: Sequence[Sequence[int]]) -> torch.Tensor:
