@@ -1,6 +1,6 @@
 """Body strategies for the fuzz runs' binary media types (schemathesis cannot generate them from a
 `format: binary` schema): the Q8K batch frame of `/v1/walk-ffn-q8k` — well-formed frames of any
-layer and block count, and raw bytes."""
+layer and block count, and raw bytes — and raw bytes for LARQL's expert frames (`expert_wire`)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import numpy as np
 import schemathesis
 from hypothesis import strategies as st
 
-from modelql.remote import q8k_wire
+from modelql.remote import expert_wire, q8k_wire
 
 
 def _frame(layers: list[int], blocks: int, seed: int) -> bytes:
@@ -31,3 +31,6 @@ CASES: Counter = Counter()
 
 def register() -> None:
     schemathesis.openapi.media_type(q8k_wire.MEDIA_Q8K, Q8K_FRAMES)
+    for media in (expert_wire.MEDIA_EXPERT, expert_wire.MEDIA_LAYER, expert_wire.MEDIA_LAYER_F16,
+                  expert_wire.MEDIA_MULTI, expert_wire.MEDIA_MULTI_Q8K):
+        schemathesis.openapi.media_type(media, st.binary(max_size=4096))
