@@ -88,43 +88,19 @@ def with_random_blocks(src: Path, dst: Path, qtype_of, seed: int = 0, std: float
     `qtype_of(name, rows, cols)` names a type replaced by random blocks of that type: a small model in any
     GGUF quantization mix without a quantizer (gguf-py quantizes Q8_0 only), weights of standard deviation
     `std`. Returns name → type."""
-    import gguf
-
-    reader = gguf.GGUFReader(str(src))
     rng = np.random.default_rng(seed)
-    writer = gguf.GGUFWriter(str(dst), arch=reader.get_field(gguf.Keys.General.ARCHITECTURE).contents())
-    for field in reader.fields.values():
-        if field.name == gguf.Keys.General.ARCHITECTURE or field.name.startswith("GGUF."):
-            continue
-        kind = field.types[0]
-        writer.add_key_value(field.name, field.contents(), kind,
-                             sub_type=field.types[-1] if kind == gguf.GGUFValueType.ARRAY else None)
-    types: dict[str, str] = {}
-    tensors = []
-    for t in reader.tensors:
-        data, raw = t.data, t.tensor_type
-        if len(t.shape) == 2:
-            cols, rows = (int(x) for x in t.shape)  # GGUF lists the row width first
-            qtype = qtype_of(t.name, rows, cols)
-            if qtype is not None:
-                data, raw = random_blocks(qtype, rows, cols, rng, std), gguf.GGMLQuantizationType[qtype]
-                types[t.name] = qtype
-        writer.add_tensor_info(t.name, data.shape, data.dtype, data.nbytes, raw)
-        tensors.append(data)
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_ti_data_to_file()
-    for data in tensors:
-        writer.write_tensor_data(data)
-    writer.close()
-    return types
+
+    def replace(name, rows, cols, floats):
+        qtype = qtype_of(name, rows, cols)
+        return None if qtype is None else (random_blocks(qtype, rows, cols, rng, std), qtype)
+
+    return _rewrite(src, dst, replace)
 
 
 def requantized(src: Path, dst: Path, qtype: str) -> dict[str, str]:
     """Copy the GGUF `src` to `dst` with every matrix whose rows split into `qtype` blocks quantized to
     `qtype` by gguf-py's own quantizer (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0): the same model, quantized as
     llama.cpp's quantizer would (those types have one rounding rule). Returns name → type."""
-    import gguf
     from gguf import GGML_QUANT_SIZES, GGMLQuantizationType as Q
     from gguf.quants import quantize
 

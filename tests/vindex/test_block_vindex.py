@@ -184,3 +184,32 @@ def test_insert_and_compile_round_trip(quantized, tmp_path):
     gap, effect = (compiled - edited_logits).abs().max(), (unedited - edited_logits).abs().max()
     print(f"requantization rms {rms:.4f}, gap {gap / scale:.4f}, edit effect {effect / scale:.4f} (of max |logit|)")
     assert gap <= 4 * rms * scale and effect > 10 * gap
+
+
+def test_neuron_edits_compile_a_block_vindex_into_a_float_one(quantized, tmp_path):
+    """Neuron edits grow the FFN, so COMPILE INTO VINDEX re-extracts the edited model: a float vindex
+    that answers as the session does, without the base's low-bit weight files beside it."""
+    import numpy as np
+
+    from modelql.vindex import Vindex
+    from modelql.vindex import patch as vlp
+    from modelql.vindex.blocks import FILES, MANIFESTS
+    from modelql.vindex.compile import compile_vindex
+    from modelql.vindex.overlay import PatchSession
+
+    _, vx_dir = quantized["Q4_1"]
+    session = PatchSession(Vindex.load(vx_dir))
+    H = session.base.hidden_size
+    g = np.random.default_rng(0)
+    u, gate, up = ((g.standard_normal(s) * 0.5).astype(np.float32) for s in ((H, 2), (2, H), (2, H)))
+    session.record([vlp.DownDeltaOp(1, u, None, ("France",) * 2, ("capital",) * 2, ("Lima",) * 2, edit_id="n",
+                                    method="memit-neurons", gate=gate, up=up)])
+    out = tmp_path / "grown.vindex"
+    compile_vindex(session, out)
+    vx = Vindex.load(out)
+    assert vx.verify().ok and not vx.quantized
+    assert not {p.name for p in out.iterdir()} & (set(FILES) | set(MANIFESTS))
+    assert vx.num_features(1) == session.base.num_features(1) + 2
+    ids = session.model().tokenizer.encode("The capital of France is")
+    want = session.model().forward(ids, logits="last")[0]
+    assert torch.allclose(PatchSession(vx).model().forward(ids, logits="last")[0], want, atol=1e-4)

@@ -37,14 +37,14 @@ from typing import Callable, Sequence
 
 import torch
 
+from ..errors import ChatTemplateError
 from ..ffn.base import activation
 from ..runtime.model import Model
 from . import generic_text as G
 from .delta_ffn import DownDelta
 from .edit_cache import base_ffn, stored, stored_path
 from .edit_site import subject_span
-from .memit_subject import SubjectRow, _multi, _rows, target_deltas
-from .neighbours import neighbour_entities
+from .memit_subject import SubjectRow, _multi, _rows, canonical_template, neighbour_rows, target_deltas
 
 GATE_SCALE = 30.0
 GATE_RIDGE = 1e-3
@@ -118,15 +118,13 @@ def _positives(model: Model, requests, rows: list[SubjectRow], prefixes: Sequenc
     """(token ids, subject's last position, fact) of every context whose subject must fire."""
     seqs, at, owner = [r.ids for r in rows], [r.subj for r in rows], [r.fact for r in rows]
     tok = model.tokenizer
-    from .memit_subject import canonical_template
-
     for i, r in enumerate(requests):
         texts = [f"{c} {r.entity}".strip() for c in (*prefixes, *MENTION_OPENERS)]
         if tok.has_chat_template:
             prompt = canonical_template(r.relation).replace("{X}", r.entity)
             try:
                 texts.append(tok.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=False))
-            except Exception:  # noqa: BLE001 — a template that needs more than one user turn
+            except ChatTemplateError:  # a template that wants more than one user turn
                 pass
         for t in texts:
             ids, _s, e = subject_span(model, t, r.entity)
@@ -162,14 +160,8 @@ def neuron_edit(model: Model, requests, layers: Sequence[int], p,
     own = torch.tensor(owner)
     around = [torch.cat([x[:q], x[q + 1:]]) for x, q in zip(xs, at)]
     gram, total, count = generic_inputs(model, top)
-    names = neighbour_entities(model, [r.entity for r in requests], p.neighbours)
-    near = []
-    if names:
-        from .memit_subject import _Neighbour
-
-        fake = [_Neighbour(x, rel, "x") for rel in sorted({r.relation for r in requests}) for x in names]
-        nrows = _rows(model, fake, prefixes)
-        near = [x[r.subj][None] for x, r in zip(_inputs(model, [r.ids for r in nrows], top), nrows)]
+    nrows = neighbour_rows(model, requests, prefixes, p.neighbours)
+    near = [x[r.subj][None] for x, r in zip(_inputs(model, [r.ids for r in nrows], top), nrows)]
     neg = torch.cat([*near, *around]).double()
     gram, total, count = gram + neg.T @ neg, total + neg.sum(0), count + len(neg)
     act = activation(model.spec.activation)

@@ -277,17 +277,22 @@ def subject_edit(model: Model, requests, layers: Sequence[int], p,
             for l in sorted({d.layer for d in parts}) for ds in [[d for d in parts if d.layer == l]]]
 
 
+def neighbour_rows(model: Model, requests, prefixes: Sequence[str], n: int) -> list[SubjectRow]:
+    """The edited entities' `n` nearest neighbours (`knowledge.neighbours`) in each edited
+    relation's prompt, alone and after `prefixes`: what an edit must leave alone nearest to it."""
+    names = neighbour_entities(model, [r.entity for r in requests], n)
+    fake = [_Neighbour(x, rel, "x") for rel in sorted({r.relation for r in requests}) for x in names]
+    return _rows(model, fake, prefixes)
+
+
 def neighbour_moments(model: Model, requests, layers: Sequence[int], prefixes: Sequence[str], n: int
                       ) -> dict[int, torch.Tensor]:
     """Per layer, E[k kᵀ] of the keys at the subject's last token of the edited entities' nearest
     neighbours (`knowledge.neighbours`), in each edited relation's prompt after the same generic
     prefixes as the edit's own keys; {} when `n` is 0. Taken on the model before this edit."""
-    names = neighbour_entities(model, [r.entity for r in requests], n)
-    if not names:
+    rows = neighbour_rows(model, requests, prefixes, n)
+    if not rows:
         return {}
-    relations = sorted({r.relation for r in requests})
-    fake = [_Neighbour(x, rel, "x") for rel in relations for x in names]
-    rows = _rows(model, fake, prefixes)
     hooks = [f"blocks.{l}.mlp.hook_post" for l in layers]
     acts = _multi(model, [r.ids for r in rows], hooks)
     out = {}

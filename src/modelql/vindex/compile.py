@@ -35,7 +35,7 @@ import torch
 from ..errors import CapabilityError, CompileError
 from ..fsutil import atomic_directory
 from . import format as fmt
-from .blocks import is_block_vindex
+from .blocks import FILES as BLOCK_FILES, MANIFESTS as BLOCK_MANIFESTS, is_block_vindex
 from .checksums import compute_checksums, files_to_hash
 from .overlay import OverlayState, OverlayView, PatchSession
 
@@ -364,7 +364,7 @@ def _compile_vindex_regrown(ps: PatchSession, state: OverlayState, tmp: Path, ou
                             policy: str) -> CompileResult:
     """A vindex with neuron edits baked in. They grow every layer's FFN, which the base's files
     cannot take in place, so the edited model is compiled (as COMPILE INTO MODEL does) and
-    extracted again at the base's level and dtype. The neurons are appended, every base feature
+    extracted again at the base's level and dtype (float weights, also from a block vindex). The neurons are appended, every base feature
     keeps its index, so the base's probe labels, clusters and any other file extraction does not
     make are carried over; the KNN store is the effective one."""
     from .extract import extract
@@ -386,7 +386,10 @@ def _compile_vindex_regrown(ps: PatchSession, state: OverlayState, tmp: Path, ou
         p.rename(tmp / p.name)
     fresh.rmdir()
     carried = []
+    weights = set(BLOCK_FILES) | set(BLOCK_MANIFESTS)  # the base's low-bit weights: replaced by the float ones
     for p in sorted(src.iterdir()):
+        if p.name in weights or p.suffix == ".safetensors" or p.name == fmt.KNN_FILE:
+            continue
         if p.is_file() and not p.name.startswith(".") and (not (tmp / p.name).exists() or p.name == fmt.LABELS_FILE):
             (tmp / p.name).unlink(missing_ok=True)
             _link_or_copy(p, tmp / p.name)
@@ -679,8 +682,7 @@ def _compile_model_into(ps: PatchSession, state: OverlayState, extra: list, tmp:
         work, _ = _edit_layer(spec, state, l, tensors, prefix, counts, extra)
         for key, t in work.items():
             tensors[key] = t
-    grown = _add_neurons(spec, state, extra, tensors, prefix)
-    counts["delta"] += sum(1 for l in range(spec.num_layers) for d in _neuron_deltas(state, extra, l))
+    grown = _add_neurons(spec, state, extra, tensors, prefix, counts)
     # standard HF names: drop a multimodal prefix (the vindex already normalised them)
     final = {k: (t.to(dtype) if t.is_floating_point() else t).contiguous() for k, t in tensors.items()}
     shards = _plan_shards(final, shard_bytes)
@@ -728,7 +730,8 @@ def _f32(a) -> torch.Tensor:
     return a.float() if isinstance(a, torch.Tensor) else torch.as_tensor(np.asarray(a, dtype=np.float32))
 
 
-def _add_neurons(spec, state: OverlayState, extra: Iterable, tensors: dict[str, torch.Tensor], prefix: str) -> int:
+def _add_neurons(spec, state: OverlayState, extra: Iterable, tensors: dict[str, torch.Tensor], prefix: str,
+                 counts: dict) -> int:
     """Bake neuron edits into the checkpoint: every layer's FFN grows by the largest number of
     neurons any layer adds (HF configs have one intermediate size), the new rows of the layers
     without neurons zero, so they add nothing. Returns the growth (0: no neuron edits)."""
@@ -736,6 +739,7 @@ def _add_neurons(spec, state: OverlayState, extra: Iterable, tensors: dict[str, 
     per_layer = {l: ds for l in range(spec.num_layers) if (ds := _neuron_deltas(state, extra, l))}
     if not per_layer:
         return 0
+    counts["delta"] += sum(len(ds) for ds in per_layer.values())
     if spec.moe is not None or not spec.gated_ffn:
         raise CompileError("neuron edits compile into a gated dense FFN only (this model has none)")
     grow = max(sum(int(d.u.shape[1]) for d in ds) for ds in per_layer.values())
