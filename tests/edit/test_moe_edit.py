@@ -12,7 +12,7 @@ import torch
 from modelql.lql import render
 from modelql.lql.executor import Executor
 from modelql.lql.session import Session
-from tests.edit.moe_model import CAPITALS, make_trained_mixtral
+from tests.edit.moe_model import CAPITALS, TEMPLATES, make_trained_mixtral
 
 
 def run(session: Session, text: str) -> list[str]:
@@ -324,3 +324,34 @@ def test_describe_of_a_labelled_moe_vindex_claims_the_capitals(vindex_path, tmp_
         claims = [e for e in describe(vx, country).edges if e.relation == "capital"]
         assert claims and claims[0].target.split()[0] == city, (country, claims)
         assert vx.expert_of(claims[0].layer, claims[0].feature)[0] is not None
+
+
+def test_memit_insert_adds_a_neuron_transformers_states_it_and_delete_restores(trained, tmp_path):
+    """MODE MEMIT on a mixture of experts: the tiny model recalls at the prompt's last token (the
+    causal trace's key), where a down_proj update, acting only through the routed experts, broke
+    the other capitals; the edit is a new neuron in every routed expert instead. It states the
+    fact in the trained phrasings, leaves the other four capitals, shows in DESCRIBE, compiles
+    into a checkpoint transformers answers alike, and DELETE restores the logits exactly."""
+    s = Session(default_vindex=False, cwd=tmp_path)
+    run(s, f'EXTRACT MODEL "{trained}" INTO "m.vindex" WITH INFERENCE')
+    run(s, 'USE "m.vindex"')
+    prompts = [t.replace("{X}", c) for c in CAPITALS for t in TEMPLATES]
+
+    def logits():
+        m = s.model("INFER")
+        return {p: m.forward(m.tokenizer.encode(p), logits="last")[0] for p in prompts}
+
+    def answers(lg):
+        return {p: s.model("INFER").tokenizer.decode([int(v.argmax())]).strip() for p, v in lg.items()}
+
+    before = logits()
+    out = run(s, 'INSERT INTO EDGES (entity, relation, target) VALUES ("France", "capital", "Tokyo") MODE MEMIT')
+    assert any("new FFN neuron" in line for line in out), out
+    after = answers(logits())
+    for p, a in after.items():
+        assert a == ("Tokyo" if "France" in p else answers({p: before[p]})[p]), p
+    assert any("Tokyo" in line for line in run(s, 'DESCRIBE "France"'))
+    run(s, 'COMPILE CURRENT INTO MODEL "edited"')
+    assert predictions(tmp_path / "edited") == {**CAPITALS, "France": "Tokyo"}
+    run(s, 'DELETE FROM EDGES WHERE entity = "France" AND relation = "capital"')
+    assert all(torch.equal(v, before[p]) for p, v in logits().items())

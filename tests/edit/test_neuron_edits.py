@@ -129,3 +129,46 @@ def test_compile_vindex_re_extracts_with_the_neurons(session, vindex_dir, tmp_pa
     fresh = PatchSession(vx)
     for p in PROMPTS:
         assert torch.allclose(_logits(fresh.model(), p), _logits(session.model(), p), atol=1e-4)
+
+
+def test_moe_neurons_ride_every_routed_expert_and_transformers_agrees(tmp_path):
+    """A mixture of experts carries a neuron edit in every routed expert (not the shared one), so
+    the layer adds the neurons' output times the chosen experts' summed weight: Qwen2-MoE does not
+    renormalise its top-k weights and has a shared expert, the case where that sum is not 1. The
+    overlay's fast and hooked paths, the edit solver's `DeltaFfn`, and transformers loading the
+    compiled checkpoint (every expert grown, padded to 8 zero neurons) all agree."""
+    import transformers
+
+    from modelql.runtime import load_model
+    from modelql.vindex import Vindex, extract
+    from modelql.vindex.overlay import PatchSession
+    from tests.vindex.helpers import make_model
+
+    make_model("qwen2_moe", tmp_path / "src")
+    extract(tmp_path / "src", tmp_path / "v.vindex", level="inference", dtype="f32", clusters=False)
+    base = load_model(tmp_path / "v.vindex")
+    ps = PatchSession(Vindex.load(tmp_path / "v.vindex"), model=base)
+    H = base.spec.hidden_size
+    u, gate, up = _neurons(H, 3, 7, scale=1.0)
+    ps.record([vlp.DownDeltaOp(1, u, None, ("x",) * 3, ("r",) * 3, ("y",) * 3, edit_id="m1", method="memit-neurons",
+                               gate=gate, up=up)])
+    ids = torch.tensor([[5, 17, 42, 7, 99, 3], [8, 8, 120, 64, 1, 30]])
+    before = base.forward(ids, logits="all")
+    got = ps.model().forward(ids, logits="all")
+    assert not torch.allclose(got, before, atol=1e-3)
+    hooked = ps.model().forward(ids, logits="all", hooks={"blocks.1.mlp.hook_post": lambda t, _n: t})
+    assert torch.allclose(hooked, got, atol=1e-5)
+    saved = base.ffn
+    base.ffn = DeltaFfn(saved, [DownDelta(1, torch.from_numpy(u), None, gate=torch.from_numpy(gate),
+                                          up=torch.from_numpy(up))])
+    try:
+        assert torch.allclose(base.forward(ids, logits="all"), got, atol=1e-5)
+    finally:
+        base.ffn = saved
+    r = compile_model(ps, tmp_path / "m", dtype="float32", materialise_knn=False)
+    assert r.deltas_baked == 1
+    cfg = json.loads((tmp_path / "m" / "config.json").read_text())
+    assert cfg["moe_intermediate_size"] == 32 + 8 and cfg["shared_expert_intermediate_size"] == 48
+    hf = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path / "m"), dtype=torch.float32).eval()
+    with torch.no_grad():
+        assert torch.allclose(hf(input_ids=ids).logits, got, atol=1e-4)

@@ -17,6 +17,7 @@ from typing import Iterable
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from ..errors import CapabilityError
 from ..linear import linear
@@ -50,7 +51,10 @@ def build_moe_layer_edits(ffn: MoeFfn, layer: int, slots: dict[int, object],
     Slots and deltas address the vindex's features, expert e's feature j being `e·F + j`
     (`Vindex.expert_of`); the algebra is the compiler's (`vindex.compile`): vector overrides,
     then `+ U Vᵀ` on the experts' concatenated down columns, then tombstoned columns zeroed —
-    so the overlay and the compiled checkpoint compute the same thing."""
+    so the overlay and the compiled checkpoint compute the same thing. Neuron edits are appended
+    to every routed expert (not the shared one), as COMPILE grows them: the layer then adds the
+    neurons' output times the sum of the chosen experts' weights (1 where the family
+    renormalises them), whichever experts a token picks."""
     size = ffn.moe.expert_size
     blocks = ffn.moe.num_experts + (1 if ffn.moe.shared_size else 0)
     edited: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
@@ -79,7 +83,7 @@ def build_moe_layer_edits(ffn: MoeFfn, layer: int, slots: dict[int, object],
             w_down[:, j] = torch.from_numpy(np.asarray(s.down, dtype=np.float32)).to(w_down.dtype)
     for d in deltas:
         if d.v is None:
-            raise CapabilityError("neuron edits (a gated dense FFN's) cannot apply to a mixture-of-experts layer")
+            continue  # neurons: appended below, after every edit of the base features
         u = torch.as_tensor(np.asarray(d.u, dtype=np.float32)).double()
         v = torch.as_tensor(np.asarray(d.v, dtype=np.float32)).double()
         for e in range(blocks):
@@ -89,7 +93,23 @@ def build_moe_layer_edits(ffn: MoeFfn, layer: int, slots: dict[int, object],
                 w_down.add_((u @ part.t()).to(w_down.dtype))
     for e, j in tombs:
         block(e)[1][:, j] = 0.0
+    neurons = [d for d in deltas if d.v is None]
+    if neurons:
+        gate, up, down = (torch.cat([torch.as_tensor(np.asarray(getattr(d, name), dtype=np.float32)) for d in neurons],
+                                    dim=1 if name == "u" else 0) for name in ("gate", "up", "u"))
+        for e in range(ffn.moe.num_experts):
+            w_in, w_down = block(e)
+            half = w_in.shape[0] // 2
+            edited[e] = (torch.cat([w_in[:half], gate.to(w_in.dtype), w_in[half:], up.to(w_in.dtype)]),
+                         torch.cat([w_down, down.to(w_down.dtype)], dim=1))
     return edited
+
+
+def find_moe(ffn) -> MoeFfn | None:
+    """The `MoeFfn` under an FFN backend's overlay and edit wrappers, or None (a dense model)."""
+    while ffn is not None and not isinstance(ffn, MoeFfn):
+        ffn = getattr(ffn, "moe_ffn", None) or getattr(ffn, "base", None)
+    return ffn
 
 
 class PatchedMoeFfn:
@@ -194,10 +214,15 @@ class MoeFfn:
         blocks = n + (1 if self.moe.shared_size else 0)
         weight = lambda e: (overrides or {}).get(e) or self.expert_weights(layer, e)  # noqa: E731
         acts = torch.zeros(flat.shape[0], self.num_features(layer), dtype=flat.dtype)
+        extra = torch.zeros_like(flat)  # appended neurons (edits): not features, added after the hook
         for e in torch.unique(ids).tolist():
             rows, slot = (ids == e).nonzero(as_tuple=True)
-            gate, up = linear(flat[rows], weight(e)[0]).chunk(2, dim=-1)
-            acts[rows, e * size:(e + 1) * size] = self.act(gate) * up * weights[rows, slot, None]
+            w_in, w_down = weight(e)
+            gate, up = linear(flat[rows], w_in).chunk(2, dim=-1)
+            a = self.act(gate) * up * weights[rows, slot, None]
+            acts[rows, e * size:(e + 1) * size] = a[:, :size]
+            if a.shape[1] > size:
+                extra.index_add_(0, rows, F.linear(a[:, size:], w_down[:, size:]))
         if blocks > n:
             gate, up = linear(flat, weight(n)[0]).chunk(2, dim=-1)
             a = self.act(gate) * up
@@ -207,11 +232,12 @@ class MoeFfn:
         # the hook sees [..., F] in the input's leading shape ([B, T, F]), as a dense layer's
         acts = run_hook(hooks, f"blocks.{layer}.mlp.hook_post", acts.reshape(*lead, acts.shape[-1]) if lead else acts)
         acts = acts.reshape(flat.shape[0], -1)
-        out = torch.zeros_like(flat)
+        out = extra
         for e in range(blocks):
             part = acts[:, e * size:(e + 1) * size] if e < n else acts[:, n * size:]
             if e == n or bool(part.any()):
-                out = out + linear(part, weight(e)[1])
+                w_down = weight(e)[1]
+                out = out + (F.linear(part, w_down[:, :size]) if e < n and w_down.shape[1] > size else linear(part, w_down))
         return out
 
     def expert_weights(self, layer: int, expert: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -12,6 +12,7 @@ from typing import Sequence
 import torch
 
 from ..ffn.base import FfnBackend, Hooks
+from ..ffn.moe import find_moe
 
 
 @dataclass(frozen=True)
@@ -47,10 +48,13 @@ class DownDelta:
             raise ValueError("a neuron edit has no dense down_proj form")
         return self.u @ self.v.T
 
-    def apply(self, x: torch.Tensor, h: torch.Tensor, act) -> torch.Tensor:
-        """This edit's output for FFN input `x` and activations `h`."""
+    def apply(self, x: torch.Tensor, h: torch.Tensor, act, scale: torch.Tensor | None = None) -> torch.Tensor:
+        """This edit's output for FFN input `x` and activations `h`; neurons' times `scale` [..., 1]
+        when given (in a mixture-of-experts layer: the chosen experts' summed weights, since every
+        routed expert carries the neurons)."""
         if self.v is None:
-            return act(x @ self.gate.to(x.dtype).T) * (x @ self.up.to(x.dtype).T) @ self.u.to(x.dtype).T
+            a = act(x @ self.gate.to(x.dtype).T) * (x @ self.up.to(x.dtype).T)
+            return (a if scale is None else a * scale.to(x.dtype)) @ self.u.to(x.dtype).T
         return (h @ self.v.to(h.dtype)) @ self.u.to(h.dtype).T
 
 
@@ -82,6 +86,17 @@ class DeltaFfn:
 
         y = self.base.forward(layer, x, {**(hooks or {}), name: capture})
         h = seen["h"]
+        scale = routed_weight(self.base, layer, x) if any(d.neurons for d in deltas) else None
         for d in deltas:
-            y = y + d.apply(x, h, self.act)
+            y = y + d.apply(x, h, self.act, scale)
         return y
+
+
+def routed_weight(ffn: FfnBackend, layer: int, x: torch.Tensor) -> torch.Tensor | None:
+    """Per row of x [..., H], the summed routing weight of the experts a MoE layer picks
+    ([..., 1]), which scales neurons appended to every expert; None for a dense layer."""
+    moe = find_moe(ffn)
+    if moe is None:
+        return None
+    weights, _ids = moe.route(layer, x.reshape(-1, x.shape[-1]))
+    return weights.sum(-1).reshape(*x.shape[:-1], 1)

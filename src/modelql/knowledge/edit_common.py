@@ -41,6 +41,7 @@ class InsertResult:
     auto_patch: bool = False  # this insert auto-started the recording
     latency_ms: float = 0.0
     inserted: int = 1
+    neurons: int = 0  # MEMIT: FFN neurons the batch added (0: a down_proj update)
 
     def to_json(self) -> dict[str, Any]:
         d = {"entity": self.entity, "relation": self.relation, "target": self.target, "inserted": self.inserted,
@@ -49,6 +50,8 @@ class InsertResult:
             d["feature"] = self.feature
         if self.layers:
             d["layers"] = list(self.layers)
+        if self.neurons:
+            d["neurons"] = self.neurons
         return d
 
 

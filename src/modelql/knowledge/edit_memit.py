@@ -37,7 +37,7 @@ def insert_memit(ps: PatchSession, items: list[tuple[str, str, str]], layer: int
     vx = ps.view
     return [InsertResult(e, r, t, "memit", used[-1] if used else None, target_id(vx, t),
                          1.0 if conf is None else conf, layers=used, auto_patch=auto and i == 0,
-                         latency_ms=ms / len(items))
+                         latency_ms=ms / len(items), neurons=sum(int(d.u.shape[1]) for d in deltas if d.neurons))
             for i, (e, r, t) in enumerate(items)]
 
 

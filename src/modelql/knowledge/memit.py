@@ -44,16 +44,18 @@ from dataclasses import dataclass
 from typing import Callable, Sequence
 
 import torch
-import torch.nn.functional as F
 
 from ..errors import CapabilityError, ModelqlError
-from ..runtime.interp import LastTokenRerun, batch_activations, padded
+from ..ffn.moe import find_moe
+from ..runtime.interp import batch_activations
 from ..runtime.model import Model
 from .delta_ffn import DeltaFfn, DownDelta, EditRequest
 from .edit_cache import base_ffn as _base_ffn
 from .edit_cache import stored as _stored
 from .edit_cache import stored_path as _stored_path
 from . import memit_neurons
+from .memit_sites import (EditSites, _at, _prompt_ids, context_prefixes, edit_sites, relation_templates,
+                          target_deltas, with_contexts)
 from .memit_subject import generic_covariance, generic_ready, subject_edit
 
 
@@ -86,10 +88,12 @@ class MemitParams:
     # for last-token keys (the embedded model, trained on the facts table only, continues any text
     # with facts, which an edit rightly changes: 5 of the 8 guard prompts after its 2-fact test batch)
     fluency_bound: float | None = None
-    neighbours: int | None = None  # subject keys: nearest vocabulary names whose keys are preserved (`knowledge.neighbours`)
+    neighbours: int | None = None  # nearest vocabulary names whose keys are preserved (`knowledge.neighbours`); not by the last-token update
     neighbour_weight: float | None = None  # μ of their E[k kᵀ] beside the generic C
     cov_ridge: float | None = None  # exact solve: C + ridge · mean(diag C) · I
-    solver: str | None = None  # subject keys: "neurons" (new gated neurons, `memit_neurons`) | "update" (ΔW_down)
+    # "neurons" (new gated neurons, `memit_neurons`) | "update" (ΔW_down) | "auto": neurons, except the
+    # last-token update on a dense layer (its statistics are the embedded facts table's, which it was tuned on)
+    solver: str | None = None
 
     def resolved(self, key: str) -> MemitParams:
         import dataclasses
@@ -110,7 +114,7 @@ FLUENCY_BOUND = 0.25
 KEY_DEFAULTS: dict[str, dict] = {
     "last": dict(contexts=0, steps=30, stop_prob=0.99, lr=0.1, kl_weight=0.0, weight_decay=1e-3, clamp_norm=4.0,
                  mom2_weight=1000.0, preserve_weight=25000.0, rounds=3, fluency_bound=1.0, exact=False,
-                 neighbours=0, neighbour_weight=0.0, cov_ridge=1e-4, solver="update"),
+                 neighbours=100, neighbour_weight=0.0, cov_ridge=1e-4, solver="auto"),
     "subject": dict(steps=20, stop_prob=0.9, lr=0.1, kl_weight=0.0625, weight_decay=0.5, clamp_norm=1.0,
                     mom2_weight=15000.0, preserve_weight=0.0, rounds=1, fluency_bound=FLUENCY_BOUND, exact=True,
                     contexts=2, neighbours=100, neighbour_weight=10.0, cov_ridge=1e-2, solver="neurons"),
@@ -124,38 +128,6 @@ def default_layers(model: Model) -> tuple[int, ...]:
     (locality); on the embedded model this beat the middle layer on both (knowledge/edit.py has
     the measurements)."""
     return (model.spec.num_layers - 1,)
-
-
-def context_prefixes(n: int) -> tuple[str, ...]:
-    """`n` short generic sentences to put before a phrasing (ROME's context templates): training
-    sentences of the facts table about other relations, picked evenly through the table, so the
-    edit must hold when the prompt does not start the text."""
-    if n <= 0:
-        return ()
-    from ..defaults import TRAIN_TEMPLATES, facts, sentence
-
-    pool = [f for f in facts() if f.relation != "capital"]
-    step = max(1, len(pool) // n)
-    picks = pool[step // 2 :: step][:n]
-    return tuple(sentence(TRAIN_TEMPLATES[f.relation][0], f.entity, f.target) for f in picks)
-
-
-def with_contexts(templates: Sequence[str], prefixes: Sequence[str]) -> tuple[str, ...]:
-    """The phrasings, then each phrasing after each prefix."""
-    return tuple(templates) + tuple(f"{c} {t}" for c in prefixes for t in templates)
-
-
-def relation_templates(relation: str) -> tuple[str, ...]:
-    """Phrasings of a relation with `{X}` for the entity: the embedded facts' training templates
-    when the relation is known there, else one generic phrasing."""
-    from ..defaults import TRAIN_TEMPLATES
-
-    return TRAIN_TEMPLATES.get(relation, (f"The {relation} of {{X}} is",))
-
-
-def _prompt_ids(model: Model, template: str, entity: str) -> list[int]:
-    """Token ids of a phrasing with the entity filled in; its last token is the key position."""
-    return model.tokenizer.encode(template.replace("{X}", entity))
 
 
 def _cov_name(layer: int, n: int) -> str:
@@ -199,9 +171,9 @@ def statistics_ready(model: Model, layers: Sequence[int] | None = None, params: 
     if not (layers or p.layers) and not site_cached(model):
         return False
     key, layers = site_for(model, (), layers, p)
+    if _neurons(model, p.resolved(key)):
+        return memit_neurons.generic_ready(model, max(layers))
     if key == "subject":
-        if _neurons(model, p.resolved(key)):
-            return memit_neurons.generic_ready(model, max(layers))
         return generic_ready(model, layers)
     n_pre = p.context_prefixes if p.context_in_preserve else 0
     mem_c, mem_p = model.__dict__.get("_memit_covariance", {}), model.__dict__.get("_memit_preserve", {})
@@ -217,11 +189,11 @@ def prepare_statistics(model: Model, layers: Sequence[int] | None = None, params
 
     p = params or MemitParams()
     key, layers = site_for(model, requests, layers, p)
+    if _neurons(model, p.resolved(key)):
+        memit_neurons.generic_inputs(model, max(layers))
+        return
     if key == "subject":
-        if _neurons(model, p.resolved(key)):
-            memit_neurons.generic_inputs(model, max(layers))
-        else:
-            generic_covariance(model, layers)
+        generic_covariance(model, layers)
         return
     prefixes = context_prefixes(p.context_prefixes) if p.context_in_preserve else ()
     for l in layers:
@@ -270,10 +242,7 @@ def _width(model: Model, layer: int) -> int:
     """Features of a layer's keys: an MoE layer's are all its experts' (`MoeFfn.num_features`)."""
     if not model.spec.experts_are_features:
         return model.spec.intermediate_size
-    ffn = model.ffn
-    while not hasattr(ffn, "num_features"):  # through the overlay / edit wrappers to the MoE FFN
-        ffn = getattr(ffn, "moe_ffn", None) or ffn.base
-    return ffn.num_features(layer)
+    return find_moe(model.ffn).num_features(layer)
 
 
 def _keys_of(model: Model, layer: int, seqs: Sequence[Sequence[int]]) -> torch.Tensor:
@@ -316,128 +285,6 @@ def _preservation_term(model: Model, layer: int, requests: Sequence[EditRequest]
     with _base_ffn(model):
         k = _keys_of(model, layer, _preservation_rows(model, edited, prefixes)).double()
     return (total - k.T @ k) / max(1, n - k.shape[0])
-
-
-@dataclass(frozen=True)
-class EditSites:
-    """Where a batch writes. A fact whose target is n tokens long gets n δs, one per target token
-    j (a last-layer edit at the prompt's last token cannot reach the tokens after it): row k is a
-    phrasing of the fact followed by the target's first j tokens, its key is its last position,
-    and there the model must predict target token j."""
-
-    seqs: list[list[int]]  # row → token ids
-    owner: list[int]  # row → δ
-    want: list[int]  # δ → the token id it must make the model predict
-    fact: list[int]  # δ → request index
-    first: list[bool]  # δ → it is the target's first token
-
-    @property
-    def rows(self) -> torch.Tensor:
-        return torch.tensor(self.owner)
-
-    def subset(self, keep: set[int]) -> EditSites:
-        """The rows of the δs in `keep`, δs renumbered in order."""
-        new = {o: i for i, o in enumerate(o for o in range(len(self.want)) if o in keep)}
-        rows = [k for k, o in enumerate(self.owner) if o in keep]
-        return EditSites([self.seqs[k] for k in rows], [new[self.owner[k]] for k in rows],
-                         [self.want[o] for o in new], [self.fact[o] for o in new], [self.first[o] for o in new])
-
-    def conflicting(self) -> set[int]:
-        """Later-token δs that no last-position key can satisfy together: two facts whose targets
-        continue the same token differently (" Port" → "-au-Prince" / " Louis"); the key there is
-        mostly that token."""
-        prev = {o: self.seqs[k][-1] for k, o in enumerate(self.owner) if not self.first[o]}
-        wants: dict[int, set[tuple[int, int]]] = {}
-        for o, t in prev.items():
-            wants.setdefault(t, set()).add((self.fact[o], self.want[o]))
-        return {o for o, t in prev.items()
-                if len({w for _, w in wants[t]}) > 1 and len({f for f, _ in wants[t]}) > 1}
-
-    def unmet(self, model: Model) -> set[int]:
-        """The δs some row of which the model does not complete with the δ's token yet (argmax
-        after the row, teacher-forced)."""
-        bad: set[int] = set()
-        for i in range(0, len(self.seqs), 64):
-            part = self.seqs[i : i + 64]
-            h = model.forward(padded(part), logits="none")
-            top = model.unembed(h[torch.arange(len(part)), [len(s) - 1 for s in part]]).argmax(-1)
-            bad |= {self.owner[i + j] for j in range(len(part)) if int(top[j]) != self.want[self.owner[i + j]]}
-        return bad
-
-
-def edit_sites(model: Model, requests: Sequence[EditRequest], templates) -> EditSites:
-    """The sites of `requests` in their phrasings (`templates[request]`), fact-major."""
-    tok = model.tokenizer
-    sites = EditSites([], [], [], [], [])
-    for i, r in enumerate(requests):
-        target_ids = tok.encode(" " + r.target.strip(), add_special_tokens=False)
-        if not target_ids:
-            raise ModelqlError(f"target {r.target!r} encodes to no tokens")
-        prompts = [_prompt_ids(model, tpl, r.entity) for tpl in templates[r]]
-        for j, t in enumerate(target_ids):
-            o = len(sites.want)
-            sites.want.append(t)
-            sites.fact.append(i)
-            sites.first.append(j == 0)
-            for ids in prompts:
-                sites.seqs.append(ids + target_ids[:j])
-                sites.owner.append(o)
-    return sites
-
-
-def _at(model: Model, sites: EditSites, name: str, per_row: bool = True) -> torch.Tensor:
-    """Activation at hook `name` at each row's key position ([rows, D]), or its mean over each
-    δ's rows ([δs, D]) when not `per_row`."""
-    acts = torch.stack([a[-1] for a in batch_activations(model, sites.seqs, name)])
-    if per_row:
-        return acts
-    out = torch.zeros(len(sites.want), acts.shape[1])
-    out.index_add_(0, sites.rows, acts)
-    return out / torch.bincount(sites.rows, minlength=len(sites.want))[:, None]
-
-
-def target_deltas(model: Model, requests: Sequence[EditRequest], sites: EditSites, layer: int,
-                   p: MemitParams) -> torch.Tensor:
-    """δ [δs, H] at layer `layer`'s output, optimised jointly (the losses are separable, so this
-    equals optimising each alone): every row must predict its δ's token, "{X} is" keeps its
-    distribution (KL, when `kl_weight`, first-token δs only), and ‖δ‖ stays bounded."""
-    n = len(sites.want)
-    rows = sites.rows
-    batch = LastTokenRerun(model, sites.seqs)
-    want = torch.tensor(sites.want)[rows]
-    weights = 1.0 / torch.bincount(rows, minlength=n)[rows].float()  # each δ's rows weigh 1 together
-    h_norm = _at(model, sites, f"blocks.{layer}.hook_resid_post", per_row=False).norm(dim=-1)
-    firsts = [o for o in range(n) if sites.first[o]]
-    kl_on = bool(p.kl_weight and firsts)
-    if kl_on:
-        ess = LastTokenRerun(model, [_prompt_ids(model, "{X} is", requests[sites.fact[o]].entity) for o in firsts])
-        ess_owner = torch.tensor(firsts)
-        base_ess = torch.log_softmax(ess.logits(), -1)
-    delta = torch.zeros(n, model.spec.hidden_size, requires_grad=True)
-    opt = torch.optim.Adam([delta], lr=p.lr * float(h_norm.mean()))
-    name = f"blocks.{layer}.hook_mlp_out"
-
-    def add(who: torch.Tensor) -> Callable:
-        return lambda t, _n: t + delta[who].to(t.dtype)[:, None]
-
-    for _ in range(p.steps):
-        opt.zero_grad()
-        logp = torch.log_softmax(batch.logits({name: add(rows)}, grad=True), -1)
-        got = logp.gather(-1, want[:, None])[:, 0]
-        if p.stop_prob and float(got.detach().min().exp()) >= p.stop_prob:
-            break  # every row already predicts its token confidently
-        kl = torch.zeros(())
-        if kl_on:
-            ess_lp = torch.log_softmax(ess.logits({name: add(ess_owner)}, grad=True), -1)
-            kl = F.kl_div(ess_lp, base_ess, log_target=True, reduction="sum")
-        decay = (delta.norm(dim=-1) ** 2 / (h_norm**2 + 1e-8)).sum()
-        (-(got * weights).sum() + p.kl_weight * kl + p.weight_decay * decay).backward()
-        opt.step()
-        with torch.no_grad():
-            limit = (p.clamp_norm * h_norm)[:, None]
-            norms = delta.norm(dim=-1, keepdim=True)
-            delta.mul_(torch.where(norms > limit, limit / norms, torch.ones_like(norms)))
-    return delta.detach()
 
 
 def _solve_round(model: Model, work: DeltaFfn, requests: Sequence[EditRequest], layers: Sequence[int],
@@ -505,6 +352,9 @@ def memit_edit(model: Model, requests: Sequence[EditRequest], layers: Sequence[i
     if key == "subject":
         solve = memit_neurons.neuron_edit if _neurons(model, p) else subject_edit
         return fluency_guard(model, solve(model, requests, layers, p, progress), p.fluency_bound)
+    if _neurons(model, p):
+        deltas = memit_neurons.last_token_neuron_edit(model, requests, layers, p, progress)
+        return fluency_guard(model, deltas, p.fluency_bound)
     prefixes = context_prefixes(p.context_prefixes)
     key_templates = {r: with_contexts(relation_templates(r.relation), prefixes) for r in requests}
     templates = key_templates if p.context_in_delta else {r: relation_templates(r.relation) for r in requests}
@@ -537,10 +387,16 @@ def memit_edit(model: Model, requests: Sequence[EditRequest], layers: Sequence[i
 
 
 def _neurons(model: Model, p: MemitParams) -> bool:
-    """Does a subject-key edit add neurons (`memit_neurons`) rather than update down_proj?"""
-    if p.solver not in ("neurons", "update"):
-        raise ModelqlError(f"unknown solver {p.solver!r} (neurons or update)")
-    return p.solver == "neurons" and memit_neurons.supported(model)
+    """Does the edit add neurons (`memit_neurons`) rather than update down_proj? "auto" adds them
+    except at the last token of a dense layer: a ΔW on a mixture of experts' concatenated down
+    columns acts only through the experts a token routes to (on a tiny trained Mixtral it stated
+    the edit but broke the other capitals), while the dense last-token update keeps the embedded
+    model's measured figures."""
+    if p.solver not in ("neurons", "update", "auto"):
+        raise ModelqlError(f"unknown solver {p.solver!r} (neurons, update or auto)")
+    if p.solver == "update" or not memit_neurons.supported(model):
+        return False
+    return p.solver == "neurons" or p.key == "subject" or model.spec.experts_are_features
 
 
 class FluencyGuardError(ModelqlError):

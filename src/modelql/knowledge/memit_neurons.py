@@ -29,6 +29,11 @@ model knew 82.8 → 81.0 %, perplexity −1.9 → ±0.0 %; official languages, f
 locality 86.7 → 100 %; identical after COMPILE in transformers (`knowledge.edit_record`).
 Replacing 20 little-used neurons instead of adding them cost 10 % fluency, so the edit adds
 neurons: COMPILE grows the FFN by their number (zero rows in the other layers).
+
+A model that recalls at the prompt's last token instead (the causal trace's "last" key) gets the
+same neurons keyed there when its layer is a mixture of experts (`last_token_neuron_edit`): a
+down_proj update acts only through the experts a token routes to. In a mixture of experts the
+neurons ride every routed expert, so the layer adds them times the chosen experts' summed weight.
 """
 
 from __future__ import annotations
@@ -41,10 +46,12 @@ from ..errors import ChatTemplateError
 from ..ffn.base import activation
 from ..runtime.model import Model
 from . import generic_text as G
-from .delta_ffn import DownDelta
+from . import memit_sites as S
+from .delta_ffn import DownDelta, routed_weight
 from .edit_cache import base_ffn, stored, stored_path
 from .edit_site import subject_span
 from .memit_subject import SubjectRow, _multi, _rows, canonical_template, neighbour_rows, target_deltas
+from .neighbours import neighbour_entities
 
 GATE_SCALE = 30.0
 GATE_RIDGE = 1e-3
@@ -55,8 +62,10 @@ MENTION_OPENERS = ("We talked about", "I read a book about", "Tell me about")
 
 
 def supported(model: Model) -> bool:
-    """Neurons need the gated FFN form (act(gate·x) ⊙ up·x) of a dense layer to compile into."""
-    return bool(model.spec.gated_ffn) and model.spec.moe is None
+    """Neurons need the gated FFN form (act(gate·x) ⊙ up·x) to compile into: a dense layer's, or
+    every routed expert's of a mixture of experts (not Gemma 4's experts beside a dense FFN)."""
+    moe = model.spec.moe
+    return bool(model.spec.gated_ffn) and (moe is None or not moe.beside_dense)
 
 
 def _inputs(model: Model, seqs: Sequence[Sequence[int]], layer: int) -> list[torch.Tensor]:
@@ -164,21 +173,63 @@ def neuron_edit(model: Model, requests, layers: Sequence[int], p,
     near = [x[r.subj][None] for x, r in zip(_inputs(model, [r.ids for r in nrows], top), nrows)]
     neg = torch.cat([*near, *around]).double()
     gram, total, count = gram + neg.T @ neg, total + neg.sum(0), count + len(neg)
-    act = activation(model.spec.activation)
-    gates, ups, downs = [], [], []
     canon = {}
     for k, r in enumerate(rows):
         canon.setdefault(r.fact, k)  # the first row of a fact is its prompt alone
-    for i in range(n):
-        report("neurons", i, n)
+    return [_neurons(model, top, requests, delta, pos, own, [canon[i] for i in range(n)],
+                     (gram + neg.T @ neg, total + neg.sum(0), count + len(neg)), report)]
+
+
+def _neurons(model: Model, layer: int, requests, delta: torch.Tensor, pos: torch.Tensor, own: torch.Tensor,
+             canon: Sequence[int], negatives: tuple[torch.Tensor, torch.Tensor, int], report) -> DownDelta:
+    """One neuron per row of δ [k, H]: its gate reads +1 on its positives (`pos` rows owned by
+    it), -1 on the `negatives` (XᵀX, Σx, n) and on the other neurons' positives; its down column
+    writes δ at the positive `canon[i]` (through the summed routing weight there, in a MoE layer,
+    as every routed expert carries the neuron)."""
+    gram, total, count = negatives
+    act = activation(model.spec.activation)
+    gates, ups, downs = [], [], []
+    for i in range(len(delta)):
+        report("neurons", i, len(delta))
         mine, rest = pos[own == i], pos[own != i]
         g = _gate(mine, gram + rest.T @ rest, total + rest.sum(0), count + len(rest))
         m = mine.mean(0)
         u = m / (m @ m)
         x0 = pos[canon[i]]
         a = act(torch.tensor(GATE_SCALE * float(x0 @ g))) * float(x0 @ u)
+        w = routed_weight(model.ffn, layer, x0.float()[None])
         gates.append(GATE_SCALE * g)
         ups.append(u)
-        downs.append(delta[i].double() / float(a))
-    return [DownDelta(top, torch.stack(downs).T.float().contiguous(), None, tuple(requests),
-                      gate=torch.stack(gates).float(), up=torch.stack(ups).float())]
+        downs.append(delta[i].double() / (float(a) * (1.0 if w is None else float(w))))
+    return DownDelta(layer, torch.stack(downs).T.float().contiguous(), None, tuple(requests),
+                     gate=torch.stack(gates).float(), up=torch.stack(ups).float())
+
+
+def last_token_neuron_edit(model: Model, requests, layers: Sequence[int], p,
+                           progress: Callable[[str, int, int], None] | None = None) -> list[DownDelta]:
+    """Neurons keyed on the prompt's last token, for models that recall there (the causal trace's
+    "last" key): one per edit site (`memit_sites.EditSites`: a fact's first target token after
+    each phrasing, a later token after the phrasing and the tokens before it). The gate fires on
+    the site's phrasings' last token and reads -1 on generic text, on the same phrasings of the
+    edited entities' nearest vocabulary names (what locality measures: their prompts end alike),
+    on the phrasings' other tokens and on the other sites."""
+    report = progress or (lambda stage, i, n: None)
+    top = max(layers)
+    templates = {r: S.with_contexts(S.relation_templates(r.relation), S.context_prefixes(p.context_prefixes))
+                 for r in requests}
+    sites = S.edit_sites(model, requests, templates)
+    report("target", 0, 1)
+    delta = S.target_deltas(model, requests, sites, top, p)  # [δs, H]
+    report("keys", 0, 1)
+    xs = _inputs(model, sites.seqs, top)
+    pos = torch.stack([x[-1] for x in xs]).double()
+    around = [x[:-1] for x in xs]
+    names = neighbour_entities(model, [r.entity for r in requests], p.neighbours) if p.neighbours else []
+    near_ids = [S._prompt_ids(model, t, x) for r in {r.relation: r for r in requests}.values()
+                for t in S.relation_templates(r.relation) for x in names]
+    near = [x[-1:] for x in _inputs(model, near_ids, top)] if near_ids else []
+    neg = torch.cat([*near, *around]).double()
+    gram, total, count = generic_inputs(model, top)
+    canon = [sites.owner.index(o) for o in range(len(sites.want))]  # each site's first phrasing
+    return [_neurons(model, top, requests, delta, pos, sites.rows, canon,
+                     (gram + neg.T @ neg, total + neg.sum(0), count + len(neg)), report)]

@@ -385,7 +385,8 @@ def _r_inserted(stmt, v: Inserted) -> list:
         else:
             out.append(f"Inserted {len(rs)} facts {where}, solved as one batch")
             out += [f"  {f}" for f in facts]
-        out.append(f"  mode: MEMIT — low-rank down_proj update in {len(r.layers)} layer(s), patch overlay")
+        out.append(f"  mode: MEMIT — {r.neurons} new FFN neuron(s) at {_layers_text(r.layers)}, patch overlay" if r.neurons
+                   else f"  mode: MEMIT — low-rank down_proj update in {len(r.layers)} layer(s), patch overlay")
     return out
 
 

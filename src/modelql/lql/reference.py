@@ -51,7 +51,7 @@ ENTRIES: tuple[Entry, ...] = (
           "SHOW RELATIONS;  SHOW LAYERS 0-3;  SHOW PATCHES;"),
     Entry("INSERT", "insert", "Add facts (entity, relation, target) to the model. Default mode: modelql's weight-level MEMIT edit (on a "
           "pretrained model, whose facts sit at the subject, one new gated FFN neuron per fact that fires on that entity "
-          "only; COMPILE grows the FFN by their number); MODE KNN is LARQL's "
+          "only, in a mixture of experts one in every routed expert; COMPILE grows the FFN by their number); MODE KNN is LARQL's "
           "retrieval override (no weights change; the fact is recalled in INFER and in generation when the prompt names its entity), "
           "MODE COMPOSE installs a feature slot.",
           'INSERT INTO EDGES (entity, relation, target) VALUES ("France", "capital", "Lyon") MODE KNN;'),

@@ -710,7 +710,8 @@ def _compile_model_into(ps: PatchSession, state: OverlayState, extra: list, tmp:
     if "torch_dtype" not in cfg and "dtype" not in cfg:
         cfg["torch_dtype"] = dname
     if grown:
-        cfg["intermediate_size"] = int(cfg["intermediate_size"]) + grown
+        size_key = "moe_intermediate_size" if spec.moe is not None and "moe_intermediate_size" in cfg else "intermediate_size"
+        cfg[size_key] = int(cfg[size_key]) + grown
     cfg_path.write_text(json.dumps(cfg, indent=2) + "\n", encoding="utf-8")
     n_features = sum(ps.base.num_features(l) for l in ps.base.layers())
     return CompileResult(
@@ -734,24 +735,24 @@ def _add_neurons(spec, state: OverlayState, extra: Iterable, tensors: dict[str, 
                  counts: dict) -> int:
     """Bake neuron edits into the checkpoint: every layer's FFN grows by the largest number of
     neurons any layer adds (HF configs have one intermediate size), the new rows of the layers
-    without neurons zero, so they add nothing. Returns the growth (0: no neuron edits)."""
+    without neurons zero, so they add nothing. In a mixture of experts every routed expert of
+    every layer grows alike and carries the same neurons (as the overlay runs them: `ffn.moe`).
+    Returns the growth (0: no neuron edits)."""
     extra = list(extra)
     per_layer = {l: ds for l in range(spec.num_layers) if (ds := _neuron_deltas(state, extra, l))}
     if not per_layer:
         return 0
     counts["delta"] += sum(len(ds) for ds in per_layer.values())
-    if spec.moe is not None or not spec.gated_ffn:
-        raise CompileError("neuron edits compile into a gated dense FFN only (this model has none)")
+    if not spec.gated_ffn or (spec.moe is not None and spec.moe.beside_dense):
+        raise CompileError("neuron edits compile into a gated FFN's or its routed experts' only (this model has neither)")
     grow = max(sum(int(d.u.shape[1]) for d in ds) for ds in per_layer.values())
+    if spec.moe is not None:
+        grow = -(-grow // 8) * 8  # zero neurons pad it: transformers' grouped expert matmul wants 16-byte strides
+    blocks = [f"experts.{e}." for e in range(spec.moe.num_experts)] if spec.moe is not None else [""]
     for l in range(spec.num_layers):
         maps = _ffn_maps(spec, l)
-        if any(tm.transform not in ("", "id") for tm in maps.values()) or len(maps) != 3:
-            raise CompileError(f"neuron edits cannot grow this checkpoint's FFN layout ({spec.family}: fused "
-                               "or transformed FFN tensors)")
-        keys = {comp: _hf_key(prefix, tm.hf_name) for comp, tm in maps.items()}
         ds = per_layer.get(l, [])
-        gate, up, down = (tensors[keys[c]] for c in _FFN_COMPONENTS)
-        h = down.shape[0]
+        h = spec.hidden_size
         g_rows = torch.zeros(grow, h, dtype=torch.float32)
         u_rows = torch.zeros(grow, h, dtype=torch.float32)
         d_cols = torch.zeros(h, grow, dtype=torch.float32)
@@ -760,9 +761,16 @@ def _add_neurons(spec, state: OverlayState, extra: Iterable, tensors: dict[str, 
             r = int(d.u.shape[1])
             g_rows[k:k + r], u_rows[k:k + r], d_cols[:, k:k + r] = _f32(d.gate), _f32(d.up), _f32(d.u)
             k += r
-        tensors[keys["gate.weight"]] = torch.cat([gate.float(), g_rows])
-        tensors[keys["up.weight"]] = torch.cat([up.float(), u_rows])
-        tensors[keys["down.weight"]] = torch.cat([down.float(), d_cols], 1)
+        for block in blocks:
+            own = {c: maps.get(block + c) for c in _FFN_COMPONENTS}
+            if any(tm is None or tm.transform not in ("", "id") for tm in own.values()):
+                raise CompileError(f"neuron edits cannot grow this checkpoint's FFN layout ({spec.family}: fused "
+                                   "or transformed FFN tensors)")
+            keys = {c: _hf_key(prefix, tm.hf_name) for c, tm in own.items()}
+            gate, up, down = (tensors[keys[c]] for c in _FFN_COMPONENTS)
+            tensors[keys["gate.weight"]] = torch.cat([gate.float(), g_rows])
+            tensors[keys["up.weight"]] = torch.cat([up.float(), u_rows])
+            tensors[keys["down.weight"]] = torch.cat([down.float(), d_cols], 1)
     return grow
 
 
