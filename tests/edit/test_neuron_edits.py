@@ -142,9 +142,9 @@ def test_moe_neurons_ride_every_routed_expert_and_transformers_agrees(tmp_path):
     from modelql.runtime import load_model
     from modelql.vindex import Vindex, extract
     from modelql.vindex.overlay import PatchSession
-    from tests.vindex.helpers import make_model
+    from tests.gguf.helpers import make_tiny_with_tokenizer
 
-    make_model("qwen2_moe", tmp_path / "src")
+    make_tiny_with_tokenizer("qwen2", tmp_path / "src", family="qwen2_moe")  # a BPE vocabulary: GGUF can hold it
     extract(tmp_path / "src", tmp_path / "v.vindex", level="inference", dtype="f32", clusters=False)
     base = load_model(tmp_path / "v.vindex")
     ps = PatchSession(Vindex.load(tmp_path / "v.vindex"), model=base)
@@ -172,3 +172,5 @@ def test_moe_neurons_ride_every_routed_expert_and_transformers_agrees(tmp_path):
     hf = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path / "m"), dtype=torch.float32).eval()
     with torch.no_grad():
         assert torch.allclose(hf(input_ids=ids).logits, got, atol=1e-4)
+    compile_model(ps, tmp_path / "m.gguf", format="gguf", materialise_knn=False)  # experts stacked, grown alike
+    assert torch.allclose(load_model(tmp_path / "m.gguf").forward(ids, logits="all"), got, atol=1e-4)
