@@ -42,14 +42,18 @@ def test_gguf_blocks_convert_exactly(qtype, bits):
     np.testing.assert_allclose(packed.dequantize(), want, rtol=1e-6, atol=1e-7)
 
 
-def test_q6_k_requantizes_within_half_an_8bit_step():
+def test_q6_k_is_exact_in_8bit_blocks_of_16():
+    """Q6_K's scale changes every 16 values: its 6-bit codes fit 8-bit `MatMulNBits` blocks of 16 with
+    zero point 32 exactly, and split into two exact 4-bit halves for float activations."""
+    from modelql.models.quant import split_nibbles
+
     raw = random_blocks("Q6_K", 16, 512)
     want = dequantize(raw, Q.Q6_K).reshape(16, 512)
     packed = pack_gguf(raw, "Q6_K", (16, 512))
-    got = packed.dequantize()
-    amax = np.abs(want.reshape(16, -1, 32)).max(-1, keepdims=True)
-    assert (np.abs(got - want).reshape(16, -1, 32) <= amax / 254 * 1.0001).all()
-    assert packed.error[1] == pytest.approx(np.linalg.norm(got - want) / np.linalg.norm(want), rel=1e-3)
+    assert (packed.bits, packed.block, packed.error) == (8, 16, (0.0, 0.0))
+    np.testing.assert_array_equal(packed.dequantize(), want)
+    hi, lo = split_nibbles(packed)
+    np.testing.assert_allclose(hi.dequantize() + lo.dequantize(), want, rtol=0, atol=1e-6 * np.abs(want).max())
 
 
 @pytest.mark.parametrize("bits", [4, 8])
@@ -212,7 +216,7 @@ def test_mixed_widths_fuse_exactly():
     a = pack_gguf(random_blocks("Q4_K", 8, 256), "Q4_K", (8, 256))
     b = pack_gguf(random_blocks("Q6_K", 4, 256, seed=2), "Q6_K", (4, 256))
     fused = concat([a, b])
-    assert fused.bits == 8
+    assert (fused.bits, fused.block) == (8, 16)  # Q4_K's blocks of 32 split in two
     np.testing.assert_array_equal(fused.dequantize(), np.concatenate([a.dequantize(), b.dequantize()]))
 
 

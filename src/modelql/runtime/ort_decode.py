@@ -24,7 +24,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from ..models.quant import BLOCK, Packed, split_nibbles
+from ..models.quant import Packed, split_nibbles
 from ..models.spec import ModelSpec
 from .rope import inverse_frequencies
 
@@ -108,7 +108,7 @@ class _Builder:
         s = self.init(stem + ".s", packed.scales)
         z = self.init(stem + ".z", packed.zeros)
         return self.node("MatMulNBits", [x, w, s, z], domain="com.microsoft", K=packed.k, N=packed.n,
-                         bits=packed.bits, block_size=BLOCK, accuracy_level=self.accuracy)[0]
+                         bits=packed.bits, block_size=packed.block, accuracy_level=self.accuracy)[0]
 
     def matmul(self, x: str, packed: Packed, stem: str) -> str:
         if packed.bits == 8 and self.accuracy != 4:
@@ -120,7 +120,7 @@ class _Builder:
             y = self._nbits(x, packed, stem)
         if packed.offsets is not None:
             # W = (q − z)·s + offset per block: add offsets · (x summed per block)
-            shape = self.init(stem + ".bshape", np.array([0, 0, packed.k // BLOCK, BLOCK], np.int64))
+            shape = self.init(stem + ".bshape", np.array([0, 0, packed.k // packed.block, packed.block], np.int64))
             blocks = self.node("Reshape", [x, shape])[0]
             axes = self.init(stem + ".axes", np.array([-1], np.int64))
             sums = self.node("ReduceSum", [blocks, axes], keepdims=0)[0]
