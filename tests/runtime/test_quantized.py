@@ -16,7 +16,8 @@ from gguf.quants import dequantize  # noqa: E402
 from modelql.models.quant import pack_float, pack_gguf  # noqa: E402
 
 # where each type keeps its float16 scale(s) in a block: (offset, count)
-_SCALES = {"Q4_0": (0, 1), "Q4_1": (0, 2), "Q8_0": (0, 1), "Q4_K": (0, 2), "Q5_K": (0, 2), "Q6_K": (-2, 1)}
+_SCALES = {"Q4_0": (0, 1), "Q4_1": (0, 2), "Q8_0": (0, 1), "Q4_K": (0, 2), "Q5_K": (0, 2), "Q6_K": (-2, 1),
+           "Q5_0": (0, 1), "Q5_1": (0, 2)}
 
 
 def random_blocks(qtype: str, n: int, k: int, seed: int = 0) -> np.ndarray:
@@ -33,7 +34,8 @@ def random_blocks(qtype: str, n: int, k: int, seed: int = 0) -> np.ndarray:
     return raw.reshape(n, -1)
 
 
-@pytest.mark.parametrize("qtype,bits", [("Q4_0", 4), ("Q4_1", 4), ("Q8_0", 8), ("Q4_K", 4), ("Q5_K", 8)])
+@pytest.mark.parametrize("qtype,bits", [("Q4_0", 4), ("Q4_1", 4), ("Q8_0", 8), ("Q4_K", 4), ("Q5_K", 8), ("Q5_0", 8),
+                                        ("Q5_1", 8)])
 def test_gguf_blocks_convert_exactly(qtype, bits):
     raw = random_blocks(qtype, 48, 512)
     packed = pack_gguf(raw, qtype, (48, 512))

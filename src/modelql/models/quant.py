@@ -12,14 +12,14 @@ in bench/decode.py). Its blocks are not GGUF's, so weights are converted at load
   small float matmul the graph adds. Exact (the kernel's own float zero points would be too, but
   they run ~50× slower on CPU; an integer zero point would add a second rounding as large as the
   4-bit step itself: measured 8.8% RMS on SmolLM2's Q4_1).
-* Q5_K → 8-bit codes 0..31 with scale d·sc and offsets, likewise exact.
+* Q5_K → 8-bit codes 0..31 with scale d·sc and offsets, likewise exact; Q5_0 → 8-bit, zero point 16;
+  Q5_1 → 8-bit with Q4_1's offsets: exact (llama.cpp's fallback types for rows not a multiple of 256).
 * Q6_K → 8-bit codes 0..63, zero point 32, scale d·sc in blocks of 16 (its scale changes every 16
   values): exact. Requantised to blocks of 32 it measured 0.56% RMS, which cost SmolLM2's Q4_K_M
   (Q6_K for attn_v, ffn_down and the head) 17 points of greedy agreement with transformers. A
   matrix fused with it (Q4_K_M's q/k/v) is split into blocks of 16 too (`reblock`: exact).
-* Q5_0, Q5_1, Q2_K, Q3_K, F16, BF16, F32 → 8-bit symmetric requantisation of the dequantised
-  values (at most half an 8-bit step; a 4-bit requantisation of a Q5_0 matrix measured 6.8% RMS, so
-  it is not used). `Packed.error` holds the measured error.
+* Q2_K, Q3_K, F16, BF16, F32 → 8-bit symmetric requantisation of the dequantised values (at most
+  half an 8-bit step; a 4-bit requantisation of a Q5_0 matrix measured 6.8% RMS, so it is not used). `Packed.error` holds the measured error.
 
 A `Packed` matrix is [N out, K in] in the kernel's order: `data` [N, K/block, block·bits/8], `scales`
 [N·K/block], `zeros` (packed like the codes); `block` is 32 but for Q6_K.
@@ -269,8 +269,8 @@ def pack_float(w: np.ndarray, bits: int, source_type: str = "F32", measure: bool
 
 
 def _gguf_exact(raw: np.ndarray, qtype: str) -> Packed | None:
-    """Q4_0 / Q8_0 / Q4_1 / Q4_K / Q5_K / Q6_K rows of blocks [N, bytes] → the same codes and scales (no
-    requantisation)."""
+    """Q4_0 / Q4_1 / Q5_0 / Q5_1 / Q8_0 / Q4_K / Q5_K / Q6_K rows of blocks [N, bytes] → the same codes and
+    scales (no requantisation)."""
     n = raw.shape[0]
     if qtype == "Q6_K":  # 6-bit codes − 32, an int8 scale per 16 values times a per-256 d: 8-bit, blocks of 16
         blocks = raw.reshape(-1, 210)
@@ -293,6 +293,18 @@ def _gguf_exact(raw: np.ndarray, qtype: str) -> Packed | None:
         qs = blocks[..., 2:]
         q = np.concatenate([qs & 0xF, qs >> 4], axis=-1)  # elements 0..15 low nibbles, 16..31 high
         return _pack(q, d, np.full(d.shape, 8), 4, qtype)
+    if qtype in ("Q5_0", "Q5_1"):  # 5-bit codes (a high bit each in qh): 8-bit, zero point 16 / Q4_1's offsets
+        head = 2 if qtype == "Q5_0" else 4
+        blocks = raw.reshape(n, -1, head + 20)
+        d = blocks[..., :2].copy().view(np.float16)[..., 0].astype(np.float32)
+        qh = blocks[..., head:head + 4].copy().view(np.uint32)
+        qh = ((qh >> np.arange(32, dtype=np.uint32)) & 1).astype(np.uint8)
+        qs = blocks[..., head + 4:]
+        q = np.concatenate([qs & 0xF, qs >> 4], axis=-1) | (qh << 4)
+        if qtype == "Q5_0":
+            return _pack(q, d, np.full(d.shape, 16), 8, qtype)
+        m = blocks[..., 2:4].copy().view(np.float16)[..., 0].astype(np.float32)
+        return _pack(q, d, np.zeros(d.shape), 8, qtype, m)
     if qtype == "Q4_1":
         blocks = raw.reshape(n, -1, 20)
         d = blocks[..., :2].copy().view(np.float16)[..., 0].astype(np.float32)
