@@ -97,7 +97,7 @@ def build_moe_layer_edits(ffn: MoeFfn, layer: int, slots: dict[int, object],
     if neurons:
         gate, up, down = (torch.cat([torch.as_tensor(np.asarray(getattr(d, name), dtype=np.float32)) for d in neurons],
                                     dim=1 if name == "u" else 0) for name in ("gate", "up", "u"))
-        for e in range(ffn.moe.num_experts):
+        for e in sorted(ffn.held - {ffn.moe.num_experts}):  # an expert shard: the experts it holds
             w_in, w_down = block(e)
             half = w_in.shape[0] // 2
             edited[e] = (torch.cat([w_in[:half], gate.to(w_in.dtype), w_in[half:], up.to(w_in.dtype)]),
