@@ -278,7 +278,7 @@ def calibrated_report(vx, triples, args) -> None:
 
     from modelql.knowledge import describe
     from modelql.knowledge.accuracy import score_result, RelationScore
-    from modelql.knowledge.calibrate import made_up_names
+    from modelql.knowledge.calibrate import MIN_PRECISION, made_up_names
     from modelql.knowledge.labels import _probe_meta, calibration_for, default_templates
     from modelql.knowledge.queries import model_for
 
@@ -293,11 +293,16 @@ def calibrated_report(vx, triples, args) -> None:
     print(f"  accuracy per candidate template: {cal.accuracy}")
     print(f"  floors: familiarity ≥ {cal.min_familiarity:.2f}, answer probability {cal.min_prob}; "
           f"negatives passing {cal.negatives_passing}/{cal.negatives}")
+    if cal.precision:
+        skipped = [r for r in cal.templates if r not in cal.probed()]
+        print(f"  confident-claim precision at calibration: "
+              f"{ {r: None if p is None else round(p, 3) for r, p in cal.precision.items()} }; "
+              f"not probed by DESCRIBE (< {MIN_PRECISION:.0%}): {', '.join(skipped) or 'none'}")
     chk = meta.get("causal_check")
     if chk:
         print(f"  label causal check (at labelling): {chk['passed']}/{chk['checked']} pass "
               f"({100 * (chk['pass_rate'] or 0):.1f}%), {chk['dropped']} dropped, {chk['unchecked']} unchecked")
-    rels = [r for r in cal.templates if r in triples]
+    rels = [r for r in cal.probed() if r in triples]
     if args.relations:
         rels = [r for r in rels if r in args.relations.split(",")]
     plain = default_templates(rels)

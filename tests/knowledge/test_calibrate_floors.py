@@ -43,3 +43,32 @@ def test_made_up_names_are_deterministic_and_any_number_can_be_drawn():
     assert made_up_names() == made_up_names()
     many = made_up_names(400, seed=7)  # more than there are keyboard runs: once hung
     assert len({n.lower() for n in many}) == 400
+
+
+def test_a_relation_whose_confident_claims_are_mostly_wrong_is_not_probed(kmodel):
+    """On the embedded model, continent with its objects shuffled among the subjects: the model
+    answers each country's true continent, sure of it, so the template is chosen (its accuracy,
+    the chance a shuffled continent is the true one, clears `MIN_ACCURACY`) but most of its
+    confident claims are wrong: measured precision < `MIN_PRECISION`, not probed. The true
+    continent relation keeps its probe; the stored calibration round-trips."""
+    import random
+
+    from modelql import defaults as D
+    from modelql.knowledge.calibrate import MIN_ACCURACY, MIN_PRECISION, Calibration, calibrate
+
+    pairs = [list(p) for p in D.triples_json()["continent"]["pairs"]]
+    objs = [o for _s, o in pairs]
+    random.Random(3).shuffle(objs)
+    triples = {"continent": {"pairs": pairs},
+               "shuffled": {"pairs": [[s, o] for (s, _o), o in zip(pairs, objs)]}}
+    tmpl = {"continent": ["{X} is a country in"], "shuffled": ["{X} is a country in"]}
+    cal = calibrate(kmodel, kmodel.tokenizer, triples, tmpl, negatives=made_up_names(40))
+    assert "shuffled" in cal.templates and max(cal.accuracy["shuffled"].values()) >= MIN_ACCURACY
+    assert cal.precision["continent"] >= 0.9 and cal.precision["shuffled"] < MIN_PRECISION, cal.precision
+    assert set(cal.probed()) == {"continent"}
+    back = Calibration.from_json(cal.to_json())
+    assert back.precision == {r: round(p, 4) for r, p in cal.precision.items()} and set(back.probed()) == {"continent"}
+    # a calibration stored before precision was measured probes every relation with a template
+    old = cal.to_json()
+    old.pop("precision")
+    assert set(Calibration.from_json(old).probed()) == {"continent", "shuffled"}

@@ -88,12 +88,17 @@ def test_packed_block_decode_matches_per_sequence(pair):
     assert block.capacity >= 14 + 12
 
 
-def test_packed_sequences_match_each_alone(pair):
+@pytest.mark.parametrize("fused", [True, False], ids=["fused", "one-by-one"])
+def test_packed_sequences_match_each_alone(pair, fused, monkeypatch):
     """`forward_packed`: sequences of different lengths in one row, each after its own cache (one
     empty, two holding a prompt), give the residuals each gets alone, and leave the caches as a
-    sequence-by-sequence run does (the next step reads the same logits)."""
+    sequence-by-sequence run does (the next step reads the same logits) — with the attention of
+    every sequence in one block-masked call and with one call per sequence (a large pass)."""
     from modelql.errors import CapabilityError
+    from modelql.runtime import model as model_mod
 
+    if not fused:
+        monkeypatch.setattr(model_mod, "PACKED_FUSED_SCORES", 0)
     _, _, model = pair
     heads = [None, _ids(5, seed=7), _ids(11, seed=8)]
     tails = [_ids(4, seed=9)[0].tolist(), _ids(1, seed=10)[0].tolist(), _ids(7, seed=11)[0].tolist()]

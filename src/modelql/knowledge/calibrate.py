@@ -15,6 +15,13 @@ model, three things are measured and stored in `probe_meta.json` ("calibration")
   after its first one (in the context "about {X}"; a single-token name is a vocabulary word: 0). Made-up names and typos ("asdfgh", "Frnace") are spelled out of pieces the model does not
   expect to follow each other; known names are not.
 * **answer probability**: the probability of the decoded first token of the relation's template.
+* **claim precision**: per relation, the fraction of the sampled subjects' confident claims (with
+  the floors below) whose first token is right. A relation whose confident claims are wrong more
+  often than right (`MIN_PRECISION`) is not probed at DESCRIBE time: on SmolLM2-135M the two-shot
+  subregion and currency templates answer by the examples' prior (" Southern …", " the …":
+  27 % and 22 % of their confident claims right), and each probe costs its rows in every pass of
+  every DESCRIBE. Its labels are still probed and checked (a feature can write a relation the
+  template rarely gets right).
 
 Negatives are `made_up_names()` (`N_NEGATIVES` deterministic pseudo-names, seeded: a syllable
 generator and keyboard runs), positives the subjects whose answer was right. The thresholds are
@@ -50,6 +57,9 @@ MAX_SUBJECTS = 32
 N_NEGATIVES = 120
 #: A relation whose best template answers fewer than this fraction right is not probed.
 MIN_ACCURACY = 0.1
+#: A relation is probed by DESCRIBE only when at least this fraction of its confident claims on the
+#: calibration subjects is right (more right than wrong).
+MIN_PRECISION = 0.5
 #: Absolute margin added above the largest negative's probability.
 PROB_MARGIN = 0.02
 #: A familiarity floor sits this far above the negative that sets it.
@@ -228,6 +238,8 @@ class Calibration:
     min_familiarity: float = -math.inf
     min_familiarity_rel: dict[str, float] = field(default_factory=dict)  # stricter floors per relation
     recall: dict[str, float] = field(default_factory=dict)  # positives passing, per relation
+    #: relation → fraction of the calibration subjects' confident claims that are right (None: no claim)
+    precision: dict[str, float | None] = field(default_factory=dict)
     negatives_passing: int = 0
     negatives: int = 0
     subjects: list[str] = field(default_factory=list)  # the labelling subjects (near-miss suggestions)
@@ -242,6 +254,7 @@ class Calibration:
                 "min_familiarity": None if self.min_familiarity == -math.inf else round(self.min_familiarity, 4),
                 "min_familiarity_by_relation": {r: round(v, 4) for r, v in self.min_familiarity_rel.items()},
                 "recall": {r: round(v, 4) for r, v in self.recall.items()},
+                "precision": {r: None if v is None else round(v, 4) for r, v in self.precision.items()},
                 "negatives": self.negatives, "negatives_passing": self.negatives_passing,
                 "subjects": self.subjects, "answer_tokens": self.answer_tokens, "objects": self.objects}
 
@@ -257,6 +270,7 @@ class Calibration:
                    min_familiarity_rel={str(k): float(v)
                                         for k, v in (d.get("min_familiarity_by_relation") or {}).items()},
                    recall={str(k): float(v) for k, v in (d.get("recall") or {}).items()},
+                   precision={str(k): None if v is None else float(v) for k, v in (d.get("precision") or {}).items()},
                    negatives=int(d.get("negatives") or 0), negatives_passing=int(d.get("negatives_passing") or 0),
                    subjects=[str(s) for s in d.get("subjects") or []],
                    answer_tokens={str(k): int(v) for k, v in (d.get("answer_tokens") or {}).items()},
@@ -269,6 +283,13 @@ class Calibration:
 
     def familiar(self, fam: float) -> bool:
         return fam >= self.min_familiarity
+
+    def probed(self) -> dict[str, str]:
+        """relation → template of the relations DESCRIBE probes: those whose confident claims were
+        right at least `MIN_PRECISION` of the time at calibration (a vindex calibrated before this
+        was measured: every relation with a template)."""
+        return {r: t for r, t in self.templates.items()
+                if (p := self.precision.get(r)) is None or p >= MIN_PRECISION}
 
 
 def _relation_floors(pos: Sequence[tuple[str, float]], neg_p: Sequence[float], neg_f: Sequence[float],
@@ -340,6 +361,7 @@ def calibrate(model, tok, triples: Mapping[str, Any], templates: Mapping[str, Se
     pos_probs: dict[str, list[tuple[str, float]]] = {}
     neg_probs: dict[str, list[float]] = {}
     cands_of: dict[str, list[str]] = {}
+    sampled: dict[str, list[tuple[str, int, float, bool]]] = {}  # relation → (subject, top id, prob, right)
     for rel, (subs, _objs) in per_rel.items():
         examples = []
         for s, o in triples[rel]["pairs"]:
@@ -372,13 +394,15 @@ def calibrate(model, tok, triples: Mapping[str, Any], templates: Mapping[str, Se
             key = (acc, -len(t))
             if best is None or key > best[0]:
                 best = (key, t, [(s, p) for s, p, ok in zip(subs, probs, right) if ok],
-                        [(s, o) for s, o, ok in zip(subs, objs, right) if ok])
+                        [(s, o) for s, o, ok in zip(subs, objs, right) if ok],
+                        list(zip(subs, ids, probs, right)))
         cal.accuracy[rel] = accs
         if best is None or best[0][0] < MIN_ACCURACY:
             continue
         cal.templates[rel] = best[1]
         pos_probs[rel] = best[2]
         cal.right[rel] = best[3]
+        sampled[rel] = best[4]
     if progress is not None:
         progress(1, 3, f"made-up names ({len(negs)} per relation)")
     chosen_t = list(cal.templates.items())
@@ -387,7 +411,7 @@ def calibrate(model, tok, triples: Mapping[str, Any], templates: Mapping[str, Se
         neg_probs[rel] = nprob[k * len(negs):(k + 1) * len(negs)]
     if progress is not None:
         progress(2, 3, "familiarity")
-    pos_names = sorted({s for v in pos_probs.values() for s, _p in v})
+    pos_names = sorted({s for v in sampled.values() for s, _i, _p, _ok in v})
     fam = dict(zip(pos_names, familiarity(model, tok, pos_names)))
     neg_fam = familiarity(model, tok, negs)
     tf, chosen = choose_floors(pos_probs, fam, neg_probs, neg_fam)
@@ -396,6 +420,9 @@ def calibrate(model, tok, triples: Mapping[str, Any], templates: Mapping[str, Se
         cal.min_prob[rel], cal.recall[rel] = floor, rec
         if t > tf:
             cal.min_familiarity_rel[rel] = t
+    for rel, rows in sampled.items():
+        conf = [ok for s, _i, p, ok in rows if cal.confident(rel, p, fam[s])]
+        cal.precision[rel] = sum(conf) / len(conf) if conf else None
     if chosen:
         cal.negatives_passing = sum(1 for rel in pos_probs for p, f in zip(neg_probs[rel], neg_fam)
                                     if cal.confident(rel, p, f))

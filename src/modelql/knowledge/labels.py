@@ -197,12 +197,13 @@ def calibration_for(vindex):
 
 def probe_templates(vindex) -> dict[str, list[str]]:
     """{relation: templates} DESCRIBE probes: the calibrated template of each relation the model
-    answers (probe_meta.json "calibration"), else the templates the vindex was probe-labelled
+    answers with confident claims that are mostly right (probe_meta.json "calibration",
+    `Calibration.probed`), else the templates the vindex was probe-labelled
     with, for the relations that actually got labels; {} when it was never labelled."""
     meta = _probe_meta(vindex)
     cal = calibration_for(vindex)
     if cal is not None:
-        return {r: [t] for r, t in cal.templates.items()}
+        return {r: [t] for r, t in cal.probed().items()}
     tm = meta.get("templates")
     labelled = set(labels_for(vindex).probe.values())
     got: dict[str, list[str]] = {}

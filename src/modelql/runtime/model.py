@@ -145,6 +145,10 @@ class KVBlock:
         return all(c.block is self and c.slot == i for i, c in enumerate(caches))
 
 
+#: A packed pass attends in one fused call while its queries × keys (over all caches) stay under this.
+PACKED_FUSED_SCORES = 1 << 15
+
+
 class Model:
     """A loaded model: spec, canonical weights in the compute dtype, FFN backend, tokenizer."""
 
@@ -342,6 +346,38 @@ class Model:
             q, keys, values, attn_mask=mask[:, None, None, :],
             scale=spec.query_scale, enable_gqa=keys.shape[1] != q.shape[1])
 
+    def _packed_mask(self, layer: int, caches: list[KVCache], packed: list[tuple[int, int]],
+                     rotations: dict) -> torch.Tensor | None:
+        """The block mask [N, S] of a packed pass's fused attention — query j of sequence i sees
+        keys 0..its position of cache i only (and its window, on a sliding layer) in the
+        concatenation of every cache's keys — or None when the sequences attend one by one: a
+        soft-capped layer, or a pass whose N × S scores exceed `PACKED_FUSED_SCORES` (the fused
+        call computes every query against every cache: a labelling batch of 96 prompts would do
+        ~96× the work). One mask per window size per pass (computed at its first layer).
+        Why fuse: DESCRIBE's first pass runs ≈ 9 short tails, and a call per tail per layer was
+        ≈ 10 % of the pass."""
+        spec = self.spec
+        if spec.attn_softcap is not None:
+            return None
+        window = spec.window(layer)
+        key = ("packed_mask", window)
+        if key in rotations:
+            return rotations[key]
+        starts = [c.length for c in caches]
+        ends = [s + n for s, (_o, n) in zip(starts, packed)]
+        total_q, total_k = sum(n for _o, n in packed), sum(ends)
+        mask = None
+        if total_q * total_k <= PACKED_FUSED_SCORES:
+            qpos = torch.cat([s + torch.arange(n) for s, (_o, n) in zip(starts, packed)])
+            qseq = torch.cat([torch.full((n,), i) for i, (_o, n) in enumerate(packed)])
+            kpos = torch.cat([torch.arange(e) for e in ends])
+            kseq = torch.cat([torch.full((e,), i) for i, e in enumerate(ends)])
+            mask = (qseq[:, None] == kseq[None, :]) & (kpos[None, :] <= qpos[:, None])
+            if window is not None:
+                mask = mask & (kpos[None, :] > qpos[:, None] - window)
+        rotations[key] = mask
+        return mask
+
     def attention(self, layer: int, x: torch.Tensor, caches: list[KVCache], hooks: Hooks | None,
                   rotations: dict | None = None) -> torch.Tensor:
         """Self-attention of x [B, T, H]; appends this step's keys/values to each sequence's cache.
@@ -394,16 +430,26 @@ class Model:
         if block is not None:
             z = self._attend_block(layer, q, k, v, block, rotations["positions"])
         elif packed is not None:  # one row holding every sequence: each attends over its own cache
-            outs = []
-            for i, cache in enumerate(caches):
-                o, n = packed[i]
-                end = starts[i] + n
-                if own:
-                    cache.k[layer][:, starts[i]:end] = k[0, :, o:o + n]
-                    cache.v[layer][:, starts[i]:end] = v[0, :, o:o + n]
-                outs.append(self._attend(layer, q[0, :, o:o + n], cache.k[src][:, :end], cache.v[src][:, :end],
-                                         starts[i]))
-            z = torch.cat(outs, dim=1)[None]
+            if own:
+                for i, cache in enumerate(caches):
+                    o, n = packed[i]
+                    cache.k[layer][:, starts[i]:starts[i] + n] = k[0, :, o:o + n]
+                    cache.v[layer][:, starts[i]:starts[i] + n] = v[0, :, o:o + n]
+            mask = self._packed_mask(layer, caches, packed, rotations)
+            if mask is not None:  # one call over every cache's keys, each query masked to its own
+                ends = [s_ + n for s_, (_o, n) in zip(starts, packed)]
+                keys = torch.cat([c.k[src][:, :e] for c, e in zip(caches, ends)], dim=1)
+                values = torch.cat([c.v[src][:, :e] for c, e in zip(caches, ends)], dim=1)
+                z = F.scaled_dot_product_attention(q, keys[None], values[None], attn_mask=mask,
+                                                   scale=spec.query_scale, enable_gqa=keys.shape[0] != q.shape[1])
+            else:
+                outs = []
+                for i, cache in enumerate(caches):
+                    o, n = packed[i]
+                    end = starts[i] + n
+                    outs.append(self._attend(layer, q[0, :, o:o + n], cache.k[src][:, :end], cache.v[src][:, :end],
+                                             starts[i]))
+                z = torch.cat(outs, dim=1)[None]
         else:
             outs = []
             for i, cache in enumerate(caches):
