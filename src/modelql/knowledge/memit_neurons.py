@@ -176,8 +176,7 @@ def neuron_edit(model: Model, requests, layers: Sequence[int], p,
     canon = {}
     for k, r in enumerate(rows):
         canon.setdefault(r.fact, k)  # the first row of a fact is its prompt alone
-    return [_neurons(model, top, requests, delta, pos, own, [canon[i] for i in range(n)],
-                     (gram + neg.T @ neg, total + neg.sum(0), count + len(neg)), report)]
+    return [_neurons(model, top, requests, delta, pos, own, [canon[i] for i in range(n)], (gram, total, count), report)]
 
 
 def _neurons(model: Model, layer: int, requests, delta: torch.Tensor, pos: torch.Tensor, own: torch.Tensor,
