@@ -176,10 +176,10 @@ def neuron_edit(model: Model, requests, layers: Sequence[int], p,
     canon = {}
     for k, r in enumerate(rows):
         canon.setdefault(r.fact, k)  # the first row of a fact is its prompt alone
-    return [_neurons(model, top, requests, delta, pos, own, [canon[i] for i in range(n)], (gram, total, count), report)]
+    return [_fit_neurons(model, top, requests, delta, pos, own, [canon[i] for i in range(n)], (gram, total, count), report)]
 
 
-def _neurons(model: Model, layer: int, requests, delta: torch.Tensor, pos: torch.Tensor, own: torch.Tensor,
+def _fit_neurons(model: Model, layer: int, requests, delta: torch.Tensor, pos: torch.Tensor, own: torch.Tensor,
              canon: Sequence[int], negatives: tuple[torch.Tensor, torch.Tensor, int], report) -> DownDelta:
     """One neuron per row of δ [k, H]: its gate reads +1 on its positives (`pos` rows owned by
     it), -1 on the `negatives` (XᵀX, Σx, n) and on the other neurons' positives; its down column
@@ -230,5 +230,5 @@ def last_token_neuron_edit(model: Model, requests, layers: Sequence[int], p,
     neg = torch.cat([*near, *around]).double()
     gram, total, count = generic_inputs(model, top)
     canon = [sites.owner.index(o) for o in range(len(sites.want))]  # each site's first phrasing
-    return [_neurons(model, top, requests, delta, pos, sites.rows, canon,
+    return [_fit_neurons(model, top, requests, delta, pos, sites.rows, canon,
                      (gram + neg.T @ neg, total + neg.sum(0), count + len(neg)), report)]

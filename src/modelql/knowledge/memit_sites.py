@@ -128,6 +128,13 @@ def _at(model: Model, sites: EditSites, name: str, per_row: bool = True) -> torc
     return out / torch.bincount(sites.rows, minlength=len(sites.want))[:, None]
 
 
+def clamp_rows(delta: torch.Tensor, limit: torch.Tensor) -> None:
+    """Scale each row of δ [n, H] down to norm ≤ limit [n], in place (the δ optimisers' trust region)."""
+    with torch.no_grad():
+        norms = delta.norm(dim=-1, keepdim=True)
+        delta.mul_(torch.where(norms > limit[:, None], limit[:, None] / norms, torch.ones_like(norms)))
+
+
 def target_deltas(model: Model, requests: Sequence[EditRequest], sites: EditSites, layer: int,
                    p) -> torch.Tensor:
     """δ [δs, H] at layer `layer`'s output, optimised jointly (the losses are separable, so this
@@ -165,8 +172,5 @@ def target_deltas(model: Model, requests: Sequence[EditRequest], sites: EditSite
         decay = (delta.norm(dim=-1) ** 2 / (h_norm**2 + 1e-8)).sum()
         (-(got * weights).sum() + p.kl_weight * kl + p.weight_decay * decay).backward()
         opt.step()
-        with torch.no_grad():
-            limit = (p.clamp_norm * h_norm)[:, None]
-            norms = delta.norm(dim=-1, keepdim=True)
-            delta.mul_(torch.where(norms > limit, limit / norms, torch.ones_like(norms)))
+        clamp_rows(delta, p.clamp_norm * h_norm)
     return delta.detach()

@@ -36,6 +36,7 @@ from .delta_ffn import DeltaFfn, DownDelta
 from .edit_cache import base_ffn, stored_path
 from . import generic_text as G
 from .edit_site import subject_span
+from .memit_sites import clamp_rows
 from .neighbours import neighbour_entities
 
 
@@ -192,10 +193,7 @@ def target_deltas(model: Model, requests, rows: list[SubjectRow], layer: int, p)
         loss = loss + p.weight_decay * (delta.norm(dim=-1) ** 2 / (h_norm**2 + 1e-8)).mean()
         loss.backward()
         opt.step()
-        with torch.no_grad():
-            limit = (p.clamp_norm * h_norm)[:, None]
-            norms = delta.norm(dim=-1, keepdim=True)
-            delta.mul_(torch.where(norms > limit, limit / norms, torch.ones_like(norms)))
+        clamp_rows(delta, p.clamp_norm * h_norm)
     return delta.detach()
 
 
