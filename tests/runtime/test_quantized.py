@@ -267,3 +267,25 @@ def test_8bit_splits_into_two_exact_4bit_halves():
     hi, lo = split_nibbles(p)
     assert hi.bits == lo.bits == 4
     np.testing.assert_allclose(hi.dequantize() + lo.dequantize(), p.dequantize(), rtol=0, atol=1e-6)
+
+
+def test_decode_glue_runs_single_threaded_and_restores_the_pool(pair, monkeypatch):
+    """The low-bit path's sampling glue runs on one torch thread (its OpenMP workers would spin against
+    onnxruntime's); the caller's thread count is back afterwards, and a float model keeps its pool."""
+    from modelql.runtime import generate as gen
+    from modelql.runtime.threads import glue_threads
+
+    quant, floaty = pair
+    seen = []
+    real = gen.choose_batch
+    monkeypatch.setattr(gen, "choose_batch", lambda *a, **k: (seen.append(torch.get_num_threads()), real(*a, **k))[1])
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        out = gen.generate(quant, list(range(10, 20)), max_tokens=3, temperature=0, ignore_eos=True)
+        assert len(out.token_ids) == 3 and set(seen) == {1}
+        assert torch.get_num_threads() == 2
+        with glue_threads(floaty):
+            assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)

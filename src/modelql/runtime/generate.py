@@ -28,6 +28,7 @@ from typing import Any, Iterator, Mapping, Sequence as Seq
 import torch
 
 from ..errors import ContextLengthError, ModelFormatError
+from .threads import glue_threads
 from .sampling import InvalidParamsError, Sampler, SamplingParams, TokenChoice, choose_batch
 
 Prompt = str | Seq[int] | Seq[Mapping[str, Any]]
@@ -311,6 +312,17 @@ def step(model, sequences: Seq[Sequence]) -> list[Delta]:
     active = [s for s in sequences if not s.finished and s.logits is not None]
     if not active:
         return []
+    with glue_threads(model):
+        deltas, running = _sample(active)
+    if running:
+        ids = torch.tensor([[s.last_token] for s in running], dtype=torch.long)
+        out = forward_last(model, ids, [s.cache for s in running], running)
+        for s, row in zip(running, out):
+            s.logits = row
+    return deltas
+
+
+def _sample(active: list[Sequence]) -> tuple[list[Delta], list[Sequence]]:
     logits = torch.stack([s.logits for s in active])  # type: ignore[misc]
     for i, s in enumerate(active):
         if s.forced:
@@ -324,13 +336,7 @@ def step(model, sequences: Seq[Sequence]) -> list[Delta]:
     else:
         choices = choose_batch([s.sampler for s in active], logits)
     deltas = [s.accept(c) for s, c in zip(active, choices)]
-    running = [s for s in active if not s.finished]
-    if running:
-        ids = torch.tensor([[s.last_token] for s in running], dtype=torch.long)
-        out = forward_last(model, ids, [s.cache for s in running], running)
-        for s, row in zip(running, out):
-            s.logits = row
-    return deltas
+    return deltas, [s for s in active if not s.finished]
 
 
 @torch.inference_mode()

@@ -76,6 +76,7 @@ class _Builder:
         self.nodes, self.inits = [], []
         self.external: dict[str, np.ndarray] = {}  # large initializers, handed to onnxruntime without a copy
         self.count = 0
+        self._shared: dict[str, str] = {}
 
     def name(self, stem: str) -> str:
         self.count += 1
@@ -110,7 +111,15 @@ class _Builder:
         return self.node("MatMulNBits", [x, w, s, z], domain="com.microsoft", K=packed.k, N=packed.n,
                          bits=packed.bits, block_size=packed.block, accuracy_level=self.accuracy)[0]
 
+    def _block_sums(self, k: int, block: int) -> str:
+        """A [k, k / block] 0/1 matrix summing x per block (one shared initializer per shape)."""
+        name = f"block_sums_{k}_{block}"
+        if name not in self._shared:
+            self._shared[name] = self.init(name, np.kron(np.eye(k // block, dtype=np.float32), np.ones((block, 1), np.float32)))
+        return self._shared[name]
+
     def matmul(self, x: str, packed: Packed, stem: str) -> str:
+        """x [M, K] (two-dimensional, for Gemm) times the packed weight's transpose → [M, N]."""
         if packed.bits == 8 and self.accuracy != 4:
             # with float activations the 8-bit kernel has no fast path (it dequantizes the whole matrix per
             # call, ~30× slower): run it as two exact 4-bit halves instead
@@ -119,15 +128,16 @@ class _Builder:
         else:
             y = self._nbits(x, packed, stem)
         if packed.offsets is not None:
-            # W = (q − z)·s + offset per block: add offsets · (x summed per block)
-            shape = self.init(stem + ".bshape", np.array([0, 0, packed.k // packed.block, packed.block], np.int64))
-            blocks = self.node("Reshape", [x, shape])[0]
-            axes = self.init(stem + ".axes", np.array([-1], np.int64))
-            sums = self.node("ReduceSum", [blocks, axes], keepdims=0)[0]
+            # W = (q − z)·s + offset per block: add (x summed per block) · offsets, the sum and the add in one
+            # Gemm (each small op costs a decode step ~10 µs of dispatch: a third of the step went to offsets)
+            sums = self.node("MatMul", [x, self._block_sums(packed.k, packed.block)])[0]
             off = self.init(stem + ".off", packed.offsets.T.astype(np.float32))
-            y = self.node("Add", [y, self.node("MatMul", [sums, off])[0]])[0]
+            y = self.node("Gemm", [sums, off, y])[0]
         return y
 
+
+#: how long onnxruntime's workers spin for the next op before sleeping (µs)
+SPIN_US = 100
 
 #: packed bytes per onnxruntime session: the decoder is built in stages of whole layers so that only one
 #: stage's packed copy exists beside the kernels' own (prepacked) weights while loading
@@ -162,9 +172,11 @@ def _session(b: _Builder, inputs, outputs, threads: int):
     opts.intra_op_num_threads = max(1, threads)
     opts.inter_op_num_threads = 1
     opts.log_severity_level = 3
-    # no spin-waiting between ops: on a 2-core machine anything else running turns the spinning thread into
-    # a stall (SmolLM2 Q4_1 at load 3: 46 vs 22 tok/s with int8 activations, 22 vs 8 with float; bench/decode.py)
-    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    # spin-wait between ops only briefly: a decode step's ops follow each other within microseconds, so a
+    # short spin saves the worker's wake-up per op, while an unbounded spin stalls the step on a 2-core
+    # machine with anything else running (SmolLM2 Q4_1 at load 3: 22 vs 46 tok/s; bench/decode.py)
+    opts.add_session_config_entry("session.intra_op.allow_spinning", "1")
+    opts.add_session_config_entry("session.intra_op.spin_duration_us", str(SPIN_US))
     opts.add_session_config_entry("session.inter_op.allow_spinning", "0")
     names = list(b.external)
     values = [ort.OrtValue.ortvalue_from_numpy(b.external[n]) for n in names]
@@ -245,6 +257,11 @@ class OrtDecoder:
             return b.init(name, small[name].float().numpy())
 
         resid, delta = "h_in", None
+        if layers:  # the layers run on [B·T, H] rows (Gemm is two-dimensional); attention sees [B, T, ·]
+            resid = b.node("Reshape", ["h_in", b.init("rows", np.array([-1, H], np.int64))])[0]
+            batch_time = b.node("Concat", [b.node("Shape", ["h_in"], end=2)[0], b.init("minus1", np.array([-1], np.int64))],
+                                axis=0)[0]
+            attn_rows = b.init("attn_rows", np.array([-1, nh * hd], np.int64))
         for i, w in layers.items():
             if cos is None:
                 cos, sin = b.init("cos_cache", self._cos), b.init("sin_cache", self._sin)
@@ -265,11 +282,12 @@ class OrtDecoder:
                 inputs.append(h.make_tensor_value_info(nm, TensorProto.FLOAT, ["B", kvh, "S", hd]))
                 outputs.append(h.make_tensor_value_info(nm.replace("past", "present"), TensorProto.FLOAT,
                                                         ["B", kvh, "S", hd]))
+            qkv = b.node("Reshape", [qkv, batch_time])[0]
             attn = b.node("GroupQueryAttention", [qkv, "", "", pk, pv, "seqlens_k", "total_len", cos, sin],
                           ["attn_" + str(i), f"present_key_{i}", f"present_value_{i}"], domain="com.microsoft",
                           num_heads=nh, kv_num_heads=kvh, scale=float(spec.query_scale), do_rotary=1,
                           rotary_interleaved=0)[0]
-            o = b.matmul(attn, w["o"], p + "o")
+            o = b.matmul(b.node("Reshape", [attn, attn_rows])[0], w["o"], p + "o")
             x, _, _, resid = b.node("SkipSimplifiedLayerNormalization", [resid, o, vec(p + "ffn_norm.weight")],
                                     4, domain="com.microsoft", epsilon=eps)
             gu = b.matmul(x, w["gate_up"], p + "gate_up")
@@ -278,7 +296,7 @@ class OrtDecoder:
             act = b.node("Mul", [b.node("Mul", [gate, b.node("Sigmoid", [gate])[0]])[0], up])[0]
             delta = b.matmul(act, w["down"], p + "down")
         if head is None:
-            b.node("Add", [resid, delta], ["h_out"])
+            b.node("Reshape", [b.node("Add", [resid, delta])[0], b.node("Shape", ["h_in"])[0]], ["h_out"])
         else:
             self._record("lm_head.weight", head)
             if delta is None:
@@ -292,7 +310,10 @@ class OrtDecoder:
             big = b.init("slice_end", np.array([np.iinfo(np.int64).max], np.int64))
             axis = b.init("slice_axis", np.array([1], np.int64))
             last = b.node("Slice", [x, "logit_start", big, axis])[0]
-            b.node("Identity", [b.matmul(last, head, "lm_head")], ["logits"])
+            rows = b.node("Reshape", [last, b.init("rows", np.array([-1, H], np.int64))])[0]
+            shape = b.node("Concat", [b.node("Shape", [last], end=2)[0],
+                                      b.init("vocab", np.array([spec.vocab_size], np.int64))], axis=0)[0]
+            b.node("Reshape", [b.matmul(rows, head, "lm_head"), shape], ["logits"])
         session, keep = _session(b, inputs, outputs, self.threads)
         del b
         self.stages.append(_Stage(session, keep, range(min(layers, default=0), max(layers, default=-1) + 1),
