@@ -77,6 +77,8 @@ class _Builder:
         self.external: dict[str, np.ndarray] = {}  # large initializers, handed to onnxruntime without a copy
         self.count = 0
         self._shared: dict[str, str] = {}
+        self.fed: dict[str, np.ndarray] = {}
+        self.fed_inputs: list = []
 
     def name(self, stem: str) -> str:
         self.count += 1
@@ -97,6 +99,16 @@ class _Builder:
         entry.key, entry.value = "location", "modelql-external"
         self.inits.append(t)
         self.external[name] = array
+        return name
+
+    def feed(self, name: str, array: np.ndarray) -> str:
+        """A constant bound as a graph input rather than an initializer: onnxruntime prepacks a constant
+        Gemm / MatMul operand and keeps the original too, two copies where the offsets of Q4_K need one
+        (1 bit per weight each); as an input it is read in place, one copy, this process's."""
+        from onnx import TensorProto
+
+        self.fed[name] = np.ascontiguousarray(array)
+        self.fed_inputs.append(self.helper.make_tensor_value_info(name, TensorProto.FLOAT, list(array.shape)))
         return name
 
     def node(self, op: str, inputs: list[str], outputs: int | list[str] = 1, domain: str = "", **attrs) -> list[str]:
@@ -131,7 +143,7 @@ class _Builder:
             # W = (q − z)·s + offset per block: add (x summed per block) · offsets, the sum and the add in one
             # Gemm (each small op costs a decode step ~10 µs of dispatch: a third of the step went to offsets)
             sums = self.node("MatMul", [x, self._block_sums(packed.k, packed.block)])[0]
-            off = self.init(stem + ".off", packed.offsets.T.astype(np.float32))
+            off = self.feed(stem + ".off", packed.offsets.T.astype(np.float32))
             y = self.node("Gemm", [sums, off, y])[0]
         return y
 
@@ -163,7 +175,7 @@ def _session(b: _Builder, inputs, outputs, threads: int):
     import onnxruntime as ort
 
     h = b.helper
-    graph = h.make_graph(b.nodes, "modelql", inputs, outputs, b.inits)
+    graph = h.make_graph(b.nodes, "modelql", inputs + b.fed_inputs, outputs, b.inits)
     model = h.make_model(graph, opset_imports=[h.make_opsetid("", 17), h.make_opsetid("com.microsoft", 1)])
     model.ir_version = 8
     blob = model.SerializeToString()
@@ -190,6 +202,7 @@ def _session(b: _Builder, inputs, outputs, threads: int):
 class _Stage:
     session: object
     keep: list
+    fed: dict[str, np.ndarray]
     layers: range
     last: bool
 
@@ -315,8 +328,9 @@ class OrtDecoder:
                                       b.init("vocab", np.array([spec.vocab_size], np.int64))], axis=0)[0]
             b.node("Reshape", [b.matmul(rows, head, "lm_head"), shape], ["logits"])
         session, keep = _session(b, inputs, outputs, self.threads)
+        fed = b.fed
         del b
-        self.stages.append(_Stage(session, keep, range(min(layers, default=0), max(layers, default=-1) + 1),
+        self.stages.append(_Stage(session, keep, fed, range(min(layers, default=0), max(layers, default=-1) + 1),
                                   head is not None))
         layers.clear()
         del head
@@ -355,6 +369,8 @@ class OrtDecoder:
         for n, stage in enumerate(self.stages):
             io = stage.session.io_binding()
             io.bind_cpu_input("h_in", bound.buffers[n % 2])
+            for name, array in stage.fed.items():
+                io.bind_cpu_input(name, array)
             if len(stage.layers):
                 io.bind_cpu_input("seqlens_k", bound.seqlens)
                 io.bind_cpu_input("total_len", bound.total)
@@ -412,6 +428,7 @@ class OrtUnembed:
         x = b.node("SimplifiedLayerNormalization", ["h", b.init("final_norm", norm.float().numpy())],
                    axis=-1, epsilon=float(spec.norm_eps), stash_type=1)[0]
         b.node("Identity", [b.matmul(x, head, "lm_head")], ["logits"])
+        self._fed = b.fed
         self.session, self._keep = _session(
             b, [h.make_tensor_value_info("h", TensorProto.FLOAT, ["N", spec.hidden_size])],
             [h.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", spec.vocab_size])], threads)
@@ -420,5 +437,5 @@ class OrtUnembed:
     def __call__(self, h: torch.Tensor) -> torch.Tensor:
         lead = h.shape[:-1]
         x = h.reshape(-1, h.shape[-1]).float().contiguous().numpy()
-        out = self.session.run(["logits"], {"h": x})[0]
+        out = self.session.run(["logits"], {"h": x, **self._fed})[0]
         return torch.from_numpy(out).reshape(*lead, -1)
