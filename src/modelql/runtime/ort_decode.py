@@ -186,7 +186,8 @@ def _session(b: _Builder, inputs, outputs, threads: int):
     opts.log_severity_level = 3
     # spin-wait between ops only briefly: a decode step's ops follow each other within microseconds, so a
     # short spin saves the worker's wake-up per op, while an unbounded spin stalls the step on a 2-core
-    # machine with anything else running (SmolLM2 Q4_1 at load 3: 22 vs 46 tok/s; bench/decode.py)
+    # machine with anything else running. SmolLM2 Q4_1 :int8, ms per token: quiet, no spin 15.4, 100 µs
+    # 14.3; beside one busy process 20.8 vs 22.3, where an unbounded spin took twice as long
     opts.add_session_config_entry("session.intra_op.allow_spinning", "1")
     opts.add_session_config_entry("session.intra_op.spin_duration_us", str(SPIN_US))
     opts.add_session_config_entry("session.inter_op.allow_spinning", "0")
