@@ -6,6 +6,8 @@ decoded with special tokens skipped and whitespace stripped, vindex-format §5.3
 
 from __future__ import annotations
 
+from functools import lru_cache
+
 #: the lowercase stop list of `content` (algorithms §5), exactly as the reference has it.
 STOP_WORDS: frozenset[str] = frozenset(
     """the and for but not you all can her was one our out are has his how its may new now old see way
@@ -34,6 +36,7 @@ ENTITY_STOP_WORDS: frozenset[str] = frozenset(
 _READABLE_EXTRA = frozenset(" -'.,")
 
 
+@lru_cache(maxsize=1 << 16)  # a DESCRIBE asks about the same few thousand tokens ~30k times
 def readable(token: str) -> bool:
     """`1 ≤ bytes(t') ≤ 30` and at least half the characters are ASCII alphanumerics or ` -'.,`."""
     t = token.strip()
@@ -44,6 +47,7 @@ def readable(token: str) -> bool:
     return 2 * good >= len(t)
 
 
+@lru_cache(maxsize=1 << 16)
 def content(token: str) -> bool:
     """A token that can name a thing: readable, 3–25 chars, mostly ASCII letters, no camelCase
     seam (lowercase followed by uppercase), at least one letter, not a stop word."""
@@ -62,6 +66,7 @@ def content(token: str) -> bool:
     return t.lower() not in STOP_WORDS
 
 
+@lru_cache(maxsize=1 << 16)
 def entity_like(token: str) -> bool:
     """A top token that looks like a named entity: first char an uppercase ASCII letter, ≥ 3 chars,
     all alphabetic, not a capitalised stop word."""

@@ -7,11 +7,13 @@ in bench/decode.py). Its blocks are not GGUF's, so weights are converted at load
 
 * Q4_0 → 4-bit, scale d, zero point 8, the same codes: exact.
 * Q8_0 → 8-bit, scale d, zero point 128, the same codes: exact.
-* Q4_1, Q4_K → 4-bit, scale d (Q4_K: d·sc), zero point 0, the same codes, and the block's minimum m
-  kept as a float `offsets` entry: W·x = kernel(codes, scales)·x + offsets·(x summed per block), a
-  small float matmul the graph adds. Exact (the kernel's own float zero points would be too, but
-  they run ~50× slower on CPU; an integer zero point would add a second rounding as large as the
-  4-bit step itself: measured 8.8% RMS on SmolLM2's Q4_1).
+* Q4_1, Q4_K → 4-bit, scale d (Q4_K: d·sc), the same codes, the integer zero point z nearest −m/d
+  and the rest of the block's minimum, m + d·z, kept as a float `offsets` entry: W·x = kernel(codes,
+  scales, z)·x + offsets·(x summed per block), a small float matmul the graph adds. Exact (the
+  kernel's own float zero points would be too, but they run ~50× slower on CPU; the integer zero
+  point alone would add a second rounding as large as the 4-bit step itself: 8.8% RMS on SmolLM2's
+  Q4_1). Why z and not 0: with int8 activations the kernel's rounding error scales with the codes'
+  distance from z, and the float offsets cannot cancel it; centred codes halve it (`_centre`).
 * Q5_K → 8-bit codes 0..31 with scale d·sc and offsets, likewise exact; Q5_0 → 8-bit, zero point 16;
   Q5_1 → 8-bit with Q4_1's offsets: exact (llama.cpp's fallback types for rows not a multiple of 256).
 * Q6_K → 8-bit codes 0..63, zero point 32, scale d·sc in blocks of 16 (its scale changes every 16
@@ -143,6 +145,15 @@ def concat(parts: list[Packed]) -> Packed:
                   np.concatenate([p.zeros.reshape(p.n, -1) for p in parts]).reshape(-1),
                   "+".join(dict.fromkeys(p.source_type for p in parts)), offsets,
                   (max(p.error[0] for p in parts), max(p.error[1] for p in parts)), p0.block)
+
+
+def _centre(scales: np.ndarray, minimums: np.ndarray, levels: int) -> tuple[np.ndarray, np.ndarray]:
+    """Blocks valued s·q + m (q in 0..levels−1) as s·(q − z) + (m + s·z): the zero point z ∈ [0, levels)
+    nearest −m/s, and what is left of m (at most s/2 when the block spans zero). The same values."""
+    with np.errstate(divide="ignore", invalid="ignore"):
+        z = np.where(scales != 0, np.rint(-minimums / scales), 0.0)
+    z = np.clip(np.nan_to_num(z), 0, levels - 1).astype(np.float32)
+    return z, (minimums + scales * z).astype(np.float32)
 
 
 def _pack(q: np.ndarray, scales: np.ndarray, zeros: np.ndarray, bits: int, source_type: str,
@@ -306,14 +317,16 @@ def _gguf_exact(raw: np.ndarray, qtype: str) -> Packed | None:
         if qtype == "Q5_0":
             return _pack(q, d, np.full(d.shape, 16), 8, qtype)
         m = blocks[..., 2:4].copy().view(np.float16)[..., 0].astype(np.float32)
-        return _pack(q, d, np.zeros(d.shape), 8, qtype, m)
+        z, rest = _centre(d, m, 32)
+        return _pack(q, d, z, 8, qtype, rest)
     if qtype == "Q4_1":
         blocks = raw.reshape(n, -1, 20)
         d = blocks[..., :2].copy().view(np.float16)[..., 0].astype(np.float32)
         m = blocks[..., 2:4].copy().view(np.float16)[..., 0].astype(np.float32)
         qs = blocks[..., 4:]
         q = np.concatenate([qs & 0xF, qs >> 4], axis=-1)
-        return _pack(q, d, np.zeros(d.shape), 4, qtype, m)
+        z, rest = _centre(d, m, 16)
+        return _pack(q, d, z, 4, qtype, rest)
     if qtype in ("Q4_K", "Q5_K"):
         from gguf.quants import Q4_K
 
@@ -335,7 +348,8 @@ def _gguf_exact(raw: np.ndarray, qtype: str) -> Packed | None:
             q = ((ql & 0xF).reshape(nsup, 8, 32) | ((qh & 1) << 4)).astype(np.uint8)
             bits = 8
         nb = nsup * 8 // n
-        return _pack(q.reshape(n, nb, 32), scale.reshape(n, nb), np.zeros((n, nb)), bits, qtype, offset.reshape(n, nb))
+        z, rest = _centre(scale.reshape(n, nb), offset.reshape(n, nb), 16 if bits == 4 else 32)
+        return _pack(q.reshape(n, nb, 32), scale.reshape(n, nb), z, bits, qtype, rest)
     return None
 
 
