@@ -180,7 +180,7 @@ def neuron_edit(model: Model, requests, layers: Sequence[int], p,
 
 
 def _fit_neurons(model: Model, layer: int, requests, delta: torch.Tensor, pos: torch.Tensor, own: torch.Tensor,
-             canon: Sequence[int], negatives: tuple[torch.Tensor, torch.Tensor, int], report) -> DownDelta:
+                 canon: Sequence[int], negatives: tuple[torch.Tensor, torch.Tensor, int], report) -> DownDelta:
     """One neuron per row of δ [k, H]: its gate reads +1 on its positives (`pos` rows owned by
     it), -1 on the `negatives` (XᵀX, Σx, n) and on the other neurons' positives; its down column
     writes δ at the positive `canon[i]` (through the summed routing weight there, in a MoE layer,
