@@ -7,8 +7,9 @@
 llama.cpp is the reference whenever llama-cpp-python is importable (a 10-30 minute source build,
 `CMAKE_BUILD_PARALLEL_LEVEL=2 pip install --no-binary llama-cpp-python llama-cpp-python`; not a
 dependency of modelql); otherwise one line says so and the reference is transformers' GGUF loader
-(`from_pretrained(gguf_file=...)`, which dequantizes to float32). modelql runs twice: float32
-activations (the default) and int8 activations (`--quantize auto:int8`).
+(`from_pretrained(gguf_file=...)`, which dequantizes to float32). modelql runs three times: float32
+activations (the default), int16 (`--quantize auto:int16`: the int8 kernel on the activations' rounding and
+on its rest) and int8 activations (`--quantize auto:int8`).
 
 Every engine runs in its own subprocess (so each peak RSS is its own), one after the other in the same
 run, with the same thread count: load, warm up, then a greedy decode of `--tokens` tokens after a short
@@ -164,8 +165,8 @@ def worker_main(argv: list[str]) -> None:
         torch.set_num_threads(threads)
     if engine == "modelql":
         row = worker_modelql(path, tokens, repeats, "auto")
-    elif engine == "modelql-int8":
-        row = worker_modelql(path, tokens, repeats, "auto:int8")
+    elif engine in ("modelql-int8", "modelql-int16"):
+        row = worker_modelql(path, tokens, repeats, "auto:" + engine.rpartition("-")[2])
     elif engine == "modelql-float":
         row = worker_modelql(path, tokens, repeats, "none")
     elif engine == "llama.cpp":
@@ -255,7 +256,7 @@ def derived_files(gguf_path: Path, tmp: Path, variants: list[str]) -> list[tuple
 
 def agreement(path: Path, n_prompts: int, n_tokens: int, threads: int = 2) -> dict[str, dict]:
     """Greedy tokens vs transformers on the GGUF (dequantized float32), for modelql's low-bit path with
-    float32 activations (the default), with int8 activations (`:int8`), its float path (dequantized
+    float32 activations (the default), int16 (`:int16`) and int8 activations (`:int8`), its float path (dequantized
     weights: what is left is summation order) and, when importable, llama.cpp (whose kernels quantize the
     activations to 8 bits per block too): per-position agreement over the prompts, how many prompts
     match exactly, and prefill logits max |Δ| relative to max |logit| (worst prompt)."""
@@ -266,7 +267,8 @@ def agreement(path: Path, n_prompts: int, n_tokens: int, threads: int = 2) -> di
 
     T.logging.set_verbosity_error()
     ref = T.AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32).eval()
-    models = {"low-bit": load_model(path), "low-bit :int8": load_model(path, quantize="auto:int8"),
+    models = {"low-bit": load_model(path), "low-bit :int16": load_model(path, quantize="auto:int16"),
+              "low-bit :int8": load_model(path, quantize="auto:int8"),
               "float": load_model(path, quantize="none")}
     engines = {name: (lambda ids, m=m: _greedy(m, ids, n_tokens), lambda ids, m=m: m.forward(ids, logits="all")[0])
                for name, m in models.items()}
@@ -362,7 +364,8 @@ def main(args) -> None:
                           f"{r['exact_prompts']:2d}/{args.prompts}  logits {r['logit_rel_max']:.2e}  layout error "
                           f"{layout}  first divergence {r['first_divergence']}")
             return
-        engines = ["modelql", "modelql-int8", reference] + (["modelql-float"] if args.float_too else [])
+        engines = ["modelql", "modelql-int16", "modelql-int8", reference]
+        engines += ["modelql-float"] if args.float_too else []
         rows = []
         for label, path in files:
             results = {e: run_worker(e, path, args) for e in engines}
@@ -372,19 +375,21 @@ def main(args) -> None:
                                              for e in engines), file=sys.stderr)
     print(f"\nthreads={args.threads}  decode={args.tokens} tokens (greedy)  best of {args.repeats}  reference={reference}"
           f"  load average {' '.join(f'{x:.1f}' for x in os.getloadavg())}  (ratios: modelql ÷ reference, same run)")
-    head = ["file", "MB", "modelql tok/s", "ratio", ":int8 tok/s", "ratio", f"{reference} tok/s", "modelql RSS MB",
-            ":int8 RSS MB", f"{reference} RSS MB", "RSS ratio", "growth MB (modelql / ref)", "same 16 tokens"]
+    head = ["file", "MB", "modelql tok/s", "ratio", ":int16 tok/s", "ratio", ":int8 tok/s", "ratio",
+            f"{reference} tok/s", "modelql RSS MB", ":int16 RSS MB", ":int8 RSS MB", f"{reference} RSS MB", "RSS ratio",
+            "growth MB (modelql / ref)", "same 16 tokens (modelql / :int16)"]
     if args.float_too:
         head += ["modelql f32 tok/s", "f32 RSS MB"]
     lines = []
     for label, size, r in rows:
-        a, a8, b = r["modelql"], r["modelql-int8"], r[reference]
+        a, a16, a8, b = r["modelql"], r["modelql-int16"], r["modelql-int8"], r[reference]
         line = [label, f"{size / 1e6:.0f}", f"{a['decode']:.1f}", f"{a['decode'] / b['decode']:.2f}",
+                f"{a16['decode']:.1f}", f"{a16['decode'] / b['decode']:.2f}",
                 f"{a8['decode']:.1f}", f"{a8['decode'] / b['decode']:.2f}", f"{b['decode']:.1f}",
-                f"{a['peak_rss_mb']:.0f}", f"{a8['peak_rss_mb']:.0f}", f"{b['peak_rss_mb']:.0f}",
-                f"{a['peak_rss_mb'] / b['peak_rss_mb']:.2f}",
+                f"{a['peak_rss_mb']:.0f}", f"{a16['peak_rss_mb']:.0f}", f"{a8['peak_rss_mb']:.0f}",
+                f"{b['peak_rss_mb']:.0f}", f"{a['peak_rss_mb'] / b['peak_rss_mb']:.2f}",
                 f"{a['peak_rss_mb'] - a['base_rss_mb']:.0f} / {b['peak_rss_mb'] - b['base_rss_mb']:.0f}",
-                "yes" if a["tokens"] == b["tokens"] else "no"]
+                " / ".join("yes" if x["tokens"] == b["tokens"] else "no" for x in (a, a16))]
         if args.float_too:
             f = r["modelql-float"]
             line += [f"{f['decode']:.1f}", f"{f['peak_rss_mb']:.0f}"]

@@ -108,7 +108,8 @@ ModelArg = Annotated[
 DtypeOpt = Annotated[str, typer.Option("--dtype", help="compute dtype: float32 or bfloat16")]
 QuantizeOpt = Annotated[Optional[str], typer.Option(
     "--quantize", help="weights: auto (a quantized GGUF stays low-bit), none (dequantize), int8 or int4; "
-    "append :int8 for int8 activations in the low-bit kernels (faster, less exact)")]
+    "append :int8 for int8 activations in the low-bit kernels (fastest, least exact) or :int16 (two int8 "
+    "passes: float32's tokens, faster decoding, slower prefill)")]
 MaxTokensOpt = Annotated[int, typer.Option("--max-tokens", "-n", min=1, help="maximum tokens to generate")]
 TemperatureOpt = Annotated[float, typer.Option("--temperature", "-t", min=0.0, help="0 = greedy")]
 TopKOpt = Annotated[int, typer.Option("--top-k", min=0, help="keep the k most likely tokens (0 = off)")]

@@ -61,19 +61,20 @@ def _check_ffn_present(source: WeightSource, spec) -> None:
 
 def _quant_mode(source: WeightSource, spec, torch_dtype: torch.dtype, quantize: str | None) -> tuple[str | None, str]:
     """The low-bit mode to load with ("gguf", "int8", "int4", or None for float weights) and the kernels'
-    activations ("float32" or "int8").
+    activations ("float32", "int16" or "int8": `quantized.ACTIVATIONS`).
 
-    `quantize` is WEIGHTS[:int8]. WEIGHTS "auto" (the default) keeps a GGUF file's quantized matrices
+    `quantize` is WEIGHTS[:ACTIVATIONS]. WEIGHTS "auto" (the default) keeps a GGUF file's quantized matrices
     low-bit when the kernels cover the model and the compute dtype is float32 (asking for bfloat16 means
     float weights); "none" always dequantizes; "int8" / "int4" quantize float weights at load (and are an
-    error when impossible). ":int8" multiplies with int8 activations: faster, less exact."""
+    error when impossible). ":int8" multiplies with int8 activations: faster, less exact; ":int16" with two
+    int8 passes: float32's precision for practical purposes, faster decoding, slower prefill."""
     from .quantized import ACTIVATIONS, QUANTIZE_MODES, gguf_is_quantized, why_not
 
     mode, _, act = (quantize or "auto").partition(":")
-    activations = "int8" if act == "int8" else "float32"
+    activations = act or "float32"
     if mode not in QUANTIZE_MODES or act not in ("", *ACTIVATIONS):
         raise ModelFormatError(f"unsupported quantize mode {quantize!r} (use {', '.join(QUANTIZE_MODES)}, "
-                               "optionally followed by :int8 for int8 activations)")
+                               f"optionally followed by :{' or :'.join(ACTIVATIONS)} for the kernels' activations)")
     if mode == "none":
         return None, activations
     is_gguf = getattr(source, "packed", None) is not None
@@ -91,7 +92,7 @@ def _quant_mode(source: WeightSource, spec, torch_dtype: torch.dtype, quantize: 
 
 def load_model(path: str | Path | None = None, dtype: str | torch.dtype = "float32",
                quantize: str | None = None) -> Model:
-    """Load a model; `quantize` ("auto", "none", "int8", "int4", each optionally ":int8") picks low-bit
+    """Load a model; `quantize` ("auto", "none", "int8", "int4", each optionally ":int8" or ":int16") picks low-bit
     weights and the kernels' activations (see `_quant_mode`)."""
     source = open_source(path)
     spec = spec_from_config(source.config)

@@ -20,10 +20,12 @@ from ..models.spec import ModelSpec
 from .ort_decode import OrtDecoder, WeightInfo, supports
 
 QUANTIZE_MODES = ("auto", "none", "int8", "int4")
-#: what the low-bit kernels multiply the weights with: float32 activations (accuracy level 1: the exact
-#: product with the stored weights) or int8 (level 4: activations quantized per block of 32, faster,
-#: but ~10% logit error on SmolLM2, whose activations have large outliers)
-ACTIVATIONS = {"float32": 1, "int8": 4}
+#: what the low-bit kernels multiply the weights with, as (onnxruntime accuracy level, passes): float32
+#: activations (level 1: the exact product with the stored weights), int8 (level 4: activations rounded
+#: per block of 32, the fastest, but ~3% logit error on SmolLM2, whose activations have large outliers) or
+#: int16 (the int8 kernel on the rounding and on its rest, `ort_decode._Builder._two_pass`: logits within
+#: ~1e-4 of float32, and on this project's AVX2 CPUs ~1.6× faster than float32, whose kernel is slow there)
+ACTIVATIONS = {"float32": (1, 1), "int16": (4, 2), "int8": (4, 1)}
 
 
 @dataclass
@@ -93,7 +95,7 @@ def load_quantized(source: WeightSource, spec: ModelSpec, mode: str, threads: in
                    activations: str = "float32") -> QuantState:
     """Pack every matmul weight (fused q|k|v and gate|up per layer, lm_head) and build the graph, a stage
     of layers at a time (`OrtDecoder`). `activations`: see `ACTIVATIONS`."""
-    accuracy = ACTIVATIONS[activations]
+    accuracy, passes = ACTIVATIONS[activations]
     reason = why_not(spec, source, mode)
     if reason is not None:
         raise CapabilityError(f"cannot keep {source.path.name} quantized: {reason}")
@@ -127,13 +129,13 @@ def load_quantized(source: WeightSource, spec: ModelSpec, mode: str, threads: in
     # the packing reads the file's pages: let the kernel page them out again after each stage
     release = getattr(source, "release_pages", None)
     decoder = OrtDecoder(spec, layer_weights, lambda: _matrix(source, spec, head_name, prefix, mode), small,
-                         threads, accuracy, after_stage=release)
+                         threads, accuracy, after_stage=release, passes=passes)
 
     def make_unembed():
         from .ort_decode import OrtUnembed
 
         unembed = OrtUnembed(spec, _matrix(source, spec, head_name, prefix, mode), small["final_norm.weight"],
-                             threads, accuracy)
+                             threads, accuracy, passes)
         if release is not None:
             release()
         return unembed
