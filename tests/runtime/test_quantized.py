@@ -212,6 +212,25 @@ def test_batched_prefill_uses_the_low_bit_head(pair):
     assert quant.quantized
 
 
+def test_batch_generation_runs_one_graph_per_step(pair, monkeypatch):
+    """`generate_batch` keeps its caches packed in one `KVBlock`, as the server does: a decode step of B
+    sequences is one run of the low-bit graph, not B. A sequence that finishes in the middle of the batch
+    leaves it (the later ones move down a slot) and every sequence keeps the tokens it has alone."""
+    from modelql.runtime.generate import SamplingParams, generate, generate_batch
+
+    quant, _ = pair
+    runs = []
+    real = quant.quant.decoder._run
+    monkeypatch.setattr(quant.quant.decoder, "_run",
+                        lambda bound, embeds, *a: (runs.append(tuple(embeds.shape[:2])), real(bound, embeds, *a))[1])
+    prompts = [[5, 6, 7, 8], [20, 21], [30, 31, 32]]
+    params = [SamplingParams(temperature=0, max_tokens=n, ignore_eos=True) for n in (6, 2, 4)]
+    batch = generate_batch(quant, prompts, params)
+    assert [b for b, t in runs if t == 1] == [3, 2, 2, 1, 1]
+    monkeypatch.undo()
+    assert [c.token_ids for c in batch] == [generate(quant, p, sp).token_ids for p, sp in zip(prompts, params)]
+
+
 def test_mixed_widths_fuse_exactly():
     from modelql.models.quant import concat
 

@@ -28,6 +28,7 @@ from typing import Any, Iterator, Mapping, Sequence as Seq
 import torch
 
 from ..errors import ContextLengthError, ModelFormatError
+from .model import KVBlock, KVCache
 from .threads import glue_threads
 from .sampling import InvalidParamsError, Sampler, SamplingParams, TokenChoice, choose_batch
 
@@ -315,6 +316,9 @@ def step(model, sequences: Seq[Sequence]) -> list[Delta]:
     with glue_threads(model):
         deltas, running = _sample(active)
     if running:
+        block = getattr(running[0].cache, "block", None)
+        if block is not None:  # sequences that just finished leave the batch: the rest stay packed
+            block.pack([s.cache for s in running])
         ids = torch.tensor([[s.last_token] for s in running], dtype=torch.long)
         out = forward_last(model, ids, [s.cache for s in running], running)
         for s, row in zip(running, out):
@@ -378,11 +382,15 @@ def generate(model, prompt: Prompt, params: SamplingParams | None = None, **over
 
 def generate_batch(model, prompts: Seq[Prompt], params: SamplingParams | Seq[SamplingParams] | None = None
                    ) -> list[Completion]:
-    """Several completions decoded together, one batched forward per step."""
+    """Several completions decoded together, one batched forward per step (their caches packed in one
+    `KVBlock`: one attention call per layer, and on the low-bit path one graph run per step, not one per
+    sequence)."""
     if params is None or isinstance(params, SamplingParams):
         params = [params or SamplingParams()] * len(prompts)
     seqs = [Sequence(model, p, sp) for p, sp in zip(prompts, params)]
     prefill_batch(model, seqs)
+    if len(seqs) > 1 and isinstance(seqs[0].cache, KVCache):
+        KVBlock(model.spec, model.dtype, len(seqs)).pack([s.cache for s in seqs])
     while any(not s.finished for s in seqs):
         step(model, seqs)
     return [s.completion() for s in seqs]

@@ -140,6 +140,19 @@ class KVBlock:
     def release(self, slot: int) -> None:
         self.members[slot] = None
 
+    def pack(self, caches: list[KVCache]) -> None:
+        """Hold `caches` in slots 0..B-1 in their order (what `packed` asks of a batched decode step): new
+        ones are placed, the others moved down, the other slots released. Safe while the caches already
+        here keep their relative order and new ones come after them (sequences leave anywhere, join at
+        the end): each move then goes to a slot no remaining cache still occupies."""
+        for i, cache in enumerate(caches):
+            if cache.block is not self:
+                self.place(cache, i)
+            elif cache.slot != i:
+                self.move(cache.slot, i)
+        for slot in range(len(caches), self.slots):
+            self.release(slot)
+
     def packed(self, caches: list[KVCache]) -> bool:
         """Whether `caches` are this block's slots 0..B-1, in order."""
         return all(c.block is self and c.slot == i for i, c in enumerate(caches))

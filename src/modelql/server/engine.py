@@ -403,15 +403,7 @@ class Engine:
             if spec is None or dtype is None:
                 return
             self.block = KVBlock(spec, dtype, self.max_batch)
-        block = self.block
-        for i, seq in enumerate(live):
-            cache = seq.seq.cache
-            if cache.block is not block:
-                block.place(cache, i)
-            elif cache.slot != i:
-                block.move(cache.slot, i)
-        for slot in range(len(live), block.slots):
-            block.release(slot)
+        self.block.pack([seq.seq.cache for seq in live])
 
     def _decode(self) -> None:
         live = []
