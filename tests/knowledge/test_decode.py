@@ -79,6 +79,44 @@ def test_feature_attribution_sums_to_the_ffn_write(tiny):
     assert float(contrib[layer][feature]) == pytest.approx(best)
 
 
+def _group_brute(contribs: dict) -> tuple:
+    """The group by a full stable sort: the largest contributions (ties → lower index) until they
+    reach half the positive total."""
+    layers = sorted(contribs)
+    flat = torch.cat([contribs[L].double() for L in layers])
+    owner = [L for L in layers for _ in range(contribs[L].numel())]
+    order = sorted(range(flat.numel()), key=lambda j: (-float(flat[j]), j))
+    half = float(flat.clamp_min(0).sum()) / 2
+    if float(flat[order[0]]) <= 0:
+        return -1, -1, 0.0, (), 0, float(flat.sum())
+    acc, n = 0.0, 0
+    while n < len(order):
+        acc += max(0.0, float(flat[order[n]]))
+        n += 1
+        if acc >= half:
+            break
+    first = order[0]
+    start = sum(contribs[L].numel() for L in layers if L < owner[first])
+    return (owner[first], first - start, float(flat[first]), tuple(sorted({owner[j] for j in order[:n]})), n,
+            float(flat.sum()))
+
+
+def test_claims_group_as_a_full_sort_groups_them():
+    """`_group` (a top-k grown until it reaches half the positive total) gives what a full stable sort
+    gives: ties at the top, a long flat tail that needs k > 64, nothing positive, one layer or several."""
+    g = torch.Generator().manual_seed(0)
+    items = [{L: torch.randn(300, generator=g) for L in (2, 5, 7)} for _ in range(2)]
+    items[1][5][10] = items[1][5][20] = items[1][7][3] = 50.0  # a three-way tie at the top
+    items.append({L: torch.full((300,), 0.01) for L in (2, 5, 7)})  # half needs ~450 features
+    items.append({L: -torch.rand(300, generator=g) for L in (2, 5, 7)})  # nothing positive
+    items.append({1: torch.randn(40, generator=g)})
+    for c in items:
+        got, want = _group(c), _group_brute(c)
+        assert got[:2] == want[:2] and got[3:5] == want[3:5]
+        assert got[2] == pytest.approx(want[2]) and got[5] == pytest.approx(want[5])
+    assert _group({}) == (-1, -1, 0.0, (), 0, 0.0)
+
+
 def test_attribution_of_many_claims_is_each_claims_own(tiny):
     """`attribute_many` (one pass over the down matrices for every claim of a DESCRIBE) gives each
     (contexts, token) what `attribute` gives it alone."""
