@@ -280,6 +280,8 @@ def test_float_activations_are_exact_and_int8_is_an_option(q8_file):
     int8 = _rel(fast.forward(ids, logits="all"), want)
     assert 1e-5 < int8 < 0.03
     assert _rel(both.forward(ids, logits="all"), want) < min(1e-3, int8 / 20)
+    head = both.unembed(both.forward(ids, logits="none"))  # the separate head session (`OrtUnembed`)
+    assert _rel(head, want) < min(1e-3, int8 / 20)
 
 
 def test_unknown_activations_are_a_clear_error(q8_file):
