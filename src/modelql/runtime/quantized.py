@@ -24,7 +24,8 @@ QUANTIZE_MODES = ("auto", "none", "int8", "int4")
 #: activations (level 1: the exact product with the stored weights), int8 (level 4: activations rounded
 #: per block of 32, the fastest, but ~3% logit error on SmolLM2, whose activations have large outliers) or
 #: int16 (the int8 kernel on the rounding and on its rest, `ort_decode._Builder._two_pass`: logits within
-#: ~1e-4 of float32, and on this project's AVX2 CPUs ~1.6× faster than float32, whose kernel is slow there)
+#: ~3e-4 of float32, the same greedy tokens in bench/decode.py, and decoding 1.7–2.5× faster than float32 on
+#: this project's AVX2 CPUs, whose float kernel is slow; prefill runs every row twice, ~1.9× slower)
 ACTIVATIONS = {"float32": (1, 1), "int16": (4, 2), "int8": (4, 1)}
 
 
