@@ -231,6 +231,23 @@ def test_batch_generation_runs_one_graph_per_step(pair, monkeypatch):
     assert [c.token_ids for c in batch] == [generate(quant, p, sp).token_ids for p, sp in zip(prompts, params)]
 
 
+def test_mixed_layouts_stay_in_their_own_layout(tmp_path):
+    """A Q4_K_M-like layer (Q4_K q and k, Q6_K v) keeps q|k fused as 4-bit blocks of 32 and v as 8-bit blocks
+    of 16, two kernel calls, instead of widening q and k to v's layout (12.5 bits per weight instead of
+    6.1); a layer of one type stays one fused matrix, and the logits equal the float model's."""
+    from modelql.runtime import load_model
+    from tests.random_gguf import write_random_q4_k_m
+
+    path = tmp_path / "mixed.gguf"
+    write_random_q4_k_m(path, hidden=256, layers=2, inter=512, heads=4, kv=2, vocab=512)
+    quant, dense = load_model(path), load_model(path, quantize="none")
+    qkv = [(w.name, w.source_type, w.bits, w.params) for w in quant.quant.info if ".qkv." in w.name]
+    assert qkv == [("layers.0.qkv.weight", "Q4_K", 4, (256 + 128) * 256), ("layers.0.qkv.weight", "Q6_K", 8, 128 * 256),
+                   ("layers.1.qkv.weight", "Q4_K", 4, (256 + 2 * 128) * 256)]
+    ids = list(range(3, 30))
+    assert _rel(quant.forward(ids, logits="all"), dense.forward(ids, logits="all")) < 1e-5
+
+
 def test_mixed_widths_fuse_exactly():
     from modelql.models.quant import concat
 

@@ -147,6 +147,13 @@ class _Builder:
             self._shared[name] = self.init(name, array)
         return self._shared[name]
 
+    def fused(self, x: str, parts: list[Packed], stem: str) -> str:
+        """x times row-wise fused matrices held in one or more layouts (`quant.fuse`): one kernel call per
+        part, their outputs side by side."""
+        if len(parts) == 1:
+            return self.matmul(x, parts[0], stem)
+        return self.node("Concat", [self.matmul(x, q, f"{stem}.{i}") for i, q in enumerate(parts)], axis=-1)[0]
+
     def matmul(self, x: str, packed: Packed, stem: str) -> str:
         """x [M, K] (two-dimensional, for Gemm) times the packed weight's transpose → [M, N]."""
         nb, block = packed.k // packed.block, packed.block
@@ -172,6 +179,10 @@ class _Builder:
             off = self.feed(stem + ".off", packed.offsets.T.astype(np.float32))
             y = self.node("Gemm", [sums, off, y])[0]
         return y
+
+
+def _parts(packed: Packed | list[Packed]) -> list[Packed]:
+    return packed if isinstance(packed, list) else [packed]
 
 
 #: how long onnxruntime's workers spin for the next op before sleeping (µs)
@@ -241,8 +252,9 @@ class OrtDecoder:
 
     def __init__(self, spec: ModelSpec, layer_weights, head_weight, small: dict[str, torch.Tensor], threads: int,
                  accuracy: int = 4, after_stage=None, stage_bytes: int | None = None, passes: int = 1):
-        """`layer_weights(i)` → {"qkv", "o", "gate_up", "down"} packed matrices of layer i, `head_weight()` →
-        the packed lm_head; each called once. `after_stage()` runs after each session is built."""
+        """`layer_weights(i)` → {"qkv", "o", "gate_up", "down"} packed matrices of layer i (the fused qkv and
+        gate_up as lists of parts, `quant.fuse`), `head_weight()` → the packed lm_head; each called once.
+        `after_stage()` runs after each session is built."""
         self.spec, self.accuracy, self.passes, self.threads = spec, accuracy, passes, max(1, threads)
         stage_bytes = stage_bytes or STAGE_BYTES
         self.positions = min(spec.max_position, MAX_ROPE_CACHE)
@@ -263,7 +275,7 @@ class OrtDecoder:
                 self._build(pending, None, small, after_stage)
                 pending, size = {}, 0
             pending[i] = layer_weights(i)
-            last = sum(p.nbytes for p in pending[i].values())
+            last = sum(q.nbytes for p in pending[i].values() for q in _parts(p))
             size += last
         if pending:
             self._build(pending, None, small, after_stage)
@@ -307,14 +319,15 @@ class OrtDecoder:
                 cos, sin = b.init("cos_cache", self._cos), b.init("sin_cache", self._sin)
             p = f"layers.{i}."
             for key, packed in w.items():
-                self._record(p + key + ".weight", packed)
+                for part in _parts(packed):
+                    self._record(p + key + ".weight", part)
             if delta is None:
                 x = b.node("SimplifiedLayerNormalization", [resid, vec(p + "attn_norm.weight")],
                            axis=-1, epsilon=eps, stash_type=1)[0]
             else:
                 x, _, _, resid = b.node("SkipSimplifiedLayerNormalization", [resid, delta, vec(p + "attn_norm.weight")],
                                         4, domain="com.microsoft", epsilon=eps)
-            qkv = b.matmul(x, w["qkv"], p + "qkv")
+            qkv = b.fused(x, w["qkv"], p + "qkv")
             if spec.attn_bias:
                 qkv = b.node("Add", [qkv, vec(p + "qkv.bias")])[0]
             pk, pv = f"past_key_{i}", f"past_value_{i}"
@@ -330,7 +343,7 @@ class OrtDecoder:
             o = b.matmul(b.node("Reshape", [attn, attn_rows])[0], w["o"], p + "o")
             x, _, _, resid = b.node("SkipSimplifiedLayerNormalization", [resid, o, vec(p + "ffn_norm.weight")],
                                     4, domain="com.microsoft", epsilon=eps)
-            gu = b.matmul(x, w["gate_up"], p + "gate_up")
+            gu = b.fused(x, w["gate_up"], p + "gate_up")
             gate, up = b.node("Split", [gu, b.init(p + "split", np.array([spec.intermediate_size] * 2, np.int64))],
                               2, axis=-1)
             act = b.node("Mul", [b.node("Mul", [gate, b.node("Sigmoid", [gate])[0]])[0], up])[0]

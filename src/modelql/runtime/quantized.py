@@ -14,7 +14,7 @@ from typing import Callable
 import torch
 
 from ..errors import CapabilityError
-from ..models.quant import Packed, concat, pack_float
+from ..models.quant import Packed, fuse, pack_float
 from ..models.source import WeightSource, canonical_tensor, resolve_prefix, tensor_map
 from ..models.spec import ModelSpec
 from .ort_decode import OrtDecoder, WeightInfo, supports
@@ -120,9 +120,9 @@ def load_quantized(source: WeightSource, spec: ModelSpec, mode: str, threads: in
 
     def layer_weights(i: int) -> dict[str, Packed]:
         p = f"layers.{i}."
-        return {"qkv": concat([_matrix(source, spec, p + n + ".weight", prefix, mode) for n in "qkv"]),
+        return {"qkv": fuse([_matrix(source, spec, p + n + ".weight", prefix, mode) for n in "qkv"]),
                 "o": _matrix(source, spec, p + "o.weight", prefix, mode),
-                "gate_up": concat([_matrix(source, spec, p + n + ".weight", prefix, mode) for n in ("gate", "up")]),
+                "gate_up": fuse([_matrix(source, spec, p + n + ".weight", prefix, mode) for n in ("gate", "up")]),
                 "down": _matrix(source, spec, p + "down.weight", prefix, mode)}
 
     head_name = "lm_head.weight" if not spec.tie_embeddings and "lm_head.weight" in spec.global_map else "embed.weight"
