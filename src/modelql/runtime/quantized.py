@@ -22,7 +22,7 @@ from .ort_decode import OrtDecoder, WeightInfo, supports
 QUANTIZE_MODES = ("auto", "none", "int8", "int4")
 #: what the low-bit kernels multiply the weights with, as (onnxruntime accuracy level, passes): float32
 #: activations (level 1: the exact product with the stored weights), int8 (level 4: activations rounded
-#: per block of 32, the fastest, but ~3% logit error on SmolLM2, whose activations have large outliers) or
+#: per block of 32, the fastest, but ~5% logit error on SmolLM2, whose activations have large outliers) or
 #: int16 (the int8 kernel on the rounding and on its rest, `ort_decode._Builder._two_pass`: logits within
 #: ~3e-4 of float32, the same greedy tokens in bench/decode.py, and decoding 1.7–2.5× faster than float32 on
 #: this project's AVX2 CPUs, whose float kernel is slow; prefill runs every row twice, ~1.9× slower)
